@@ -1,0 +1,52 @@
+# kdcache: every target creates .venv on first use (make setup).
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+
+DATASET ?= synthetic
+DATA_ROOT ?= data/$(DATASET)
+TEACHER ?= vit_large_patch14_dinov2.lvd142m
+OUT     ?= cache/$(DATASET)
+VIEWS   ?= 4
+TOKENS  ?= 0
+WEIGHTS ?=
+HEAD    ?= auto
+BATCH   ?= 64
+WORKERS ?= 4
+EXTRA   ?=
+
+.PHONY: setup test test-all test-faults demo extract info distill evaluate bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+test-faults: $(STAMP)
+	$(PY) -m pytest -q -s -m faults
+
+extract: $(STAMP)
+	$(PY) cli.py extract --dataset $(DATASET) --data-root $(DATA_ROOT) --teacher $(TEACHER) \
+	  --out $(OUT) --views $(VIEWS) --tokens $(TOKENS) --head $(HEAD) --batch-size $(BATCH) \
+	  --workers $(WORKERS) $(if $(WEIGHTS),--teacher-weights $(WEIGHTS)) $(EXTRA)
+
+info: $(STAMP)
+	$(PY) cli.py info --cache $(OUT) $(EXTRA)
+
+demo: $(STAMP)
+	@echo "make demo arrives with stage three (extract -> distill -> evaluate on the offline default)."
+	@echo "Until then, a stage-one run on generated images with a tiny random teacher:"
+	$(PY) cli.py extract --dataset synthetic --teacher test_vit --random-init --views 2 --out cache/demo-synthetic --workers 0
+	$(PY) cli.py info --cache cache/demo-synthetic --verify
+
+clean:
+	rm -rf .pytest_cache

@@ -1,0 +1,137 @@
+"""kdcache command line: flags -> a stage config -> stages.X.run(cfg)."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run a vision teacher once into a Zarr cache, then distil edge students from it.")
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _user_errors():
+    from pipeline.datasets import DatasetError
+    from pipeline.heads import HeadError
+    from pipeline.store import CacheError
+    from pipeline.teachers import TeacherError
+    from stages.config import ConfigError
+
+    return (DatasetError, TeacherError, CacheError, HeadError, ConfigError, ValueError, FileNotFoundError)
+
+
+def _parse_options(pairs: List[str]) -> tuple:
+    out = []
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--dataset-opt expects KEY=VALUE, got {p!r}")
+        out.append((key, int(value) if value.lstrip("-").isdigit() else value))
+    return tuple(out)
+
+
+@app.command()
+def extract(
+    dataset: Optional[str] = typer.Option(None, help="Dataset layout: domainnet, officehome, cifar100, imagenet, "
+                                          "imagefolder, synthetic."),
+    data_root: Optional[str] = typer.Option(None, help="Folder holding the dataset in its on-disk layout."),
+    dataset_opt: List[str] = typer.Option([], help="Dataset option KEY=VALUE (e.g. n=512 for synthetic)."),
+    domain: List[str] = typer.Option([], help="Only these domains (repeat the flag)."),
+    teacher: Optional[str] = typer.Option(None, help="timm name, or open_clip:ARCH/TAG "
+                                          "(default vit_large_patch14_dinov2.lvd142m)."),
+    teacher_weights: Optional[str] = typer.Option(None, help="Local weights (safetensors or state dict) for "
+                                                  "machines without a model hub."),
+    random_init: Optional[bool] = typer.Option(None, "--random-init", help="Random teacher weights (tests and "
+                                               "benchmarks only)."),
+    feature: Optional[str] = typer.Option(None, help="open_clip only: pre_projection (default) or embedding."),
+    views: Optional[int] = typer.Option(None, help="Views per image; view 0 is the clean eval view (default 4)."),
+    view_policy: Optional[str] = typer.Option(None, help="Augmentation policy for views 1..V-1: default, light."),
+    view_seed: Optional[int] = typer.Option(None, help="Seed the view parameters are drawn with."),
+    tokens: Optional[int] = typer.Option(None, help="Also cache patch tokens pooled to a GxG grid (0: off)."),
+    head: Optional[str] = typer.Option(None, help="auto, native, zeroshot, probe or none."),
+    batch_size: Optional[int] = typer.Option(None, help="View-images per teacher forward pass."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes that pack and decode."),
+    shard_size: Optional[int] = typer.Option(None, help="Samples per shard (unit of work and of resume)."),
+    image_bound: Optional[int] = typer.Option(None, help="Longer side of the packed images, in pixels."),
+    compression: Optional[str] = typer.Option(None, help="zstd, blosc or none."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
+    out: Optional[str] = typer.Option(None, help="Cache folder (default cache/<dataset>)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a cache made with other settings."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    config: Optional[str] = typer.Option(None, help="YAML file of options (flags win over it)."),
+):
+    """Stage one: run the teacher once over every image into a sharded, resumable Zarr cache.
+
+    Re-running the same command resumes: finished shards are kept, the rest are computed.
+    Under torchrun, ranks take disjoint shards.
+    """
+    from stages import extract as stage
+    from stages.config import resolve
+
+    try:
+        cfg = resolve(stage.ExtractConfig, config, dataset=dataset, data_root=data_root,
+                      dataset_options=_parse_options(dataset_opt) or None, domains=tuple(domain) or None,
+                      teacher=teacher, teacher_weights=teacher_weights, random_init=random_init, feature=feature,
+                      views=views, view_policy=view_policy, view_seed=view_seed, tokens=tokens, head=head,
+                      batch_size=batch_size, workers=workers, shard_size=shard_size, image_bound=image_bound,
+                      compression=compression, device=device, out=out, overwrite=overwrite,
+                      progress=False if no_progress else None)
+        path = stage.run(cfg)
+    except _user_errors() as e:
+        _fail(e)
+    typer.echo(f"cache: {path}  (inspect: python cli.py info --cache {path})")
+
+
+@app.command()
+def info(
+    cache: str = typer.Option(..., help="Cache folder written by extract."),
+    verify: bool = typer.Option(False, "--verify", help="Read back every done shard and check its checksum."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Describe a cache: teacher, dataset, views, completion, bad inputs, bytes per view."""
+    from tqdm import tqdm
+
+    from pipeline.cacheinfo import summarize
+    from pipeline.cacheinfo import verify as verify_cache
+    from pipeline.store import CacheStore
+
+    try:
+        store = CacheStore.open(cache)
+    except _user_errors() as e:
+        _fail(e)
+    s = summarize(store)
+    problems = verify_cache(store, progress=lambda xs: tqdm(xs, unit="shard", desc="verify")) if verify else None
+    if as_json:
+        typer.echo(json.dumps(s | ({"verify": problems} if verify else {}), indent=2))
+    else:
+        t, d = s["teacher"], s["dataset"]
+        typer.echo(f"cache     {s['path']}")
+        typer.echo(f"teacher   {t['name']} ({t['source']}, weights {t['weights']}), feature dim {t['feature_dim']}, "
+                   f"input {t['preprocess']['input_size']}px")
+        typer.echo(f"dataset   {d['name']}: N={d['N']}, {d['classes']} classes, domains {', '.join(d['domains'])}")
+        typer.echo(f"views     V={s['views']['V']} (policy {s['views']['policy']}, seed {s['views']['seed']}); "
+                   f"tokens grid {s['tokens']['grid']}; head {s['head']['kind']}")
+        sh, r = s["shards"], s["rows"]
+        typer.echo(f"progress  {sh['done']}/{sh['total']} shards; rows done {r['done']}, bad {r['bad']}, "
+                   f"todo {r['todo']}  {'(complete)' if s['complete'] else '(incomplete: re-run extract to resume)'}")
+        bpv = ", ".join(f"{k} {v:.0f} B" for k, v in s["bytes_per_view"].items())
+        typer.echo(f"bytes/view {bpv}")
+        for b in s["bad_inputs"]:
+            typer.echo(f"  bad row {b['row']} {b['key']}: {b['reason']}")
+        if s["rows"]["bad"] > len(s["bad_inputs"]):
+            typer.echo(f"  ... and {s['rows']['bad'] - len(s['bad_inputs'])} more bad rows")
+        if verify:
+            typer.echo("verify    ok: every done shard reads back and matches its checksum" if not problems
+                       else "verify    FAILED:\n  " + "\n  ".join(problems))
+    if verify and problems:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

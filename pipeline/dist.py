@@ -1,0 +1,39 @@
+"""torch.distributed helpers: a no-op single process unless launched by torchrun."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init() -> tuple[int, int]:
+    """(rank, world size); joins the process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj, src: int = 0):
+    """Send a picklable object from `src` to every rank (identity when single process)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_ok(ok: bool) -> bool:
+    if not dist.is_initialized():
+        return ok
+    t = torch.tensor([0 if ok else 1])
+    dist.all_reduce(t)
+    return int(t.item()) == 0

@@ -1,0 +1,87 @@
+"""Decode any image file once into bounded RGB bytes, or say why it cannot be used.
+
+Both stages decode the packed bytes with `decode_packed`, so the pixels they see are identical.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# PNG for small images keeps them lossless; larger ones become JPEG once, at a fixed quality.
+PNG_MAX_SIDE = 64
+JPEG_QUALITY = 92
+
+
+class BadImage(Exception):
+    """The input cannot be turned into an RGB image; str(exc) is the reason recorded in the cache."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        if mode == "F":
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        else:
+            # 16-bit data: keep the top 8 bits, as a viewer would
+            arr = arr / 257.0
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def decode_original(data: bytes, bound: int) -> Image.Image:
+    """Decode an original file into an RGB image whose longer side is at most `bound`."""
+    if len(data) == 0:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format == "JPEG":
+                img.draft("RGB", (bound, bound))  # let libjpeg downscale huge photos while decoding
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"too many pixels: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage(f"corrupt or truncated image: {e}") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise BadImage(f"degenerate size {w}x{h}")
+    if max(w, h) > bound:
+        scale = bound / max(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return img
+
+
+def encode_packed(img: Image.Image) -> tuple[str, bytes]:
+    """Encode once for the tar shard; returns (extension, bytes)."""
+    buf = io.BytesIO()
+    if max(img.size) <= PNG_MAX_SIDE:
+        img.save(buf, format="PNG")
+        return "png", buf.getvalue()
+    img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return "jpg", buf.getvalue()
+
+
+def decode_packed(data: bytes) -> torch.Tensor:
+    """Packed bytes -> uint8 tensor [3, H, W]; the one decoder both stages use."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)

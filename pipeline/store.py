@@ -1,0 +1,215 @@
+"""The teacher cache: one Zarr v3 store per dataset + teacher.
+
+Every per-sample array is sharded with S samples per shard, so shard k of every array is one
+file. A shard is the unit of work: its data arrays are written first and `status` last, so a
+shard whose status is 0 is recomputed on resume. Besides the arrays the store holds an `images`
+group (the packed tar shards and per-shard lock files) and derived sub-groups (`heads/`,
+`derived/`) that never change the base arrays.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+FORMAT_NAME = "kdcache"
+FORMAT_VERSION = 1
+STATUS_TODO, STATUS_DONE, STATUS_BAD = 0, 1, 2
+SHARD_ARRAYS = ("features", "logits", "tokens", "views", "reasons")  # written per shard, before status
+IDENTITY_SECTIONS = ("teacher", "dataset", "views", "head", "pack", "tokens")
+
+# The images/ and heads/ groups carry non-Zarr files (tar shards, locks); listing them is expected.
+warnings.filterwarnings("ignore", message=".*is not recognized as a component of a Zarr hierarchy.*")
+
+
+class CacheError(ValueError):
+    """The cache is missing, incomplete or does not match; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    n: int
+    views: int
+    feature_dim: int
+    num_classes: int  # 0 when the head is none
+    token_grid: int  # 0 when tokens are not cached
+    token_dim: int
+    shard_size: int
+    params: int  # view parameter count
+
+    @property
+    def num_shards(self) -> int:
+        return (self.n + self.shard_size - 1) // self.shard_size
+
+    def rows(self, k: int) -> range:
+        return range(k * self.shard_size, min((k + 1) * self.shard_size, self.n))
+
+
+def _compressor(name: str):
+    if name == "zstd":
+        return zarr.codecs.ZstdCodec(level=3)
+    if name == "blosc":
+        return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    if name == "none":
+        return None
+    raise CacheError(f"unknown compression {name!r}; choose zstd, blosc or none")
+
+
+def _inner_chunk(shard_size: int, target: int = 256) -> int:
+    # the inner chunk must divide the shard
+    for c in range(min(target, shard_size), 0, -1):
+        if shard_size % c == 0:
+            return c
+    return shard_size
+
+
+def shard_digest(data: dict[str, np.ndarray]) -> str:
+    """sha256 over a shard's data arrays, in a fixed order (recorded at write time)."""
+    h = hashlib.sha256()
+    for name in sorted(data):
+        arr = data[name]
+        h.update(name.encode())
+        if arr.dtype.kind in "OUT":
+            h.update("\x00".join(str(x) for x in arr.ravel()).encode())
+        else:
+            h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+class CacheStore:
+    def __init__(self, path: str | Path, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+        a = dict(group.attrs)
+        self.attrs = a
+        lay = a["layout"]
+        self.layout = Layout(**lay)
+
+    # ------------------------------------------------------------------ creation / opening
+
+    @classmethod
+    def create(cls, path: str | Path, layout: Layout, attrs: dict, static: dict[str, np.ndarray],
+               compression: str = "zstd") -> "CacheStore":
+        """Create an empty cache: every array allocated, per-sample static arrays written."""
+        path = Path(path)
+        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        S, N, V = layout.shard_size, layout.n, layout.views
+        inner = _inner_chunk(S)
+        comp = _compressor(compression)
+
+        def make(name, shape_tail, dtype, compress=True):
+            group.create_array(name, shape=(N, *shape_tail), chunks=(inner, *shape_tail),
+                               shards=(S, *shape_tail), dtype=dtype,
+                               compressors=comp if compress and comp is not None else None,
+                               fill_value="" if dtype is str else 0)
+
+        make("features", (V, layout.feature_dim), "float16")
+        if layout.num_classes:
+            make("logits", (V, layout.num_classes), "float16")
+        if layout.token_grid:
+            make("tokens", (V, layout.token_grid ** 2, layout.token_dim), "float16")
+        make("views", (V, layout.params), "float32")
+        make("labels", (), "int32")
+        make("domains", (), "int16")
+        make("splits", (), "int8")
+        make("keys", (), str)
+        make("status", (), "uint8")
+        make("reasons", (), str)
+        group.create_array("shard_checksums", shape=(layout.num_shards,), chunks=(1,), dtype=str,
+                           fill_value="")
+        for name, values in static.items():
+            group[name][:] = values
+        group.create_group("images", attributes={"about": "packed webdataset tar shards, one per cache shard"})
+        meta = dict(attrs)
+        meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, layout=layout.__dict__)
+        group.attrs.update(meta)
+        return cls(path, group)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "CacheStore":
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise CacheError(f"no cache at {path} (run `python cli.py extract ... --out {path}` first)")
+        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        if group.attrs.get("format") != FORMAT_NAME:
+            raise CacheError(f"{path} is a Zarr store but not a {FORMAT_NAME} cache")
+        if group.attrs.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{path}: cache format version {group.attrs.get('format_version')} "
+                             f"is not the supported {FORMAT_VERSION}; re-extract with --overwrite")
+        return cls(path, group)
+
+    # ------------------------------------------------------------------ identity
+
+    def identity(self) -> dict:
+        return {k: self.attrs.get(k) for k in IDENTITY_SECTIONS}
+
+    def mismatches(self, identity: dict) -> list[str]:
+        """Sections (and fields) where this cache differs from a requested identity."""
+        out = []
+        mine = json.loads(json.dumps(self.identity()))
+        theirs = json.loads(json.dumps(identity))
+        for section in IDENTITY_SECTIONS:
+            a, b = mine.get(section), theirs.get(section)
+            if a == b:
+                continue
+            if isinstance(a, dict) and isinstance(b, dict):
+                fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                out += [f"{section}.{f}: cache has {a.get(f)!r}, asked for {b.get(f)!r}" for f in fields]
+            else:
+                out.append(f"{section}: cache has {a!r}, asked for {b!r}")
+        return out
+
+    # ------------------------------------------------------------------ shards
+
+    @property
+    def images_dir(self) -> Path:
+        return self.path / "images"
+
+    def status(self) -> np.ndarray:
+        return self.group["status"][:]
+
+    def shard_done(self, status: np.ndarray | None = None) -> np.ndarray:
+        """Boolean per shard: every row has a final status (done or bad)."""
+        status = self.status() if status is None else status
+        lay = self.layout
+        return np.array([bool(np.all(status[r.start:r.stop] != STATUS_TODO))
+                         for r in (lay.rows(k) for k in range(lay.num_shards))], dtype=bool)
+
+    def write_shard(self, k: int, data: dict[str, np.ndarray], status: np.ndarray) -> None:
+        """Write one shard's data arrays, its checksum, then its status (last)."""
+        rows = self.layout.rows(k)
+        for name in SHARD_ARRAYS:
+            if name in data:
+                self.group[name][rows.start:rows.stop] = data[name]
+        self.group["shard_checksums"][k] = shard_digest({n: data[n] for n in SHARD_ARRAYS if n in data})
+        self.group["status"][rows.start:rows.stop] = status
+
+    def write_arrays(self, k: int, data: dict[str, np.ndarray]) -> None:
+        """Rewrite some data arrays of a finished shard (e.g. logits of a probe fitted later)."""
+        rows = self.layout.rows(k)
+        for name, values in data.items():
+            self.group[name][rows.start:rows.stop] = values
+        self.group["shard_checksums"][k] = shard_digest(self.read_shard(k))
+
+    def read_shard(self, k: int, names=SHARD_ARRAYS) -> dict[str, np.ndarray]:
+        rows = self.layout.rows(k)
+        return {n: self.group[n][rows.start:rows.stop] for n in names if n in self.group}
+
+    def has(self, name: str) -> bool:
+        return name in self.group
+
+    def array(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    def update_attrs(self, **values) -> None:
+        self.group.attrs.update(values)
+        self.attrs.update(values)
+
+    def nbytes_on_disk(self, name: str) -> int:
+        p = self.path / name
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0

@@ -1,0 +1,267 @@
+"""Teachers by name: timm and open_clip models, or an architecture plus a local weight file.
+
+A Teacher takes uint8 images at its own input size and returns pooled features, optional patch
+tokens pooled to a GxG grid, and logits from its head. Its preprocessing comes from the model's
+own config and is recorded in the cache.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .weights import WeightsError, file_sha256, load_state_dict_file, load_weights_into
+
+OPEN_CLIP_PREFIX = "open_clip:"
+ZEROSHOT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
+
+
+class TeacherError(ValueError):
+    """A teacher cannot be built as asked; the message names the flag to fix."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float
+    interpolation: str
+
+    def as_dict(self) -> dict:
+        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
+                "crop_pct": self.crop_pct, "interpolation": self.interpolation}
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def _offline_error(name: str, err: Exception) -> TeacherError:
+    return TeacherError(
+        f"could not load pretrained weights for teacher {name!r} ({type(err).__name__}: {err}). "
+        "Without a model hub, pass --teacher-weights FILE (safetensors or a state dict); "
+        "tests and benchmarks may use --random-init."
+    )
+
+
+class Teacher(nn.Module):
+    """Wraps a backbone; forward(uint8 images) -> {"features", "logits"?, "tokens"?}."""
+
+    def __init__(self, name: str, source: str, model: nn.Module, preprocess: Preprocess, weights_tag: str,
+                 kind: str):
+        super().__init__()
+        self.name, self.source, self.model, self.preprocess = name, source, model, preprocess
+        self.weights_tag, self.kind = weights_tag, kind
+        self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.head: nn.Module | None = None
+        self.head_kind = "none"
+        self.feature_point = "pre_logits"
+
+    # subclasses implement _forward(x) -> (features, token map [B,D,g,g] or None,
+    # native logits or None, the input of a zero-shot head)
+
+    def set_head(self, kind: str, head: nn.Module | None = None) -> None:
+        self.head_kind, self.head = kind, head
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, token_grid: int = 0) -> dict[str, torch.Tensor]:
+        x = (images.float() - self.mean) / self.std
+        features, token_map, native, embedding = self._forward(x, want_tokens=token_grid > 0)
+        out = {"features": features.float()}
+        if token_grid > 0:
+            if token_map is None:
+                raise TeacherError(f"teacher {self.name} does not expose patch tokens; drop --tokens")
+            pooled = F.adaptive_avg_pool2d(token_map.float(), token_grid)  # B, D, G, G
+            out["tokens"] = pooled.flatten(2).transpose(1, 2)  # B, G*G, D
+        if self.head_kind == "native":
+            out["logits"] = native.float()
+        elif self.head_kind in ("zeroshot", "probe") and self.head is not None:
+            out["logits"] = self.head(out["features"] if self.head_kind == "probe" else embedding.float()).float()
+        return out
+
+    def dims(self, token_grid: int = 0) -> dict[str, int]:
+        """Output sizes, measured with one tiny forward pass."""
+        s = self.preprocess.input_size
+        dev = self.mean.device
+        out = self(torch.zeros(1, 3, s, s, dtype=torch.uint8, device=dev), token_grid=token_grid)
+        return {"features": out["features"].shape[-1],
+                "logits": out["logits"].shape[-1] if "logits" in out else 0,
+                "tokens": out["tokens"].shape[-1] if "tokens" in out else 0}
+
+
+class TimmTeacher(Teacher):
+    def _forward(self, x, want_tokens):
+        feats = self.model.forward_features(x)
+        pooled = self.model.forward_head(feats, pre_logits=True)
+        native = self.model.forward_head(feats) if getattr(self.model, "num_classes", 0) else None
+        token_map = None
+        if want_tokens:
+            if feats.ndim == 3:  # ViT-style: B, T, D with prefix tokens first
+                patches = feats[:, getattr(self.model, "num_prefix_tokens", 1):]
+                n = patches.shape[1]
+                g = int(round(n ** 0.5))
+                if g * g != n:
+                    raise TeacherError(f"teacher {self.name}: {n} patch tokens are not a square grid")
+                token_map = patches.transpose(1, 2).reshape(patches.shape[0], -1, g, g)
+            elif feats.ndim == 4:
+                token_map = feats if feats.shape[1] == pooled.shape[-1] else None
+        return pooled, token_map, native, pooled
+
+
+class OpenClipTeacher(Teacher):
+    def _forward(self, x, want_tokens):
+        visual = self.model.visual
+        proj = getattr(visual, "proj", None)
+        if hasattr(visual, "output_tokens") and proj is not None:
+            visual.proj, visual.output_tokens = None, True
+            try:
+                pooled, tokens = visual(x)
+            finally:
+                visual.proj, visual.output_tokens = proj, False
+            embedding = pooled @ proj
+        else:  # non-ViT towers: only the projected embedding is exposed
+            embedding = visual(x)
+            pooled, tokens = embedding, None
+        features = embedding if self.feature_point == "embedding" else pooled
+        token_map = None
+        if want_tokens and tokens is not None:
+            n = tokens.shape[1]
+            g = int(round(n ** 0.5))
+            token_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, g, g)
+        return features, token_map, None, embedding
+
+
+class ZeroShotHead(nn.Module):
+    """CLIP zero-shot classifier: cosine to class-name text embeddings, scaled by the logit scale."""
+
+    def __init__(self, text_embeddings: torch.Tensor, scale: float):
+        super().__init__()
+        self.register_buffer("text", F.normalize(text_embeddings.float(), dim=-1))
+        self.scale = scale
+
+    def forward(self, embedding):
+        return self.scale * F.normalize(embedding, dim=-1) @ self.text.T
+
+
+class LinearHead(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.float())
+        self.register_buffer("bias", bias.float())
+
+    def forward(self, features):
+        return features @ self.weight.T + self.bias
+
+
+def _timm_preprocess(model) -> Preprocess:
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return Preprocess(int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]),
+                      float(cfg.get("crop_pct", 0.875)), str(cfg.get("interpolation", "bicubic")))
+
+
+def _create_timm(name: str, weights: str | None, random_init: bool) -> Teacher:
+    import timm
+
+    base = name.split(".")[0]
+    if not timm.is_model(base):
+        raise TeacherError(f"unknown teacher {name!r} (not a timm model; open_clip names start with "
+                           f"'{OPEN_CLIP_PREFIX}').{_suggest(base, timm.list_models())}")
+    if weights:
+        model = timm.create_model(name, pretrained=False)
+        try:
+            load_weights_into(model, load_state_dict_file(weights))
+        except WeightsError as e:
+            raise TeacherError(f"--teacher-weights {weights}: {e}") from None
+        tag, source = "sha256:" + file_sha256(weights), "file"
+    elif random_init:
+        model, tag, source = timm.create_model(name, pretrained=False), "random-init", "timm"
+    else:
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as e:  # hub unreachable, missing cache, no pretrained tag ...
+            raise _offline_error(name, e) from None
+        tag, source = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("tag") or name, "timm"
+    return TimmTeacher(name, source, model.eval(), _timm_preprocess(model), tag, "timm")
+
+
+def _create_open_clip(name: str, weights: str | None, random_init: bool) -> Teacher:
+    import open_clip
+
+    spec = name[len(OPEN_CLIP_PREFIX):]
+    arch, _, pretrained = spec.partition("/")
+    if arch not in open_clip.list_models():
+        raise TeacherError(f"unknown open_clip model {arch!r}.{_suggest(arch, open_clip.list_models())}")
+    if weights or random_init:
+        model = open_clip.create_model(arch, pretrained=None)
+        if weights:
+            try:
+                load_weights_into(model, load_state_dict_file(weights))
+            except WeightsError as e:
+                raise TeacherError(f"--teacher-weights {weights}: {e}") from None
+            tag, source = "sha256:" + file_sha256(weights), "file"
+        else:
+            tag, source = "random-init", "open_clip"
+    else:
+        if not pretrained:
+            raise TeacherError(f"open_clip teacher {name!r} needs a pretrained tag, e.g. "
+                               f"'{OPEN_CLIP_PREFIX}{arch}/openai' (see open_clip.list_pretrained())")
+        try:
+            model = open_clip.create_model(arch, pretrained=pretrained)
+        except Exception as e:
+            raise _offline_error(name, e) from None
+        tag, source = pretrained, "open_clip"
+    visual = model.visual
+    pcfg = getattr(visual, "preprocess_cfg", {}) or {}
+    size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[-1]
+    mean = tuple(pcfg.get("mean", getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(pcfg.get("std", getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD))
+    # open_clip evaluates with a plain resize to the input size and a full centre crop
+    pre = Preprocess(int(size), mean, std, 1.0, str(pcfg.get("interpolation", "bicubic")))
+    teacher = OpenClipTeacher(name, source, model.eval(), pre, tag, "open_clip")
+    teacher.arch = arch
+    return teacher
+
+
+def create_teacher(name: str, weights: str | None = None, random_init: bool = False,
+                   feature: str = "auto") -> Teacher:
+    """Create a teacher by timm name or `open_clip:ARCH/TAG`, optionally from a local weight file."""
+    if weights and not Path(weights).is_file():
+        raise TeacherError(f"--teacher-weights {weights} does not exist")
+    if name.startswith(OPEN_CLIP_PREFIX):
+        teacher = _create_open_clip(name, weights, random_init)
+        teacher.feature_point = "embedding" if feature == "embedding" else "pre_projection"
+    else:
+        if feature not in ("auto", "pre_logits"):
+            raise TeacherError(f"--feature {feature} applies to open_clip teachers only")
+        teacher = _create_timm(name, weights, random_init)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def zeroshot_head(teacher: Teacher, class_names: list[str]) -> ZeroShotHead:
+    """Text embeddings of the class names (averaged over a few prompt templates)."""
+    if teacher.kind != "open_clip":
+        raise TeacherError("--head zeroshot needs an open_clip teacher (it embeds the class names as text)")
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(teacher.arch)
+    model = teacher.model
+    device = next(model.parameters()).device
+    rows = []
+    for c in class_names:
+        text = tokenizer([t.format(c.replace("_", " ")) for t in ZEROSHOT_TEMPLATES]).to(device)
+        emb = F.normalize(model.encode_text(text).float(), dim=-1).mean(0)
+        rows.append(emb)
+    scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
+    return ZeroShotHead(torch.stack(rows), scale)

@@ -1,0 +1,127 @@
+"""Replayable augmentation: views are explicit numbers, applied by one pure function.
+
+A view is a float32 vector (see PARAMS). View 0 is the clean evaluation view (resize + centre
+crop by crop_pct); views 1..V-1 come from a named policy, drawn from an RNG keyed by
+(seed, row) so resuming or splitting work over ranks draws the same numbers. Only the numbers
+are stored in the cache, so replay never depends on an RNG implementation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
+
+PARAMS = ("x0", "y0", "x1", "y1", "flip", "brightness", "contrast", "saturation", "hue", "gray")
+P = len(PARAMS)
+IDENTITY_TAIL = np.array([0, 1, 1, 1, 0, 0], np.float32)  # flip .. gray for an untouched view
+
+_POLICIES: dict[str, Callable[..., np.ndarray]] = {}
+POLICY_DEFAULTS: dict[str, dict] = {}
+
+
+def register_policy(name: str, **defaults):
+    def deco(fn):
+        _POLICIES[name] = fn
+        POLICY_DEFAULTS[name] = defaults
+        return fn
+
+    return deco
+
+
+def list_policies() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def clean_view(width: int, height: int, crop_pct: float) -> np.ndarray:
+    """Resize the shorter side to size/crop_pct, centre-crop size: a centred square box."""
+    side = min(width, height) * min(crop_pct, 1.0)
+    bw, bh = side / width, side / height
+    x0, y0 = (1 - bw) / 2, (1 - bh) / 2
+    return np.concatenate([[x0, y0, x0 + bw, y0 + bh], IDENTITY_TAIL]).astype(np.float32)
+
+
+def _random_resized_box(rng, width, height, scale, ratio) -> list[float]:
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = math.sqrt(target * aspect)
+        h = math.sqrt(target / aspect)
+        if w <= width and h <= height:
+            x0 = rng.uniform(0, width - w)
+            y0 = rng.uniform(0, height - h)
+            return [x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height]
+    # fall back to the largest centred box within the ratio bounds
+    aspect = min(max(width / height, ratio[0]), ratio[1])
+    w, h = (width, width / aspect) if width / height < aspect else (height * aspect, height)
+    w, h = min(w, width), min(h, height)
+    x0, y0 = (width - w) / 2, (height - h) / 2
+    return [x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height]
+
+
+@register_policy("default", scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5,
+                 jitter=(0.3, 0.3, 0.3, 0.05), jitter_p=0.8, gray=0.1)
+def _default_policy(rng, width, height, scale, ratio, flip, jitter, jitter_p, gray) -> np.ndarray:
+    box = _random_resized_box(rng, width, height, scale, ratio)
+    f = float(rng.random() < flip)
+    b, c, s, h = 1.0, 1.0, 1.0, 0.0
+    if rng.random() < jitter_p:
+        b = rng.uniform(1 - jitter[0], 1 + jitter[0])
+        c = rng.uniform(1 - jitter[1], 1 + jitter[1])
+        s = rng.uniform(1 - jitter[2], 1 + jitter[2])
+        h = rng.uniform(-jitter[3], jitter[3])
+    g = float(rng.random() < gray)
+    return np.array(box + [f, b, c, s, h, g], np.float32)
+
+
+@register_policy("light", scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5)
+def _light_policy(rng, width, height, scale, ratio, flip) -> np.ndarray:
+    box = _random_resized_box(rng, width, height, scale, ratio)
+    return np.concatenate([box, [float(rng.random() < flip)], IDENTITY_TAIL[1:]]).astype(np.float32)
+
+
+def sample_views(row: int, width: int, height: int, num_views: int, policy: str, seed: int,
+                 crop_pct: float) -> np.ndarray:
+    """[V, P] view parameters for one image; view 0 is the clean view."""
+    if policy not in _POLICIES:
+        raise ValueError(f"unknown view policy {policy!r}; choose one of: {', '.join(list_policies())}")
+    rng = np.random.default_rng([seed, row])
+    views = [clean_view(width, height, crop_pct)]
+    for _ in range(1, num_views):
+        views.append(_POLICIES[policy](rng, width, height, **POLICY_DEFAULTS[policy]))
+    return np.stack(views)
+
+
+def _interp(name: str) -> InterpolationMode:
+    return {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
+            "nearest": InterpolationMode.NEAREST}.get(name, InterpolationMode.BICUBIC)
+
+
+def apply(image: torch.Tensor, params, out_size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """Apply one view to a uint8 [3, H, W] image; returns uint8 [3, out_size, out_size]."""
+    p = [float(v) for v in params]
+    _, height, width = image.shape
+    left = min(int(round(p[0] * width)), width - 1)
+    top = min(int(round(p[1] * height)), height - 1)
+    crop_w = max(1, min(int(round((p[2] - p[0]) * width)), width - left))
+    crop_h = max(1, min(int(round((p[3] - p[1]) * height)), height - top))
+    out = TF.resized_crop(image, top, left, crop_h, crop_w, [out_size, out_size],
+                          interpolation=_interp(interpolation), antialias=True)
+    if p[4] >= 0.5:
+        out = TF.hflip(out)
+    if p[5] != 1.0:
+        out = TF.adjust_brightness(out, p[5])
+    if p[6] != 1.0:
+        out = TF.adjust_contrast(out, p[6])
+    if p[7] != 1.0:
+        out = TF.adjust_saturation(out, p[7])
+    if p[8] != 0.0:
+        out = TF.adjust_hue(out, p[8])
+    if p[9] >= 0.5:
+        out = TF.rgb_to_grayscale(out, num_output_channels=3)
+    return out.contiguous()

@@ -1,0 +1,1 @@
+"""Thin stage drivers: each module exposes run(cfg) -> output path."""

@@ -1,0 +1,216 @@
+"""Stage one: run the teacher once over every image into the sharded Zarr cache."""
+from __future__ import annotations
+
+import datetime
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline import __version__, dist
+from pipeline.datasets import SPLIT_NAMES, create_dataset
+from pipeline.extraction import ShardBuffer, ShardClaims, ShardImageStream, ShardWriter, StreamSpec
+from pipeline.heads import fit_store_probe, resolve_head
+from pipeline.store import CacheError, CacheStore, Layout
+from pipeline.teachers import create_teacher, zeroshot_head
+from pipeline.views import PARAMS, POLICY_DEFAULTS, list_policies
+
+from .config import to_dict, write_yaml
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    dataset_options: tuple = ()  # (key, value) pairs, e.g. (("n", 512),) for synthetic
+    domains: tuple = ()  # restrict to these domains (empty: all)
+    teacher: str = "vit_large_patch14_dinov2.lvd142m"
+    teacher_weights: str | None = None
+    random_init: bool = False
+    feature: str = "auto"  # open_clip: pre_projection (default) or embedding
+    views: int = 4
+    view_policy: str = "default"
+    view_seed: int = 0
+    tokens: int = 0  # G: cache patch tokens pooled to a GxG grid (0: none)
+    head: str = "auto"
+    batch_size: int = 64
+    workers: int = 4
+    shard_size: int = 1024
+    image_bound: int = 384
+    compression: str = "zstd"
+    device: str = "auto"
+    out: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _check(cfg: ExtractConfig) -> None:
+    if cfg.views < 1:
+        raise ValueError("--views must be >= 1 (view 0 is the clean view)")
+    if cfg.shard_size < 1 or cfg.batch_size < 1:
+        raise ValueError("--shard-size and --batch-size must be >= 1")
+    if cfg.tokens < 0:
+        raise ValueError("--tokens must be >= 0")
+    if cfg.view_policy not in list_policies():
+        raise ValueError(f"unknown --view-policy {cfg.view_policy!r}; choose one of: {', '.join(list_policies())}")
+
+
+def _open_or_create(out: Path, cfg, layout: Layout, identity: dict, attrs: dict, static: dict) -> CacheStore:
+    if (out / "zarr.json").is_file():
+        try:
+            store = CacheStore.open(out, mode="r+")
+            problems = store.mismatches(identity)
+        except CacheError as e:
+            store, problems = None, [str(e)]
+        if not problems and not cfg.overwrite:
+            return store
+        if problems and not cfg.overwrite:
+            raise CacheError(f"--out {out} holds a cache made from another teacher, dataset or settings:\n  "
+                             + "\n  ".join(problems[:8])
+                             + "\npass --overwrite to replace it, or choose another --out")
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise CacheError(f"--out {out} exists and is not a kdcache cache; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    store = CacheStore.create(out, layout, attrs, static, compression=cfg.compression)
+    return store
+
+
+def run(cfg: ExtractConfig) -> Path:
+    """Extract (or resume extracting) the cache described by `cfg`; returns the cache path."""
+    _check(cfg)
+    rank, world = dist.init()
+    out = Path(cfg.out or f"cache/{cfg.dataset}")
+    options = dict(cfg.dataset_options)
+    if cfg.domains:
+        options["domains"] = list(cfg.domains)
+    dataset = create_dataset(cfg.dataset, cfg.data_root, **options)
+    teacher = create_teacher(cfg.teacher, cfg.teacher_weights, cfg.random_init, cfg.feature)
+    head = resolve_head(cfg.head, teacher, dataset)
+    if head == "zeroshot":
+        teacher.set_head("zeroshot", zeroshot_head(teacher, dataset.classes))
+    elif head == "native":
+        teacher.set_head("native")
+    device = _device(cfg.device)
+    teacher.to(device)
+    dims = teacher.dims(cfg.tokens)
+    pre = teacher.preprocess
+    layout = Layout(n=len(dataset), views=cfg.views, feature_dim=dims["features"],
+                    num_classes=len(dataset.classes) if head == "probe" else dims["logits"],
+                    token_grid=cfg.tokens, token_dim=dims["tokens"], shard_size=cfg.shard_size, params=len(PARAMS))
+    described = dataset.describe()
+    identity = {
+        "teacher": {"name": teacher.name, "source": teacher.source, "weights": teacher.weights_tag,
+                    "feature_point": teacher.feature_point, "feature_dim": dims["features"],
+                    "preprocess": pre.as_dict()},
+        "dataset": {k: described[k] for k in ("name", "N", "classes", "domains", "splits", "fingerprint")},
+        "views": {"V": cfg.views, "policy": cfg.view_policy, "seed": cfg.view_seed, "params": list(PARAMS),
+                  "policy_params": POLICY_DEFAULTS[cfg.view_policy]},
+        "head": {"kind": head},
+        "pack": {"image_bound": cfg.image_bound, "shard_size": cfg.shard_size},
+        "tokens": {"grid": cfg.tokens, "dim": dims["tokens"]},
+    }
+    attrs = dict(identity, dataset_root=described["root"], pipeline_version=__version__,
+                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 command=" ".join(sys.argv), config=to_dict(cfg), head_fit={"fitted": head != "probe"})
+    static = {"labels": np.array([s.label for s in dataset.samples], np.int32),
+              "domains": np.array([s.domain for s in dataset.samples], np.int16),
+              "splits": np.array([s.split for s in dataset.samples], np.int8),
+              "keys": np.array([s.key for s in dataset.samples], dtype=object).astype(str)}
+
+    error = None
+    if rank == 0:
+        try:
+            store = _open_or_create(out, cfg, layout, identity, attrs, static)
+            write_yaml(cfg, out / "extract-config.yaml")
+        except CacheError as e:
+            error = str(e)
+    error = dist.broadcast(error)
+    if error:
+        raise CacheError(error)
+    if rank != 0:
+        store = CacheStore.open(out, mode="r+")
+
+    done = store.shard_done()
+    mine = [k for k in range(layout.num_shards) if k % world == rank and not done[k]]
+    claims = ShardClaims(store.images_dir)
+    todo = [k for k in mine if claims.try_claim(k)]
+    busy = sorted(set(mine) - set(todo))
+    done = store.shard_done()  # another process may have finished a shard before we claimed it
+    for k in [k for k in todo if done[k]]:
+        claims.release(k)
+    todo = [k for k in todo if not done[k]]
+
+    spec = StreamSpec(str(store.images_dir), layout, cfg.image_bound, pre.input_size, pre.interpolation,
+                      pre.crop_pct, cfg.view_policy, cfg.view_seed, cfg.batch_size)
+    _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, rank)
+    dist.barrier()
+
+    if rank == 0:
+        complete = bool(store.shard_done().all())
+        if complete and not store.attrs.get("head_fit", {}).get("fitted"):
+            fit_store_probe(store, train_split=SPLIT_NAMES.index("train"))
+        if busy:
+            print(f"{len(busy)} shard(s) were being written by another extract on this cache; "
+                  "it finishes them (run this command again to check).", file=sys.stderr)
+    return out
+
+
+def _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, rank) -> None:
+    lay = spec.layout
+    stream = ShardImageStream(dataset, todo, spec)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if cfg.workers else None)
+    total = sum(len(lay.rows(k)) for k in todo)
+    bar = tqdm(total=total, unit="img", desc=f"extract {Path(store.path).name}",
+               disable=not cfg.progress or rank != 0, dynamic_ncols=True)
+    writer = ShardWriter(store, claims)
+    buffers: dict[int, ShardBuffer] = {}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    start = time.perf_counter()
+    try:
+        for batch in loader:
+            k = int(batch["shard"])
+            buf = buffers.setdefault(k, ShardBuffer(len(lay.rows(k)), lay, keep_tokens=lay.token_grid > 0))
+            if len(batch["rows"]):
+                with autocast:
+                    outputs = teacher(batch["images"].to(device, non_blocking=True), token_grid=lay.token_grid)
+                buf.put(batch["rows"].numpy(), batch["view_idx"].numpy(), outputs)
+            if batch["final"]:
+                data = dict(buffers.pop(k).data, views=np.asarray(batch["views"], np.float32),
+                            reasons=np.array(batch["reasons"], dtype=object).astype(str))
+                writer.submit(k, data, np.asarray(batch["status"], np.uint8))
+                bar.update(len(lay.rows(k)))
+    except BaseException:
+        writer.close(raise_errors=False)  # finished shards still land; partial ones stay todo
+        raise
+    else:
+        writer.close()
+    finally:
+        claims.release_all()
+        bar.close()
+    if rank == 0 and total:
+        rate = total / max(time.perf_counter() - start, 1e-9)
+        print(f"extracted {total} images x {lay.views} views in {len(todo)} shard(s) at {rate:.1f} img/s",
+              file=sys.stderr)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
