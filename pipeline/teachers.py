@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .weights import WeightsError, file_sha256, load_state_dict_file, load_weights_into
 
 OPEN_CLIP_PREFIX = "open_clip:"
+RANDOM_TAG = "random-init:seed0"
 ZEROSHOT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
 
 
@@ -40,6 +41,13 @@ class Preprocess:
 def _suggest(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
     return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def _seeded(build):
+    """Random init is seeded, so a resumed or multi-rank extraction sees the same teacher."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
 
 
 def _offline_error(name: str, err: Exception) -> TeacherError:
@@ -183,7 +191,7 @@ def _create_timm(name: str, weights: str | None, random_init: bool) -> Teacher:
             raise TeacherError(f"--teacher-weights {weights}: {e}") from None
         tag, source = "sha256:" + file_sha256(weights), "file"
     elif random_init:
-        model, tag, source = timm.create_model(name, pretrained=False), "random-init", "timm"
+        model, tag, source = _seeded(lambda: timm.create_model(name, pretrained=False)), RANDOM_TAG, "timm"
     else:
         try:
             model = timm.create_model(name, pretrained=True)
@@ -201,7 +209,7 @@ def _create_open_clip(name: str, weights: str | None, random_init: bool) -> Teac
     if arch not in open_clip.list_models():
         raise TeacherError(f"unknown open_clip model {arch!r}.{_suggest(arch, open_clip.list_models())}")
     if weights or random_init:
-        model = open_clip.create_model(arch, pretrained=None)
+        model = _seeded(lambda: open_clip.create_model(arch, pretrained=None))
         if weights:
             try:
                 load_weights_into(model, load_state_dict_file(weights))
@@ -209,7 +217,7 @@ def _create_open_clip(name: str, weights: str | None, random_init: bool) -> Teac
                 raise TeacherError(f"--teacher-weights {weights}: {e}") from None
             tag, source = "sha256:" + file_sha256(weights), "file"
         else:
-            tag, source = "random-init", "open_clip"
+            tag, source = RANDOM_TAG, "open_clip"
     else:
         if not pretrained:
             raise TeacherError(f"open_clip teacher {name!r} needs a pretrained tag, e.g. "

@@ -1,0 +1,72 @@
+"""Shared test helpers: tiny image trees, tiny teachers, subprocess runs of the CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying an unreachable hub
+
+
+def write_image(path: Path, value: int, size=(24, 20), fmt=None) -> Path:
+    """An image whose colour encodes `value` (recoverable from the pixels)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.zeros((size[1], size[0], 3), np.uint8)
+    arr[..., 0] = (value * 37) % 256
+    arr[..., 1] = (value * 91) % 256
+    arr[..., 2] = value % 256
+    Image.fromarray(arr).save(path, format=fmt)
+    return path
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, check=True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
+                          env=cli_env(), cwd=kw.pop("cwd", ROOT), **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cli {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_all(path) -> dict[str, np.ndarray]:
+    """Every array of a cache, read with plain zarr (sub-groups included)."""
+    out = {}
+
+    def walk(group, prefix=""):
+        for name, arr in group.arrays():
+            out[prefix + name] = arr[...]
+        for name, sub in group.groups():
+            walk(sub, prefix + name + "/")
+
+    walk(zarr.open_group(str(path), mode="r"))
+    return out
+
+
+def assert_same_cache(a, b) -> None:
+    x, y = read_all(a), read_all(b)
+    assert sorted(x) == sorted(y)
+    for name in x:
+        assert x[name].dtype == y[name].dtype, name
+        assert np.array_equal(x[name], y[name]), f"array {name} differs"
+
+
+TINY = ["--dataset", "synthetic", "--teacher", "test_vit", "--random-init", "--no-progress"]
+
+
+@pytest.fixture
+def tiny_args():
+    return list(TINY)

@@ -1,0 +1,92 @@
+"""In-process stage runs: the bad-image zoo inside a real extraction, and the CLI surface."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from test_datasets import _domainnet_tree
+from test_images import zoo
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.images import decode_packed
+from pipeline.pack import read_shard, shard_name
+from pipeline.store import CacheStore
+from pipeline.teachers import create_teacher
+from pipeline.views import apply
+from stages.extract import ExtractConfig, run
+
+
+def test_bad_image_zoo_in_an_extraction(tmp_path):
+    root = tmp_path / "data"
+    files = zoo()
+    for i, (name, data) in enumerate(sorted(files.items())):
+        (root / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        (root / f"class{i % 2}" / f"{name}.png").write_bytes(data)
+    cfg = ExtractConfig(dataset="imagefolder", data_root=str(root), teacher="test_vit", random_init=True,
+                        views=2, shard_size=4, batch_size=3, workers=0, out=str(tmp_path / "cache"),
+                        progress=False, image_bound=96)
+    store = CacheStore.open(run(cfg))
+    keys = [str(k) for k in store.array("keys")[:]]
+    status = store.status()
+    reasons = store.array("reasons")[:]
+    assert len(keys) == len(files)
+    for row, key in enumerate(keys):
+        name = key.split("/")[-1][:-4]
+        if name.endswith("_bad"):
+            assert status[row] == 2 and str(reasons[row]), key
+            assert not store.array("features")[row].any()
+        else:
+            assert status[row] == 1 and str(reasons[row]) == "", (key, reasons[row])
+    # no index shift: every good row holds the features of its own image
+    teacher = create_teacher("test_vit", random_init=True)
+    feats, views = store.array("features"), store.array("views")
+    for k in range(store.layout.num_shards):
+        for row, ext, data in read_shard(store.images_dir / shard_name(k)):
+            assert keys[row] and (ext == "bad") == (status[row] == 2)
+            if ext != "bad":
+                x = apply(decode_packed(data), views[row, 1], 160)
+                out = teacher(x[None])["features"][0]
+                cos = torch.nn.functional.cosine_similarity(out, torch.tensor(feats[row, 1].astype(np.float32)),
+                                                            dim=0)
+                assert cos > 0.999, keys[row]
+
+
+def test_cli_extract_then_info_on_a_domainnet_tree(tmp_path):
+    _domainnet_tree(tmp_path / "dn")
+    runner = CliRunner()
+    out = tmp_path / "cache"
+    args = ["extract", "--dataset", "domainnet", "--data-root", str(tmp_path / "dn"), "--teacher", "test_vit",
+            "--random-init", "--views", "2", "--workers", "0", "--shard-size", "5", "--out", str(out),
+            "--no-progress"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["info", "--cache", str(out), "--verify"])
+    assert res.exit_code == 0, res.output
+    assert "domainnet: N=12, 2 classes, domains clipart, real" in res.output
+    assert "3/3 shards" in res.output and "(complete)" in res.output and "verify    ok" in res.output
+    # the same command again resumes (nothing to do) and keeps the cache
+    before = CacheStore.open(out).array("features")[:]
+    assert runner.invoke(app, args).exit_code == 0
+    assert np.array_equal(before, CacheStore.open(out).array("features")[:])
+
+
+def test_cli_errors_are_clear(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["extract", "--dataset", "domainet", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "choose one of" in res.output and "domainnet" in res.output
+    res = runner.invoke(app, ["extract", "--dataset", "officehome", "--data-root", str(tmp_path / "missing")])
+    assert res.exit_code == 2 and "--data-root" in res.output
+    res = runner.invoke(app, ["extract", "--dataset", "synthetic", "--teacher", "test_vit", "--out",
+                              str(tmp_path / "c")])
+    assert res.exit_code == 2 and "--teacher-weights" in res.output
+    res = runner.invoke(app, ["info", "--cache", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "no cache at" in res.output
+    assert not (tmp_path / "c").exists()  # a failed start leaves nothing behind
+
+
+def test_yaml_config_with_flags_on_top(tmp_path):
+    from stages.config import resolve
+
+    (tmp_path / "c.yaml").write_text("views: 3\nteacher: test_vit\nshard_size: 16\n")
+    cfg = resolve(ExtractConfig, tmp_path / "c.yaml", views=5, head=None)
+    assert (cfg.views, cfg.teacher, cfg.shard_size, cfg.head) == (5, "test_vit", 16, "auto")

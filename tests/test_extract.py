@@ -1,0 +1,177 @@
+"""Stage one end to end: the store format, resume after SIGKILL, replay, ranks, cooperation."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import ROOT, TINY, assert_same_cache, cli_env, read_all, run_cli
+
+from pipeline.extraction import ShardClaims
+from pipeline.images import decode_packed
+from pipeline.pack import read_shard, shard_name
+from pipeline.store import CacheStore
+from pipeline.teachers import create_teacher
+from pipeline.views import apply
+
+N, S, V, G = 160, 8, 2, 2
+ARGS = TINY + ["--dataset-opt", f"n={N}", "--views", str(V), "--shard-size", str(S), "--tokens", str(G),
+               "--batch-size", "6"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One uninterrupted extraction (two DataLoader workers) that the other runs must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    run_cli("extract", *ARGS, "--workers", "2", "--out", str(out))
+    return out
+
+
+def test_store_opens_with_plain_zarr_and_has_documented_arrays(reference):
+    g = zarr.open_group(str(reference), mode="r")
+    arrays = dict(g.arrays())
+    expected = {"features": ((N, V, 64), "float16"), "logits": ((N, V, 8), "float16"),
+                "tokens": ((N, V, G * G, 64), "float16"), "views": ((N, V, 10), "float32"),
+                "labels": ((N,), "int32"), "domains": ((N,), "int16"), "splits": ((N,), "int8"),
+                "status": ((N,), "uint8")}
+    for name, (shape, dtype) in expected.items():
+        assert arrays[name].shape == shape and str(arrays[name].dtype) == dtype, name
+        if name != "status":
+            assert arrays[name].shards[0] == S  # one shard of samples = one file
+    assert arrays["keys"].shape == (N,) and arrays["keys"][3] == "d0/c003/000003.png"
+    assert (arrays["status"][:] == 1).all()
+    assert list(arrays["labels"][:10]) == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
+    a = dict(g.attrs)
+    assert a["format"] == "kdcache" and a["format_version"] == 1
+    assert a["teacher"]["name"] == "test_vit" and a["teacher"]["preprocess"]["input_size"] == 160
+    assert a["teacher"]["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    assert a["dataset"]["N"] == N and len(a["dataset"]["fingerprint"]) == 64
+    assert a["views"]["V"] == V and a["views"]["policy"] == "default"
+    assert a["head"]["kind"] == "probe" and a["head_fit"]["fitted"] and a["head_fit"]["samples"] > 0
+    assert a["pack"]["shard_size"] == S and a["tokens"]["grid"] == G
+    assert {"pipeline_version", "created", "command"} <= set(a)
+    files = os.listdir(reference / "features" / "c")
+    assert len(files) == N // S  # one file per shard
+    # nothing in the store is a pickle
+    for p in Path(reference).rglob("*"):
+        if p.is_file() and p.suffix != ".tar":
+            assert not p.read_bytes().startswith(b"\x80"), p
+    # the probe head is stored as derived data and produces the cached logits
+    w, b = g["heads/extract/weight"][:], g["heads/extract/bias"][:]
+    f = arrays["features"][:].astype(np.float32)
+    assert np.allclose(f @ w.T + b, arrays["logits"][:].astype(np.float32), atol=0.05, rtol=1e-2)
+
+
+def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
+    out = tmp_path / "cache"
+    args = [sys.executable, str(ROOT / "cli.py"), "extract", *ARGS, "--workers", "0", "--out", str(out)]
+    proc = subprocess.Popen(args, env=cli_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sums = out / "shard_checksums" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if sums.is_dir() and len(os.listdir(sums)) >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    status = zarr.open_group(str(out), mode="r")["status"][:]
+    assert 0 < (status == 1).sum() < N, "the kill must land part-way"
+    run_cli("extract", *ARGS, "--workers", "1", "--out", str(out))
+    assert_same_cache(reference, out)
+
+
+def test_replayed_view_reproduces_cached_feature(reference):
+    store = CacheStore.open(reference)
+    teacher = create_teacher("test_vit", random_init=True)
+    pre = teacher.preprocess
+    feats, views = store.array("features"), store.array("views")
+    batch, rows = [], []
+    for k in (0, 7, 19):
+        for row, ext, data in read_shard(store.images_dir / shard_name(k)):
+            img = decode_packed(data)
+            for v in range(V):
+                batch.append(apply(img, views[row, v], pre.input_size, pre.interpolation))
+                rows.append((row, v))
+    out = teacher(torch.stack(batch))["features"]
+    cached = torch.tensor(np.stack([feats[r, v] for r, v in rows]).astype(np.float32))
+    cos = torch.nn.functional.cosine_similarity(out, cached, dim=1)
+    assert cos.min() >= 0.999, cos.min()
+
+
+def test_two_ranks_under_torchrun_match_one(reference, tmp_path):
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "cli.py"), "extract", *ARGS, "--workers", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_cache(reference, out)
+
+
+def test_second_extract_on_same_cache_cooperates(reference, tmp_path):
+    out = tmp_path / "cache"
+    args = [sys.executable, str(ROOT / "cli.py"), "extract", *ARGS, "--workers", "0", "--out", str(out)]
+    run_cli("extract", *ARGS, "--workers", "0", "--out", str(out), "--dataset-opt", "n=8", "--overwrite")
+    run_cli("extract", *ARGS, "--workers", "0", "--out", str(out), "--overwrite")  # recreate, full size
+    # start two at once on a fresh cache: each takes the shards the other has not claimed
+    fresh = tmp_path / "fresh"
+    a = subprocess.Popen([*args[:-1], str(fresh)], env=cli_env(), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    b = subprocess.Popen([*args[:-1], str(fresh)], env=cli_env(), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    errs = [p.communicate(timeout=300)[1] for p in (a, b)]
+    assert a.returncode == 0 and b.returncode == 0, errs
+    run_cli("extract", *ARGS, "--workers", "0", "--out", str(fresh))  # finalises if needed
+    assert_same_cache(reference, fresh)
+    assert_same_cache(reference, out)
+
+
+def test_claims_are_exclusive_between_processes(tmp_path):
+    mine = ShardClaims(tmp_path)
+    assert mine.try_claim(3)
+    code = ("import sys; sys.path.insert(0, %r); from pipeline.extraction import ShardClaims; "
+            "c = ShardClaims(%r); print(c.try_claim(3), c.try_claim(4))" % (str(ROOT), str(tmp_path)))
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
+    assert other.stdout.split() == ["False", "True"]
+    mine.release(3)
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
+    assert other.stdout.split() == ["True", "True"]
+
+
+def test_other_teacher_at_out_is_refused_unless_overwrite(reference, tmp_path):
+    out = tmp_path / "cache"
+    small = ["--dataset-opt", "n=16"]
+    run_cli("extract", *ARGS, *small, "--workers", "0", "--out", str(out))
+    before = read_all(out)
+    other = [a if a != "test_vit" else "test_efficientnet" for a in ARGS]
+    proc = run_cli("extract", *other, *small, "--workers", "0", "--out", str(out), check=False)
+    assert proc.returncode == 2
+    assert "another teacher" in proc.stderr and "teacher.name" in proc.stderr and "--overwrite" in proc.stderr
+    after = read_all(out)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing lost
+    run_cli("extract", *other, *small, "--workers", "0", "--out", str(out), "--overwrite")
+    assert zarr.open_group(str(out), mode="r").attrs["teacher"]["name"] == "test_efficientnet"
+
+
+def test_info_reports_and_verify_finds_a_damaged_shard(reference, tmp_path):
+    proc = run_cli("info", "--cache", str(reference), "--verify", "--json")
+    s = json.loads(proc.stdout)
+    assert s["complete"] and s["rows"] == {"done": N, "bad": 0, "todo": 0} and s["verify"] == []
+    assert s["shards"] == {"total": N // S, "done": N // S, "shard_size": S}
+    assert 0 < s["bytes_per_view"]["features"] < 2 * 64
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    shard = copy / "features" / "c" / "5" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = run_cli("info", "--cache", str(copy), "--verify", check=False)
+    assert proc.returncode == 1 and "shard 5" in proc.stdout
