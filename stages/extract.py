@@ -1,7 +1,10 @@
 """Stage one: run the teacher once over every image into the sharded Zarr cache."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
+import os
 import shutil
 import sys
 import time
@@ -52,8 +55,19 @@ class ExtractConfig:
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def _creation_lock(out: Path):
+    """Serialise opening/creating one cache, so two extracts started together agree on one store."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.create.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _check(cfg: ExtractConfig) -> None:
@@ -134,8 +148,9 @@ def run(cfg: ExtractConfig) -> Path:
     error = None
     if rank == 0:
         try:
-            store = _open_or_create(out, cfg, layout, identity, attrs, static)
-            write_yaml(cfg, out / "extract-config.yaml")
+            with _creation_lock(out):
+                store = _open_or_create(out, cfg, layout, identity, attrs, static)
+                write_yaml(cfg, out / "extract-config.yaml")
         except CacheError as e:
             error = str(e)
     error = dist.broadcast(error)
