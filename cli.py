@@ -19,11 +19,15 @@ def _fail(err: Exception) -> None:
 def _user_errors():
     from pipeline.datasets import DatasetError
     from pipeline.heads import HeadError
+    from pipeline.methods import MethodError
+    from pipeline.scenarios import ScenarioError
+    from pipeline.students import StudentError
     from pipeline.store import CacheError
     from pipeline.teachers import TeacherError
     from stages.config import ConfigError
 
-    return (DatasetError, TeacherError, CacheError, HeadError, ConfigError, ValueError, FileNotFoundError)
+    return (DatasetError, TeacherError, CacheError, HeadError, ConfigError, MethodError, ScenarioError,
+            StudentError, ValueError, FileNotFoundError)
 
 
 def _parse_options(pairs: List[str]) -> tuple:
@@ -47,6 +51,8 @@ def extract(
                                           "(default vit_large_patch14_dinov2.lvd142m)."),
     teacher_weights: Optional[str] = typer.Option(None, help="Local weights (safetensors or state dict) for "
                                                   "machines without a model hub."),
+    teacher_input_size: Optional[int] = typer.Option(None, help="Teacher input size in pixels (default: the "
+                                                     "model's own; ViTs resize their position embeddings)."),
     random_init: Optional[bool] = typer.Option(None, "--random-init", help="Random teacher weights (tests and "
                                                "benchmarks only)."),
     feature: Optional[str] = typer.Option(None, help="open_clip only: pre_projection (default) or embedding."),
@@ -77,7 +83,8 @@ def extract(
     try:
         cfg = resolve(stage.ExtractConfig, config, dataset=dataset, data_root=data_root,
                       dataset_options=_parse_options(dataset_opt) or None, domains=tuple(domain) or None,
-                      teacher=teacher, teacher_weights=teacher_weights, random_init=random_init, feature=feature,
+                      teacher=teacher, teacher_weights=teacher_weights,
+                      teacher_input_size=teacher_input_size, random_init=random_init, feature=feature,
                       views=views, view_policy=view_policy, view_seed=view_seed, tokens=tokens, head=head,
                       batch_size=batch_size, workers=workers, shard_size=shard_size, image_bound=image_bound,
                       compression=compression, device=device, out=out, overwrite=overwrite,
@@ -86,6 +93,66 @@ def extract(
     except _user_errors() as e:
         _fail(e)
     typer.echo(f"cache: {path}  (inspect: python cli.py info --cache {path})")
+
+
+def _parse_method_options(pairs: List[str]) -> tuple:
+    out = []
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--method-opt expects KEY=VALUE, got {p!r}")
+        try:
+            out.append((key, float(value)))
+        except ValueError:
+            out.append((key, value))
+    return tuple(out)
+
+
+@app.command()
+def distill(
+    cache: Optional[str] = typer.Option(None, help="Cache folder written by extract."),
+    student: Optional[str] = typer.Option(None, help="Any timm model name (default mobilenetv3_large_100)."),
+    student_weights: Optional[str] = typer.Option(None, help="Backbone weights for the student (safetensors or "
+                                                  "state dict); its classifier is always new."),
+    method: Optional[str] = typer.Option(None, help="customkd (default), supervised, kd, fitnet, dkd, kdep, scalekd."),
+    method_opt: List[str] = typer.Option([], help="Method option KEY=VALUE (e.g. temperature=2)."),
+    scenario: Optional[str] = typer.Option(None, help="uda, ssl or supervised (default)."),
+    source: List[str] = typer.Option([], help="uda: labelled source domain (repeat the flag)."),
+    target: List[str] = typer.Option([], help="uda: unlabelled target domain, also evaluated (repeat)."),
+    labels_per_class: Optional[int] = typer.Option(None, help="ssl: labelled samples per class (seeded)."),
+    labelled_ratio: Optional[float] = typer.Option(None, help="Fraction of labelled samples per batch "
+                                                   "(labelled rows are repeated to reach it)."),
+    epochs: Optional[int] = typer.Option(None, help="Distillation epochs (default 10)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step (default 64)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (cosine schedule with warm-up)."),
+    optimizer: Optional[str] = typer.Option(None, help="adamw (default) or sgd."),
+    image_size: Optional[int] = typer.Option(None, help="Student input size (default: the student's own)."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
+    seed: Optional[int] = typer.Option(None, help="Seed for labels-per-class, shard order and views."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
+    out: Optional[str] = typer.Option(None, help="Run folder (default runs/kd-<student>_from_<teacher>-...)."),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the run's last checkpoint."),
+    no_check_dataset: bool = typer.Option(False, "--no-check-dataset", help="Do not re-scan the original "
+                                          "dataset to compare its fingerprint."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    config: Optional[str] = typer.Option(None, help="YAML file of options (flags win over it)."),
+):
+    """Stage two: train a student from the cached teacher outputs (the teacher never runs)."""
+    from stages import distill as stage
+    from stages.config import resolve
+
+    try:
+        cfg = resolve(stage.DistillConfig, config, cache=cache, student=student, student_weights=student_weights,
+                      method=method, method_options=_parse_method_options(method_opt) or None, scenario=scenario,
+                      source=tuple(source) or None, target=tuple(target) or None,
+                      labels_per_class=labels_per_class, labelled_ratio=labelled_ratio, epochs=epochs,
+                      batch_size=batch_size, lr=lr, optimizer=optimizer, image_size=image_size, workers=workers,
+                      seed=seed, device=device, out=out, resume=resume,
+                      check_dataset=False if no_check_dataset else None, progress=False if no_progress else None)
+        path = stage.run(cfg)
+    except _user_errors() as e:
+        _fail(e)
+    typer.echo(f"run: {path}")
 
 
 @app.command()

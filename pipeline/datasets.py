@@ -299,31 +299,41 @@ def _imagenet(root, **_) -> Dataset:
 def synthetic_image(index: int, label: int, domain: int, size: int) -> np.ndarray:
     """A generated image whose class is recoverable from the pixels.
 
-    The class sets the colour of a bar pattern and its orientation; the domain sets the
-    background texture, so domains shift the input distribution but not the class cue.
+    The class sets the colour and the stripe orientation of a patch; its position and size, the
+    background and the noise vary per image (nuisance), and the domain sets the background style,
+    so domains shift the input distribution but not the class cue.
     """
     rng = np.random.default_rng([7, index])
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     hue = (label * 0.618034) % 1.0
     colour = np.array([np.cos(2 * np.pi * (hue + t)) * 0.5 + 0.5 for t in (0, 1 / 3, 2 / 3)], np.float32)
     angle = np.pi * (label % 4) / 4
-    stripes = (np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * (6 + 2 * (label % 3)) * np.pi) > 0)
-    background = 0.25 + 0.5 * rng.random((size, size, 1), dtype=np.float32) * (domain + 1) / 3
-    img = np.where(stripes[..., None], colour[None, None, :], background)
-    img = img + rng.normal(0, 0.03, img.shape).astype(np.float32)
+    stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * (6 + 2 * (label % 3)) * np.pi) > 0
+    side = rng.uniform(0.35, 0.7)
+    x0, y0 = rng.uniform(0, 1 - side, 2)
+    patch = (xx >= x0) & (xx < x0 + side) & (yy >= y0) & (yy < y0 + side)
+    tint = rng.uniform(0.2, 0.8, 3).astype(np.float32)
+    if domain % 2:  # a textured domain
+        background = tint * (0.5 + 0.5 * rng.random((size, size, 1), dtype=np.float32))
+    else:  # a smooth gradient domain
+        background = tint * (0.4 + 0.6 * (xx if rng.random() < 0.5 else yy))[..., None]
+    obj = np.where(stripes[..., None], colour[None, None, :], colour[None, None, :] * 0.35)
+    img = np.where(patch[..., None], obj, background)
+    img = img + rng.normal(0, 0.05, img.shape).astype(np.float32)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
 @register_dataset("synthetic")
 def _synthetic(root=None, n=256, classes=8, domains=2, size=48, test_every=5, **_) -> Dataset:
-    """Generated images for tests and benchmarks: every `test_every`-th sample is in the test split."""
+    """Generated images for tests and benchmarks: every `test_every`-th image of each class is a test image."""
     n, n_classes, n_domains, size, test_every = int(n), int(classes), int(domains), int(size), int(test_every)
     if n < 1 or n_classes < 1 or n_domains < 1 or size < 8:
         raise DatasetError("synthetic needs n >= 1, classes >= 1, domains >= 1, size >= 8")
     samples = []
     for i in range(n):
         label, domain = i % n_classes, (i // n_classes) % n_domains
-        split = SPLIT_NAMES.index("test") if test_every and i % test_every == test_every - 1 else 0
+        instance = i // n_classes  # the k-th image of its class: splits cover every class
+        split = SPLIT_NAMES.index("test") if test_every and instance % test_every == test_every - 1 else 0
         samples.append(Sample(f"d{domain}/c{label:03d}/{i:06d}.png", label, domain, split, size * size * 3))
 
     def read(s: Sample) -> bytes:

@@ -6,6 +6,7 @@ own config and is recorded in the cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,29 +177,45 @@ def _timm_preprocess(model) -> Preprocess:
                       float(cfg.get("crop_pct", 0.875)), str(cfg.get("interpolation", "bicubic")))
 
 
-def _create_timm(name: str, weights: str | None, random_init: bool) -> Teacher:
+def _create_timm(name: str, weights: str | None, random_init: bool, input_size: int | None = None) -> Teacher:
     import timm
+
+    def build(pretrained: bool, **kw):
+        if input_size:
+            try:  # ViTs resize their position embeddings to the new grid
+                return timm.create_model(name, pretrained=pretrained, img_size=input_size, **kw)
+            except TypeError:
+                pass
+        return timm.create_model(name, pretrained=pretrained, **kw)
 
     base = name.split(".")[0]
     if not timm.is_model(base):
         raise TeacherError(f"unknown teacher {name!r} (not a timm model; open_clip names start with "
                            f"'{OPEN_CLIP_PREFIX}').{_suggest(base, timm.list_models())}")
     if weights:
-        model = timm.create_model(name, pretrained=False)
         try:
-            load_weights_into(model, load_state_dict_file(weights))
+            state = load_state_dict_file(weights)
+            # a classifier trained on other classes sets the teacher's class count
+            clf = timm.models.get_pretrained_cfg(base)
+            key = f"{clf.classifier if clf and isinstance(clf.classifier, str) else 'head'}.weight"
+            kw = {"num_classes": state[key].shape[0]} if key in state and state[key].ndim == 2 else {}
+            model = build(False, **kw)
+            load_weights_into(model, state)
         except WeightsError as e:
             raise TeacherError(f"--teacher-weights {weights}: {e}") from None
         tag, source = "sha256:" + file_sha256(weights), "file"
     elif random_init:
-        model, tag, source = _seeded(lambda: timm.create_model(name, pretrained=False)), RANDOM_TAG, "timm"
+        model, tag, source = _seeded(lambda: build(False)), RANDOM_TAG, "timm"
     else:
         try:
-            model = timm.create_model(name, pretrained=True)
+            model = build(True)
         except Exception as e:  # hub unreachable, missing cache, no pretrained tag ...
             raise _offline_error(name, e) from None
         tag, source = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("tag") or name, "timm"
-    return TimmTeacher(name, source, model.eval(), _timm_preprocess(model), tag, "timm")
+    pre = _timm_preprocess(model)
+    if input_size:
+        pre = dataclasses.replace(pre, input_size=int(input_size))
+    return TimmTeacher(name, source, model.eval(), pre, tag, "timm")
 
 
 def _create_open_clip(name: str, weights: str | None, random_init: bool) -> Teacher:
@@ -240,17 +257,22 @@ def _create_open_clip(name: str, weights: str | None, random_init: bool) -> Teac
 
 
 def create_teacher(name: str, weights: str | None = None, random_init: bool = False,
-                   feature: str = "auto") -> Teacher:
-    """Create a teacher by timm name or `open_clip:ARCH/TAG`, optionally from a local weight file."""
+                   feature: str = "auto", input_size: int | None = None) -> Teacher:
+    """Create a teacher by timm name or `open_clip:ARCH/TAG`, optionally from a local weight file.
+
+    `input_size` overrides the model's own input size (e.g. DINOv2 at 448 px); it is recorded.
+    """
     if weights and not Path(weights).is_file():
         raise TeacherError(f"--teacher-weights {weights} does not exist")
     if name.startswith(OPEN_CLIP_PREFIX):
+        if input_size:
+            raise TeacherError("--teacher-input-size applies to timm teachers only")
         teacher = _create_open_clip(name, weights, random_init)
         teacher.feature_point = "embedding" if feature == "embedding" else "pre_projection"
     else:
         if feature not in ("auto", "pre_logits"):
             raise TeacherError(f"--feature {feature} applies to open_clip teachers only")
-        teacher = _create_timm(name, weights, random_init)
+        teacher = _create_timm(name, weights, random_init, input_size)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

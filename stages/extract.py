@@ -35,6 +35,7 @@ class ExtractConfig:
     domains: tuple = ()  # restrict to these domains (empty: all)
     teacher: str = "vit_large_patch14_dinov2.lvd142m"
     teacher_weights: str | None = None
+    teacher_input_size: int | None = None  # default: the model's own
     random_init: bool = False
     feature: str = "auto"  # open_clip: pre_projection (default) or embedding
     views: int = 4
@@ -112,7 +113,8 @@ def run(cfg: ExtractConfig) -> Path:
     if cfg.domains:
         options["domains"] = list(cfg.domains)
     dataset = create_dataset(cfg.dataset, cfg.data_root, **options)
-    teacher = create_teacher(cfg.teacher, cfg.teacher_weights, cfg.random_init, cfg.feature)
+    teacher = create_teacher(cfg.teacher, cfg.teacher_weights, cfg.random_init, cfg.feature,
+                             cfg.teacher_input_size)
     head = resolve_head(cfg.head, teacher, dataset)
     if head == "zeroshot":
         teacher.set_head("zeroshot", zeroshot_head(teacher, dataset.classes))

@@ -1,0 +1,12 @@
+"""Distillation methods: one registry; each method is an nn.Module returning {"loss", parts...}.
+
+Every method adds its extra loss to CE(z_s, y) on the labelled samples of the batch.
+Import side effects register the built-in methods.
+"""
+from __future__ import annotations
+
+from .base import METHOD_DEFAULTS, Method, MethodError, TeacherBatch, create_method, list_methods, register_method
+from . import feature, logit, customkd, scalekd  # noqa: F401,E402  (registration)
+
+__all__ = ["Method", "MethodError", "TeacherBatch", "create_method", "list_methods", "register_method",
+           "METHOD_DEFAULTS"]

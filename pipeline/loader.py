@@ -1,0 +1,136 @@
+"""The stage-two stream: tar shard k and cache rows of shard k, read together, in order.
+
+    shard order (shuffled per epoch) -> this rank's shards -> this worker's shards
+    -> read tar k sequentially + cache rows of k (one chunk-aligned slice per array)
+    -> pick a view per sample per epoch -> replay it with views.apply -> shuffle buffer -> batches
+
+The cache is only read here; the teacher never runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .images import decode_packed
+from .pack import read_shard, shard_name
+from .store import CacheStore
+from .views import apply
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    cache: str
+    image_size: int
+    interpolation: str = "bicubic"
+    seed: int = 0
+    shuffle_buffer: int = 512
+    logits: bool = False
+    tokens: bool = False
+    clean_only: bool = False  # evaluation: view 0, shard order kept, no shuffle
+
+
+def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    return [int(k) for k in np.random.default_rng([seed, epoch, 1]).permutation(num_shards)]
+
+
+def rank_shards(repeats: np.ndarray, shard_size: int, seed: int, epoch: int, rank: int, world: int,
+                shuffle: bool = True) -> list[int]:
+    """This rank's shards for an epoch (only shards holding rows to stream)."""
+    num_shards = (len(repeats) + shard_size - 1) // shard_size
+    order = shard_order(num_shards, seed, epoch) if shuffle else list(range(num_shards))
+    order = [k for k in order if repeats[k * shard_size:(k + 1) * shard_size].any()]
+    return order[rank::world]
+
+
+def samples_in(shards: list[int], repeats: np.ndarray, shard_size: int) -> int:
+    return int(sum(repeats[k * shard_size:(k + 1) * shard_size].sum() for k in shards))
+
+
+class CacheStream(IterableDataset):
+    """Yields one dict per (sample, repeat): image (uint8, replayed view), cached teacher rows, label."""
+
+    def __init__(self, cfg: StreamConfig, shards: list[int], repeats: np.ndarray, labels: np.ndarray, epoch: int):
+        self.cfg, self.shards, self.repeats, self.labels, self.epoch = cfg, list(shards), repeats, labels, epoch
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is not None:
+            torch.set_num_threads(1)
+        store = CacheStore.open(self.cfg.cache)
+        samples = (s for k in self.shards[wid::nw] for s in self._shard(store, k))
+        if self.cfg.clean_only or self.cfg.shuffle_buffer <= 1:
+            yield from samples
+        else:
+            yield from _shuffled(samples, self.cfg.shuffle_buffer,
+                                 np.random.default_rng([self.cfg.seed, self.epoch, 2, wid]))
+
+    def _shard(self, store: CacheStore, k: int):
+        cfg = self.cfg
+        rows = store.layout.rows(k)
+        reps = self.repeats[rows.start:rows.stop]
+        if not reps.any():
+            return
+        # one slice per array: chunk-aligned, never a per-sample Zarr read
+        feats = store.array("features")[rows.start:rows.stop]
+        views = store.array("views")[rows.start:rows.stop]
+        logits = store.array("logits")[rows.start:rows.stop] if cfg.logits else None
+        tokens = store.array("tokens")[rows.start:rows.stop] if cfg.tokens else None
+        rng = np.random.default_rng([cfg.seed, self.epoch, 3, k])
+        num_views = views.shape[1]
+        for row, ext, data in read_shard(store.images_dir / shard_name(k)):
+            j = row - rows.start
+            if reps[j] == 0 or ext == "bad":
+                continue
+            img = decode_packed(data)
+            for _ in range(int(reps[j])):
+                v = 0 if cfg.clean_only else int(rng.integers(num_views))
+                sample = {"image": apply(img, views[j, v], cfg.image_size, cfg.interpolation),
+                          "feature": torch.from_numpy(feats[j, v].astype(np.float32)),
+                          "label": int(self.labels[row]), "row": row, "view": v}
+                if logits is not None:
+                    sample["logits"] = torch.from_numpy(logits[j, v].astype(np.float32))
+                if tokens is not None:
+                    sample["tokens"] = torch.from_numpy(tokens[j, v].astype(np.float32))
+                yield sample
+
+
+def _shuffled(samples, size: int, rng: np.random.Generator):
+    """A bounded shuffle buffer: mixes samples across the shards a worker reads."""
+    buf = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        i = int(rng.integers(size))
+        buf[i], s = s, buf[i]
+        yield s
+    order = rng.permutation(len(buf))
+    for i in order:
+        yield buf[i]
+
+
+def make_loader(cfg: StreamConfig, shards: list[int], repeats: np.ndarray, labels: np.ndarray, epoch: int,
+                batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    stream = CacheStream(cfg, shards, repeats, labels, epoch)
+    workers = min(workers, len(shards)) if shards else 0
+    return DataLoader(stream, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+def labelled_repeats(labelled: np.ndarray, unlabelled: np.ndarray, ratio: float | None) -> np.ndarray:
+    """Per-row repeat counts for one epoch: 1 per row, labelled rows repeated to reach `ratio`.
+
+    ratio is the wanted fraction of labelled samples in a batch; None keeps the natural mix
+    (every sample exactly once per epoch).
+    """
+    reps = (labelled | unlabelled).astype(np.int32)
+    n_l, n_u = int(labelled.sum()), int(unlabelled.sum())
+    if ratio is not None and n_l and n_u:
+        if not 0 < ratio < 1:
+            raise ValueError("--labelled-ratio must be between 0 and 1")
+        reps[labelled] = max(1, int(round(ratio / (1 - ratio) * n_u / n_l)))
+    return reps

@@ -1,0 +1,259 @@
+"""Stage two: train a student from the cache (CustomKD by default) under a label scenario."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import dist
+from pipeline.datasets import create_dataset
+from pipeline.derived import scenario_teacher_head, svd_statistics
+from pipeline.engine import (LabelledFeatures, TrainModule, append_metrics, cosine_schedule, customisation_epoch, evaluate,
+                             load_checkpoint, make_optimizer, restore, save_checkpoint, train_one_epoch,
+                             truncate_metrics)
+from pipeline.loader import StreamConfig, labelled_repeats, make_loader, rank_shards, samples_in
+from pipeline.methods import create_method
+from pipeline.methods.base import Dims
+from pipeline.scenarios import make_scenario
+from pipeline.store import CacheError, CacheStore
+from pipeline.students import create_student
+
+from .config import to_dict, write_yaml
+
+# options that may differ when a run is resumed
+RESUMABLE_CHANGES = {"resume", "epochs", "workers", "progress", "device"}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    cache: str = "cache/synthetic"
+    student: str = "mobilenetv3_large_100"
+    student_weights: str | None = None
+    method: str = "customkd"
+    method_options: tuple = ()  # (key, value) pairs, e.g. (("temperature", 2.0),)
+    scenario: str = "supervised"
+    source: tuple = ()
+    target: tuple = ()
+    labels_per_class: int | None = None
+    labelled_ratio: float | None = None  # fraction of labelled samples per batch (None: natural mix)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    warmup_epochs: float = 1.0
+    custom_lr: float = 5e-3  # CustomKD projector P_t
+    custom_steps: int = 100  # minimum optimiser steps of each customisation phase
+    image_size: int | None = None  # default: the student's own input size
+    shuffle_buffer: int = 512
+    workers: int = 4
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    resume: bool = False
+    check_dataset: bool = True
+    eval_every: int = 1
+    progress: bool = True
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def open_cache(path: str) -> CacheStore:
+    """Open a complete cache, or stop with what is missing and the command that finishes it."""
+    store = CacheStore.open(path, mode="r+")  # r+ for derived sub-groups only; base arrays are never written
+    done = store.shard_done()
+    if not done.all():
+        missing = int((~done).sum())
+        raise CacheError(f"cache {path} is incomplete: {missing} of {len(done)} shards are not extracted; "
+                         f"resume with: {store.attrs.get('command') or 'python cli.py extract ... --out ' + path}")
+    return store
+
+
+def check_dataset(store: CacheStore) -> None:
+    """If the original dataset is reachable, it must still be the one the cache was made from."""
+    ext = store.attrs.get("config", {})
+    name, root = ext.get("dataset"), ext.get("data_root")
+    if name != "synthetic" and (not root or not Path(root).is_dir()):
+        warnings.warn(f"dataset root {root!r} not found: streaming the packed shards of the cache without "
+                      "re-checking the dataset fingerprint")
+        return
+    options = dict(ext.get("dataset_options") or [])
+    if ext.get("domains"):
+        options["domains"] = list(ext["domains"])
+    current = create_dataset(name, root, **options).fingerprint()
+    recorded = store.attrs["dataset"]["fingerprint"]
+    if current != recorded:
+        raise CacheError(f"dataset {name} at {root} changed since extraction (fingerprint {current[:12]} != "
+                         f"{recorded[:12]}): re-run extract with --overwrite, or pass --no-check-dataset to "
+                         "train on the images packed in the cache")
+
+
+def _scenario(store: CacheStore, cfg: DistillConfig):
+    a = store.attrs
+    return make_scenario(cfg.scenario, store.array("labels")[:], store.array("domains")[:],
+                         store.array("splits")[:], store.status(), a["dataset"]["domains"], cfg.source, cfg.target,
+                         cfg.labels_per_class, cfg.seed)
+
+
+def run_name(cfg: DistillConfig, store: CacheStore) -> str:
+    teacher = store.attrs["teacher"]["name"].split(":")[-1].replace("/", "-").split(".")[0]
+    return f"kd-{cfg.student}_from_{teacher}-{cfg.method}-{cfg.scenario}"
+
+
+def run(cfg: DistillConfig) -> Path:
+    """Train (or resume) a student; returns the run folder."""
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ValueError("--epochs and --batch-size must be >= 1")
+    rank, world = dist.init()
+    torch.manual_seed(cfg.seed)
+    store = open_cache(cfg.cache)
+    if cfg.check_dataset and rank == 0:
+        check_dataset(store)
+    scenario = _scenario(store, cfg)
+    a = store.attrs
+    num_classes = len(a["dataset"]["classes"])
+    student = create_student(cfg.student, num_classes, cfg.student_weights)
+    image_size = cfg.image_size or student.default_size
+    sdims = student.dims(image_size)
+    dims = Dims(sdims["feature"], a["teacher"]["feature_dim"], num_classes, sdims["map"], a["tokens"]["grid"],
+                a["tokens"]["dim"])
+    method = create_method(cfg.method, dims, **dict(cfg.method_options))
+    out = Path(cfg.out or Path("runs") / run_name(cfg, store))
+
+    # derived data (probe head, SVD) is written once by rank 0, then read by the other ranks
+    head, head_info = None, {"teacher_head": a["head"]["kind"], "refit": False}
+
+    def derived(write: bool):
+        nonlocal head, head_info
+        if method.needs_logits:
+            head, head_info = scenario_teacher_head(store, scenario, write=write)
+        if cfg.method == "kdep":
+            method.set_svd(*svd_statistics(store, method.k, write=write))
+
+    if rank == 0:
+        derived(write=True)
+    dist.barrier()
+    if rank != 0:
+        derived(write=False)
+
+    device = _device(cfg.device)
+    amp = device.type == "cuda"
+    channels_last = device.type == "cuda"
+    module = TrainModule(student, method, head).to(device)
+    if channels_last:
+        module.student.to(memory_format=torch.channels_last)
+    custom_params = method.customisation_parameters() if method.has_customisation else []
+    custom_ids = {id(p) for p in custom_params}
+    train_params = [p for p in module.parameters() if id(p) not in custom_ids]
+
+    labels = np.where(scenario.labelled, store.array("labels")[:], -1).astype(np.int64)
+    repeats = labelled_repeats(scenario.labelled, scenario.unlabelled, cfg.labelled_ratio)
+    lay = store.layout
+    per_rank = [samples_in(rank_shards(repeats, lay.shard_size, cfg.seed, 0, r, world), repeats, lay.shard_size)
+                for r in range(world)]
+    steps_per_epoch = max(1, (min(per_rank) // cfg.batch_size) if world > 1 else -(-per_rank[0] // cfg.batch_size))
+    optimizer = make_optimizer(cfg.optimizer, train_params, cfg.lr, cfg.weight_decay)
+    scheduler = cosine_schedule(optimizer, steps_per_epoch * cfg.epochs, int(steps_per_epoch * cfg.warmup_epochs))
+    custom_opt = torch.optim.AdamW(custom_params, lr=cfg.custom_lr, weight_decay=0.0) if custom_params else None
+
+    start_epoch = _prepare_run_dir(out, cfg, rank, module, optimizer, scheduler, custom_opt)
+    train_module = module
+    if world > 1:
+        train_module = torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+
+    stream = StreamConfig(str(store.path), image_size, student.interpolation, cfg.seed, cfg.shuffle_buffer,
+                          logits=method.needs_logits and head is None, tokens=method.needs_tokens)
+    eval_stream = StreamConfig(str(store.path), image_size, student.interpolation, cfg.seed, clean_only=True)
+    eval_labels = store.array("labels")[:].astype(np.int64)
+    eval_reps = scenario.evaluation.astype(np.int32)
+    domains, domain_names = store.array("domains")[:], a["dataset"]["domains"]
+    if rank == 0:
+        print(f"{run_name(cfg, store)}: {scenario.description}, {scenario.counts()}, teacher head "
+              f"{head_info['teacher_head']}{' (refit: ' + head_info['reason'] + ')' if head_info['refit'] else ''}",
+              file=sys.stderr)
+
+    labelled_features = LabelledFeatures(store, scenario.labelled) if custom_opt is not None else None
+    for epoch in range(start_epoch, cfg.epochs):
+        record = {"epoch": epoch}
+        if custom_opt is not None:
+            record.update(customisation_epoch(method, student, labelled_features, custom_opt,
+                                              cfg.batch_size, device, cfg.seed, epoch, cfg.custom_steps))
+        shards = rank_shards(repeats, lay.shard_size, cfg.seed, epoch, rank, world)
+        loader = make_loader(stream, shards, repeats, labels, epoch, cfg.batch_size, cfg.workers,
+                             pin_memory=device.type == "cuda")
+        stats = train_one_epoch(train_module, loader, optimizer, scheduler, device,
+                                max_steps=steps_per_epoch if world > 1 else None, amp=amp,
+                                channels_last=channels_last, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                progress=cfg.progress and rank == 0)
+        record.update(stats, lr=scheduler.get_last_lr()[0])
+        if rank == 0 and (epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+            eval_loader = make_loader(eval_stream, rank_shards(eval_reps, lay.shard_size, 0, 0, 0, 1, False),
+                                      eval_reps, eval_labels, 0, max(cfg.batch_size, 128), cfg.workers)
+            record["eval"] = evaluate(student, eval_loader, device, domains, domain_names, channels_last)
+        if rank == 0:
+            state = {"epoch": epoch, "config": to_dict(cfg), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                     "custom_optimizer": custom_opt.state_dict() if custom_opt else {}}
+            save_checkpoint(out, epoch, student, method, state)
+            append_metrics(out / "metrics.jsonl", record)
+            if cfg.progress:
+                ev = record.get("eval", {})
+                print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record.get('loss', float('nan')):.4f} "
+                      f"{record['img_per_s']:.0f} img/s" + (f", top-1 {ev['top1']:.4f}" if ev else ""),
+                      file=sys.stderr)
+        dist.barrier()
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(
+            {"name": out.name, "student": cfg.student, "method": cfg.method, "scenario": scenario.description,
+             "cache": str(store.path), "teacher": a["teacher"]["name"], "num_classes": num_classes,
+             "image_size": image_size, "head": head_info, "counts": scenario.counts(),
+             "scenario_digest": scenario.digest()}, indent=2))
+    return out
+
+
+def _prepare_run_dir(out: Path, cfg: DistillConfig, rank: int, module, optimizer, scheduler, custom_opt) -> int:
+    """Create the run folder, or restore the last checkpoint with --resume; returns the first epoch."""
+    found = load_checkpoint(out) if (out / "checkpoints").is_dir() else None
+    if found is None:
+        if cfg.resume and rank == 0:
+            print(f"--resume: no checkpoint in {out}, starting from epoch 1", file=sys.stderr)
+        if rank == 0:
+            if (out / "metrics.jsonl").exists() and not cfg.resume:
+                raise CacheError(f"run folder {out} already has results; pass --resume or choose another --out")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+            write_yaml(cfg, out / "config.yaml")
+        return 0
+    path, state = found
+    if not cfg.resume:
+        raise CacheError(f"run folder {out} has a checkpoint ({path.name}); pass --resume to continue it or "
+                         "choose another --out")
+    saved = state["config"]
+    now = to_dict(cfg)
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if changed:
+        raise CacheError("--resume with another config: " + ", ".join(f"{k} was {saved.get(k)!r}, now "
+                                                                       f"{now.get(k)!r}" for k in changed)
+                         + "; use the original flags or a new --out")
+    restore(path, module.student, module.method)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if custom_opt is not None and state.get("custom_optimizer"):
+        custom_opt.load_state_dict(state["custom_optimizer"])
+    torch.set_rng_state(state["rng"])
+    if rank == 0:
+        truncate_metrics(out / "metrics.jsonl", state["epoch"])
+        write_yaml(cfg, out / "config.yaml")
+    return state["epoch"] + 1
