@@ -13,6 +13,11 @@ HEAD    ?= auto
 BATCH   ?= 64
 WORKERS ?= 4
 EXTRA   ?=
+CACHE   ?= cache/$(DATASET)
+STUDENT ?= mobilenetv3_large_100
+METHOD  ?= customkd
+SCENARIO ?= supervised
+EPOCHS  ?= 10
 
 .PHONY: setup test test-all test-faults demo extract info distill evaluate bench clean
 
@@ -41,6 +46,10 @@ extract: $(STAMP)
 
 info: $(STAMP)
 	$(PY) cli.py info --cache $(OUT) $(EXTRA)
+
+distill: $(STAMP)
+	$(PY) cli.py distill --cache $(CACHE) --student $(STUDENT) --method $(METHOD) --scenario $(SCENARIO) \
+	  --epochs $(EPOCHS) $(EXTRA)
 
 demo: $(STAMP)
 	@echo "make demo arrives with stage three (extract -> distill -> evaluate on the offline default)."

@@ -61,12 +61,12 @@ def _to(batch: dict, device, channels_last: bool):
 
 def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max_steps: int | None = None,
                     amp: bool = False, channels_last: bool = False, desc: str = "train",
-                    progress: bool = True) -> dict[str, float]:
+                    progress: bool = True, expected_steps: int | None = None) -> dict[str, float]:
     """One pass over the loader (or `max_steps` batches); returns mean loss parts and img/s."""
     module.train()
     sums: dict[str, float] = {}
     seen, steps, start = 0, 0, time.perf_counter()
-    bar = tqdm(total=max_steps, unit="step", desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=max_steps or expected_steps, unit="step", desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
     for batch in loader:
         if max_steps is not None and steps >= max_steps:
             break
@@ -82,7 +82,8 @@ def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(images)
         bar.update(1)
-        bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        bar.set_postfix({"img/s": f"{seen / (time.perf_counter() - start):.0f}",
+                         **{k: f"{float(v.detach()):.3f}" for k, v in parts.items()}})
     bar.close()
     elapsed = time.perf_counter() - start
     out = {k: v / max(seen, 1) for k, v in sums.items()}

@@ -196,7 +196,7 @@ def run(cfg: DistillConfig) -> Path:
         stats = train_one_epoch(train_module, loader, optimizer, scheduler, device,
                                 max_steps=steps_per_epoch if world > 1 else None, amp=amp,
                                 channels_last=channels_last, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                                progress=cfg.progress and rank == 0)
+                                progress=cfg.progress and rank == 0, expected_steps=steps_per_epoch)
         record.update(stats, lr=scheduler.get_last_lr()[0])
         if rank == 0 and (epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             eval_loader = make_loader(eval_stream, rank_shards(eval_reps, lay.shard_size, 0, 0, 0, 1, False),

@@ -1,0 +1,229 @@
+"""Stage two: the stream, learning from the cache, resume, DDP, and a read-only cache."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, cli_env, read_all, write_image
+from safetensors.torch import load_file
+from tiny_teacher import train_tiny_teacher
+
+from pipeline.images import decode_packed
+from pipeline.loader import CacheStream, StreamConfig, labelled_repeats, rank_shards
+from pipeline.methods import MethodError
+from pipeline.pack import read_shard, shard_name
+from pipeline.scenarios import ScenarioError, make_scenario
+from pipeline.store import CacheError, CacheStore
+from pipeline.students import StudentError
+from pipeline.views import apply
+from stages import distill, extract
+
+N, CLASSES, S, V = 500, 10, 64, 4
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A cache of 500 generated images from a small teacher that was trained on other images."""
+    tmp = tmp_path_factory.mktemp("distill")
+    weights = train_tiny_teacher(tmp / "teacher.safetensors", classes=CLASSES)
+    cfg = extract.ExtractConfig(dataset="synthetic", dataset_options=(("n", N), ("classes", CLASSES)),
+                                teacher="test_efficientnet", teacher_weights=str(weights), teacher_input_size=48,
+                                views=V, tokens=2, shard_size=S, batch_size=64, workers=0, out=str(tmp / "cache"),
+                                progress=False)
+    return extract.run(cfg)
+
+
+def _cfg(cache, out, **kw) -> distill.DistillConfig:
+    base = dict(cache=str(cache), student="test_efficientnet", image_size=48, scenario="ssl", labels_per_class=2,
+                epochs=8, batch_size=32, lr=3e-3, workers=2, out=str(out), progress=False)
+    base.update(kw)
+    return distill.DistillConfig(**base)
+
+
+def _final_top1(run_dir: Path) -> float:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]["eval"]["top1"]
+
+
+def test_stream_yields_every_sample_once_with_its_view_and_rows(cache, monkeypatch):
+    store = CacheStore.open(cache)
+    train = store.array("splits")[:] == 0
+    labels = np.where(train, store.array("labels")[:], -1)
+    reps = train.astype(np.int32)
+    reads = []
+    real_array = CacheStore.array
+    monkeypatch.setattr(CacheStore, "array", lambda self, name: reads.append(name) or real_array(self, name))
+    cfg = StreamConfig(str(cache), image_size=24, seed=3, shuffle_buffer=50, logits=True, tokens=True)
+    shards = rank_shards(reps, S, seed=3, epoch=1, rank=0, world=1)
+    samples = list(CacheStream(cfg, shards, reps, labels, epoch=1))
+    rows = [s["row"] for s in samples]
+    assert sorted(rows) == list(np.flatnonzero(train))  # every train row exactly once
+    assert rows != sorted(rows)  # shuffled
+    assert len(reads) <= 4 * len(shards)  # one chunk-aligned slice per array and shard, never per sample
+    monkeypatch.undo()
+    feats, views = store.array("features")[:], store.array("views")[:]
+    logits, tokens = store.array("logits")[:], store.array("tokens")[:]
+    packed = {r: d for k in range(store.layout.num_shards) for r, _, d in read_shard(store.images_dir / shard_name(k))}
+    for s in samples[:40]:
+        r, v = s["row"], s["view"]
+        assert torch.equal(s["image"], apply(decode_packed(packed[r]), views[r, v], 24))
+        assert torch.equal(s["feature"], torch.from_numpy(feats[r, v].astype(np.float32)))
+        assert torch.equal(s["logits"], torch.from_numpy(logits[r, v].astype(np.float32)))
+        assert torch.equal(s["tokens"], torch.from_numpy(tokens[r, v].astype(np.float32)))
+        assert s["label"] == labels[r]
+    assert len({s["view"] for s in samples}) == V  # views are drawn per sample per epoch
+    other = [s["view"] for s in CacheStream(cfg, shards, reps, labels, epoch=2)]
+    assert other != [s["view"] for s in samples]
+
+
+def test_labelled_ratio_repeats_labelled_rows():
+    labelled = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], bool)
+    reps = labelled_repeats(labelled, ~labelled, 0.5)
+    assert list(reps) == [4] * 2 + [1] * 8  # 8 labelled draws : 8 unlabelled
+    assert list(labelled_repeats(labelled, ~labelled, None)) == [1] * 10
+
+
+def test_kd_and_customkd_beat_supervised_with_few_labels(cache, tmp_path):
+    acc = {}
+    for method in ("supervised", "kd", "customkd"):
+        out = distill.run(_cfg(cache, tmp_path / method, method=method))
+        acc[method] = _final_top1(out)
+    print("top-1 with 2 labels per class:", acc)
+    assert acc["kd"] >= acc["supervised"] + 0.15, acc
+    assert acc["customkd"] >= acc["supervised"] + 0.08, acc
+
+
+def test_every_method_trains_one_epoch_and_cache_base_arrays_never_change(cache, tmp_path):
+    base = lambda: {k: v for k, v in read_all(cache).items()  # noqa: E731
+                    if not k.startswith(("heads/", "derived/"))}
+    before = base()
+    for method in ("fitnet", "dkd", "kdep", "scalekd"):
+        out = distill.run(_cfg(cache, tmp_path / method, method=method, epochs=1, student="mobilenetv3_small_050",
+                               image_size=32))
+        rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        assert np.isfinite(rec["loss"]) and rec["images"] > 0, (method, rec)
+    # the student is a plain timm checkpoint
+    import timm
+
+    from pipeline.students import create_student
+
+    plain = timm.create_model("mobilenetv3_small_050", num_classes=CLASSES, pretrained=True,
+                              pretrained_cfg_overlay={"file": str(tmp_path / "fitnet" / "student.safetensors"),
+                                                      "num_classes": CLASSES})
+    ours = create_student("mobilenetv3_small_050", CLASSES)
+    ours.model.load_state_dict(load_file(str(tmp_path / "fitnet" / "student.safetensors")))
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(plain.eval()(ours.normalize(x)), ours.eval()(x).logits, atol=1e-5)
+    after = base()
+    assert sorted(before) == sorted(after)
+    for k in before:
+        assert np.array_equal(before[k], after[k]), k
+    derived = read_all(cache)
+    assert any(k.startswith("heads/") and k.endswith("fitted_on") and k != "heads/extract/fitted_on"
+               for k in derived)  # the ssl scenario refitted a leak-free probe
+    assert any(k.startswith("derived/svd") for k in derived)  # KDEP statistics, stored once
+
+
+def test_leaky_head_is_refused_and_refit_on_scenario_labels(cache):
+    store = CacheStore.open(cache, mode="r+")
+    from pipeline.derived import scenario_teacher_head
+
+    sup = make_scenario("supervised", store.array("labels")[:], store.array("domains")[:],
+                        store.array("splits")[:], store.status(), ["domain0", "domain1"])
+    head, info = scenario_teacher_head(store, sup)
+    assert head is None and not info["refit"]  # the extract probe saw exactly these labels
+    ssl = make_scenario("ssl", store.array("labels")[:], store.array("domains")[:], store.array("splits")[:],
+                        store.status(), ["domain0", "domain1"], labels_per_class=2)
+    head, info = scenario_teacher_head(store, ssl)
+    assert info["refit"] and "outside this scenario" in info["reason"]
+    fitted_on = store.group[info["group"]]["fitted_on"][:].astype(bool)
+    assert np.array_equal(fitted_on, ssl.labelled) and fitted_on.sum() == 2 * CLASSES
+
+
+def test_sigkill_then_resume_continues_from_last_checkpoint(cache, tmp_path):
+    args = ["distill", "--cache", str(cache), "--student", "test_efficientnet", "--image-size", "32",
+            "--scenario", "ssl", "--labels-per-class", "2", "--epochs", "4", "--batch-size", "32",
+            "--workers", "0", "--method", "kd", "--no-progress", "--no-check-dataset"]
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, str(ROOT / "cli.py"), *args, "--out", str(ref)], env=cli_env(), check=True,
+                   capture_output=True)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args, "--out", str(out)], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not latest.exists():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = latest.read_text().strip()
+    assert killed_at != "epoch-0003", "the kill must land before the last epoch"
+    again = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args, "--out", str(out)], env=cli_env(),
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr  # never silently restarts over a run
+    subprocess.run([sys.executable, str(ROOT / "cli.py"), *args, "--out", str(out), "--resume"], env=cli_env(),
+                   check=True, capture_output=True)
+    epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3]
+    a, b = load_file(str(ref / "student.safetensors")), load_file(str(out / "student.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run ends where an uninterrupted one does"
+    changed = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args, "--out", str(out), "--resume",
+                              "--lr", "0.5"], env=cli_env(), capture_output=True, text=True)
+    assert changed.returncode == 2 and "lr was" in changed.stderr
+
+
+def test_two_rank_ddp_trains(cache, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "cli.py"), "distill", "--cache", str(cache), "--student", "test_efficientnet",
+           "--image-size", "32", "--scenario", "ssl", "--labels-per-class", "2", "--epochs", "2",
+           "--batch-size", "16", "--workers", "0", "--method", "customkd", "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [0, 1]
+    assert all(r["steps"] > 0 and np.isfinite(r["loss"]) for r in recs) and recs[-1]["eval"]["n"] > 0
+
+
+def test_bad_input_stops_before_training(cache, tmp_path):
+    def expect(exc, match, where=cache, **kw):
+        out = tmp_path / f"r{len(os.listdir(tmp_path))}"
+        with pytest.raises(exc, match=match):
+            distill.run(_cfg(where, out, **kw))
+        assert not (out / "metrics.jsonl").exists()
+
+    expect(StudentError, "unknown --student.*Did you mean", student="mobilenetv3_larg_100")
+    expect(MethodError, "choose one of", method="customkdd")
+    expect(ScenarioError, "unknown domain.*domain0, domain1", scenario="uda", source=("domain0",),
+           target=("domain9",))
+    expect(ScenarioError, "labels-per-class", labels_per_class=0)
+    with pytest.raises(ScenarioError, match="zero labelled"):
+        make_scenario("supervised", np.full(4, -1), np.zeros(4), np.zeros(4), np.ones(4), ["d"])
+
+    broken = tmp_path / "incomplete"
+    shutil.copytree(cache, broken)
+    store = CacheStore.open(broken, mode="r+")
+    store.array("status")[S:2 * S] = 0
+    expect(CacheError, "incomplete: 1 of 8 shards.*resume with", where=broken)
+
+
+def test_dataset_changed_since_extraction_is_refused(tmp_path):
+    root = tmp_path / "data"
+    for c in range(2):
+        for j in range(4):
+            write_image(root / f"c{c}" / f"{j}.png", c * 10 + j)
+    cfg = extract.ExtractConfig(dataset="imagefolder", data_root=str(root), teacher="test_vit", random_init=True,
+                                views=1, shard_size=4, workers=0, out=str(tmp_path / "cache"), progress=False)
+    cache = extract.run(cfg)
+    write_image(root / "c1" / "new.png", 99)
+    with pytest.raises(CacheError, match="changed since extraction"):
+        distill.run(_cfg(cache, tmp_path / "run", scenario="supervised", labels_per_class=None,
+                         epochs=1))
