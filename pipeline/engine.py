@@ -224,5 +224,11 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
     """Drop records of epochs after the checkpoint a resumed run restarts from."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("epoch", -1) <= last_epoch]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("epoch", -1) <= last_epoch:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
     _atomic_write(path, lambda p: p.write_text("".join(x + "\n" for x in keep)))

@@ -85,7 +85,7 @@ def check_dataset(store: CacheStore) -> None:
     """If the original dataset is reachable, it must still be the one the cache was made from."""
     ext = store.attrs.get("config", {})
     name, root = ext.get("dataset"), ext.get("data_root")
-    if name != "synthetic" and (not root or not Path(root).is_dir()):
+    if name not in ("synthetic", "mnist5k") and (not root or not Path(root).is_dir()):
         warnings.warn(f"dataset root {root!r} not found: streaming the packed shards of the cache without "
                       "re-checking the dataset fingerprint")
         return
@@ -206,8 +206,9 @@ def run(cfg: DistillConfig) -> Path:
             state = {"epoch": epoch, "config": to_dict(cfg), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
                      "custom_optimizer": custom_opt.state_dict() if custom_opt else {}}
-            save_checkpoint(out, epoch, student, method, state)
+            # metrics first: a kill between the two leaves a record that --resume drops and redoes
             append_metrics(out / "metrics.jsonl", record)
+            save_checkpoint(out, epoch, student, method, state)
             if cfg.progress:
                 ev = record.get("eval", {})
                 print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record.get('loss', float('nan')):.4f} "
