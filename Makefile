@@ -19,7 +19,7 @@ METHOD  ?= customkd
 SCENARIO ?= supervised
 EPOCHS  ?= 10
 
-.PHONY: setup test test-all test-faults demo extract info distill evaluate bench clean
+.PHONY: setup test test-all test-faults demo extract info distill evaluate report bench clean
 
 setup: $(STAMP)
 
@@ -51,11 +51,14 @@ distill: $(STAMP)
 	$(PY) cli.py distill --cache $(CACHE) --student $(STUDENT) --method $(METHOD) --scenario $(SCENARIO) \
 	  --epochs $(EPOCHS) $(EXTRA)
 
+evaluate: $(STAMP)
+	$(PY) cli.py evaluate --run $(RUN) $(EXTRA)
+
+report: $(STAMP)
+	$(PY) cli.py report runs/*
+
 demo: $(STAMP)
-	@echo "make demo arrives with stage three (extract -> distill -> evaluate on the offline default)."
-	@echo "Until then, a stage-one run on generated images with a tiny random teacher:"
-	$(PY) cli.py extract --dataset synthetic --teacher test_vit --random-init --views 2 --out cache/demo-synthetic --workers 0
-	$(PY) cli.py info --cache cache/demo-synthetic --verify
+	$(PY) cli.py demo
 
 clean:
 	rm -rf .pytest_cache

@@ -120,8 +120,9 @@ def distill(
     source: List[str] = typer.Option([], help="uda: labelled source domain (repeat the flag)."),
     target: List[str] = typer.Option([], help="uda: unlabelled target domain, also evaluated (repeat)."),
     labels_per_class: Optional[int] = typer.Option(None, help="ssl: labelled samples per class (seeded)."),
-    labelled_ratio: Optional[float] = typer.Option(None, help="Fraction of labelled samples per batch "
-                                                   "(labelled rows are repeated to reach it)."),
+    labelled_ratio: Optional[float] = typer.Option(None, help="Least fraction of labelled samples per epoch "
+                                                   "(labelled rows are repeated to reach it; default 0.25, "
+                                                   "0 keeps the natural mix)."),
     epochs: Optional[int] = typer.Option(None, help="Distillation epochs (default 10)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per step (default 64)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (cosine schedule with warm-up)."),
@@ -153,6 +154,60 @@ def distill(
     except _user_errors() as e:
         _fail(e)
     typer.echo(f"run: {path}")
+
+
+@app.command()
+def evaluate(
+    run: str = typer.Option(..., help="Run folder written by distill (runs/<name>)."),
+    batch_size: Optional[int] = typer.Option(None, help="Evaluation batch size."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
+    latency_repeats: Optional[int] = typer.Option(None, help="Timed batch-1 CPU forward passes."),
+    no_onnx: bool = typer.Option(False, "--no-onnx", help="Skip the ONNX export and its onnxruntime check."),
+    device: Optional[str] = typer.Option(None, help="Device for the accuracy pass (latency is always CPU)."),
+):
+    """Stage three: top-1/top-5 per domain and split (student and teacher), params, MACs, CPU latency,
+    ONNX export checked with onnxruntime; writes report.json, report.md and plots into the run."""
+    from stages import evaluate as stage
+    from stages.config import resolve
+
+    try:
+        cfg = resolve(stage.EvaluateConfig, None, run=run, batch_size=batch_size, workers=workers,
+                      latency_repeats=latency_repeats, onnx=False if no_onnx else None, device=device)
+        path = stage.run(cfg)
+    except _user_errors() as e:
+        _fail(e)
+    typer.echo((path / "report.md").read_text())
+
+
+@app.command()
+def report(runs: List[str] = typer.Argument(..., help="Run folders, e.g. runs/*")):
+    """One table across runs (student x method x scenario), from each run's report.json."""
+    from pathlib import Path
+
+    from pipeline.report import table
+
+    text, missing = table([Path(r) for r in runs])
+    typer.echo(text)
+    for m in missing:
+        typer.echo(f"(no report in {m}: run `python cli.py evaluate --run {m}`)", err=True)
+
+
+@app.command()
+def demo(
+    epochs: Optional[int] = typer.Option(None, help="Distillation epochs per student (default 6)."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+):
+    """The offline default end to end: ImageNet EfficientNet-Lite0 teacher over MNIST digits, 10 labels per
+    class; supervised, kd and customkd students; one table. Re-running reuses finished work."""
+    from stages import demo as stage
+    from stages.config import resolve
+
+    try:
+        stage.run(resolve(stage.DemoConfig, None, epochs=epochs, workers=workers,
+                          progress=False if no_progress else None))
+    except _user_errors() as e:
+        _fail(e)
 
 
 @app.command()

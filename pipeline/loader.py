@@ -122,15 +122,17 @@ def make_loader(cfg: StreamConfig, shards: list[int], repeats: np.ndarray, label
 
 
 def labelled_repeats(labelled: np.ndarray, unlabelled: np.ndarray, ratio: float | None) -> np.ndarray:
-    """Per-row repeat counts for one epoch: 1 per row, labelled rows repeated to reach `ratio`.
+    """Per-row repeat counts for one epoch: 1 per row; labelled rows repeated so that at least a
+    `ratio` fraction of the samples is labelled.
 
-    ratio is the wanted fraction of labelled samples in a batch; None keeps the natural mix
-    (every sample exactly once per epoch).
+    ratio None or 0 keeps the natural mix (every sample exactly once per epoch). With no unlabelled
+    rows to use (the supervised baseline), labelled rows fill the epoch alone.
     """
     reps = (labelled | unlabelled).astype(np.int32)
     n_l, n_u = int(labelled.sum()), int(unlabelled.sum())
-    if ratio is not None and n_l and n_u:
+    if ratio and n_l and n_u:
         if not 0 < ratio < 1:
             raise ValueError("--labelled-ratio must be between 0 and 1")
-        reps[labelled] = max(1, int(round(ratio / (1 - ratio) * n_u / n_l)))
+        if n_l / (n_l + n_u) < ratio:
+            reps[labelled] = max(1, int(round(ratio / (1 - ratio) * n_u / n_l)))
     return reps

@@ -85,6 +85,15 @@ def _light_policy(rng, width, height, scale, ratio, flip) -> np.ndarray:
     return np.concatenate([box, [float(rng.random() < flip)], IDENTITY_TAIL[1:]]).astype(np.float32)
 
 
+@register_policy("noflip", scale=(0.5, 1.0), ratio=(4 / 5, 5 / 4), jitter=(0.2, 0.2))
+def _noflip_policy(rng, width, height, scale, ratio, jitter) -> np.ndarray:
+    """For inputs where a mirror image is another thing (digits, text): crops and light jitter only."""
+    box = _random_resized_box(rng, width, height, scale, ratio)
+    b = rng.uniform(1 - jitter[0], 1 + jitter[0])
+    c = rng.uniform(1 - jitter[1], 1 + jitter[1])
+    return np.array(box + [0.0, b, c, 1.0, 0.0, 0.0], np.float32)
+
+
 def sample_views(row: int, width: int, height: int, num_views: int, policy: str, seed: int,
                  crop_pct: float) -> np.ndarray:
     """[V, P] view parameters for one image; view 0 is the clean view."""

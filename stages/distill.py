@@ -41,7 +41,7 @@ class DistillConfig:
     source: tuple = ()
     target: tuple = ()
     labels_per_class: int | None = None
-    labelled_ratio: float | None = None  # fraction of labelled samples per batch (None: natural mix)
+    labelled_ratio: float = 0.25  # at least this fraction of each epoch is labelled (0: natural mix)
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
@@ -159,7 +159,11 @@ def run(cfg: DistillConfig) -> Path:
     train_params = [p for p in module.parameters() if id(p) not in custom_ids]
 
     labels = np.where(scenario.labelled, store.array("labels")[:], -1).astype(np.int64)
-    repeats = labelled_repeats(scenario.labelled, scenario.unlabelled, cfg.labelled_ratio)
+    if method.uses_unlabelled:
+        repeats = labelled_repeats(scenario.labelled, scenario.unlabelled, cfg.labelled_ratio)
+    else:  # the supervised baseline sees as many (labelled) images per epoch as the others
+        n_epoch = int(scenario.labelled.sum() + scenario.unlabelled.sum())
+        repeats = scenario.labelled.astype(np.int32) * max(1, round(n_epoch / int(scenario.labelled.sum())))
     lay = store.layout
     per_rank = [samples_in(rank_shards(repeats, lay.shard_size, cfg.seed, 0, r, world), repeats, lay.shard_size)
                 for r in range(world)]

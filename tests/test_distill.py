@@ -89,6 +89,7 @@ def test_labelled_ratio_repeats_labelled_rows():
     reps = labelled_repeats(labelled, ~labelled, 0.5)
     assert list(reps) == [4] * 2 + [1] * 8  # 8 labelled draws : 8 unlabelled
     assert list(labelled_repeats(labelled, ~labelled, None)) == [1] * 10
+    assert list(labelled_repeats(labelled, ~labelled, 0.1)) == [1] * 10  # already 20% labelled
 
 
 def test_kd_and_customkd_beat_supervised_with_few_labels(cache, tmp_path):

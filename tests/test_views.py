@@ -27,7 +27,7 @@ def test_views_are_deterministic_per_row_and_differ_across_rows():
 
 
 def test_unknown_policy_lists_choices():
-    with pytest.raises(ValueError, match="choose one of: default, light"):
+    with pytest.raises(ValueError, match="choose one of: default, light, noflip"):
         sample_views(0, 8, 8, 2, "strong", 0, 1.0)
 
 

@@ -96,6 +96,7 @@ class Method(nn.Module):
     method_name = "base"
     needs_logits = False
     needs_tokens = False
+    uses_unlabelled = True  # False: unlabelled rows carry no loss, so the loader skips them
 
     def __init__(self, dims: Dims, **params):
         super().__init__()
@@ -123,3 +124,5 @@ class Method(nn.Module):
 @register_method("supervised")
 class Supervised(Method):
     """The baseline: CE on the labelled samples only."""
+
+    uses_unlabelled = False

@@ -1,0 +1,78 @@
+"""What a student costs and whether its export is faithful: accuracy, params, MACs, latency, ONNX."""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def topk_metrics(logits: np.ndarray, labels: np.ndarray, groups: dict[str, np.ndarray] | None = None) -> dict:
+    """Top-1 / top-5 overall and per named group (boolean masks over the rows)."""
+    k = min(5, logits.shape[1])
+    top = np.argsort(-logits, axis=1)[:, :k]
+    c1 = top[:, 0] == labels
+    c5 = (top == labels[:, None]).any(1)
+
+    def summary(mask):
+        n = int(mask.sum())
+        return {"top1": float(c1[mask].mean()) if n else float("nan"),
+                "top5": float(c5[mask].mean()) if n else float("nan"), "n": n}
+
+    out = summary(np.ones(len(labels), bool))
+    out["groups"] = {name: summary(m) for name, m in (groups or {}).items() if m.any()}
+    return out
+
+
+def count_params(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass (torch's FLOP counter / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(example)
+    return int(counter.get_total_flops() // 2)
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50, warmup: int = 10) -> dict:
+    """Median and p90 wall time of one batch-1 forward pass on the CPU."""
+    model = model.eval().cpu()
+    example = example.cpu()
+    for _ in range(warmup):
+        model(example)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(example)
+        times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))],
+            "repeats": repeats, "threads": torch.get_num_threads()}
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict:
+    """Export (batch dimension dynamic) and compare onnxruntime with torch on a batch of 4."""
+    import warnings
+
+    import onnxruntime as ort
+
+    model = model.eval().cpu()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example.cpu(),), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    check = torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ours = model(check).detach().numpy()
+    theirs = session.run(None, {"images": check.numpy()})[0]
+    return {"path": str(path), "max_abs_diff": float(np.abs(ours - theirs).max()),
+            "bytes": path.stat().st_size, "input": "float32 [B, 3, H, W], normalised with the student's mean/std"}

@@ -1,0 +1,93 @@
+"""Reports: report.json, report.md and PNG plots of one run; one table across many runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _plots(run_dir: Path, report: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    s, t = report["student_metrics"]["groups"], report["teacher_metrics"]["groups"]
+    names = [n for n in s if "/" not in n] or list(s)
+    if names:
+        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) + 2), 3.2))
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [s[n]["top1"] for n in names], 0.4, label="student")
+        ax.bar([i + 0.2 for i in x], [t.get(n, {}).get("top1", 0) for n in names], 0.4, label="teacher")
+        ax.set_xticks(list(x), names, rotation=20)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("top-1")
+        ax.set_title(f"{report['run']}: per-domain accuracy", fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(run_dir / "accuracy_per_domain.png", dpi=100)
+        plt.close(fig)
+        made.append("accuracy_per_domain.png")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        if recs:
+            fig, ax1 = plt.subplots(figsize=(5, 3.2))
+            ep = [r["epoch"] + 1 for r in recs]
+            ax1.plot(ep, [r.get("loss", float("nan")) for r in recs], "o-", label="train loss")
+            ax1.set_xlabel("epoch")
+            ax1.set_ylabel("loss")
+            ax2 = ax1.twinx()
+            ev = [(r["epoch"] + 1, r["eval"]["top1"]) for r in recs if "eval" in r]
+            if ev:
+                ax2.plot(*zip(*ev), "s--", color="tab:green", label="eval top-1")
+                ax2.set_ylim(0, 1)
+                ax2.set_ylabel("top-1")
+            ax1.set_title(f"{report['run']}: training", fontsize=9)
+            fig.tight_layout()
+            fig.savefig(run_dir / "training_curves.png", dpi=100)
+            plt.close(fig)
+            made.append("training_curves.png")
+    return made
+
+
+def write_report(run_dir: Path, report: dict) -> None:
+    report = dict(report, plots=_plots(run_dir, report))
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    s, t = report["student_metrics"], report["teacher_metrics"]
+    lines = [f"# {report['run']}", "",
+             f"student `{report['student']}` ({report['method']}), teacher `{report['teacher']}`, "
+             f"scenario {report['scenario']}", "",
+             "| samples | student top-1 | student top-5 | teacher top-1 | n |", "| --- | --- | --- | --- | --- |",
+             f"| all | {s['top1']:.4f} | {s['top5']:.4f} | {t['top1']:.4f} | {s['n']} |"]
+    for name, g in s["groups"].items():
+        lines.append(f"| {name} | {g['top1']:.4f} | {g['top5']:.4f} | {t['groups'].get(name, {}).get('top1', float('nan')):.4f} "
+                     f"| {g['n']} |")
+    lat = report["latency_cpu_b1"]
+    lines += ["", f"- params: {report['params']:,}", f"- MACs at {report['image_size']} px: {report['macs']:,}",
+              f"- CPU latency, batch 1: median {lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
+              f"({lat['threads']} threads)"]
+    if "onnx" in report:
+        lines.append(f"- ONNX: `{Path(report['onnx']['path']).name}`, max |onnxruntime - torch| = "
+                     f"{report['onnx']['max_abs_diff']:.2e}")
+    lines += [""] + [f"![{p}]({p})" for p in report["plots"]]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def table(run_dirs: list[Path]) -> tuple[str, list[str]]:
+    """One markdown table across runs; returns (table, runs that have no report yet)."""
+    rows, missing = [], []
+    for d in run_dirs:
+        p = Path(d) / "report.json"
+        if not p.is_file():
+            missing.append(str(d))
+            continue
+        r = json.loads(p.read_text())
+        rows.append((r["student"], r["method"], r["scenario"], r["student_metrics"]["top1"],
+                     r["teacher_metrics"]["top1"], r["params"], r["macs"], r["latency_cpu_b1"]["median_ms"], r["run"]))
+    rows.sort(key=lambda x: (x[2], x[0], -x[3]))
+    out = ["| student | method | scenario | top-1 | teacher top-1 | params | MACs | CPU ms (b=1) | run |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for st, m, sc, a, ta, p, macs, ms, name in rows:
+        out.append(f"| {st} | {m} | {sc} | {a:.4f} | {ta:.4f} | {p / 1e6:.2f}M | {macs / 1e6:.1f}M | {ms:.2f} | {name} |")
+    return "\n".join(out), missing

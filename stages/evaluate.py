@@ -1,0 +1,122 @@
+"""Stage three: evaluate a distilled student against its teacher; measure, export, report."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.derived import _clean_features, scenario_teacher_head
+from pipeline.loader import StreamConfig, make_loader, rank_shards
+from pipeline.measure import count_macs, count_params, cpu_latency_ms, export_onnx, topk_metrics
+from pipeline.report import write_report
+from pipeline.scenarios import SCENARIOS  # noqa: F401  (documented choices)
+from pipeline.store import CacheError, CacheStore
+from pipeline.students import create_student
+
+from .distill import DistillConfig, _scenario
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    run: str = ""
+    batch_size: int = 256
+    workers: int = 2
+    latency_repeats: int = 50
+    onnx: bool = True
+    device: str = "cpu"
+
+
+def load_run(run_dir: Path) -> tuple[DistillConfig, dict]:
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "student.safetensors").is_file():
+        raise CacheError(f"{run_dir} is not a finished distill run (no summary.json / student.safetensors); "
+                         "run `python cli.py distill ...` (or --resume it) first")
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    raw = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+           for k, v in raw.items()}
+    return DistillConfig(**raw), json.loads((run_dir / "summary.json").read_text())
+
+
+@torch.no_grad()
+def student_logits(student, store: CacheStore, rows_mask: np.ndarray, image_size: int, cfg: EvaluateConfig,
+                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of the clean view (view 0) for the masked rows, in row order."""
+    reps = rows_mask.astype(np.int32)
+    labels = store.array("labels")[:].astype(np.int64)
+    stream = StreamConfig(str(store.path), image_size, student.interpolation, clean_only=True)
+    loader = make_loader(stream, rank_shards(reps, store.layout.shard_size, 0, 0, 0, 1, shuffle=False), reps,
+                         labels, 0, cfg.batch_size, cfg.workers)
+    student.eval().to(device)
+    out, rows = [], []
+    for batch in loader:
+        out.append(student(batch["image"].to(device)).logits.float().cpu())
+        rows.append(batch["row"])
+    logits, rows = torch.cat(out).numpy(), torch.cat(rows).numpy()
+    order = np.argsort(rows)
+    return logits[order], rows[order]
+
+
+def teacher_logits(store: CacheStore, scenario, rows: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The teacher's clean-view logits for `rows`, from a head that saw only the scenario's labels."""
+    head, info = scenario_teacher_head(store, scenario)
+    mask = np.zeros(store.layout.n, bool)
+    mask[rows] = True
+    if head is None:
+        lay, parts = store.layout, []
+        for k in range(lay.num_shards):  # chunk-aligned reads of the shards holding evaluation rows
+            r = lay.rows(k)
+            if mask[r.start:r.stop].any():
+                parts.append(store.array("logits")[r.start:r.stop, 0][mask[r.start:r.stop]].astype(np.float32))
+        return np.concatenate(parts), info
+    return head(torch.from_numpy(_clean_features(store, mask))).numpy(), info
+
+
+def _groups(rows, domains, splits, domain_names) -> dict[str, np.ndarray]:
+    from pipeline.datasets import SPLIT_NAMES
+
+    d, s = domains[rows], splits[rows]
+    groups = {}
+    for di in np.unique(d):
+        groups[domain_names[int(di)]] = d == di
+        for si in np.unique(s[d == di]):
+            groups[f"{domain_names[int(di)]}/{SPLIT_NAMES[int(si)]}"] = (d == di) & (s == si)
+    return groups
+
+
+def run(cfg: EvaluateConfig) -> Path:
+    run_dir = Path(cfg.run)
+    dcfg, summary = load_run(run_dir)
+    store = CacheStore.open(dcfg.cache, mode="r+")
+    scenario = _scenario(store, dcfg)
+    if scenario.digest() != summary["scenario_digest"]:
+        raise CacheError(f"the cache at {dcfg.cache} no longer gives the scenario this run was trained on")
+    device = torch.device(cfg.device)
+    student = create_student(dcfg.student, summary["num_classes"])
+    student.model.load_state_dict(load_file(str(run_dir / "student.safetensors")))
+    size = summary["image_size"]
+
+    logits, rows = student_logits(student, store, scenario.evaluation, size, cfg, device)
+    labels = store.array("labels")[:][rows]
+    groups = _groups(rows, store.array("domains")[:], store.array("splits")[:], store.attrs["dataset"]["domains"])
+    t_logits, head_info = teacher_logits(store, scenario, rows)
+
+    plain = student.model.eval().cpu()
+    example = torch.randn(1, 3, size, size)
+    report = {
+        "run": run_dir.name, "student": dcfg.student, "method": dcfg.method, "scenario": scenario.description,
+        "scenario_kind": dcfg.scenario, "teacher": store.attrs["teacher"]["name"], "image_size": size,
+        "student_metrics": topk_metrics(logits, labels, groups),
+        "teacher_metrics": topk_metrics(t_logits, labels, groups) | {"head": head_info},
+        "params": count_params(plain), "macs": count_macs(plain, example),
+        "latency_cpu_b1": cpu_latency_ms(plain, example, cfg.latency_repeats),
+        "preprocess": {"mean": (student.mean.flatten() / 255).tolist(), "std": (student.std.flatten() / 255).tolist(),
+                       "interpolation": student.interpolation},
+    }
+    if cfg.onnx:
+        report["onnx"] = export_onnx(plain, example, run_dir / "student.onnx")
+    write_report(run_dir, report)
+    return run_dir

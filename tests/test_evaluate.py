@@ -1,0 +1,95 @@
+"""Stage three: report numbers come from the model; ONNX matches torch; the CLI runs all stages."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.measure import count_macs, count_params, export_onnx, topk_metrics
+from stages import distill, evaluate, extract
+
+
+def test_topk_metrics_known_values():
+    logits = np.array([[3, 2, 1, 0, -1, -2], [0, 5, 1, 2, 3, 4], [1, 0, 0, 0, -1, 0.5]], np.float32)
+    labels = np.array([0, 0, 5])
+    m = topk_metrics(logits, labels, {"first_two": np.array([True, True, False])})
+    assert m["top1"] == pytest.approx(1 / 3) and m["top5"] == pytest.approx(2 / 3) and m["n"] == 3
+    assert m["groups"]["first_two"] == {"top1": 0.5, "top5": 0.5, "n": 2}
+
+
+def test_params_and_macs_of_a_known_model():
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    assert count_params(lin) == 12 * 5 + 5
+    assert count_macs(lin, torch.randn(1, 3, 2, 2)) == 60
+
+
+def test_onnx_export_matches_torch(tmp_path):
+    import timm
+
+    model = timm.create_model("test_efficientnet", num_classes=7)
+    out = export_onnx(model, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx")
+    assert out["max_abs_diff"] < 1e-4 and (tmp_path / "m.onnx").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    cache = extract.run(extract.ExtractConfig(
+        dataset="synthetic", dataset_options=(("n", 120), ("classes", 6)), teacher="test_vit", random_init=True,
+        views=2, shard_size=32, workers=0, out=str(tmp / "cache"), progress=False))
+    return distill.run(distill.DistillConfig(
+        cache=str(cache), student="test_efficientnet", image_size=32, method="kd", scenario="supervised",
+        epochs=1, batch_size=16, workers=0, out=str(tmp / "run"), progress=False))
+
+
+def test_report_numbers_come_from_the_model(run_dir):
+    # make the student's answer known: the classifier ignores the image and ranks classes by its bias
+    state = load_file(str(run_dir / "student.safetensors"))
+    state["classifier.weight"] = torch.zeros_like(state["classifier.weight"])
+    state["classifier.bias"] = torch.tensor([0.0, 5.0, 4.0, 3.0, 2.0, 1.0])  # class 1 first, 0 last
+    save_file(state, str(run_dir / "student.safetensors"))
+    evaluate.run(evaluate.EvaluateConfig(run=str(run_dir), workers=0, latency_repeats=3))
+    report = json.loads((run_dir / "report.json").read_text())
+    g = zarr.open_group(json.loads((run_dir / "summary.json").read_text())["cache"], mode="r")
+    labels, splits, domains = g["labels"][:], g["splits"][:], g["domains"][:]
+    test = (splits == 1) & (labels >= 0)
+    s = report["student_metrics"]
+    assert s["n"] == test.sum()
+    assert s["top1"] == pytest.approx((labels[test] == 1).mean())
+    assert s["top5"] == pytest.approx((labels[test] != 0).mean())
+    d0 = test & (domains == 0)
+    assert s["groups"]["domain0"]["top1"] == pytest.approx((labels[d0] == 1).mean())
+    assert s["groups"]["domain0/test"]["n"] == d0.sum()
+    # the teacher's row: its cached clean-view logits (a probe fitted on exactly these train labels)
+    t_top1 = (g["logits"][:, 0].astype(np.float32).argmax(1)[test] == labels[test]).mean()
+    assert report["teacher_metrics"]["top1"] == pytest.approx(t_top1)
+    assert report["onnx"]["max_abs_diff"] < 1e-4 and report["params"] > 0 and report["macs"] > 0
+    assert report["latency_cpu_b1"]["median_ms"] > 0
+    for name in ("report.md", "accuracy_per_domain.png", "training_curves.png", "student.onnx"):
+        assert (run_dir / name).is_file(), name
+    assert f"{s['top1']:.4f}" in (run_dir / "report.md").read_text()
+
+
+def test_cli_extract_distill_evaluate_report(tmp_path):
+    runner = CliRunner()
+    cache, run = str(tmp_path / "cache"), str(tmp_path / "run")
+    steps = [["extract", "--dataset", "synthetic", "--dataset-opt", "n=64", "--teacher", "test_vit", "--random-init",
+              "--views", "2", "--workers", "0", "--shard-size", "32", "--out", cache, "--no-progress"],
+             ["distill", "--cache", cache, "--student", "test_efficientnet", "--image-size", "32", "--epochs", "1",
+              "--method", "customkd", "--scenario", "ssl", "--labels-per-class", "2", "--workers", "0",
+              "--out", run, "--no-progress"],
+             ["evaluate", "--run", run, "--workers", "0", "--latency-repeats", "3", "--no-onnx"]]
+    for args in steps:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, (args[0], res.output)
+    assert "student top-1" in res.output
+    res = runner.invoke(app, ["report", run, str(tmp_path / "missing")])
+    assert res.exit_code == 0 and "| test_efficientnet | customkd | ssl 2 labels/class" in res.output
+    res = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "not a finished distill run" in res.output
