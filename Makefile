@@ -19,7 +19,7 @@ METHOD  ?= customkd
 SCENARIO ?= supervised
 EPOCHS  ?= 10
 
-.PHONY: setup test test-all test-faults demo extract info distill evaluate report bench clean
+.PHONY: setup test test-all test-faults demo extract info distill evaluate report bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,12 @@ report: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) cli.py demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py $(EXTRA)
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/bench.py --quick $(EXTRA)
 
 clean:
 	rm -rf .pytest_cache

@@ -129,6 +129,7 @@ def distill(
     optimizer: Optional[str] = typer.Option(None, help="adamw (default) or sgd."),
     image_size: Optional[int] = typer.Option(None, help="Student input size (default: the student's own)."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N epochs (and after the last)."),
     seed: Optional[int] = typer.Option(None, help="Seed for labels-per-class, shard order and views."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
     out: Optional[str] = typer.Option(None, help="Run folder (default runs/kd-<student>_from_<teacher>-...)."),
@@ -148,7 +149,7 @@ def distill(
                       source=tuple(source) or None, target=tuple(target) or None,
                       labels_per_class=labels_per_class, labelled_ratio=labelled_ratio, epochs=epochs,
                       batch_size=batch_size, lr=lr, optimizer=optimizer, image_size=image_size, workers=workers,
-                      seed=seed, device=device, out=out, resume=resume,
+                      eval_every=eval_every, seed=seed, device=device, out=out, resume=resume,
                       check_dataset=False if no_check_dataset else None, progress=False if no_progress else None)
         path = stage.run(cfg)
     except _user_errors() as e:
@@ -194,7 +195,7 @@ def report(runs: List[str] = typer.Argument(..., help="Run folders, e.g. runs/*"
 
 @app.command()
 def demo(
-    epochs: Optional[int] = typer.Option(None, help="Distillation epochs per student (default 6)."),
+    epochs: Optional[int] = typer.Option(None, help="Distillation epochs per student (default 8)."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ):

@@ -85,7 +85,7 @@ def _light_policy(rng, width, height, scale, ratio, flip) -> np.ndarray:
     return np.concatenate([box, [float(rng.random() < flip)], IDENTITY_TAIL[1:]]).astype(np.float32)
 
 
-@register_policy("noflip", scale=(0.5, 1.0), ratio=(4 / 5, 5 / 4), jitter=(0.2, 0.2))
+@register_policy("noflip", scale=(0.7, 1.0), ratio=(4 / 5, 5 / 4), jitter=(0.2, 0.2))
 def _noflip_policy(rng, width, height, scale, ratio, jitter) -> np.ndarray:
     """For inputs where a mirror image is another thing (digits, text): crops and light jitter only."""
     box = _random_resized_box(rng, width, height, scale, ratio)

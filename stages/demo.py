@@ -26,12 +26,12 @@ class DemoConfig:
     runs: str = "runs"
     teacher: str = "efficientnet_lite0"
     teacher_input_size: int = 64
-    views: int = 4
+    views: int = 3
     student: str = "mobilenetv3_small_050"
     image_size: int = 32
     labels_per_class: int = 10
     methods: tuple = ("supervised", "kd", "customkd")
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 64
     lr: float = 3e-3
     workers: int = 1

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from .base import Method, feature_mse, kd_loss, labelled_ce, register_method
 
 
-@register_method("customkd", w_general=1.0, w_custom=1.0, w_kd=0.0, temperature=4.0, normalize=True)
+@register_method("customkd", w_general=1.0, w_custom=1.0, w_kd=0.0, temperature=4.0, normalize=True,
+                 normalize_custom=True)
 class CustomKD(Method):
     has_customisation = True
 
@@ -40,9 +41,8 @@ class CustomKD(Method):
     def extra(self, out, teacher, labels):
         with torch.no_grad():
             custom_target = self.p_t(teacher.features)
-        norm = bool(self.params["normalize"])
-        parts = {"general": feature_mse(self.p_s(out.feature), teacher.features, norm),
-                 "custom": feature_mse(out.feature, custom_target, norm)}
+        parts = {"general": feature_mse(self.p_s(out.feature), teacher.features, bool(self.params["normalize"])),
+                 "custom": feature_mse(out.feature, custom_target, bool(self.params["normalize_custom"]))}
         if self.params["w_kd"] > 0:
             parts["kd"] = kd_loss(out.logits, teacher.logits, self.params["temperature"])
         return parts
