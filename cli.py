@@ -43,7 +43,7 @@ def _parse_options(pairs: List[str]) -> tuple:
 @app.command()
 def extract(
     dataset: Optional[str] = typer.Option(None, help="Dataset layout: domainnet, officehome, cifar100, imagenet, "
-                                          "imagefolder, synthetic."),
+                                          "imagefolder, synthetic, mnist5k (the offline demo digits)."),
     data_root: Optional[str] = typer.Option(None, help="Folder holding the dataset in its on-disk layout."),
     dataset_opt: List[str] = typer.Option([], help="Dataset option KEY=VALUE (e.g. n=512 for synthetic)."),
     domain: List[str] = typer.Option([], help="Only these domains (repeat the flag)."),

@@ -13,17 +13,6 @@ from .store import CacheStore
 from .teachers import LinearHead
 
 
-def _clean_features(store: CacheStore, mask: np.ndarray) -> np.ndarray:
-    """View-0 features of the masked rows, read shard by shard (chunk-aligned)."""
-    lay, out = store.layout, []
-    for k in range(lay.num_shards):
-        r = lay.rows(k)
-        m = mask[r.start:r.stop]
-        if m.any():
-            out.append(store.array("features")[r.start:r.stop, 0][m].astype(np.float32))
-    return np.concatenate(out) if out else np.zeros((0, lay.feature_dim), np.float32)
-
-
 def _write_group(store: CacheStore, path: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
     group = store.group
     for part in path.split("/"):
@@ -69,7 +58,7 @@ def scenario_teacher_head(store: CacheStore, scenario: Scenario, write: bool = T
         if not write:
             raise RuntimeError(f"scenario probe {path} is missing")
         labels = store.array("labels")[:]
-        w, b = fit_probe(_clean_features(store, scenario.labelled), labels[scenario.labelled],
+        w, b = fit_probe(store.clean_view(scenario.labelled), labels[scenario.labelled],
                          len(store.attrs["dataset"]["classes"]))
         _write_group(store, path, {"weight": w, "bias": b, "fitted_on": scenario.labelled.astype(np.uint8)},
                      {"kind": "probe", "scenario": scenario.description, "samples": int(scenario.labelled.sum())})
@@ -88,7 +77,7 @@ def svd_statistics(store: CacheStore, k: int, write: bool = True) -> tuple[torch
         if not write:
             raise RuntimeError(f"{path} is missing")
         status, splits = store.status(), store.array("splits")[:]
-        f = torch.from_numpy(_clean_features(store, (status == 1) & (splits == TRAIN))).double()
+        f = torch.from_numpy(store.clean_view((status == 1) & (splits == TRAIN))).double()
         mean = f.mean(0)
         _, s, vh = torch.linalg.svd(f - mean, full_matrices=False)
         comps = vh[:k]

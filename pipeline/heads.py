@@ -75,9 +75,7 @@ def fit_store_probe(store, train_split: int = 0) -> None:
     splits = store.array("splits")[:]
     status = store.status()
     fitted_on = (labels >= 0) & (splits == train_split) & (status == 1)
-    clean = np.concatenate([store.array("features")[r.start:r.stop, 0]
-                            for r in (lay.rows(k) for k in range(lay.num_shards))]).astype(np.float32)
-    weight, bias = fit_probe(clean[fitted_on], labels[fitted_on], lay.num_classes)
+    weight, bias = fit_probe(store.clean_view(fitted_on), labels[fitted_on], lay.num_classes)
     group = store.group.require_group("heads").require_group("extract")
     for name, value in (("weight", weight), ("bias", bias), ("fitted_on", fitted_on.astype(np.uint8))):
         group.create_array(name, shape=value.shape, dtype=value.dtype, overwrite=True)[...] = value

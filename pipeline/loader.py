@@ -81,21 +81,29 @@ class CacheStream(IterableDataset):
         tokens = store.array("tokens")[rows.start:rows.stop] if cfg.tokens else None
         rng = np.random.default_rng([cfg.seed, self.epoch, 3, k])
         num_views = views.shape[1]
-        for row, ext, data in read_shard(store.images_dir / shard_name(k)):
+        # the tar is read sequentially once; the shard's draws (a row repeated r times gives r draws)
+        # are then visited in a random order, so repeats never arrive back to back
+        packed = {row: data for row, ext, data in read_shard(store.images_dir / shard_name(k))
+                  if reps[row - rows.start] > 0 and ext != "bad"}
+        draws = np.repeat(np.fromiter(packed, dtype=np.int64, count=len(packed)),
+                          [int(reps[r - rows.start]) for r in packed])
+        if not cfg.clean_only:
+            draws = draws[rng.permutation(len(draws))]
+        decoded: dict[int, torch.Tensor] = {}
+        for row in draws.tolist():
             j = row - rows.start
-            if reps[j] == 0 or ext == "bad":
-                continue
-            img = decode_packed(data)
-            for _ in range(int(reps[j])):
-                v = 0 if cfg.clean_only else int(rng.integers(num_views))
-                sample = {"image": apply(img, views[j, v], cfg.image_size, cfg.interpolation),
-                          "feature": torch.from_numpy(feats[j, v].astype(np.float32)),
-                          "label": int(self.labels[row]), "row": row, "view": v}
-                if logits is not None:
-                    sample["logits"] = torch.from_numpy(logits[j, v].astype(np.float32))
-                if tokens is not None:
-                    sample["tokens"] = torch.from_numpy(tokens[j, v].astype(np.float32))
-                yield sample
+            img = decoded[row] if row in decoded else decode_packed(packed[row])
+            if reps[j] > 1:
+                decoded[row] = img  # decoded once per epoch however often it is drawn
+            v = 0 if cfg.clean_only else int(rng.integers(num_views))
+            sample = {"image": apply(img, views[j, v], cfg.image_size, cfg.interpolation),
+                      "feature": torch.from_numpy(feats[j, v].astype(np.float32)),
+                      "label": int(self.labels[row]), "row": row, "view": v}
+            if logits is not None:
+                sample["logits"] = torch.from_numpy(logits[j, v].astype(np.float32))
+            if tokens is not None:
+                sample["tokens"] = torch.from_numpy(tokens[j, v].astype(np.float32))
+            yield sample
 
 
 def _shuffled(samples, size: int, rng: np.random.Generator):

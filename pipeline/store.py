@@ -200,6 +200,16 @@ class CacheStore:
         rows = self.layout.rows(k)
         return {n: self.group[n][rows.start:rows.stop] for n in names if n in self.group}
 
+    def clean_view(self, mask: np.ndarray, name: str = "features") -> np.ndarray:
+        """View 0 of `name` (float32) for the masked rows, read shard by shard (chunk-aligned)."""
+        lay, out = self.layout, []
+        for k in range(lay.num_shards):
+            r = lay.rows(k)
+            m = mask[r.start:r.stop]
+            if m.any():
+                out.append(self.group[name][r.start:r.stop, 0][m].astype(np.float32))
+        return np.concatenate(out) if out else np.zeros((0, self.group[name].shape[-1]), np.float32)
+
     def has(self, name: str) -> bool:
         return name in self.group
 

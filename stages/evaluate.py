@@ -10,11 +10,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.derived import _clean_features, scenario_teacher_head
+from pipeline.derived import scenario_teacher_head
 from pipeline.loader import StreamConfig, make_loader, rank_shards
 from pipeline.measure import count_macs, count_params, cpu_latency_ms, export_onnx, topk_metrics
 from pipeline.report import write_report
-from pipeline.scenarios import SCENARIOS  # noqa: F401  (documented choices)
 from pipeline.store import CacheError, CacheStore
 from pipeline.students import create_student
 
@@ -66,13 +65,8 @@ def teacher_logits(store: CacheStore, scenario, rows: np.ndarray) -> tuple[np.nd
     mask = np.zeros(store.layout.n, bool)
     mask[rows] = True
     if head is None:
-        lay, parts = store.layout, []
-        for k in range(lay.num_shards):  # chunk-aligned reads of the shards holding evaluation rows
-            r = lay.rows(k)
-            if mask[r.start:r.stop].any():
-                parts.append(store.array("logits")[r.start:r.stop, 0][mask[r.start:r.stop]].astype(np.float32))
-        return np.concatenate(parts), info
-    return head(torch.from_numpy(_clean_features(store, mask))).numpy(), info
+        return store.clean_view(mask, "logits"), info
+    return head(torch.from_numpy(store.clean_view(mask))).numpy(), info
 
 
 def _groups(rows, domains, splits, domain_names) -> dict[str, np.ndarray]:
