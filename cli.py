@@ -21,8 +21,8 @@ def _user_errors():
     from pipeline.heads import HeadError
     from pipeline.methods import MethodError
     from pipeline.scenarios import ScenarioError
-    from pipeline.students import StudentError
     from pipeline.store import CacheError
+    from pipeline.students import StudentError
     from pipeline.teachers import TeacherError
     from stages.config import ConfigError
 
@@ -30,13 +30,19 @@ def _user_errors():
             StudentError, ValueError, FileNotFoundError)
 
 
-def _parse_options(pairs: List[str]) -> tuple:
+def _parse_options(pairs: List[str], flag: str) -> tuple:
+    """KEY=VALUE pairs; values become int, then float, where they parse as such."""
     out = []
     for p in pairs:
         key, sep, value = p.partition("=")
         if not sep:
-            raise typer.BadParameter(f"--dataset-opt expects KEY=VALUE, got {p!r}")
-        out.append((key, int(value) if value.lstrip("-").isdigit() else value))
+            raise typer.BadParameter(f"{flag} expects KEY=VALUE, got {p!r}")
+        for cast in (int, float, str):
+            try:
+                out.append((key, cast(value)))
+                break
+            except ValueError:
+                continue
     return tuple(out)
 
 
@@ -82,7 +88,7 @@ def extract(
 
     try:
         cfg = resolve(stage.ExtractConfig, config, dataset=dataset, data_root=data_root,
-                      dataset_options=_parse_options(dataset_opt) or None, domains=tuple(domain) or None,
+                      dataset_options=_parse_options(dataset_opt, "--dataset-opt") or None, domains=tuple(domain) or None,
                       teacher=teacher, teacher_weights=teacher_weights,
                       teacher_input_size=teacher_input_size, random_init=random_init, feature=feature,
                       views=views, view_policy=view_policy, view_seed=view_seed, tokens=tokens, head=head,
@@ -93,19 +99,6 @@ def extract(
     except _user_errors() as e:
         _fail(e)
     typer.echo(f"cache: {path}  (inspect: python cli.py info --cache {path})")
-
-
-def _parse_method_options(pairs: List[str]) -> tuple:
-    out = []
-    for p in pairs:
-        key, sep, value = p.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--method-opt expects KEY=VALUE, got {p!r}")
-        try:
-            out.append((key, float(value)))
-        except ValueError:
-            out.append((key, value))
-    return tuple(out)
 
 
 @app.command()
@@ -145,7 +138,7 @@ def distill(
 
     try:
         cfg = resolve(stage.DistillConfig, config, cache=cache, student=student, student_weights=student_weights,
-                      method=method, method_options=_parse_method_options(method_opt) or None, scenario=scenario,
+                      method=method, method_options=_parse_options(method_opt, "--method-opt") or None, scenario=scenario,
                       source=tuple(source) or None, target=tuple(target) or None,
                       labels_per_class=labels_per_class, labelled_ratio=labelled_ratio, epochs=epochs,
                       batch_size=batch_size, lr=lr, optimizer=optimizer, image_size=image_size, workers=workers,

@@ -17,6 +17,15 @@ def init() -> tuple[int, int]:
     return 0, 1
 
 
+def device_for(name: str = "auto") -> torch.device:
+    """'auto': this rank's GPU (LOCAL_RANK under torchrun) when there is one, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -14,9 +13,20 @@ import torch
 from pipeline import dist
 from pipeline.datasets import create_dataset
 from pipeline.derived import scenario_teacher_head, svd_statistics
-from pipeline.engine import (LabelledFeatures, TrainModule, append_metrics, cosine_schedule, customisation_epoch, evaluate,
-                             load_checkpoint, make_optimizer, restore, save_checkpoint, train_one_epoch,
-                             truncate_metrics)
+from pipeline.engine import (
+    LabelledFeatures,
+    TrainModule,
+    append_metrics,
+    cosine_schedule,
+    customisation_epoch,
+    evaluate,
+    load_checkpoint,
+    make_optimizer,
+    restore,
+    save_checkpoint,
+    train_one_epoch,
+    truncate_metrics,
+)
 from pipeline.loader import StreamConfig, labelled_repeats, make_loader, rank_shards, samples_in
 from pipeline.methods import create_method
 from pipeline.methods.base import Dims
@@ -60,14 +70,6 @@ class DistillConfig:
     check_dataset: bool = True
     eval_every: int = 1
     progress: bool = True
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def open_cache(path: str) -> CacheStore:
@@ -148,7 +150,7 @@ def run(cfg: DistillConfig) -> Path:
     if rank != 0:
         derived(write=False)
 
-    device = _device(cfg.device)
+    device = dist.device_for(cfg.device)
     amp = device.type == "cuda"
     channels_last = device.type == "cuda"
     module = TrainModule(student, method, head).to(device)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
-import os
 import shutil
 import sys
 import time
@@ -52,14 +51,6 @@ class ExtractConfig:
     out: str | None = None
     overwrite: bool = False
     progress: bool = True
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 @contextlib.contextmanager
@@ -120,7 +111,7 @@ def run(cfg: ExtractConfig) -> Path:
         teacher.set_head("zeroshot", zeroshot_head(teacher, dataset.classes))
     elif head == "native":
         teacher.set_head("native")
-    device = _device(cfg.device)
+    device = dist.device_for(cfg.device)
     teacher.to(device)
     dims = teacher.dims(cfg.tokens)
     pre = teacher.preprocess

@@ -92,8 +92,9 @@ def test_cifar100_python_pickles(tmp_path):
     ds = create_dataset("cifar100", tmp_path)
     assert ds.classes == ["apple", "bear", "cup"] and len(ds) == 7
     assert [s.label for s in ds.samples[:5]] == train[b"fine_labels"]
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     img = np.asarray(Image.open(io.BytesIO(ds.read_bytes(5))))
     expected = test[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0)

@@ -2,8 +2,6 @@
 parameters they should."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

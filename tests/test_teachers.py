@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.heads import HeadError, fit_probe, resolve_head
 from pipeline.datasets import create_dataset
+from pipeline.heads import HeadError, fit_probe, resolve_head
 from pipeline.teachers import TeacherError, create_teacher, zeroshot_head
 
 

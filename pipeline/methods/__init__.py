@@ -5,8 +5,16 @@ Import side effects register the built-in methods.
 """
 from __future__ import annotations
 
-from .base import METHOD_DEFAULTS, Method, MethodError, TeacherBatch, create_method, list_methods, register_method
-from . import feature, logit, customkd, scalekd  # noqa: F401,E402  (registration)
+from . import customkd, feature, logit, scalekd  # noqa: F401,E402  (registration)
+from .base import (
+           METHOD_DEFAULTS,
+           Method,
+           MethodError,
+           TeacherBatch,
+           create_method,
+           list_methods,
+           register_method,
+)
 
 __all__ = ["Method", "MethodError", "TeacherBatch", "create_method", "list_methods", "register_method",
            "METHOD_DEFAULTS"]
