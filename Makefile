@@ -37,7 +37,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
 test-faults: $(STAMP)
-	$(PY) -m pytest -q -s -m faults
+	$(PY) -m pytest -q -s -m faults tests/test_faults.py
 
 extract: $(STAMP)
 	$(PY) cli.py extract --dataset $(DATASET) --data-root $(DATA_ROOT) --teacher $(TEACHER) \

@@ -75,6 +75,8 @@ def extract(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
     out: Optional[str] = typer.Option(None, help="Cache folder (default cache/<dataset>)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a cache made with other settings."),
+    repair: Optional[bool] = typer.Option(None, "--repair", help="Re-check every done shard against its recorded "
+                                          "checksum and recompute only the damaged ones."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     config: Optional[str] = typer.Option(None, help="YAML file of options (flags win over it)."),
 ):
@@ -93,7 +95,7 @@ def extract(
                       teacher_input_size=teacher_input_size, random_init=random_init, feature=feature,
                       views=views, view_policy=view_policy, view_seed=view_seed, tokens=tokens, head=head,
                       batch_size=batch_size, workers=workers, shard_size=shard_size, image_bound=image_bound,
-                      compression=compression, device=device, out=out, overwrite=overwrite,
+                      compression=compression, device=device, out=out, overwrite=overwrite, repair=repair,
                       progress=False if no_progress else None)
         path = stage.run(cfg)
     except _user_errors() as e:

@@ -37,25 +37,30 @@ def summarize(store: CacheStore, max_bad: int = 20) -> dict:
     }
 
 
-def verify(store: CacheStore, progress=None) -> list[str]:
-    """Read back every done shard; compare with its recorded checksum and look for non-finite values."""
+def damaged_shards(store: CacheStore, progress=None) -> dict[int, str]:
+    """Read back every done shard; {shard: problem} for those that do not match their recorded checksum,
+    cannot be read, or hold non-finite values."""
     lay = store.layout
     status = store.status()
     done = store.shard_done(status)
     checksums = store.array("shard_checksums")[:]
-    problems = []
+    problems: dict[int, str] = {}
     shards = [k for k in range(lay.num_shards) if done[k]]
     for k in (progress(shards) if progress else shards):
         try:
             data = store.read_shard(k)
         except Exception as e:  # a damaged shard file raises from the codec or the shard index
-            problems.append(f"shard {k}: cannot be read ({type(e).__name__}: {e})")
+            problems[k] = f"cannot be read ({type(e).__name__}: {e})"
             continue
         if str(checksums[k]) != shard_digest(data):
-            problems.append(f"shard {k}: contents differ from the checksum recorded when it was written")
+            problems[k] = "contents differ from the checksum recorded when it was written"
             continue
         ok_rows = status[lay.rows(k).start:lay.rows(k).stop] == STATUS_DONE
         for name in ("features", "logits", "tokens"):
             if name in data and not np.isfinite(data[name][ok_rows].astype(np.float32)).all():
-                problems.append(f"shard {k}: non-finite values in {name}")
+                problems[k] = f"non-finite values in {name}"
     return problems
+
+
+def verify(store: CacheStore, progress=None) -> list[str]:
+    return [f"shard {k}: {why}" for k, why in sorted(damaged_shards(store, progress).items())]

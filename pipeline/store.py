@@ -31,6 +31,10 @@ class CacheError(ValueError):
     """The cache is missing, incomplete or does not match; the message says how to fix it."""
 
 
+class IncompleteCreation(CacheError):
+    """The store was being created when its process stopped; nothing in it is computed yet."""
+
+
 @dataclass(frozen=True)
 class Layout:
     n: int
@@ -97,7 +101,8 @@ class CacheStore:
                compression: str = "zstd") -> "CacheStore":
         """Create an empty cache: every array allocated, per-sample static arrays written."""
         path = Path(path)
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        # the marker says "creation under way" until the full attributes land at the end
+        group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={"kdcache_creating": True})
         S, N, V = layout.shard_size, layout.n, layout.views
         inner = _inner_chunk(S)
         comp = _compressor(compression)
@@ -127,7 +132,7 @@ class CacheStore:
         group.create_group("images", attributes={"about": "packed webdataset tar shards, one per cache shard"})
         meta = dict(attrs)
         meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, layout=layout.__dict__)
-        group.attrs.update(meta)
+        group.attrs.put(meta)  # replaces the creation marker
         return cls(path, group)
 
     @classmethod
@@ -136,6 +141,8 @@ class CacheStore:
         if not (path / "zarr.json").is_file():
             raise CacheError(f"no cache at {path} (run `python cli.py extract ... --out {path}` first)")
         group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        if group.attrs.get("kdcache_creating"):
+            raise IncompleteCreation(f"{path}: the cache's creation was interrupted; run extract again")
         if group.attrs.get("format") != FORMAT_NAME:
             raise CacheError(f"{path} is a Zarr store but not a {FORMAT_NAME} cache")
         if group.attrs.get("format_version") != FORMAT_VERSION:
@@ -171,7 +178,24 @@ class CacheStore:
         return self.path / "images"
 
     def status(self) -> np.ndarray:
-        return self.group["status"][:]
+        """Per-row status; a status shard that cannot be read counts as todo (it is recomputed)."""
+        arr = self.group["status"]
+        try:
+            return arr[:]
+        except Exception:  # a damaged status file: read shard by shard and keep what is readable
+            out = np.zeros(self.layout.n, np.uint8)
+            for k in range(self.layout.num_shards):
+                r = self.layout.rows(k)
+                try:
+                    out[r.start:r.stop] = arr[r.start:r.stop]
+                except Exception:
+                    pass
+            return out
+
+    def mark_todo(self, k: int) -> None:
+        """Send shard k back to work (its data arrays are rewritten before its status)."""
+        r = self.layout.rows(k)
+        self.group["status"][r.start:r.stop] = np.zeros(len(r), np.uint8)
 
     def shard_done(self, status: np.ndarray | None = None) -> np.ndarray:
         """Boolean per shard: every row has a final status (done or bad)."""
@@ -185,14 +209,23 @@ class CacheStore:
         rows = self.layout.rows(k)
         for name in SHARD_ARRAYS:
             if name in data:
+                self._drop_shard_file(name, k)
                 self.group[name][rows.start:rows.stop] = data[name]
         self.group["shard_checksums"][k] = shard_digest({n: data[n] for n in SHARD_ARRAYS if n in data})
         self.group["status"][rows.start:rows.stop] = status
+
+    def _drop_shard_file(self, name: str, k: int) -> None:
+        """Remove shard k's file of an array before rewriting it whole: zarr would otherwise merge the
+        new data into the old file, which fails if that file is damaged (and costs a read)."""
+        arr = self.group[name]
+        key = arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
+        (self.path / name / key).unlink(missing_ok=True)
 
     def write_arrays(self, k: int, data: dict[str, np.ndarray]) -> None:
         """Rewrite some data arrays of a finished shard (e.g. logits of a probe fitted later)."""
         rows = self.layout.rows(k)
         for name, values in data.items():
+            self._drop_shard_file(name, k)
             self.group[name][rows.start:rows.stop] = values
         self.group["shard_checksums"][k] = shard_digest(self.read_shard(k))
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import shutil
 import sys
@@ -19,7 +20,7 @@ from pipeline import __version__, dist
 from pipeline.datasets import SPLIT_NAMES, create_dataset
 from pipeline.extraction import ShardBuffer, ShardClaims, ShardImageStream, ShardWriter, StreamSpec
 from pipeline.heads import fit_store_probe, resolve_head
-from pipeline.store import CacheError, CacheStore, Layout
+from pipeline.store import CacheError, CacheStore, IncompleteCreation, Layout
 from pipeline.teachers import create_teacher, zeroshot_head
 from pipeline.views import PARAMS, POLICY_DEFAULTS, list_policies
 
@@ -50,6 +51,7 @@ class ExtractConfig:
     device: str = "auto"
     out: str | None = None
     overwrite: bool = False
+    repair: bool = False  # re-check every done shard against its checksum and recompute damaged ones
     progress: bool = True
 
 
@@ -78,6 +80,10 @@ def _open_or_create(out: Path, cfg, layout: Layout, identity: dict, attrs: dict,
         try:
             store = CacheStore.open(out, mode="r+")
             problems = store.mismatches(identity)
+        except IncompleteCreation:
+            store, problems = None, []
+            shutil.rmtree(out)
+            return CacheStore.create(out, layout, attrs, static, compression=cfg.compression)
         except CacheError as e:
             store, problems = None, [str(e)]
         if not problems and not cfg.overwrite:
@@ -152,6 +158,20 @@ def run(cfg: ExtractConfig) -> Path:
     if rank != 0:
         store = CacheStore.open(out, mode="r+")
 
+    if cfg.repair and rank == 0:
+        from pipeline.cacheinfo import damaged_shards
+
+        damaged = damaged_shards(store)
+        for k, why in sorted(damaged.items()):
+            print(f"repair: shard {k} {why}; recomputing it", file=sys.stderr)
+            store.mark_todo(k)
+        if not damaged:
+            print("repair: every done shard matches its checksum", file=sys.stderr)
+    if rank == 0 and head == "probe" and store.attrs["head_fit"].get("fitted") and not store.shard_done().all():
+        # shards to (re)compute carry no probe logits yet: fit again (deterministically) once all are done
+        store.update_attrs(head_fit={"fitted": False})
+    dist.barrier()
+
     done = store.shard_done()
     mine = [k for k in range(layout.num_shards) if k % world == rank and not done[k]]
     claims = ShardClaims(store.images_dir)
@@ -164,7 +184,13 @@ def run(cfg: ExtractConfig) -> Path:
 
     spec = StreamSpec(str(store.images_dir), layout, cfg.image_bound, pre.input_size, pre.interpolation,
                       pre.crop_pct, cfg.view_policy, cfg.view_seed, cfg.batch_size)
-    _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, rank)
+    try:
+        _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, rank)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise CacheError(f"disk full while writing the cache at {out} ({e}); free some space and run the same "
+                             "command again: finished shards are kept, the rest are computed") from None
+        raise
     dist.barrier()
 
     if rank == 0:
