@@ -88,9 +88,11 @@ def test_extract_survives_sigkill_at_random_points(reference, tmp_path, ranks):
         out = tmp_path / f"t{trial}"
         args = ["extract", *ARGS, "--workers", "0", "--out", str(out)]
         _kill_between(_launch(args, ranks), out / "zarr.json", total - start, rng)
-        if (out / "status").exists():
+        try:
             status = CacheStore.open(out).status()
             mid_run += int(0 < (status == 1).sum() < N)
+        except CacheError:  # killed before or while the store was created
+            pass
         run_cli(*args)  # resume (one rank)
         got = read_all(out)
         lost += int((got["status"] != 1).sum()) + sum(int(not np.array_equal(ref[k], got[k])) for k in ref)
@@ -201,3 +203,14 @@ def test_no_user_string_reaches_a_shell_and_no_pickle_is_read_from_a_cache():
         for m in re.finditer(r"torch\.load\(([^)]*)\)", src):
             assert "weights_only=True" in m.group(1), (p, m.group(0))
         assert "pickle.load(" not in src and "pickle.loads(" not in src, p  # the CIFAR reader uses a restricted one
+
+
+def test_cache_of_other_preprocessing_is_refused(reference, tmp_path):
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    before = read_all(out)
+    proc = run_cli("extract", *ARGS, "--workers", "0", "--out", str(out), "--teacher-input-size", "96", check=False)
+    assert proc.returncode == 2 and "teacher.preprocess" in proc.stderr and "--overwrite" in proc.stderr
+    after = read_all(out)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    figures("mismatched preprocessing", refused=1, arrays_changed=0)
