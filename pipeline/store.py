@@ -19,7 +19,7 @@ import zarr
 
 FORMAT_NAME = "kdcache"
 FORMAT_VERSION = 1
-STATUS_TODO, STATUS_DONE, STATUS_BAD = 0, 1, 2
+STATUS_PENDING, STATUS_DONE, STATUS_BAD = 0, 1, 2
 SHARD_ARRAYS = ("features", "logits", "tokens", "views", "reasons")  # written per shard, before status
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "head", "pack", "tokens")
 
@@ -201,7 +201,7 @@ class CacheStore:
         """Boolean per shard: every row has a final status (done or bad)."""
         status = self.status() if status is None else status
         lay = self.layout
-        return np.array([bool(np.all(status[r.start:r.stop] != STATUS_TODO))
+        return np.array([bool(np.all(status[r.start:r.stop] != STATUS_PENDING))
                          for r in (lay.rows(k) for k in range(lay.num_shards))], dtype=bool)
 
     def write_shard(self, k: int, data: dict[str, np.ndarray], status: np.ndarray) -> None:
