@@ -14,6 +14,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .measure import topk_metrics
 from .methods import Method, TeacherBatch
 from .students import Student
 
@@ -143,26 +144,31 @@ def customisation_epoch(method: Method, student: Student, data: LabelledFeatures
 
 
 @torch.no_grad()
+def predict(student: Student, loader, device, channels_last: bool = False):
+    """(logits, labels, rows) of every batch of the loader, in row order."""
+    student.eval()
+    out, labels, rows = [], [], []
+    for batch in loader:
+        images, _, y, _, _ = _to(batch, device, channels_last)
+        out.append(student(images).logits.float().cpu())
+        labels.append(y.cpu())
+        rows.append(batch["row"])
+    if not rows:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    logits, labels, rows = torch.cat(out).numpy(), torch.cat(labels).numpy(), torch.cat(rows).numpy()
+    order = np.argsort(rows, kind="stable")
+    return logits[order], labels[order], rows[order]
+
+
 def evaluate(student: Student, loader, device, domains: np.ndarray, domain_names: list[str],
              channels_last: bool = False) -> dict:
     """Top-1 / top-5 on the clean view, overall and per domain."""
-    student.eval()
-    correct1, correct5, rows_all = [], [], []
-    for batch in loader:
-        images, _, labels, _, _ = _to(batch, device, channels_last)
-        logits = student(images).logits.float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1.append((top5[:, 0] == labels).cpu())
-        correct5.append((top5 == labels[:, None]).any(1).cpu())
-        rows_all.append(batch["row"])
-    if not rows_all:
+    logits, labels, rows = predict(student, loader, device, channels_last)
+    if not len(rows):
         return {"top1": float("nan"), "top5": float("nan"), "n": 0, "per_domain": {}}
-    c1, c5, rows = torch.cat(correct1).numpy(), torch.cat(correct5).numpy(), torch.cat(rows_all).numpy()
-    per_domain = {}
-    for d in np.unique(domains[rows]):
-        m = domains[rows] == d
-        per_domain[domain_names[int(d)]] = {"top1": float(c1[m].mean()), "top5": float(c5[m].mean()), "n": int(m.sum())}
-    return {"top1": float(c1.mean()), "top5": float(c5.mean()), "n": int(len(rows)), "per_domain": per_domain}
+    groups = {domain_names[int(d)]: domains[rows] == d for d in np.unique(domains[rows])}
+    metrics = topk_metrics(logits, labels, groups)
+    return {"top1": metrics["top1"], "top5": metrics["top5"], "n": metrics["n"], "per_domain": metrics["groups"]}
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline.derived import scenario_teacher_head
+from pipeline.engine import predict
 from pipeline.loader import StreamConfig, make_loader, rank_shards
 from pipeline.measure import count_macs, count_params, cpu_latency_ms, export_onnx, topk_metrics
 from pipeline.report import write_report
@@ -40,7 +41,6 @@ def load_run(run_dir: Path) -> tuple[DistillConfig, dict]:
     return DistillConfig(**raw), json.loads((run_dir / "summary.json").read_text())
 
 
-@torch.no_grad()
 def student_logits(student, store: CacheStore, rows_mask: np.ndarray, image_size: int, cfg: EvaluateConfig,
                    device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Logits of the clean view (view 0) for the masked rows, in row order."""
@@ -49,14 +49,8 @@ def student_logits(student, store: CacheStore, rows_mask: np.ndarray, image_size
     stream = StreamConfig(str(store.path), image_size, student.interpolation, clean_only=True)
     loader = make_loader(stream, rank_shards(reps, store.layout.shard_size, 0, 0, 0, 1, shuffle=False), reps,
                          labels, 0, cfg.batch_size, cfg.workers)
-    student.eval().to(device)
-    out, rows = [], []
-    for batch in loader:
-        out.append(student(batch["image"].to(device)).logits.float().cpu())
-        rows.append(batch["row"])
-    logits, rows = torch.cat(out).numpy(), torch.cat(rows).numpy()
-    order = np.argsort(rows)
-    return logits[order], rows[order]
+    logits, _, rows = predict(student.to(device), loader, device)
+    return logits, rows
 
 
 def teacher_logits(store: CacheStore, scenario, rows: np.ndarray) -> tuple[np.ndarray, dict]:
