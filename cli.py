@@ -72,6 +72,8 @@ def extract(
     shard_size: Optional[int] = typer.Option(None, help="Samples per shard (unit of work and of resume)."),
     image_bound: Optional[int] = typer.Option(None, help="Longer side of the packed images, in pixels."),
     compression: Optional[str] = typer.Option(None, help="zstd, blosc or none."),
+    feature_dtype: Optional[str] = typer.Option(None, help="float16 (default) or int8: features and tokens as int8 "
+                                                "with one float32 scale per vector (about half the bytes)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
     out: Optional[str] = typer.Option(None, help="Cache folder (default cache/<dataset>)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a cache made with other settings."),
@@ -95,7 +97,7 @@ def extract(
                       teacher_input_size=teacher_input_size, random_init=random_init, feature=feature,
                       views=views, view_policy=view_policy, view_seed=view_seed, tokens=tokens, head=head,
                       batch_size=batch_size, workers=workers, shard_size=shard_size, image_bound=image_bound,
-                      compression=compression, device=device, out=out, overwrite=overwrite, repair=repair,
+                      compression=compression, feature_dtype=feature_dtype, device=device, out=out, overwrite=overwrite, repair=repair,
                       progress=False if no_progress else None)
         path = stage.run(cfg)
     except _user_errors() as e:

@@ -141,14 +141,15 @@ def bench_distill(a, tmp: Path) -> dict:
         method = create_method("supervised" if mode == "supervised" else "fitnet", dims).to(a.device)
         module = TrainModule(student, method).to(a.device)
         opt = make_optimizer("adamw", module.parameters(), 1e-3, 0.0)
-        cfg = StreamConfig(str(cache), a.image_size, student.interpolation, 0, 256)
+        # the supervised baseline reads no teacher rows at all: images and labels only
+        cfg = StreamConfig(str(cache), a.image_size, student.interpolation, 0, 256, features=mode != "supervised")
 
         def epoch():
             loader = make_loader(cfg, rank_shards(reps, lay.shard_size, 0, 0, 0, 1), reps, labels, 0, a.batch,
                                  a.workers)
             for batch in loader:
                 images = batch["image"].to(a.device)
-                feats = batch["feature"].to(a.device)
+                feats = batch["feature"].to(a.device) if "feature" in batch else None
                 if mode == "online":  # the teacher runs on every step instead of being read from the cache
                     with torch.no_grad():
                         big = torch.nn.functional.interpolate(images.float(), size=t_size, mode="bilinear")
@@ -166,6 +167,10 @@ def bench_distill(a, tmp: Path) -> dict:
             "online_over_cache_speedup": results["online"] / results["cache"]}
 
 
+SECTIONS = {"extraction": bench_extraction, "distill": bench_distill, "cache_reads": bench_cache_reads,
+            "ranks": bench_ranks}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI-sized run (a few minutes on 2 cores)")
@@ -173,6 +178,8 @@ def main(argv=None):
     p.add_argument("--teacher", default="test_vit")
     p.add_argument("--student", default="mobilenetv3_small_050")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--only", action="append", choices=SECTIONS,
+                   help="run only these sections (repeatable); prints, writes no results file")
     a = p.parse_args(argv)
     a.n, a.views, a.batch, a.workers = (256, 2, 64, 1) if a.quick else (1024, 4, 64, 2)
     a.image_size, a.repeats, a.read_rows = 64, (2 if a.quick else 3), (8192 if a.quick else 32768)
@@ -182,11 +189,14 @@ def main(argv=None):
                "settings": {k: v for k, v in vars(a).items() if k != "out"}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name, fn in (("extraction", bench_extraction), ("distill", bench_distill),
-                         ("cache_reads", bench_cache_reads), ("ranks", bench_ranks)):
+        for name, fn in SECTIONS.items():
+            if a.only and name not in a.only:
+                continue
             t = time.perf_counter()
             results[name] = fn(a, tmp)
             print(f"{name}: {json.dumps(results[name])} ({time.perf_counter() - t:.0f} s)", flush=True)
+    if a.only:
+        return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{machine}.json").write_text(json.dumps(results, indent=2))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .store import STATUS_BAD, STATUS_DONE, CacheStore, shard_digest
+from .store import QUANTISED, STATUS_BAD, STATUS_DONE, CacheStore, shard_digest
 
 
 def summarize(store: CacheStore, max_bad: int = 20) -> dict:
@@ -19,7 +19,9 @@ def summarize(store: CacheStore, max_bad: int = 20) -> dict:
     per_view = {}
     for name in ("features", "logits", "tokens"):
         if store.has(name):
-            per_view[name] = store.nbytes_on_disk(name) / max(done_rows * lay.views, 1)
+            scale = QUANTISED.get(name)
+            size = store.nbytes_on_disk(name) + (store.nbytes_on_disk(scale) if scale else 0)
+            per_view[name] = size / max(done_rows * lay.views, 1)
     raw = 2 * (lay.feature_dim + lay.num_classes)
     return {
         "path": str(store.path),

@@ -80,14 +80,15 @@ def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max
         scheduler.step()
         steps += 1
         seen += len(images)
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(images)
+        for k, v in parts.items():  # summed on the device: no host sync per step
+            sums[k] = sums.get(k, 0.0) + v.detach().float() * len(images)
         bar.update(1)
-        bar.set_postfix({"img/s": f"{seen / (time.perf_counter() - start):.0f}",
-                         **{k: f"{float(v.detach()):.3f}" for k, v in parts.items()}})
+        if steps % 25 == 1 and not bar.disable:
+            bar.set_postfix({"img/s": f"{seen / (time.perf_counter() - start):.0f}",
+                             **{k: f"{float(v.detach()):.3f}" for k, v in parts.items()}})
     bar.close()
     elapsed = time.perf_counter() - start
-    out = {k: v / max(seen, 1) for k, v in sums.items()}
+    out = {k: float(v) / max(seen, 1) for k, v in sums.items()}
     out.update(images=seen, steps=steps, img_per_s=seen / max(elapsed, 1e-9), seconds=elapsed)
     return out
 
@@ -111,7 +112,7 @@ class LabelledFeatures:
             rows = lay.rows(k)
             mask = self.labelled[rows.start:rows.stop]
             if mask.any():
-                feats = self.store.array("features")[rows.start:rows.stop][mask]  # chunk-aligned read
+                feats = self.store.read("features", rows.start, rows.stop)[mask]  # chunk-aligned read
                 yield feats, self.labels[rows.start:rows.stop][mask]
 
     def all(self) -> tuple[np.ndarray, np.ndarray]:

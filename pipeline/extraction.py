@@ -152,10 +152,27 @@ class ShardBuffer:
         if keep_tokens:
             self.data["tokens"] = np.zeros((n, lay.views, lay.token_grid ** 2, lay.token_dim), np.float16)
 
-    def put(self, rows: np.ndarray, view_idx: np.ndarray, outputs: dict[str, torch.Tensor]) -> None:
+    @staticmethod
+    def stage(outputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], object]:
+        """Start the copy of a batch's outputs to the host (fp16); returns (host tensors, a CUDA event
+        or None). On an accelerator the copy is queued behind the forward pass and nothing waits yet."""
+        half = {k: v.to(torch.float16) for k, v in outputs.items()}
+        if not any(v.is_cuda for v in half.values()):
+            return half, None
+        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in half.items()}
+        for k, v in half.items():
+            host[k].copy_(v, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def put(self, rows: np.ndarray, view_idx: np.ndarray, staged: tuple[dict[str, torch.Tensor], object]) -> None:
+        outputs, event = staged
+        if event is not None:
+            event.synchronize()
         for name, arr in self.data.items():
             if name in outputs:
-                arr[rows, view_idx] = outputs[name].to(torch.float16).cpu().numpy()
+                arr[rows, view_idx] = outputs[name].numpy()
 
 
 class ShardWriter:

@@ -81,7 +81,7 @@ def fit_store_probe(store, train_split: int = 0) -> None:
         group.create_array(name, shape=value.shape, dtype=value.dtype, overwrite=True)[...] = value
     for k in range(lay.num_shards):
         r = lay.rows(k)
-        feats = store.array("features")[r.start:r.stop].astype(np.float32)
+        feats = store.read("features", r.start, r.stop).astype(np.float32)
         logits = (feats @ weight.T + bias).astype(np.float16)
         logits[status[r.start:r.stop] != 1] = 0
         store.write_arrays(k, {"logits": logits})

@@ -30,6 +30,7 @@ class StreamConfig:
     logits: bool = False
     tokens: bool = False
     clean_only: bool = False  # evaluation: view 0, shard order kept, no shuffle
+    features: bool = True  # False: images and labels only (supervised training, evaluation)
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
@@ -75,10 +76,10 @@ class CacheStream(IterableDataset):
         if not reps.any():
             return
         # one slice per array: chunk-aligned, never a per-sample Zarr read
-        feats = store.array("features")[rows.start:rows.stop]
+        feats = store.read("features", rows.start, rows.stop) if cfg.features else None
         views = store.array("views")[rows.start:rows.stop]
         logits = store.array("logits")[rows.start:rows.stop] if cfg.logits else None
-        tokens = store.array("tokens")[rows.start:rows.stop] if cfg.tokens else None
+        tokens = store.read("tokens", rows.start, rows.stop) if cfg.tokens else None
         rng = np.random.default_rng([cfg.seed, self.epoch, 3, k])
         num_views = views.shape[1]
         # the tar is read sequentially once; the shard's draws (a row repeated r times gives r draws)
@@ -97,8 +98,9 @@ class CacheStream(IterableDataset):
                 decoded[row] = img  # decoded once per epoch however often it is drawn
             v = 0 if cfg.clean_only else int(rng.integers(num_views))
             sample = {"image": apply(img, views[j, v], cfg.image_size, cfg.interpolation),
-                      "feature": torch.from_numpy(feats[j, v].astype(np.float32)),
                       "label": int(self.labels[row]), "row": row, "view": v}
+            if feats is not None:
+                sample["feature"] = torch.from_numpy(feats[j, v].astype(np.float32))
             if logits is not None:
                 sample["logits"] = torch.from_numpy(logits[j, v].astype(np.float32))
             if tokens is not None:

@@ -20,8 +20,11 @@ import zarr
 FORMAT_NAME = "kdcache"
 FORMAT_VERSION = 1
 STATUS_PENDING, STATUS_DONE, STATUS_BAD = 0, 1, 2
-SHARD_ARRAYS = ("features", "logits", "tokens", "views", "reasons")  # written per shard, before status
-IDENTITY_SECTIONS = ("teacher", "dataset", "views", "head", "pack", "tokens")
+# written per shard, before status
+SHARD_ARRAYS = ("features", "feature_scale", "logits", "tokens", "token_scale", "views", "reasons")
+IDENTITY_SECTIONS = ("teacher", "dataset", "views", "head", "pack", "tokens", "storage")
+FEATURE_DTYPES = ("float16", "int8")
+QUANTISED = {"features": "feature_scale", "tokens": "token_scale"}  # int8 array -> its per-vector scale
 
 # The images/ and heads/ groups carry non-Zarr files (tar shards, locks); listing them is expected.
 warnings.filterwarnings("ignore", message=".*is not recognized as a component of a Zarr hierarchy.*")
@@ -45,6 +48,7 @@ class Layout:
     token_dim: int
     shard_size: int
     params: int  # view parameter count
+    feature_dtype: str = "float16"  # features and tokens: float16, or int8 with a float32 scale per vector
 
     @property
     def num_shards(self) -> int:
@@ -70,6 +74,19 @@ def _inner_chunk(shard_size: int, target: int = 256) -> int:
         if shard_size % c == 0:
             return c
     return shard_size
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per vector (last axis): x ~= q * scale, scale = max|x| / 127."""
+    x = np.asarray(x, np.float32)
+    scale = np.abs(x).max(axis=-1) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(x / scale[..., None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * scale[..., None]
 
 
 def shard_digest(data: dict[str, np.ndarray]) -> str:
@@ -113,11 +130,18 @@ class CacheStore:
                                compressors=comp if compress and comp is not None else None,
                                fill_value="" if dtype is str else 0)
 
-        make("features", (V, layout.feature_dim), "float16")
+        if layout.feature_dtype not in FEATURE_DTYPES:
+            raise CacheError(f"unknown --feature-dtype {layout.feature_dtype!r}; choose {' or '.join(FEATURE_DTYPES)}")
+        int8 = layout.feature_dtype == "int8"
+        make("features", (V, layout.feature_dim), layout.feature_dtype)
+        if int8:
+            make("feature_scale", (V,), "float32")
         if layout.num_classes:
             make("logits", (V, layout.num_classes), "float16")
         if layout.token_grid:
-            make("tokens", (V, layout.token_grid ** 2, layout.token_dim), "float16")
+            make("tokens", (V, layout.token_grid ** 2, layout.token_dim), layout.feature_dtype)
+            if int8:
+                make("token_scale", (V, layout.token_grid ** 2), "float32")
         make("views", (V, layout.params), "float32")
         make("labels", (), "int32")
         make("domains", (), "int16")
@@ -207,6 +231,11 @@ class CacheStore:
     def write_shard(self, k: int, data: dict[str, np.ndarray], status: np.ndarray) -> None:
         """Write one shard's data arrays, its checksum, then its status (last)."""
         rows = self.layout.rows(k)
+        if self.layout.feature_dtype == "int8":
+            data = dict(data)
+            for name, scale_name in QUANTISED.items():
+                if name in data and data[name].dtype != np.int8:
+                    data[name], data[scale_name] = quantize_int8(data[name])
         for name in SHARD_ARRAYS:
             if name in data:
                 self._drop_shard_file(name, k)
@@ -233,6 +262,14 @@ class CacheStore:
         rows = self.layout.rows(k)
         return {n: self.group[n][rows.start:rows.stop] for n in names if n in self.group}
 
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop of a teacher array as stored (float16), or dequantised to float32 from int8.
+        Give whole shards for chunk-aligned reads."""
+        values = self.group[name][start:stop]
+        if values.dtype == np.int8 and name in QUANTISED:
+            return dequantize_int8(values, self.group[QUANTISED[name]][start:stop])
+        return values
+
     def clean_view(self, mask: np.ndarray, name: str = "features") -> np.ndarray:
         """View 0 of `name` (float32) for the masked rows, read shard by shard (chunk-aligned)."""
         lay, out = self.layout, []
@@ -240,7 +277,7 @@ class CacheStore:
             r = lay.rows(k)
             m = mask[r.start:r.stop]
             if m.any():
-                out.append(self.group[name][r.start:r.stop, 0][m].astype(np.float32))
+                out.append(self.read(name, r.start, r.stop)[:, 0][m].astype(np.float32))
         return np.concatenate(out) if out else np.zeros((0, self.group[name].shape[-1]), np.float32)
 
     def has(self, name: str) -> bool:

@@ -111,8 +111,43 @@ def _interp(name: str) -> InterpolationMode:
             "nearest": InterpolationMode.NEAREST}.get(name, InterpolationMode.BICUBIC)
 
 
+# Replay version: bumped whenever `apply` would turn the same numbers into different pixels. A cache
+# records it, and stage two refuses a cache whose views it would replay differently.
+REPLAY_VERSION = 2
+
+# RGB <-> YIQ: hue is a rotation of the (I, Q) chroma plane, so the whole colour jitter is linear.
+_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]])
+_YIQ2RGB = np.linalg.inv(_RGB2YIQ)
+_LUMA = _RGB2YIQ[0]
+
+
+def colour_matrix(brightness: float, contrast: float, saturation: float, hue: float, gray: bool,
+                  mean_luma: float) -> tuple[np.ndarray, np.ndarray]:
+    """The colour jitter as one affine map, out = M @ rgb + t, composed in the order
+    brightness, contrast, saturation, hue, grayscale. `mean_luma` is the crop's mean luma before
+    jitter (contrast blends towards the mean luma of its input). `hue` is a fraction of a turn."""
+    eye = np.eye(3)
+    m = eye * brightness
+    t = np.zeros(3)
+    mean = brightness * mean_luma  # luma is linear, so the mean after brightness is known up front
+    m, t = contrast * m, contrast * t + (1 - contrast) * mean
+    to_gray = np.outer(np.ones(3), _LUMA)
+    sat = saturation * eye + (1 - saturation) * to_gray
+    m, t = sat @ m, sat @ t
+    if hue:
+        c, s = np.cos(2 * np.pi * hue), -np.sin(2 * np.pi * hue)  # positive turns red towards yellow, as HSV
+        rot = _YIQ2RGB @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) @ _RGB2YIQ
+        m, t = rot @ m, rot @ t
+    if gray:
+        m, t = to_gray @ m, to_gray @ t
+    return m, t
+
+
 def apply(image: torch.Tensor, params, out_size: int, interpolation: str = "bicubic") -> torch.Tensor:
-    """Apply one view to a uint8 [3, H, W] image; returns uint8 [3, out_size, out_size]."""
+    """Apply one view to a uint8 [3, H, W] image; returns uint8 [3, out_size, out_size].
+
+    Crop and resize (antialiased), flip, then the colour jitter as a single affine map in float32,
+    rounded and clamped once at the end."""
     p = [float(v) for v in params]
     _, height, width = image.shape
     left = min(int(round(p[0] * width)), width - 1)
@@ -122,15 +157,11 @@ def apply(image: torch.Tensor, params, out_size: int, interpolation: str = "bicu
     out = TF.resized_crop(image, top, left, crop_h, crop_w, [out_size, out_size],
                           interpolation=_interp(interpolation), antialias=True)
     if p[4] >= 0.5:
-        out = TF.hflip(out)
-    if p[5] != 1.0:
-        out = TF.adjust_brightness(out, p[5])
-    if p[6] != 1.0:
-        out = TF.adjust_contrast(out, p[6])
-    if p[7] != 1.0:
-        out = TF.adjust_saturation(out, p[7])
-    if p[8] != 0.0:
-        out = TF.adjust_hue(out, p[8])
-    if p[9] >= 0.5:
-        out = TF.rgb_to_grayscale(out, num_output_channels=3)
-    return out.contiguous()
+        out = out.flip(-1)
+    if p[5:] == [1.0, 1.0, 1.0, 0.0, 0.0]:
+        return out.contiguous()
+    x = out.reshape(3, -1).to(torch.float32)
+    mean_luma = float(torch.from_numpy(_LUMA).float() @ x.mean(dim=1)) if p[6] != 1.0 else 0.0
+    m, t = colour_matrix(p[5], p[6], p[7], p[8], p[9] >= 0.5, mean_luma)
+    y = torch.addmm(torch.from_numpy(t.astype(np.float32))[:, None], torch.from_numpy(m.astype(np.float32)), x)
+    return y.round_().clamp_(0, 255).to(torch.uint8).reshape(3, out_size, out_size)

@@ -33,6 +33,7 @@ from pipeline.methods.base import Dims
 from pipeline.scenarios import make_scenario
 from pipeline.store import CacheError, CacheStore
 from pipeline.students import create_student
+from pipeline.views import REPLAY_VERSION
 
 from .config import to_dict, write_yaml
 
@@ -80,6 +81,11 @@ def open_cache(path: str) -> CacheStore:
         missing = int((~done).sum())
         raise CacheError(f"cache {path} is incomplete: {missing} of {len(done)} shards are not extracted; "
                          f"resume with: {store.attrs.get('command') or 'python cli.py extract ... --out ' + path}")
+    replay = store.attrs["views"].get("replay", 1)
+    if replay != REPLAY_VERSION:
+        raise CacheError(f"cache {path} was extracted with view replay v{replay}; this kdcache replays views as "
+                         f"v{REPLAY_VERSION}, so the student would not see what the teacher saw: re-extract with "
+                         "--overwrite")
     return store
 
 
@@ -180,8 +186,10 @@ def run(cfg: DistillConfig) -> Path:
         train_module = torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
 
     stream = StreamConfig(str(store.path), image_size, student.interpolation, cfg.seed, cfg.shuffle_buffer,
-                          logits=method.needs_logits and head is None, tokens=method.needs_tokens)
-    eval_stream = StreamConfig(str(store.path), image_size, student.interpolation, cfg.seed, clean_only=True)
+                          logits=method.needs_logits and head is None, tokens=method.needs_tokens,
+                          features=method.needs_features or head is not None)
+    eval_stream = StreamConfig(str(store.path), image_size, student.interpolation, cfg.seed, clean_only=True,
+                               features=False)
     eval_labels = store.array("labels")[:].astype(np.int64)
     eval_reps = scenario.evaluation.astype(np.int32)
     domains, domain_names = store.array("domains")[:], a["dataset"]["domains"]

@@ -46,7 +46,7 @@ def student_logits(student, store: CacheStore, rows_mask: np.ndarray, image_size
     """Logits of the clean view (view 0) for the masked rows, in row order."""
     reps = rows_mask.astype(np.int32)
     labels = store.array("labels")[:].astype(np.int64)
-    stream = StreamConfig(str(store.path), image_size, student.interpolation, clean_only=True)
+    stream = StreamConfig(str(store.path), image_size, student.interpolation, clean_only=True, features=False)
     loader = make_loader(stream, rank_shards(reps, store.layout.shard_size, 0, 0, 0, 1, shuffle=False), reps,
                          labels, 0, cfg.batch_size, cfg.workers)
     logits, _, rows = predict(student.to(device), loader, device)

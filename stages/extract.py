@@ -20,9 +20,9 @@ from pipeline import __version__, dist
 from pipeline.datasets import SPLIT_NAMES, create_dataset
 from pipeline.extraction import ShardBuffer, ShardClaims, ShardImageStream, ShardWriter, StreamSpec
 from pipeline.heads import fit_store_probe, resolve_head
-from pipeline.store import CacheError, CacheStore, IncompleteCreation, Layout
+from pipeline.store import FEATURE_DTYPES, CacheError, CacheStore, IncompleteCreation, Layout
 from pipeline.teachers import create_teacher, zeroshot_head
-from pipeline.views import PARAMS, POLICY_DEFAULTS, list_policies
+from pipeline.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION, list_policies
 
 from .config import to_dict, write_yaml
 
@@ -48,6 +48,7 @@ class ExtractConfig:
     shard_size: int = 1024
     image_bound: int = 384
     compression: str = "zstd"
+    feature_dtype: str = "float16"  # or int8: a quarter of the bytes less for features and tokens
     device: str = "auto"
     out: str | None = None
     overwrite: bool = False
@@ -73,6 +74,8 @@ def _check(cfg: ExtractConfig) -> None:
         raise ValueError("--tokens must be >= 0")
     if cfg.view_policy not in list_policies():
         raise ValueError(f"unknown --view-policy {cfg.view_policy!r}; choose one of: {', '.join(list_policies())}")
+    if cfg.feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"unknown --feature-dtype {cfg.feature_dtype!r}; choose one of: {', '.join(FEATURE_DTYPES)}")
 
 
 def _open_or_create(out: Path, cfg, layout: Layout, identity: dict, attrs: dict, static: dict) -> CacheStore:
@@ -123,7 +126,8 @@ def run(cfg: ExtractConfig) -> Path:
     pre = teacher.preprocess
     layout = Layout(n=len(dataset), views=cfg.views, feature_dim=dims["features"],
                     num_classes=len(dataset.classes) if head == "probe" else dims["logits"],
-                    token_grid=cfg.tokens, token_dim=dims["tokens"], shard_size=cfg.shard_size, params=len(PARAMS))
+                    token_grid=cfg.tokens, token_dim=dims["tokens"], shard_size=cfg.shard_size, params=len(PARAMS),
+                    feature_dtype=cfg.feature_dtype)
     described = dataset.describe()
     identity = {
         "teacher": {"name": teacher.name, "source": teacher.source, "weights": teacher.weights_tag,
@@ -131,10 +135,12 @@ def run(cfg: ExtractConfig) -> Path:
                     "preprocess": pre.as_dict()},
         "dataset": {k: described[k] for k in ("name", "N", "classes", "domains", "splits", "fingerprint")},
         "views": {"V": cfg.views, "policy": cfg.view_policy, "seed": cfg.view_seed, "params": list(PARAMS),
+                  "replay": REPLAY_VERSION,
                   "policy_params": POLICY_DEFAULTS[cfg.view_policy]},
         "head": {"kind": head},
         "pack": {"image_bound": cfg.image_bound, "shard_size": cfg.shard_size},
         "tokens": {"grid": cfg.tokens, "dim": dims["tokens"]},
+        "storage": {"feature_dtype": cfg.feature_dtype},
     }
     attrs = dict(identity, dataset_root=described["root"], pipeline_version=__version__,
                  created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -215,15 +221,25 @@ def _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, rank
     buffers: dict[int, ShardBuffer] = {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     start = time.perf_counter()
+    # Outputs are copied to the host one batch late: batch i+1 is queued on the device before batch i's
+    # copy waits for it, so an accelerator never idles while the host stores rows.
+    pending = None
     try:
         for batch in loader:
             k = int(batch["shard"])
             buf = buffers.setdefault(k, ShardBuffer(len(lay.rows(k)), lay, keep_tokens=lay.token_grid > 0))
+            queued = None
             if len(batch["rows"]):
                 with autocast:
                     outputs = teacher(batch["images"].to(device, non_blocking=True), token_grid=lay.token_grid)
-                buf.put(batch["rows"].numpy(), batch["view_idx"].numpy(), outputs)
+                queued = (buf, batch["rows"].numpy(), batch["view_idx"].numpy(), ShardBuffer.stage(outputs))
+            if pending is not None:
+                pending[0].put(*pending[1:])
+            pending = queued
             if batch["final"]:
+                if pending is not None:
+                    pending[0].put(*pending[1:])
+                    pending = None
                 data = dict(buffers.pop(k).data, views=np.asarray(batch["views"], np.float32),
                             reasons=np.array(batch["reasons"], dtype=object).astype(str))
                 writer.submit(k, data, np.asarray(batch["status"], np.uint8))

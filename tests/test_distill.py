@@ -215,6 +215,12 @@ def test_bad_input_stops_before_training(cache, tmp_path):
     store.array("status")[S:2 * S] = 0
     expect(CacheError, "incomplete: 1 of 8 shards.*resume with", where=broken)
 
+    older = tmp_path / "older-replay"
+    shutil.copytree(cache, older)
+    store = CacheStore.open(older, mode="r+")
+    store.update_attrs(views={k: v for k, v in store.attrs["views"].items() if k != "replay"})
+    expect(CacheError, "view replay v1.*re-extract", where=older)
+
 
 def test_dataset_changed_since_extraction_is_refused(tmp_path):
     root = tmp_path / "data"

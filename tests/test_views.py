@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 
-from pipeline.views import PARAMS, apply, clean_view, sample_views
+from pipeline.views import _LUMA, PARAMS, apply, clean_view, colour_matrix, sample_views
 
 
 def test_clean_view_is_a_centred_square():
@@ -52,3 +53,29 @@ def test_apply_is_pure_and_sized():
     gray[9] = 1
     g = apply(img, gray, 16)
     assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])
+
+
+def _reference(img, op, factor):
+    return {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+            "saturation": TF.adjust_saturation}[op](img, factor)
+
+
+@pytest.mark.parametrize("op,index,factor", [("brightness", 5, 1.25), ("contrast", 6, 0.7), ("contrast", 6, 1.3),
+                                             ("saturation", 7, 0.6), ("saturation", 7, 1.4)])
+def test_colour_map_matches_torchvision_where_nothing_clips(op, index, factor):
+    img = torch.randint(70, 180, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(index))
+    p = np.array([0, 0, 1, 1, 0, 1, 1, 1, 0, 0], np.float32)
+    p[index] = factor
+    diff = (apply(img, p, 16).int() - _reference(img, op, factor).int()).abs()
+    assert diff.max() <= 1  # the same map, rounded once instead of per step
+
+
+def test_hue_is_a_luma_preserving_rotation_in_the_hsv_direction():
+    assert np.allclose(colour_matrix(1, 1, 1, 0.0, False, 0)[0], np.eye(3))
+    m, t = colour_matrix(1, 1, 1, 0.05, False, 0)
+    assert np.allclose(t, 0)
+    assert np.allclose(_LUMA @ m, _LUMA)  # luma unchanged by hue
+    red = np.array([200.0, 60.0, 60.0])
+    assert (m @ red)[1] > red[1] + 5  # a positive shift turns red towards yellow (green rises), as HSV does
+    full, _ = colour_matrix(1, 1, 1, 1.0, False, 0)
+    assert np.allclose(full, np.eye(3), atol=1e-9)  # a whole turn is the identity

@@ -94,6 +94,7 @@ class Method(nn.Module):
     """Base: CE on labelled samples. Subclasses add `extra(...)` parts and trainable extras."""
 
     method_name = "base"
+    needs_features = True
     needs_logits = False
     needs_tokens = False
     uses_unlabelled = True  # False: unlabelled rows carry no loss, so the loader skips them
@@ -126,3 +127,4 @@ class Supervised(Method):
     """The baseline: CE on the labelled samples only."""
 
     uses_unlabelled = False
+    needs_features = False
