@@ -15,11 +15,11 @@ import torch
 import zarr
 from conftest import ROOT, TINY, assert_same_cache, cli_env, read_all, run_cli
 
+from pipeline.cacheinfo import verify
 from pipeline.extraction import ShardClaims
 from pipeline.images import decode_packed
 from pipeline.loader import CacheStream, StreamConfig
 from pipeline.pack import read_shard, shard_name
-from pipeline.cacheinfo import verify
 from pipeline.store import CacheStore, dequantize_int8, quantize_int8
 from pipeline.teachers import create_teacher
 from pipeline.views import apply
