@@ -209,6 +209,10 @@ def run(cfg: ExtractConfig) -> Path:
     return out
 
 
+# the latest teacher pass of this process: images, views, seconds (start-up and probe fitting excluded)
+LAST_PASS: dict = {}
+
+
 def _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, rank) -> None:
     lay = spec.layout
     stream = ShardImageStream(dataset, todo, spec)
@@ -252,8 +256,10 @@ def _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, rank
     finally:
         claims.release_all()
         bar.close()
+    seconds = time.perf_counter() - start
+    LAST_PASS.update(images=total, views=total * lay.views, seconds=seconds)
     if rank == 0 and total:
-        rate = total / max(time.perf_counter() - start, 1e-9)
+        rate = total / max(seconds, 1e-9)
         print(f"extracted {total} images x {lay.views} views in {len(todo)} shard(s) at {rate:.1f} img/s",
               file=sys.stderr)
 
