@@ -316,7 +316,8 @@ SECTIONS = {"extraction": bench_extraction, "storage": bench_storage, "distill":
 def settings(a) -> None:
     if a.gpu:
         a.device = "cuda"
-        a.n, a.views, a.batch, a.workers, a.shard_size, a.source_size = 4096, 2, 256, 14, 1024, 320
+        # shards are the unit a decode worker takes: keep several per worker
+        a.n, a.views, a.batch, a.workers, a.shard_size, a.source_size = 8192, 2, 256, 14, 256, 320
         a.teachers = [("vit_large_patch14_dinov2@224", a.n), ("open_clip:ViT-L-14", a.n)]
         a.student, a.image_size, a.student_batch, a.repeats = "mobilenetv3_large_100", 224, 256, 3
         a.storage_rows, a.token_grid, a.read_rows = 1024, 4, 32768
