@@ -241,7 +241,7 @@ def info(
         typer.echo(f"progress  {sh['done']}/{sh['total']} shards; rows done {r['done']}, bad {r['bad']}, "
                    f"todo {r['todo']}  {'(complete)' if s['complete'] else '(incomplete: re-run extract to resume)'}")
         bpv = ", ".join(f"{k} {v:.0f} B" for k, v in s["bytes_per_view"].items())
-        typer.echo(f"bytes/view {bpv}")
+        typer.echo(f"bytes/view {bpv} (features stored as {s['storage']['feature_dtype']})")
         for b in s["bad_inputs"]:
             typer.echo(f"  bad row {b['row']} {b['key']}: {b['reason']}")
         if s["rows"]["bad"] > len(s["bad_inputs"]):

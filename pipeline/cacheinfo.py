@@ -31,6 +31,7 @@ def summarize(store: CacheStore, max_bad: int = 20) -> dict:
         "views": a["views"],
         "head": a["head"] | a.get("head_fit", {}),
         "tokens": a["tokens"],
+        "storage": a.get("storage") or {"feature_dtype": lay.feature_dtype},
         "shards": {"total": lay.num_shards, "done": int(shard_done.sum()), "shard_size": lay.shard_size},
         "rows": {"done": done_rows, "bad": int(len(bad_rows)), "todo": int((status == 0).sum())},
         "complete": bool(shard_done.all()),

@@ -213,6 +213,7 @@ def test_int8_cache_stores_a_quarter_of_the_bytes_less_and_decodes_close_to_floa
     info = json.loads(run_cli("info", "--cache", str(out), "--json").stdout)
     ref_info = json.loads(run_cli("info", "--cache", str(reference), "--json").stdout)
     assert info["bytes_per_view"]["features"] < 0.75 * ref_info["bytes_per_view"]["features"]
+    assert info["storage"] == {"feature_dtype": "int8"} and ref_info["storage"] == {"feature_dtype": "float16"}
     # a cache keeps the dtype it was made with: resuming with another is refused
     r = run_cli("extract", *ARGS, "--workers", "0", "--out", str(out), check=False)
     assert r.returncode == 2 and "storage.feature_dtype" in r.stderr
