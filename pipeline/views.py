@@ -119,6 +119,7 @@ REPLAY_VERSION = 2
 _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]])
 _YIQ2RGB = np.linalg.inv(_RGB2YIQ)
 _LUMA = _RGB2YIQ[0]
+_LUMA_T = torch.from_numpy(_LUMA).float()
 
 
 def colour_matrix(brightness: float, contrast: float, saturation: float, hue: float, gray: bool,
@@ -161,7 +162,7 @@ def apply(image: torch.Tensor, params, out_size: int, interpolation: str = "bicu
     if p[5:] == [1.0, 1.0, 1.0, 0.0, 0.0]:
         return out.contiguous()
     x = out.reshape(3, -1).to(torch.float32)
-    mean_luma = float(torch.from_numpy(_LUMA).float() @ x.mean(dim=1)) if p[6] != 1.0 else 0.0
+    mean_luma = float(_LUMA_T @ x.mean(dim=1)) if p[6] != 1.0 else 0.0
     m, t = colour_matrix(p[5], p[6], p[7], p[8], p[9] >= 0.5, mean_luma)
     y = torch.addmm(torch.from_numpy(t.astype(np.float32))[:, None], torch.from_numpy(m.astype(np.float32)), x)
     return y.round_().clamp_(0, 255).to(torch.uint8).reshape(3, out_size, out_size)
