@@ -19,7 +19,7 @@ METHOD  ?= customkd
 SCENARIO ?= supervised
 EPOCHS  ?= 10
 
-.PHONY: setup test test-all test-faults demo extract info distill evaluate report bench bench-quick clean
+.PHONY: setup test test-all test-faults demo extract info distill evaluate report bench bench-quick study clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,13 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bench.py --quick $(EXTRA)
+
+# the accuracy study: methods x seeds x (demo, IconShift-dev) x two budgets; resumable (re-run to continue)
+SEEDS   ?= 3
+JOBS    ?= 1
+study: $(STAMP)
+	$(PY) benchmarks/study.py --suite demo --seeds $(SEEDS) --jobs $(JOBS) $(EXTRA)
+	$(PY) benchmarks/study.py --suite iconshift --seeds $(SEEDS) --jobs $(JOBS) $(EXTRA)
 
 clean:
 	rm -rf .pytest_cache

@@ -116,7 +116,18 @@ def distill(
     scenario: Optional[str] = typer.Option(None, help="uda, ssl or supervised (default)."),
     source: List[str] = typer.Option([], help="uda: labelled source domain (repeat the flag)."),
     target: List[str] = typer.Option([], help="uda: unlabelled target domain, also evaluated (repeat)."),
+    closed_set: Optional[bool] = typer.Option(None, "--closed-set", help="uda: keep only the target rows of "
+                                              "classes the source has (a closed-set benchmark from domains whose "
+                                              "class sets differ)."),
     labels_per_class: Optional[int] = typer.Option(None, help="ssl: labelled samples per class (seeded)."),
+    online_teacher: Optional[bool] = typer.Option(None, "--online-teacher", help="Run the cache's teacher on the "
+                                                  "same replayed views every step instead of reading the cache "
+                                                  "(a reference that measures what caching costs; slow)."),
+    teacher_weights: Optional[str] = typer.Option(None, help="--online-teacher: the teacher's weights (default: "
+                                                  "the file the cache was extracted with)."),
+    teacher_adapt: Optional[int] = typer.Option(None, help="Rounds of self-training of the teacher head on the "
+                                                "unlabelled rows' cached features before distilling (0: off; "
+                                                "never reads their labels)."),
     labelled_ratio: Optional[float] = typer.Option(None, help="Least fraction of labelled samples per epoch "
                                                    "(labelled rows are repeated to reach it; default 0.25, "
                                                    "0 keeps the natural mix)."),
@@ -143,8 +154,10 @@ def distill(
     try:
         cfg = resolve(stage.DistillConfig, config, cache=cache, student=student, student_weights=student_weights,
                       method=method, method_options=_parse_options(method_opt, "--method-opt") or None, scenario=scenario,
-                      source=tuple(source) or None, target=tuple(target) or None,
-                      labels_per_class=labels_per_class, labelled_ratio=labelled_ratio, epochs=epochs,
+                      source=tuple(source) or None, target=tuple(target) or None, closed_set=closed_set,
+                      labels_per_class=labels_per_class, teacher_adapt=teacher_adapt, online_teacher=online_teacher,
+                      teacher_weights=teacher_weights, labelled_ratio=labelled_ratio,
+                      epochs=epochs,
                       batch_size=batch_size, lr=lr, optimizer=optimizer, image_size=image_size, workers=workers,
                       eval_every=eval_every, seed=seed, device=device, out=out, resume=resume,
                       check_dataset=False if no_check_dataset else None, progress=False if no_progress else None)

@@ -1,4 +1,5 @@
-"""Derived data kept in sub-groups of the cache: scenario probe heads and KDEP's SVD statistics.
+"""Derived data kept in sub-groups of the cache: scenario probe heads (and, through write_group and
+read_group, what a method derives, e.g. KDEP's SVD statistics).
 
 Written once, reused by every later run; the base arrays are never touched.
 """
@@ -7,13 +8,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .adapt import self_train_head
 from .heads import fit_probe
 from .scenarios import TRAIN, Scenario
 from .store import CacheStore
 from .teachers import LinearHead
 
 
-def _write_group(store: CacheStore, path: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+def write_group(store: CacheStore, path: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
     group = store.group
     for part in path.split("/"):
         group = group.require_group(part)
@@ -22,7 +24,7 @@ def _write_group(store: CacheStore, path: str, arrays: dict[str, np.ndarray], at
     group.attrs.update(dict(attrs, complete=True))  # written last: a half-written group is recomputed
 
 
-def _read_group(store: CacheStore, path: str):
+def read_group(store: CacheStore, path: str):
     try:
         group = store.group[path]
     except KeyError:
@@ -41,26 +43,35 @@ def head_fitted_on(store: CacheStore) -> np.ndarray | None:
     return None
 
 
-def scenario_teacher_head(store: CacheStore, scenario: Scenario, write: bool = True):
+def scenario_teacher_head(store: CacheStore, scenario: Scenario, write: bool = True, adapt_rounds: int = 0):
     """(head, info): None to use the cached logits, or a probe fitted on this scenario's labels only.
 
     A stored head that saw labels of rows the scenario treats as unlabelled or as evaluation
     data is refused (label leakage); the probe is refitted from the cached features in seconds.
+    With `adapt_rounds`, the head is then self-trained on the scenario's unlabelled rows (never on
+    their labels; `teacher_adaptation`), and info reports the teacher's evaluation top-1 before and after.
     """
+    head, info = _scenario_head(store, scenario, write)
+    if adapt_rounds <= 0:
+        return head, info
+    return teacher_adaptation(store, scenario, head, info, adapt_rounds, write)
+
+
+def _scenario_head(store: CacheStore, scenario: Scenario, write: bool):
     kind = store.attrs["head"]["kind"]
     seen = head_fitted_on(store)
     if kind != "none" and (seen is None or not (seen & ~scenario.labelled).any()):
         return None, {"teacher_head": kind, "refit": False}
     leaked = int((seen & ~scenario.labelled).sum()) if seen is not None else 0
     path = f"heads/{scenario.digest()}"
-    group = _read_group(store, path)
+    group = read_group(store, path)
     if group is None:
         if not write:
             raise RuntimeError(f"scenario probe {path} is missing")
         labels = store.array("labels")[:]
         w, b = fit_probe(store.clean_view(scenario.labelled), labels[scenario.labelled],
                          len(store.attrs["dataset"]["classes"]))
-        _write_group(store, path, {"weight": w, "bias": b, "fitted_on": scenario.labelled.astype(np.uint8)},
+        write_group(store, path, {"weight": w, "bias": b, "fitted_on": scenario.labelled.astype(np.uint8)},
                      {"kind": "probe", "scenario": scenario.description, "samples": int(scenario.labelled.sum())})
         group = store.group[path]
     head = LinearHead(torch.from_numpy(group["weight"][:]), torch.from_numpy(group["bias"][:]))
@@ -69,21 +80,43 @@ def scenario_teacher_head(store: CacheStore, scenario: Scenario, write: bool = T
     return head, {"teacher_head": "probe", "refit": True, "reason": why, "group": path}
 
 
-def svd_statistics(store: CacheStore, k: int, write: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and top-k right singular vectors of the clean train-split features (KDEP)."""
-    path = f"derived/svd-k{k}"
-    group = _read_group(store, path)
+def teacher_logits(store: CacheStore, head, mask: np.ndarray, view: int | None = None) -> np.ndarray:
+    """The scenario's teacher logits for the masked rows: the head on cached features, or cached logits."""
+    if head is None:
+        return store.masked(mask, "logits", view)
+    f = torch.from_numpy(store.masked(mask, "features", view))
+    with torch.no_grad():
+        return head(f).float().numpy()
+
+
+def _top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(-1) == labels).mean()) if len(labels) else float("nan")
+
+
+def teacher_adaptation(store: CacheStore, scenario: Scenario, head, info: dict, rounds: int, write: bool = True):
+    """Self-train the teacher head on the scenario's unlabelled rows (cached features, every view).
+
+    Stored as heads/<scenario>-adapt<rounds>; info gains the teacher's evaluation top-1 before and after
+    (evaluation labels are read for that report only).
+    """
+    path = f"heads/{scenario.digest()}-adapt{rounds}"
+    labels = store.array("labels")[:]
+    group = read_group(store, path)
     if group is None:
         if not write:
-            raise RuntimeError(f"{path} is missing")
-        status, splits = store.status(), store.array("splits")[:]
-        f = torch.from_numpy(store.clean_view((status == 1) & (splits == TRAIN))).double()
-        mean = f.mean(0)
-        _, s, vh = torch.linalg.svd(f - mean, full_matrices=False)
-        comps = vh[:k]
-        # fix each vector's sign so the statistics are reproducible
-        comps = comps * torch.sign(comps[torch.arange(len(comps)), comps.abs().argmax(1)])[:, None]
-        _write_group(store, path, {"mean": mean.float().numpy(), "components": comps.float().numpy(),
-                                   "singular_values": s[:k].float().numpy()}, {"rows": int(len(f))})
+            raise RuntimeError(f"adapted teacher head {path} is missing")
+        num_classes = len(store.attrs["dataset"]["classes"])
+        w, b = self_train_head(store.masked(scenario.labelled), labels[scenario.labelled],
+                               store.masked(scenario.unlabelled), teacher_logits(store, head, scenario.unlabelled),
+                               num_classes, rounds=rounds)
+        ev = scenario.evaluation
+        f_e = store.clean_view(ev)
+        before = _top1(teacher_logits(store, head, ev, view=0), labels[ev])
+        after = _top1(f_e @ w.T + b, labels[ev])
+        write_group(store, path, {"weight": w, "bias": b}, {"kind": "self-trained probe", "rounds": rounds,
+                                                             "eval_top1_before": before, "eval_top1_after": after})
         group = store.group[path]
-    return torch.from_numpy(group["mean"][:]), torch.from_numpy(group["components"][:])
+    adapted = LinearHead(torch.from_numpy(group["weight"][:]), torch.from_numpy(group["bias"][:]))
+    a = group.attrs
+    return adapted, dict(info, adapted=True, group=path, rounds=rounds,
+                         eval_top1_before=a["eval_top1_before"], eval_top1_after=a["eval_top1_after"])

@@ -20,13 +20,30 @@ from .students import Student
 
 
 class TrainModule(nn.Module):
-    """Student + method (+ a fixed teacher head when logits come from a refitted probe)."""
+    """Student + method (+ a fixed teacher head when logits come from a refitted probe).
 
-    def __init__(self, student: Student, method: Method, teacher_head: nn.Module | None = None):
+    With an online `teacher`, the teacher runs on every step on the same replayed views (at its own
+    input size) instead of the cached rows being read: the reference that measures what caching costs.
+    """
+
+    def __init__(self, student: Student, method: Method, teacher_head: nn.Module | None = None,
+                 teacher: nn.Module | None = None, token_grid: int = 0):
         super().__init__()
         self.student, self.method, self.teacher_head = student, method, teacher_head
+        self.teacher, self.token_grid = teacher, token_grid
 
-    def forward(self, images, features, labels, logits=None, tokens=None) -> dict[str, torch.Tensor]:
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: its batch-norm statistics never move
+        return self
+
+    def forward(self, images, features=None, labels=None, logits=None, tokens=None,
+                teacher_images=None) -> dict[str, torch.Tensor]:
+        if self.teacher is not None:
+            with torch.no_grad():
+                t = self.teacher(teacher_images, token_grid=self.token_grid)
+            features, logits, tokens = t["features"], t.get("logits"), t.get("tokens")
         if self.teacher_head is not None:
             logits = self.teacher_head(features)
         out = self.student(images)
@@ -52,12 +69,14 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float):
     raise ValueError(f"unknown --optimizer {name!r}; choose adamw or sgd")
 
 
-def _to(batch: dict, device, channels_last: bool):
+def _to(batch: dict, device, channels_last: bool) -> dict:
+    """The batch on the device, named as TrainModule.forward takes it."""
     images = batch["image"].to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    get = lambda k: batch[k].to(device, non_blocking=True) if k in batch else None  # noqa: E731
-    return images, get("feature"), get("label"), get("logits"), get("tokens")
+    names = {"feature": "features", "label": "labels", "logits": "logits", "tokens": "tokens",
+             "teacher_image": "teacher_images"}
+    return {"images": images, **{arg: batch[k].to(device, non_blocking=True) for k, arg in names.items() if k in batch}}
 
 
 def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max_steps: int | None = None,
@@ -71,9 +90,10 @@ def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max
     for batch in loader:
         if max_steps is not None and steps >= max_steps:
             break
-        images, features, labels, logits, tokens = _to(batch, device, channels_last)
+        inputs = _to(batch, device, channels_last)
+        images = inputs["images"]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            parts = module(images, features, labels, logits, tokens)
+            parts = module(**inputs)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         optimizer.step()
@@ -93,66 +113,15 @@ def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max
     return out
 
 
-class LabelledFeatures:
-    """Cached features (every view) of the labelled rows, for CustomKD's customisation phase.
-
-    Held in memory when small (the usual semi-supervised case), else re-read shard by shard.
-    """
-
-    def __init__(self, store, labelled: np.ndarray, max_bytes: int = 1 << 30):
-        self.store, self.labelled = store, labelled
-        lay = store.layout
-        self.in_memory = int(labelled.sum()) * lay.views * lay.feature_dim * 2 <= max_bytes
-        self.labels = store.array("labels")[:]
-        self._chunks = list(self._read()) if self.in_memory else None
-
-    def _read(self):
-        lay = self.store.layout
-        for k in range(lay.num_shards):
-            rows = lay.rows(k)
-            mask = self.labelled[rows.start:rows.stop]
-            if mask.any():
-                feats = self.store.read("features", rows.start, rows.stop)[mask]  # chunk-aligned read
-                yield feats, self.labels[rows.start:rows.stop][mask]
-
-    def all(self) -> tuple[np.ndarray, np.ndarray]:
-        """(features [n*V, D] float32, labels [n*V]) of every view of every labelled row."""
-        chunks = self._chunks if self.in_memory else list(self._read())
-        f = np.concatenate([c[0].reshape(-1, c[0].shape[-1]) for c in chunks]).astype(np.float32)
-        y = np.concatenate([np.repeat(c[1], c[0].shape[1]) for c in chunks])
-        return f, y
-
-
-def customisation_epoch(method: Method, student: Student, data: LabelledFeatures, optimizer, batch_size: int,
-                        device, seed: int, epoch: int, min_steps: int = 100) -> dict[str, float]:
-    """CustomKD phase A: train P_t on cached labelled features (no images), at least `min_steps` steps."""
-    f, y = data.all()
-    rng = np.random.default_rng([seed, epoch, 4])
-    total, n, steps = 0.0, 0, 0
-    student.eval()
-    while steps < min_steps:
-        order = rng.permutation(len(f))
-        for i in range(0, len(f), batch_size):
-            idx = order[i:i + batch_size]
-            parts = method.customisation_loss(student.head, torch.from_numpy(f[idx]).to(device),
-                                              torch.from_numpy(y[idx]).long().to(device))
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            optimizer.step()
-            total += float(parts["loss"].detach()) * len(idx)
-            n, steps = n + len(idx), steps + 1
-    return {"custom_ce": total / max(n, 1), "custom_samples": n, "custom_steps": steps}
-
-
 @torch.no_grad()
 def predict(student: Student, loader, device, channels_last: bool = False):
     """(logits, labels, rows) of every batch of the loader, in row order."""
     student.eval()
     out, labels, rows = [], [], []
     for batch in loader:
-        images, _, y, _, _ = _to(batch, device, channels_last)
-        out.append(student(images).logits.float().cpu())
-        labels.append(y.cpu())
+        inputs = _to(batch, device, channels_last)
+        out.append(student(inputs["images"]).logits.float().cpu())
+        labels.append(inputs["labels"].cpu())
         rows.append(batch["row"])
     if not rows:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)

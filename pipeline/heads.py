@@ -35,25 +35,32 @@ def resolve_head(requested: str, teacher, dataset) -> str:
     return requested
 
 
-def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, weight_decay: float = 1e-3,
-              max_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
+def fit_probe(features: np.ndarray, targets: np.ndarray, num_classes: int, weight_decay: float = 1e-3,
+              max_iter: int = 200, sample_weight: np.ndarray | None = None,
+              device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression, full batch L-BFGS on standardised features.
 
-    Returns (weight [C, D], bias [C]) that act on raw features. Deterministic for fixed inputs.
+    `targets` are class indices [n], or class probabilities [n, C] (soft or pseudo-labels);
+    `sample_weight` [n] weighs each row's cross-entropy. Returns (weight [C, D], bias [C]) that act
+    on raw features. Deterministic for fixed inputs and device: it starts from zero every time.
     """
-    x = torch.as_tensor(features, dtype=torch.float32)
-    y = torch.as_tensor(labels, dtype=torch.long)
+    x = torch.as_tensor(features, dtype=torch.float32, device=device)
+    y = torch.as_tensor(targets, device=device)
+    y = y.float() if y.ndim == 2 else y.long()
     if len(x) == 0:
         raise HeadError("cannot fit a probe on zero labelled samples")
+    sw = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32, device=device)
     mu, sigma = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
     z = (x - mu) / sigma
-    w = torch.zeros(num_classes, x.shape[1], requires_grad=True)
-    b = torch.zeros(num_classes, requires_grad=True)
+    w = torch.zeros(num_classes, x.shape[1], requires_grad=True, device=x.device)
+    b = torch.zeros(num_classes, requires_grad=True, device=x.device)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(z @ w.T + b, y) + weight_decay * (w ** 2).sum()
+        ce = F.cross_entropy(z @ w.T + b, y, reduction="none")
+        ce = ce.mean() if sw is None else (ce * sw).sum() / sw.sum().clamp_min(1e-12)
+        loss = ce + weight_decay * (w ** 2).sum()
         loss.backward()
         return loss
 
@@ -61,7 +68,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, weight
     with torch.no_grad():
         weight = w / sigma
         bias = b - weight @ mu
-    return weight.numpy(), bias.numpy()
+    return weight.cpu().numpy(), bias.cpu().numpy()
 
 
 def fit_store_probe(store, train_split: int = 0) -> None:

@@ -31,6 +31,8 @@ class StreamConfig:
     tokens: bool = False
     clean_only: bool = False  # evaluation: view 0, shard order kept, no shuffle
     features: bool = True  # False: images and labels only (supervised training, evaluation)
+    teacher_size: int = 0  # > 0: also the same view replayed at the teacher's input size (online teacher)
+    teacher_interpolation: str = "bicubic"
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
@@ -99,6 +101,8 @@ class CacheStream(IterableDataset):
             v = 0 if cfg.clean_only else int(rng.integers(num_views))
             sample = {"image": apply(img, views[j, v], cfg.image_size, cfg.interpolation),
                       "label": int(self.labels[row]), "row": row, "view": v}
+            if cfg.teacher_size:
+                sample["teacher_image"] = apply(img, views[j, v], cfg.teacher_size, cfg.teacher_interpolation)
             if feats is not None:
                 sample["feature"] = torch.from_numpy(feats[j, v].astype(np.float32))
             if logits is not None:

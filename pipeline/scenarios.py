@@ -47,9 +47,11 @@ def _eval_split(splits: np.ndarray, candidates: np.ndarray) -> np.ndarray:
 
 def make_scenario(kind: str, labels: np.ndarray, domains: np.ndarray, splits: np.ndarray, status: np.ndarray,
                   domain_names: list[str], source=(), target=(), labels_per_class: int | None = None,
-                  seed: int = 0) -> Scenario:
+                  seed: int = 0, closed_set: bool = False) -> Scenario:
     if kind not in SCENARIOS:
         raise ScenarioError(f"unknown --scenario {kind!r}; choose one of: {', '.join(SCENARIOS)}")
+    if closed_set and kind != "uda":
+        raise ScenarioError("--closed-set applies to --scenario uda only")
     usable = status == 1
     known = usable & (labels >= 0)
     if kind == "uda":
@@ -63,12 +65,14 @@ def make_scenario(kind: str, labels: np.ndarray, domains: np.ndarray, splits: np
             raise ScenarioError(f"a domain cannot be both source and target: {sorted(set(source) & set(target))}")
         src = np.isin(domains, [domain_names.index(d) for d in source]) & usable
         tgt = np.isin(domains, [domain_names.index(d) for d in target]) & usable
+        if closed_set:  # a closed-set benchmark: only target rows of classes the source has
+            tgt &= np.isin(labels, np.unique(labels[src & known & (splits == TRAIN)]))
         labelled = src & known & (splits == TRAIN)
         evaluation = _eval_split(splits, tgt) & (labels >= 0)
         if not evaluation.any():  # e.g. OfficeHome: no split, adapt and evaluate on the whole target
             evaluation = tgt & (labels >= 0)
         unlabelled = tgt & ~evaluation if (tgt & ~evaluation).any() else tgt.copy()
-        desc = f"uda {'+'.join(source)} -> {'+'.join(target)}"
+        desc = f"uda {'+'.join(source)} -> {'+'.join(target)}{' (closed set)' if closed_set else ''}"
     elif kind == "ssl":
         if not labels_per_class or labels_per_class < 1:
             raise ScenarioError("--scenario ssl needs --labels-per-class N (N >= 1)")

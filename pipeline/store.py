@@ -270,15 +270,24 @@ class CacheStore:
             return dequantize_int8(values, self.group[QUANTISED[name]][start:stop])
         return values
 
-    def clean_view(self, mask: np.ndarray, name: str = "features") -> np.ndarray:
-        """View 0 of `name` (float32) for the masked rows, read shard by shard (chunk-aligned)."""
+    def masked(self, mask: np.ndarray, name: str = "features", view: int | None = None) -> np.ndarray:
+        """`name` (float32) for the masked rows, every view [n, V, ...] or one view [n, ...], read shard
+        by shard (chunk-aligned)."""
         lay, out = self.layout, []
         for k in range(lay.num_shards):
             r = lay.rows(k)
             m = mask[r.start:r.stop]
             if m.any():
-                out.append(self.read(name, r.start, r.stop)[:, 0][m].astype(np.float32))
-        return np.concatenate(out) if out else np.zeros((0, self.group[name].shape[-1]), np.float32)
+                block = self.read(name, r.start, r.stop)
+                out.append((block if view is None else block[:, view])[m].astype(np.float32))
+        if out:
+            return np.concatenate(out)
+        tail = self.group[name].shape[1:] if view is None else self.group[name].shape[2:]
+        return np.zeros((0, *tail), np.float32)
+
+    def clean_view(self, mask: np.ndarray, name: str = "features") -> np.ndarray:
+        """View 0 of `name` (float32) for the masked rows."""
+        return self.masked(mask, name, view=0)
 
     def has(self, name: str) -> bool:
         return name in self.group

@@ -12,13 +12,11 @@ import torch
 
 from pipeline import dist
 from pipeline.datasets import create_dataset
-from pipeline.derived import scenario_teacher_head, svd_statistics
+from pipeline.derived import scenario_teacher_head, teacher_logits
 from pipeline.engine import (
-    LabelledFeatures,
     TrainModule,
     append_metrics,
     cosine_schedule,
-    customisation_epoch,
     evaluate,
     load_checkpoint,
     make_optimizer,
@@ -28,8 +26,8 @@ from pipeline.engine import (
     truncate_metrics,
 )
 from pipeline.loader import StreamConfig, labelled_repeats, make_loader, rank_shards, samples_in
-from pipeline.methods import create_method
-from pipeline.methods.base import Dims
+from pipeline.methods import DEFAULT_METHOD, create_method
+from pipeline.methods.base import Dims, MethodContext
 from pipeline.scenarios import make_scenario
 from pipeline.store import CacheError, CacheStore
 from pipeline.students import create_student
@@ -46,11 +44,12 @@ class DistillConfig:
     cache: str = "cache/synthetic"
     student: str = "mobilenetv3_large_100"
     student_weights: str | None = None
-    method: str = "customkd"
+    method: str = DEFAULT_METHOD
     method_options: tuple = ()  # (key, value) pairs, e.g. (("temperature", 2.0),)
     scenario: str = "supervised"
     source: tuple = ()
     target: tuple = ()
+    closed_set: bool = False  # uda: only target rows of the source's classes (a closed-set benchmark)
     labels_per_class: int | None = None
     labelled_ratio: float = 0.25  # at least this fraction of each epoch is labelled (0: natural mix)
     epochs: int = 10
@@ -59,8 +58,9 @@ class DistillConfig:
     weight_decay: float = 0.05
     optimizer: str = "adamw"
     warmup_epochs: float = 1.0
-    custom_lr: float = 5e-3  # CustomKD projector P_t
-    custom_steps: int = 100  # minimum optimiser steps of each customisation phase
+    online_teacher: bool = False  # run the teacher on the replayed views instead of reading the cache
+    teacher_weights: str | None = None  # online teacher: weights (default: the file the cache was made from)
+    teacher_adapt: int = 0  # rounds of self-training of the teacher head on the unlabelled rows (0: off)
     image_size: int | None = None  # default: the student's own input size
     shuffle_buffer: int = 512
     workers: int = 4
@@ -89,6 +89,35 @@ def open_cache(path: str) -> CacheStore:
     return store
 
 
+def online_teacher(store: CacheStore, weights: str | None, head):
+    """The cache's own teacher, rebuilt to run on every step (the `--online-teacher` reference).
+
+    Its weights must be the ones the cache was made from (compared by sha256), so the cached and the
+    online runs learn from the same teacher. Returns (teacher, head): the head that turns its features
+    into the scenario's logits.
+    """
+    from pipeline.teachers import LinearHead, create_teacher, zeroshot_head
+
+    ext, recorded = store.attrs.get("config", {}), store.attrs["teacher"]
+    weights = weights or ext.get("teacher_weights")
+    if weights and not Path(weights).is_file():
+        raise CacheError(f"--online-teacher: teacher weights {weights} not found; pass --teacher-weights FILE")
+    teacher = create_teacher(ext.get("teacher", recorded["name"]), weights, bool(ext.get("random_init")),
+                             ext.get("feature", "auto"), ext.get("teacher_input_size"))
+    if teacher.weights_tag != recorded["weights"]:
+        raise CacheError(f"--online-teacher: weights {teacher.weights_tag} are not the cache's teacher "
+                         f"({recorded['weights']}); pass the file it was extracted with as --teacher-weights")
+    kind = store.attrs["head"]["kind"]
+    if head is None and kind == "probe":
+        g = store.group["heads/extract"]
+        head = LinearHead(torch.from_numpy(g["weight"][:]), torch.from_numpy(g["bias"][:]))
+    elif head is None and kind == "native":
+        teacher.set_head("native")
+    elif head is None and kind == "zeroshot":
+        teacher.set_head("zeroshot", zeroshot_head(teacher, store.attrs["dataset"]["classes"]))
+    return teacher, head
+
+
 def check_dataset(store: CacheStore) -> None:
     """If the original dataset is reachable, it must still be the one the cache was made from."""
     ext = store.attrs.get("config", {})
@@ -112,7 +141,7 @@ def _scenario(store: CacheStore, cfg: DistillConfig):
     a = store.attrs
     return make_scenario(cfg.scenario, store.array("labels")[:], store.array("domains")[:],
                          store.array("splits")[:], store.status(), a["dataset"]["domains"], cfg.source, cfg.target,
-                         cfg.labels_per_class, cfg.seed)
+                         cfg.labels_per_class, cfg.seed, cfg.closed_set)
 
 
 def run_name(cfg: DistillConfig, store: CacheStore) -> str:
@@ -140,31 +169,36 @@ def run(cfg: DistillConfig) -> Path:
     method = create_method(cfg.method, dims, **dict(cfg.method_options))
     out = Path(cfg.out or Path("runs") / run_name(cfg, store))
 
-    # derived data (probe head, SVD) is written once by rank 0, then read by the other ranks
+    device = dist.device_for(cfg.device)
+    # derived data (probe head, method statistics) is written once by rank 0, then read by the other ranks
     head, head_info = None, {"teacher_head": a["head"]["kind"], "refit": False}
+
+    def context(write: bool) -> MethodContext:
+        return MethodContext(store, scenario, student, device, cfg.seed, write,
+                             (lambda mask, view=None: teacher_logits(store, head, mask, view))
+                             if method.needs_logits else None)
 
     def derived(write: bool):
         nonlocal head, head_info
         if method.needs_logits:
-            head, head_info = scenario_teacher_head(store, scenario, write=write)
-        if cfg.method == "kdep":
-            method.set_svd(*svd_statistics(store, method.k, write=write))
+            head, head_info = scenario_teacher_head(store, scenario, write=write, adapt_rounds=cfg.teacher_adapt)
+        method.prepare(context(write))
 
     if rank == 0:
         derived(write=True)
     dist.barrier()
     if rank != 0:
         derived(write=False)
+    ctx = context(rank == 0)
 
-    device = dist.device_for(cfg.device)
     amp = device.type == "cuda"
     channels_last = device.type == "cuda"
-    module = TrainModule(student, method, head).to(device)
+    teacher = None
+    if cfg.online_teacher:
+        teacher, head = online_teacher(store, cfg.teacher_weights, head)
+    module = TrainModule(student, method, head, teacher, a["tokens"]["grid"] if method.needs_tokens else 0).to(device)
     if channels_last:
         module.student.to(memory_format=torch.channels_last)
-    custom_params = method.customisation_parameters() if method.has_customisation else []
-    custom_ids = {id(p) for p in custom_params}
-    train_params = [p for p in module.parameters() if id(p) not in custom_ids]
 
     labels = np.where(scenario.labelled, store.array("labels")[:], -1).astype(np.int64)
     if method.uses_unlabelled:
@@ -176,18 +210,20 @@ def run(cfg: DistillConfig) -> Path:
     per_rank = [samples_in(rank_shards(repeats, lay.shard_size, cfg.seed, 0, r, world), repeats, lay.shard_size)
                 for r in range(world)]
     steps_per_epoch = max(1, (min(per_rank) // cfg.batch_size) if world > 1 else -(-per_rank[0] // cfg.batch_size))
-    optimizer = make_optimizer(cfg.optimizer, train_params, cfg.lr, cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, module.parameters(), cfg.lr, cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, steps_per_epoch * cfg.epochs, int(steps_per_epoch * cfg.warmup_epochs))
-    custom_opt = torch.optim.AdamW(custom_params, lr=cfg.custom_lr, weight_decay=0.0) if custom_params else None
 
-    start_epoch = _prepare_run_dir(out, cfg, rank, module, optimizer, scheduler, custom_opt)
+    start_epoch = _prepare_run_dir(out, cfg, rank, module, optimizer, scheduler)
     train_module = module
     if world > 1:
         train_module = torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
 
+    cached = teacher is None
     stream = StreamConfig(str(store.path), image_size, student.interpolation, cfg.seed, cfg.shuffle_buffer,
-                          logits=method.needs_logits and head is None, tokens=method.needs_tokens,
-                          features=method.needs_features or head is not None)
+                          logits=cached and method.needs_logits and head is None, tokens=cached and method.needs_tokens,
+                          features=cached and (method.needs_features or head is not None),
+                          teacher_size=0 if cached else teacher.preprocess.input_size,
+                          teacher_interpolation="bicubic" if cached else teacher.preprocess.interpolation)
     eval_stream = StreamConfig(str(store.path), image_size, student.interpolation, cfg.seed, clean_only=True,
                                features=False)
     eval_labels = store.array("labels")[:].astype(np.int64)
@@ -198,12 +234,9 @@ def run(cfg: DistillConfig) -> Path:
               f"{head_info['teacher_head']}{' (refit: ' + head_info['reason'] + ')' if head_info['refit'] else ''}",
               file=sys.stderr)
 
-    labelled_features = LabelledFeatures(store, scenario.labelled) if custom_opt is not None else None
     for epoch in range(start_epoch, cfg.epochs):
         record = {"epoch": epoch}
-        if custom_opt is not None:
-            record.update(customisation_epoch(method, student, labelled_features, custom_opt,
-                                              cfg.batch_size, device, cfg.seed, epoch, cfg.custom_steps))
+        record.update(method.before_epoch(ctx, epoch))  # the method's own phase, if it has one
         shards = rank_shards(repeats, lay.shard_size, cfg.seed, epoch, rank, world)
         loader = make_loader(stream, shards, repeats, labels, epoch, cfg.batch_size, cfg.workers,
                              pin_memory=device.type == "cuda")
@@ -218,8 +251,7 @@ def run(cfg: DistillConfig) -> Path:
             record["eval"] = evaluate(student, eval_loader, device, domains, domain_names, channels_last)
         if rank == 0:
             state = {"epoch": epoch, "config": to_dict(cfg), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                     "custom_optimizer": custom_opt.state_dict() if custom_opt else {}}
+                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
             # metrics first: a kill between the two leaves a record that --resume drops and redoes
             append_metrics(out / "metrics.jsonl", record)
             save_checkpoint(out, epoch, student, method, state)
@@ -238,7 +270,7 @@ def run(cfg: DistillConfig) -> Path:
     return out
 
 
-def _prepare_run_dir(out: Path, cfg: DistillConfig, rank: int, module, optimizer, scheduler, custom_opt) -> int:
+def _prepare_run_dir(out: Path, cfg: DistillConfig, rank: int, module, optimizer, scheduler) -> int:
     """Create the run folder, or restore the last checkpoint with --resume; returns the first epoch."""
     found = load_checkpoint(out) if (out / "checkpoints").is_dir() else None
     if found is None:
@@ -265,8 +297,6 @@ def _prepare_run_dir(out: Path, cfg: DistillConfig, rank: int, module, optimizer
     restore(path, module.student, module.method)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if custom_opt is not None and state.get("custom_optimizer"):
-        custom_opt.load_state_dict(state["custom_optimizer"])
     torch.set_rng_state(state["rng"])
     if rank == 0:
         truncate_metrics(out / "metrics.jsonl", state["epoch"])

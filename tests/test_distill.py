@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -234,3 +235,50 @@ def test_dataset_changed_since_extraction_is_refused(tmp_path):
     with pytest.raises(CacheError, match="changed since extraction"):
         distill.run(_cfg(cache, tmp_path / "run", scenario="supervised", labels_per_class=None,
                          epochs=1))
+
+
+def test_online_teacher_sees_the_cached_views_and_trains(cache, tmp_path):
+    """The --online-teacher reference runs the cache's own teacher on the same replayed views."""
+    store = CacheStore.open(cache)
+    teacher, head = distill.online_teacher(store, None, None)
+    size = teacher.preprocess.input_size
+    train = store.array("splits")[:] == 0
+    reps = train.astype(np.int32)
+    cfg = StreamConfig(str(cache), image_size=24, seed=1, shuffle_buffer=1, teacher_size=size,
+                       teacher_interpolation=teacher.preprocess.interpolation)
+    samples = list(CacheStream(cfg, rank_shards(reps, S, 1, 0, 0, 1)[:1], reps, store.array("labels")[:], 0))[:32]
+    online = teacher.eval()(torch.stack([s["teacher_image"] for s in samples]))["features"]
+    cached = torch.stack([s["feature"] for s in samples])
+    assert torch.nn.functional.cosine_similarity(online, cached).min() > 0.999
+    out = distill.run(_cfg(cache, tmp_path / "online", method="kd", epochs=1, online_teacher=True))
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(rec["kd"]) and rec["eval"]["n"] > 0
+    from safetensors.torch import save_file
+    weights = load_file(store.attrs["config"]["teacher_weights"])
+    weights = {k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(weights, str(tmp_path / "other.safetensors"))
+    other = tmp_path / "other.safetensors"
+    with pytest.raises(CacheError, match="not the cache's teacher"):
+        distill.run(_cfg(cache, tmp_path / "wrong", method="kd", epochs=1, online_teacher=True,
+                         teacher_weights=str(other)))
+
+
+def test_teacher_adaptation_is_stored_and_reported(cache, tmp_path):
+    out = distill.run(_cfg(cache, tmp_path / "adapt", method="kd", epochs=1, scenario="uda", labels_per_class=None,
+                           source=("domain0",), target=("domain1",), teacher_adapt=2))
+    head = json.loads((out / "summary.json").read_text())["head"]
+    assert head["adapted"] and head["rounds"] == 2 and head["group"].endswith("-adapt2")
+    assert 0 <= head["eval_top1_before"] <= 1 and 0 <= head["eval_top1_after"] <= 1
+    group = CacheStore.open(cache).group[head["group"]]
+    assert group.attrs["complete"] and group["weight"].shape[0] == CLASSES
+
+
+def test_bad_method_option_on_the_command_line(cache, tmp_path):
+    base = [sys.executable, str(ROOT / "cli.py"), "distill", "--cache", str(cache), "--student", "test_efficientnet",
+            "--scenario", "ssl", "--labels-per-class", "2", "--epochs", "1", "--no-progress", "--no-check-dataset"]
+    for opt, match in (("temperature=0", "temperature=0.*must be > 0"), ("normalize=maybe", "normalize.*boolean"),
+                       ("w_kdd=1", "no option.*w_kdd")):
+        proc = subprocess.run([*base, "--method-opt", opt, "--out", str(tmp_path / opt)], env=cli_env(),
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and re.search(match, proc.stderr.replace("\n", " ")), (opt, proc.stderr[-500:])
+        assert not (tmp_path / opt).exists()

@@ -8,13 +8,18 @@ from __future__ import annotations
 from . import customkd, feature, logit, scalekd  # noqa: F401,E402  (registration)
 from .base import (
            METHOD_DEFAULTS,
+           METHOD_OPTIONS,
            Method,
+           MethodContext,
            MethodError,
            TeacherBatch,
            create_method,
            list_methods,
+           parse_method_options,
            register_method,
 )
 
-__all__ = ["Method", "MethodError", "TeacherBatch", "create_method", "list_methods", "register_method",
-           "METHOD_DEFAULTS"]
+DEFAULT_METHOD = "customkd"
+
+__all__ = ["DEFAULT_METHOD", "Method", "MethodContext", "MethodError", "TeacherBatch", "create_method",
+           "list_methods", "parse_method_options", "register_method", "METHOD_DEFAULTS", "METHOD_OPTIONS"]

@@ -1,10 +1,11 @@
-"""The method registry and what every method shares."""
+"""The method registry, typed method options, the hooks a method may own, and shared losses."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,16 +34,83 @@ class Dims:
     token_dim: int = 0
 
 
+# ----------------------------------------------------------------------------- typed options
+
+_TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One method option: its default, type and range. `low_open` excludes the lower bound."""
+
+    default: Any
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple = ()
+    help: str = ""
+
+    def parse(self, method: str, key: str, value: Any) -> Any:
+        where = f"--method-opt {key}={value!r} (method {method})"
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                return value.strip().lower() in _TRUE
+            raise MethodError(f"{where}: expected a boolean (true/false, yes/no, 1/0)")
+        if self.kind is str:
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise MethodError(f"{where}: choose one of {', '.join(self.choices)}")
+            return value
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            parsed = self.kind(value) if self.kind is float else int(str(value))
+        except (TypeError, ValueError):
+            raise MethodError(f"{where}: expected {'a number' if self.kind is float else 'an integer'}") from None
+        if not np.isfinite(parsed):
+            raise MethodError(f"{where}: must be finite")
+        if self.low is not None and (parsed < self.low or (self.low_open and parsed == self.low)):
+            raise MethodError(f"{where}: must be {'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None and parsed > self.high:
+            raise MethodError(f"{where}: must be <= {self.high:g}")
+        return parsed
+
+
+def weight(default: float, help: str = "") -> Opt:
+    return Opt(float(default), float, low=0.0, help=help)
+
+
+def temperature(default: float, help: str = "softmax temperature") -> Opt:
+    return Opt(float(default), float, low=0.0, low_open=True, help=help)
+
+
+def flag(default: bool, help: str = "") -> Opt:
+    return Opt(bool(default), bool, help=help)
+
+
+# ----------------------------------------------------------------------------- registry
+
 _METHODS: dict[str, Callable[..., "Method"]] = {}
+METHOD_OPTIONS: dict[str, dict[str, Opt]] = {}
 METHOD_DEFAULTS: dict[str, dict] = {}
 
 
-def register_method(name: str, **defaults):
-    """Register a Method class with its documented default hyper-parameters."""
+def register_method(name: str, **options: Opt | Any):
+    """Register a Method class with its typed options (an `Opt`, or a plain default typed by its value)."""
+
+    def typed(v):
+        if isinstance(v, Opt):
+            return v
+        return Opt(v, bool if isinstance(v, bool) else str if isinstance(v, str) else float)
 
     def deco(cls):
         _METHODS[name] = cls
-        METHOD_DEFAULTS[name] = defaults
+        METHOD_OPTIONS[name] = {k: typed(v) for k, v in options.items()}
+        METHOD_DEFAULTS[name] = {k: o.default for k, o in METHOD_OPTIONS[name].items()}
         cls.method_name = name
         return cls
 
@@ -53,15 +121,25 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def create_method(name: str, dims: Dims, **overrides) -> "Method":
+def parse_method_options(name: str, overrides: dict) -> dict:
+    """Defaults updated by `overrides`, each parsed and range-checked; unknown keys are refused."""
     if name not in _METHODS:
         raise MethodError(f"unknown --method {name!r}; choose one of: {', '.join(list_methods())}")
-    params = dict(METHOD_DEFAULTS[name])
-    unknown = sorted(set(overrides) - set(params))
+    spec = METHOD_OPTIONS[name]
+    unknown = sorted(set(overrides) - set(spec))
     if unknown:
-        raise MethodError(f"method {name} has no option(s) {unknown}; it takes: {sorted(params)}")
-    params.update(overrides)
+        raise MethodError(f"method {name} has no option(s) {unknown}; it takes: {sorted(spec)}")
+    params = dict(METHOD_DEFAULTS[name])
+    params.update({k: spec[k].parse(name, k, v) for k, v in overrides.items()})
+    return params
+
+
+def create_method(name: str, dims: Dims, **overrides) -> "Method":
+    params = parse_method_options(name, overrides)
     return _METHODS[name](dims, **params)
+
+
+# ----------------------------------------------------------------------------- shared losses
 
 
 def labelled_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -90,8 +168,36 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_s, p_t, reduction="batchmean") * t * t
 
 
+# ----------------------------------------------------------------------------- hooks
+
+
+@dataclass
+class MethodContext:
+    """What a method may read when it prepares from the cache and before each epoch.
+
+    `teacher_logits(mask, view=None)` gives the scenario's teacher logits of the masked rows, every view
+    [n, V, C] or one [n, C] (the cached logits, or the head refitted on the scenario's labels applied
+    to the cached features). `write` is True on the rank that may store
+    derived data in the cache; the others read what it stored.
+    """
+
+    store: Any  # CacheStore
+    scenario: Any  # Scenario
+    student: nn.Module  # Student
+    device: torch.device
+    seed: int = 0
+    write: bool = True
+    teacher_logits: Callable[..., np.ndarray] | None = None
+
+
 class Method(nn.Module):
-    """Base: CE on labelled samples. Subclasses add `extra(...)` parts and trainable extras."""
+    """Base: CE on labelled samples. Subclasses add `extra(...)` parts and trainable extras.
+
+    A method that needs statistics of the cache overrides `prepare(ctx)` (called once before
+    training, and again on resume); one with a phase of its own between epochs overrides
+    `before_epoch(ctx, epoch)`, which returns numbers for the epoch's metrics record. State such a
+    phase computes lives in buffers, so checkpoints carry it and a resumed run continues exactly.
+    """
 
     method_name = "base"
     needs_features = True
@@ -104,18 +210,23 @@ class Method(nn.Module):
         self.dims = dims
         self.params = params
 
+    def prepare(self, ctx: MethodContext) -> None:
+        pass
+
+    def before_epoch(self, ctx: MethodContext, epoch: int) -> dict[str, float]:
+        return {}
+
     def extra(self, out: StudentOutput, teacher: TeacherBatch, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
+
+    def loss_weight(self, part: str) -> float:
+        return float(self.params.get(f"w_{part}", 1.0))
 
     def forward(self, out: StudentOutput, teacher: TeacherBatch, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = {"ce": labelled_ce(out.logits, labels)}
         parts.update(self.extra(out, teacher, labels))
-        weights = {k: self.params.get(f"w_{k}", 1.0) for k in parts}
-        parts["loss"] = sum(weights[k] * v for k, v in parts.items())
+        parts["loss"] = sum(self.loss_weight(k) * v for k, v in parts.items())
         return parts
-
-    # CustomKD overrides these; other methods have no customisation phase
-    has_customisation = False
 
     def config(self) -> dict:
         return {"method": self.method_name, **{k: (list(v) if isinstance(v, tuple) else v)

@@ -1,48 +1,152 @@
-"""CustomKD: customise the teacher's features for the student's head, then distil.
+"""CustomKD: customise the teacher's features for the student's head, then distil (DESIGN 6.1).
 
-(A) customisation: train P_t: d_t -> d_s with CE(h_s(P_t(f)), y) on labelled cached features, the
-    student and its head frozen (no images needed).
-(B) distillation: MSE(P_s(s), f) [task-general] + MSE(s, P_t(f)) [customised, P_t frozen]
-    (+ an optional KD term), plus CE on the labelled samples.
+Each epoch (after `warmup_epochs`):
+(A) customisation, on cached features only (no image, seconds): a classifier M on the standardised
+    teacher features is refitted from zero by L-BFGS with weight decay on the labelled rows (their
+    labels) AND the unlabelled rows (soft pseudo-labels: the teacher's own predictions before the
+    first phase, then the previous customised predictions, sharpened and class-balanced). It is
+    expressed through the student's own head h_s = (W_h, b_h): P_t f = W_h^+ (M f + c - b_h), so that
+    h_s(P_t f) = M f + c. A refit from zero cannot drift or carry memorised state across phases, and
+    it sees the unlabelled domain it will be applied to.
+(B) distillation with P_t frozen: CE on labelled rows + w_custom * T^2 KL(softmax(h_s(P_t f)/T) ||
+    softmax(z_s/T)) [customised, task-specific] + w_general * MSE(P_s(s), f) [task-general, features
+    standardised] + w_kd * T^2 KL to the teacher's logits, on labelled and unlabelled rows.
+
+Defaults are set by the seeded study (benchmarks/study.py, README "Accuracy study").
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Method, feature_mse, kd_loss, labelled_ce, register_method
+from ..adapt import fit_customised_head, pseudo_targets
+from .base import Method, MethodContext, Opt, feature_mse, flag, kd_loss, register_method, temperature, weight
 
 
-@register_method("customkd", w_general=1.0, w_custom=1.0, w_kd=0.0, temperature=4.0, normalize=True,
-                 normalize_custom=True)
+@register_method(
+    "customkd",
+    w_general=weight(0.0, "task-general term MSE(P_s(s), f)"),
+    w_custom=weight(1.0, "customised term: KL to h_s(P_t f)"),
+    w_kd=weight(0.0, "KL to the teacher's logits"),
+    temperature=temperature(4.0, "softmax temperature of the KD term"),
+    custom_temperature=temperature(4.0, "softmax temperature of the customised term"),
+    normalize=flag(True, "standardise each feature vector before the general MSE"),
+    warmup_epochs=Opt(0, int, low=0, help="epochs before the first customisation"),
+    sharpen=temperature(0.5, "temperature of the pseudo-labels of the unlabelled rows"),
+    balance=flag(True, "align the mean pseudo-label with the uniform class prior"),
+    first_rounds=Opt(3, int, low=1, help="self-training rounds of the first customisation (then one per epoch)"),
+    custom_wd=Opt(1e-3, float, low=0.0, help="weight decay of the customisation fit"),
+    custom_iters=Opt(100, int, low=1, help="L-BFGS iterations per customisation"),
+    unlabelled_weight=weight(1.0, "weight of the unlabelled rows in the customisation"),
+    max_rows=Opt(20000, int, low=1, help="rows (labelled and unlabelled each) the customisation reads"),
+)
 class CustomKD(Method):
-    has_customisation = True
-
     def __init__(self, dims, **params):
         super().__init__(dims, **params)
-        self.p_t = nn.Linear(dims.teacher, dims.student)
         self.p_s = nn.Linear(dims.student, dims.teacher)
-        self.needs_logits = params.get("w_kd", 0.0) > 0
+        # customisation state: buffers, so checkpoints carry it and P_t never receives gradients
+        self.register_buffer("p_t_weight", torch.zeros(dims.student, dims.teacher))
+        self.register_buffer("p_t_bias", torch.zeros(dims.student))
+        self.register_buffer("head_weight", torch.zeros(dims.classes, dims.student))
+        self.register_buffer("head_bias", torch.zeros(dims.classes))
+        self.register_buffer("phases", torch.zeros((), dtype=torch.long))
+        self.needs_logits = True  # w_kd, and the first customisation starts from the teacher's logits
+        self._data = None
+        self._customised = False  # mirrors phases > 0 without a device sync per step
 
-    def customisation_parameters(self):
-        return list(self.p_t.parameters())
+    # ------------------------------------------------------------------ (A) customisation
+    def prepare(self, ctx: MethodContext) -> None:
+        sc, store = ctx.scenario, ctx.store
+        rng = np.random.default_rng([ctx.seed, 11])
 
-    def distillation_parameters(self):
-        return list(self.p_s.parameters())
+        def subsample(mask):
+            rows = np.flatnonzero(mask)
+            if len(rows) > self.params["max_rows"]:
+                rows = np.sort(rng.choice(rows, self.params["max_rows"], replace=False))
+            out = np.zeros_like(mask)
+            out[rows] = True
+            return out
 
-    def customisation_loss(self, student_head: nn.Module, features: torch.Tensor, labels: torch.Tensor):
-        """(A): only P_t receives gradients; the head is used as a fixed function."""
-        w = [p.detach() for p in student_head.parameters()]
-        logits = F.linear(self.p_t(features), *w) if len(w) == 2 else F.linear(self.p_t(features), w[0])
-        ce = labelled_ce(logits, labels)
-        return {"loss": ce, "custom_ce": ce}
+        lab, unl = subsample(sc.labelled), subsample(sc.unlabelled)
+        labels = store.array("labels")[:]
+        f_l, f_u = store.masked(lab), store.masked(unl)
+        if ctx.teacher_logits is None:
+            raise ValueError("customkd needs teacher logits (a cache head or a scenario probe)")
+        self._data = {"f_l": f_l, "y_l": labels[lab].astype(np.int64), "f_u": f_u,
+                      "z_u": ctx.teacher_logits(unl)}
+        # report-only: how well the customised teacher classifies the evaluation rows
+        ev = subsample(sc.evaluation)
+        self._data.update(f_e=store.clean_view(ev), y_e=labels[ev].astype(np.int64))
+
+    def _student_head(self, ctx: MethodContext) -> tuple[torch.Tensor, torch.Tensor]:
+        head = ctx.student.head
+        w = head.weight.detach().float().cpu().reshape(self.dims.classes, -1)
+        b = head.bias.detach().float().cpu() if getattr(head, "bias", None) is not None else torch.zeros(len(w))
+        return w, b
+
+    @torch.no_grad()
+    def before_epoch(self, ctx: MethodContext, epoch: int) -> dict[str, float]:
+        self._customised = int(self.phases) > 0  # also right after a resume restored the buffers
+        if epoch < self.params["warmup_epochs"]:
+            return {}
+        d, p = self._data, self.params
+        views = d["f_u"].shape[1]
+        flat_u = d["f_u"].reshape(-1, d["f_u"].shape[-1])
+        first = int(self.phases) == 0
+        if first:
+            logits_u = d["z_u"].mean(1)
+        else:  # the previous customisation's predictions (self-training, one round per phase)
+            m, c = self._classifier()
+            logits_u = self._predict(flat_u, m, c, views)
+        flat_l, y_l = d["f_l"].reshape(-1, d["f_l"].shape[-1]), np.repeat(d["y_l"], d["f_l"].shape[1])
+        for _ in range(p["first_rounds"] if first else 1):
+            q = pseudo_targets(logits_u, p["sharpen"], p["balance"]) if len(flat_u) else \
+                np.zeros((0, self.dims.classes), np.float32)
+            weight_m, bias_m = fit_customised_head(flat_l, y_l, flat_u, np.repeat(q, views, axis=0), self.dims.classes,
+                                                   p["custom_wd"], p["unlabelled_weight"], p["custom_iters"],
+                                                   ctx.device)
+            logits_u = self._predict(flat_u, torch.from_numpy(weight_m), torch.from_numpy(bias_m), views)
+        m, c = torch.from_numpy(weight_m), torch.from_numpy(bias_m)
+        w_h, b_h = self._student_head(ctx)
+        pinv = torch.linalg.pinv(w_h.double()).float()  # [d_s, C]
+        self.p_t_weight.copy_(pinv @ m)
+        self.p_t_bias.copy_(pinv @ (c - b_h))
+        self.head_weight.copy_(w_h)
+        self.head_bias.copy_(b_h)
+        self.phases += 1
+        self._customised = True
+        mm, cc = self._classifier()
+        record = {"custom_phase": int(self.phases),
+                  "custom_fit_top1": float(((torch.from_numpy(d["f_l"][:, 0]) @ mm.T + cc).argmax(1).numpy()
+                                            == d["y_l"]).mean()) if len(d["y_l"]) else float("nan")}
+        if len(d["y_e"]):
+            record["custom_teacher_eval_top1"] = float(
+                ((torch.from_numpy(d["f_e"]) @ mm.T + cc).argmax(1).numpy() == d["y_e"]).mean())
+        return record
+
+    @staticmethod
+    def _predict(flat: np.ndarray, m: torch.Tensor, c: torch.Tensor, views: int) -> np.ndarray:
+        """Mean logits over each row's views."""
+        return (torch.from_numpy(flat) @ m.T + c).numpy().reshape(len(flat) // max(views, 1), views, -1).mean(1)
+
+    def _classifier(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """h_s(P_t f) as one linear map of f, with the head the customisation used."""
+        w = self.head_weight.cpu() @ self.p_t_weight.cpu()
+        return w, self.head_weight.cpu() @ self.p_t_bias.cpu() + self.head_bias.cpu()
+
+    # ------------------------------------------------------------------ (B) distillation
+    def customised_logits(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(features.float(), self.p_t_weight, self.p_t_bias), self.head_weight, self.head_bias)
 
     def extra(self, out, teacher, labels):
-        with torch.no_grad():
-            custom_target = self.p_t(teacher.features)
-        parts = {"general": feature_mse(self.p_s(out.feature), teacher.features, bool(self.params["normalize"])),
-                 "custom": feature_mse(out.feature, custom_target, bool(self.params["normalize_custom"]))}
-        if self.params["w_kd"] > 0:
-            parts["kd"] = kd_loss(out.logits, teacher.logits, self.params["temperature"])
+        p = self.params
+        parts = {}
+        if p["w_general"] > 0:
+            parts["general"] = feature_mse(self.p_s(out.feature), teacher.features, bool(p["normalize"]))
+        if p["w_custom"] > 0 and self._customised:
+            parts["custom"] = kd_loss(out.logits, self.customised_logits(teacher.features), p["custom_temperature"])
+        if p["w_kd"] > 0:
+            parts["kd"] = kd_loss(out.logits, teacher.logits, p["temperature"])
         return parts

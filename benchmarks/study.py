@@ -1,0 +1,403 @@
+"""The accuracy study: methods x seeds x datasets x two budgets, from one cache per dataset.
+
+    python benchmarks/study.py --suite demo                 # MNIST SSL (the demo's cache and student)
+    python benchmarks/study.py --suite iconshift            # IconShift-dev UDA, three theme pairs
+    python benchmarks/study.py --suite demo --jobs 8        # runs in parallel (one process each)
+    python benchmarks/study.py --suite demo --report-only   # tables and charts from what has finished
+
+Each run trains through the library (`stages.distill.run`) into runs/study/<suite>/<key>/ and leaves
+its result in benchmarks/results/study/<suite>/<key>.json. A finished result is never recomputed; a
+killed run resumes from its last checkpoint. `--rows` and `--budgets` choose what to run.
+Results: benchmarks/results/study-<suite>.md (mean and std over seeds, the teacher's accuracy as the
+ceiling, the student/teacher ratio) and study-<suite>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    method: str
+    options: tuple = ()  # method options
+    distill: tuple = ()  # DistillConfig overrides
+    core: bool = True  # run on every pair; False: on the first pair only (ablations, references)
+    scenario: str | None = None  # another scenario (the demo's target oracle: every label)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    cache: str
+    scenario: str
+    student: str
+    image_size: int
+    budgets: dict
+    pairs: tuple = ((),)  # uda: (source, target) pairs
+    labels_per_class: int | None = None
+    lr: float = 3e-3
+    batch_size: int = 64
+    extract: dict = field(default_factory=dict)
+    rows: tuple = ()
+    pretrained_student: str = "efficientnet_lite0"
+    closed_set: bool = False
+    setup: str = ""
+
+
+CORE = (Row("supervised", "supervised"), Row("kd", "kd"), Row("dkd", "dkd"), Row("customkd", "customkd"))
+ABLATIONS = (
+    Row("customkd + task-general term (w_general=1)", "customkd", (("w_general", 1),), core=False),
+    Row("customkd + teacher-logit term (w_kd=1)", "customkd", (("w_kd", 1),), core=False),
+    Row("customkd, one self-training round at first (first_rounds=1)", "customkd", (("first_rounds", 1),),
+        core=False),
+    Row("customkd, 1 warm-up epoch before customising", "customkd", (("warmup_epochs", 1),), core=False),
+    Row("kd, teacher head self-trained (--teacher-adapt 3)", "kd", distill=(("teacher_adapt", 3),), core=False),
+    Row("pretrained student: supervised", "supervised", distill=(("pretrained", True),), core=False),
+    Row("pretrained student: kd", "kd", distill=(("pretrained", True),), core=False),
+    Row("pretrained student: customkd", "customkd", distill=(("pretrained", True),), core=False),
+)
+
+SUITES = {
+    "demo": Suite("demo", "cache/demo-mnist5k", "ssl", "mobilenetv3_small_050", 32, {"short": 8, "long": 32},
+                  labels_per_class=10,
+                  rows=CORE + ABLATIONS + (Row("target oracle (every train label)", "supervised", core=False,
+                                               scenario="supervised"),),
+                  setup="python cli.py demo (or its extract step) builds the cache"),
+    "iconshift": Suite("iconshift", "cache/iconshift-lite2", "uda", "mobilenetv3_small_100", 64,
+                       {"short": 10, "long": 40},
+                       pairs=(("faenza", "tango"), ("breeze", "papirus"), ("mint-y", "breeze")), closed_set=True,
+                       rows=CORE + ABLATIONS,
+                       setup="bash ../shared/iconshift/build.sh data/iconshift-dev; "
+                             "bash ../shared/weights/get_teacher.sh weights; python cli.py extract --dataset imagefolder "
+                             "--data-root data/iconshift-dev --domain tango --domain faenza --domain papirus "
+                             "--domain paper --domain mint-y --domain breeze --teacher efficientnet_lite2 "
+                             "--teacher-weights weights/efficientnet_lite2.safetensors --teacher-input-size 128 "
+                             "--views 4 --head none --out cache/iconshift-lite2"),
+}
+
+
+ICON_DOMAINS = ("tango", "faenza", "papirus", "paper", "mint-y", "breeze")
+SHARED = ROOT.parent / "shared"
+
+
+def ensure_cache(suite: Suite) -> None:
+    """Build the suite's cache if it is missing (resumable: extraction resumes shard by shard)."""
+    from stages import demo, extract
+
+    if suite.name == "demo":
+        cfg = demo.DemoConfig()
+        extract.run(extract.ExtractConfig(
+            dataset="mnist5k", teacher=cfg.teacher, teacher_weights=demo.lite0_weights(),
+            teacher_input_size=cfg.teacher_input_size, views=cfg.views, view_policy="noflip", head="probe",
+            batch_size=256, workers=1, shard_size=1024, out=str(ROOT / suite.cache), progress=False))
+        return
+    data, weights = ROOT / "data" / "iconshift-dev", ROOT / "weights"
+    env = dict(os.environ, PYTHON=sys.executable)
+    if not (data / "manifest.json").is_file():
+        subprocess.run(["bash", str(SHARED / "iconshift" / "build.sh"), str(data)], check=True, env=env)
+    for name in ("efficientnet_lite0", "efficientnet_lite2"):
+        if not (weights / f"{name}.safetensors").is_file():
+            subprocess.run(["bash", str(SHARED / "weights" / "get_teacher.sh"), str(weights)], check=True, env=env)
+            break
+    extract.run(extract.ExtractConfig(
+        dataset="imagefolder", data_root=str(data), domains=ICON_DOMAINS, teacher="efficientnet_lite2",
+        teacher_weights=str(weights / "efficientnet_lite2.safetensors"), teacher_input_size=128, views=4,
+        head="none", batch_size=128, workers=1, shard_size=512, out=str(ROOT / suite.cache), progress=False))
+
+
+def pair_name(pair: tuple) -> str:
+    return f"{pair[0]}->{pair[1]}" if pair else "all"
+
+
+def run_key(suite: Suite, pair: tuple, budget: str, row: Row, seed: int) -> str:
+    label = "".join(c if c.isalnum() or c in "-=." else "_" for c in row.label)[:60]
+    p = f"{pair[0]}-{pair[1]}" if pair else "all"
+    return f"{p}__{budget}__{label}__s{seed}"
+
+
+def plan(suite: Suite, budgets: list[str], seeds: int, rows: list[str] | None) -> list[tuple]:
+    out = []
+    for budget in budgets:
+        for i, pair in enumerate(suite.pairs):
+            for row in suite.rows:
+                if rows and row.label not in rows:
+                    continue
+                if not row.core and i > 0:
+                    continue
+                for seed in range(seeds):
+                    out.append((pair, budget, row, seed))
+    return out
+
+
+def pretrained_weights(suite: Suite) -> str:
+    """ImageNet EfficientNet-Lite0 in timm's names (`bash ../shared/weights/get_teacher.sh weights`)."""
+    path = Path(os.environ.get("STUDY_PRETRAINED") or ROOT / "weights" / f"{suite.pretrained_student}.safetensors")
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: bash ../shared/weights/get_teacher.sh weights")
+    return str(path)
+
+
+def train(suite: Suite, pair: tuple, budget: str, row: Row, seed: int, device: str, workers: int) -> dict:
+    """One run through the library; returns its result record."""
+    import torch
+
+    from stages import distill
+
+    torch.set_num_threads(max(1, int(os.environ.get("STUDY_THREADS", "1"))))
+    key = run_key(suite, pair, budget, row, seed)
+    overrides = dict(row.distill)
+    student, weights = suite.student, None
+    if overrides.pop("pretrained", False):
+        student, weights = suite.pretrained_student, pretrained_weights(suite)
+    scenario = row.scenario or suite.scenario
+    cfg = distill.DistillConfig(
+        cache=str(ROOT / suite.cache), student=student, student_weights=weights, method=row.method,
+        method_options=row.options, scenario=scenario, source=pair[:1], target=pair[1:],
+        labels_per_class=suite.labels_per_class if scenario == "ssl" else None,
+        closed_set=suite.closed_set and scenario == "uda",
+        epochs=suite.budgets[budget], batch_size=suite.batch_size, lr=suite.lr, image_size=suite.image_size,
+        workers=workers, seed=seed, device=device, out=str(ROOT / "runs" / "study" / suite.name / key), resume=True,
+        eval_every=suite.budgets[budget], progress=False, check_dataset=False, **overrides)
+    start = time.perf_counter()
+    out = distill.run(cfg)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    return {"key": key, "suite": suite.name, "pair": pair_name(pair), "budget": budget, "epochs": cfg.epochs,
+            "row": row.label, "method": row.method, "options": [list(o) for o in row.options],
+            "seed": seed, "top1": last["eval"]["top1"], "student": student,
+            "custom": {k: v for k, v in last.items() if k.startswith("custom")},
+            "seconds": time.perf_counter() - start, "device": device}
+
+
+def teacher_ceiling(suite: Suite, pair: tuple, seed: int) -> dict:
+    """The teacher's top-1 on the evaluation rows: a probe on the scenario's labels, and self-trained."""
+    from pipeline.derived import scenario_teacher_head, teacher_adaptation, teacher_logits
+    from pipeline.scenarios import make_scenario
+    from pipeline.store import CacheStore
+
+    store = CacheStore.open(ROOT / suite.cache, mode="r+")
+    sc = make_scenario(suite.scenario, store.array("labels")[:], store.array("domains")[:],
+                       store.array("splits")[:], store.status(), store.attrs["dataset"]["domains"], pair[:1],
+                       pair[1:], suite.labels_per_class, seed, suite.closed_set)
+    head, info = scenario_teacher_head(store, sc)
+    labels = store.array("labels")[:]
+    z = teacher_logits(store, head, sc.evaluation, view=0)
+    _, adapted = teacher_adaptation(store, sc, head, info, 3)
+    return {"probe": float((z.argmax(1) == labels[sc.evaluation]).mean()),
+            "self_trained": adapted["eval_top1_after"]}
+
+
+def result_path(suite: Suite, key: str) -> Path:
+    return RESULTS / "study" / suite.name / f"{key}.json"
+
+
+def run_all(suite: Suite, todo: list[tuple], jobs: int, device: str, workers: int) -> None:
+    pending = [t for t in todo if not result_path(suite, run_key(suite, *t)).is_file()]
+    print(f"[study {suite.name}] {len(todo) - len(pending)} of {len(todo)} runs already done; {len(pending)} to run "
+          f"with {jobs} job(s)", file=sys.stderr)
+    running: list[tuple[subprocess.Popen, str]] = []
+    start = time.perf_counter()
+    try:
+        _drain(suite, pending, running, jobs, device, workers, start)
+    except KeyboardInterrupt:  # stop: the runs in flight keep their checkpoints and resume next time
+        for proc, _ in running:
+            proc.terminate()
+        raise SystemExit(f"[study {suite.name}] interrupted; re-run the same command to continue")
+
+
+def _drain(suite: Suite, pending: list, running: list, jobs: int, device: str, workers: int, start: float) -> None:
+    done = 0
+    while pending or running:
+        while pending and len(running) < jobs:
+            pair, budget, row, seed = pending.pop(0)
+            key = run_key(suite, pair, budget, row, seed)
+            cmd = [sys.executable, __file__, "--suite", suite.name, "--one", key, "--device", device,
+                   "--workers", str(workers)]
+            log = open(RESULTS / "study" / suite.name / f".{key}.log", "w")
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), key))
+        time.sleep(0.5)
+        for proc, key in list(running):
+            if proc.poll() is None:
+                continue
+            running.remove((proc, key))
+            done += 1
+            ok = result_path(suite, key).is_file()
+            print(f"[study {suite.name}] {done}/{done + len(pending) + len(running)} {key}: "
+                  f"{'ok' if ok else 'FAILED (exit %d), see .%s.log' % (proc.returncode, key)} "
+                  f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+
+
+def run_one(suite: Suite, key: str, device: str, workers: int) -> None:
+    for t in plan(suite, list(suite.budgets), 99, None):
+        if run_key(suite, *t) == key:
+            record = train(suite, *t, device=device, workers=workers)
+            path = result_path(suite, key)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=1))
+            os.replace(tmp, path)
+            return
+    raise SystemExit(f"unknown run key {key}")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def load_results(suite: Suite) -> list[dict]:
+    folder = RESULTS / "study" / suite.name
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def summarise(values: list[float]) -> tuple[float, float, int]:
+    a = np.asarray(values, dtype=float) * 100
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else float("nan"), len(a)
+
+
+def report(suite: Suite, seeds: int) -> str:
+    results = load_results(suite)
+    ceilings = {}
+    for pair in suite.pairs:
+        per_seed = [teacher_ceiling(suite, pair, s) for s in range(seeds if suite.scenario == "ssl" else 1)]
+        ceilings[pair_name(pair)] = {k: summarise([c[k] for c in per_seed]) for k in per_seed[0]}
+    lines = [f"# Accuracy study: {suite.name}", "",
+             f"Scenario {suite.scenario}; student {suite.student} from scratch at {suite.image_size} px (pretrained rows: "
+             f"{suite.pretrained_student}, ImageNet weights); batch {suite.batch_size}, AdamW lr {suite.lr}; "
+             f"budgets {', '.join(f'{b} = {e} epochs' for b, e in suite.budgets.items())}; cache `{suite.cache}`. "
+             "Top-1 % on the evaluation rows, mean ± std over seeds (n = seeds); `ratio` = student / teacher probe. "
+             f"Reproduce: `python benchmarks/study.py --suite {suite.name}` ({suite.setup}).", ""]
+    for pair in suite.pairs:
+        name = pair_name(pair)
+        c = ceilings[name]
+        lines += [f"## {name}", "",
+                  f"Teacher ceiling: linear probe on the labelled rows {c['probe'][0]:.1f}"
+                  + (f" ± {c['probe'][1]:.1f}" if c['probe'][2] > 1 else "")
+                  + f"; self-trained on the unlabelled rows' cached features (3 rounds) {c['self_trained'][0]:.1f}"
+                  + (f" ± {c['self_trained'][1]:.1f}" if c['self_trained'][2] > 1 else "") + ".", "",
+                  "| row | " + " | ".join(f"{b} ({e} ep) top-1 | ratio" for b, e in suite.budgets.items()) + " |",
+                  "| --- |" + " --- | --- |" * len(suite.budgets)]
+        for row in suite.rows:
+            cells = []
+            for budget in suite.budgets:
+                vals = [r["top1"] for r in results if r["pair"] == name and r["budget"] == budget
+                        and r["row"] == row.label]
+                if not vals:
+                    cells += ["", ""]
+                    continue
+                m, s, n = summarise(vals)
+                cells += [f"{m:.1f} ± {s:.1f} (n={n})", f"{m / c['probe'][0]:.2f}"]
+            if any(cells):
+                lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += verdict(suite, results)
+    return "\n".join(lines)
+
+
+def verdict(suite: Suite, results: list[dict]) -> list[str]:
+    """customkd against the best of kd and dkd: a win needs a margin above the larger of their stds."""
+    out = ["## CustomKD against the best of kd and dkd", ""]
+    for budget in suite.budgets:
+        for pair in suite.pairs:
+            name = pair_name(pair)
+            stats = {}
+            for label in ("kd", "dkd", "customkd", "supervised"):
+                vals = [r["top1"] for r in results if r["pair"] == name and r["budget"] == budget and r["row"] == label]
+                if len(vals) >= 2:
+                    stats[label] = summarise(vals)
+            if not {"kd", "dkd", "customkd"} <= set(stats):
+                continue
+            best = max(("kd", "dkd"), key=lambda k: stats[k][0])
+            margin = stats["customkd"][0] - stats[best][0]
+            need = max(stats["kd"][1], stats["dkd"][1])
+            word = "wins" if margin > need else ("ties" if margin > -need else "loses")
+            kd_sup = ("kd beats supervised" if "supervised" in stats and stats["kd"][0] > stats["supervised"][0]
+                      else "kd does not beat supervised")
+            out.append(f"- {name}, {budget}: customkd {stats['customkd'][0]:.1f} vs {best} {stats[best][0]:.1f}: "
+                       f"margin {margin:+.1f}, needed > {need:.1f}: **{word}**; {kd_sup}.")
+    return out + [""]
+
+
+def chart(suite: Suite, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = load_results(suite)
+    rows = [r.label for r in suite.rows if r.core]
+    groups = [(pair_name(p), b) for b in suite.budgets for p in suite.pairs]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 3.6))
+    width = 0.8 / len(rows)
+    for i, label in enumerate(rows):
+        means, stds = [], []
+        for name, budget in groups:
+            vals = [r["top1"] for r in results if r["pair"] == name and r["budget"] == budget and r["row"] == label]
+            m, s, _ = summarise(vals) if vals else (np.nan, np.nan, 0)
+            means.append(m)
+            stds.append(0 if np.isnan(s) else s)
+        ax.bar(np.arange(len(groups)) + i * width, means, width, yerr=stds, label=label, capsize=2)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2)
+    ax.set_xticklabels([f"{n}\n{b} ({suite.budgets[b]} ep)" for n, b in groups], fontsize=8)
+    ax.set_ylabel("top-1 %")
+    ax.set_title(f"{suite.name}: mean ± std over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=sorted(SUITES), required=True)
+    ap.add_argument("--budgets", nargs="+", default=None, help="short, long (default both)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--rows", nargs="+", default=None, help="row labels (default every row; the core rows are named by their method)")
+    ap.add_argument("--core", action="store_true", help="only the core rows (supervised, kd, dkd, customkd)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each")
+    ap.add_argument("--workers", type=int, default=1, help="DataLoader workers per run")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--no-report", action="store_true", help="run only; write the tables later (--report-only)")
+    ap.add_argument("--prepare", action="store_true", help="build (or finish) the suite's cache, then run")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    suite = SUITES[a.suite]
+    if a.seeds < 3 and not a.one:
+        print("warning: fewer than 3 seeds: the study's claims need >= 3", file=sys.stderr)
+    budgets = a.budgets or list(suite.budgets)
+    bad = [b for b in budgets if b not in suite.budgets]
+    if bad:
+        ap.error(f"--budgets {bad}: choose from {list(suite.budgets)}")
+    if a.prepare or not (ROOT / suite.cache).is_dir():
+        if a.one or a.report_only:
+            ap.error(f"cache {suite.cache} is missing: {suite.setup}")
+        ensure_cache(suite)
+    (RESULTS / "study" / suite.name).mkdir(parents=True, exist_ok=True)
+    if a.one:
+        run_one(suite, a.one, a.device, a.workers)
+        return
+    if not a.report_only:
+        rows = [r.label for r in CORE] if a.core else a.rows
+        run_all(suite, plan(suite, budgets, a.seeds, rows), a.jobs, a.device, a.workers)
+    if a.no_report:
+        return
+    text = report(suite, a.seeds)
+    (RESULTS / f"study-{suite.name}.md").write_text(text + "\n")
+    chart(suite, RESULTS / f"study-{suite.name}.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
