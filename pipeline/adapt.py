@@ -42,23 +42,33 @@ def fit_customised_head(feats_l: np.ndarray, labels_l: np.ndarray, feats_u: np.n
     return fit_probe(x, y, num_classes, weight_decay=weight_decay, max_iter=max_iter, sample_weight=w, device=device)
 
 
+def predict_views(flat: np.ndarray, weight: np.ndarray, bias: np.ndarray, views: int) -> np.ndarray:
+    """Mean logits over each row's views; `flat` holds the views of each row one after another."""
+    logits = torch.from_numpy(flat) @ torch.as_tensor(weight).T + torch.as_tensor(bias)
+    return logits.numpy().reshape(len(flat) // max(views, 1), views, -1).mean(1)
+
+
 def self_train_head(feats_l: np.ndarray, labels_l: np.ndarray, feats_u: np.ndarray, logits_u: np.ndarray,
                     num_classes: int, rounds: int = 3, sharpen: float = 0.5, balance: bool = True,
-                    weight_decay: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
-    """`rounds` of self-training from the teacher's logits on the unlabelled rows; returns (weight, bias).
+                    weight_decay: float = 1e-3, unlabelled_weight: float = 1.0, max_iter: int = 100,
+                    device=None) -> tuple[np.ndarray, np.ndarray]:
+    """`rounds` of self-training from `logits_u` (the current predictions on the unlabelled rows);
+    returns (weight, bias).
 
-    feats_* are [n, D] (or [n, V, D]: every view is a row of the fit, its pseudo-label shared by the views).
+    feats_* are [n, V, D] (every view is a row of the fit, its pseudo-label shared by the views) or [n, D].
     """
     def flat(a):
-        return a.reshape(-1, a.shape[-1])
+        return a.reshape(-1, a.shape[-1]).astype(np.float32)
 
     views = feats_u.shape[1] if feats_u.ndim == 3 else 1
     labels_rows = np.repeat(labels_l, feats_l.shape[1]) if feats_l.ndim == 3 else labels_l
     logits = logits_u.mean(1) if logits_u.ndim == 3 else logits_u
+    flat_l, flat_u = flat(feats_l), flat(feats_u)
     weight = bias = None
     for _ in range(rounds):
-        q = pseudo_targets(logits, sharpen, balance)
-        weight, bias = fit_customised_head(flat(feats_l), labels_rows, flat(feats_u), np.repeat(q, views, axis=0),
-                                           num_classes, weight_decay)
-        logits = (flat(feats_u) @ weight.T + bias).reshape(len(feats_u), views, -1).mean(1)
+        q = pseudo_targets(logits, sharpen, balance) if len(flat_u) else np.zeros((0, num_classes), np.float32)
+        weight, bias = fit_customised_head(flat_l, labels_rows, flat_u, np.repeat(q, views, axis=0), num_classes,
+                                           weight_decay, unlabelled_weight, max_iter, device)
+        if len(flat_u):
+            logits = predict_views(flat_u, weight, bias, views)
     return weight, bias

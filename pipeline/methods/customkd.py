@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..adapt import fit_customised_head, pseudo_targets
+from ..adapt import predict_views, self_train_head
 from .base import Method, MethodContext, Opt, feature_mse, flag, kd_loss, register_method, temperature, weight
 
 
@@ -93,21 +93,14 @@ class CustomKD(Method):
             return {}
         d, p = self._data, self.params
         views = d["f_u"].shape[1]
-        flat_u = d["f_u"].reshape(-1, d["f_u"].shape[-1])
-        first = int(self.phases) == 0
-        if first:
-            logits_u = d["z_u"].mean(1)
-        else:  # the previous customisation's predictions (self-training, one round per phase)
+        if int(self.phases) == 0:
+            logits_u, rounds = d["z_u"].mean(1), p["first_rounds"]
+        else:  # the previous customisation's predictions: one more round of self-training per phase
             m, c = self._classifier()
-            logits_u = self._predict(flat_u, m, c, views)
-        flat_l, y_l = d["f_l"].reshape(-1, d["f_l"].shape[-1]), np.repeat(d["y_l"], d["f_l"].shape[1])
-        for _ in range(p["first_rounds"] if first else 1):
-            q = pseudo_targets(logits_u, p["sharpen"], p["balance"]) if len(flat_u) else \
-                np.zeros((0, self.dims.classes), np.float32)
-            weight_m, bias_m = fit_customised_head(flat_l, y_l, flat_u, np.repeat(q, views, axis=0), self.dims.classes,
-                                                   p["custom_wd"], p["unlabelled_weight"], p["custom_iters"],
-                                                   ctx.device)
-            logits_u = self._predict(flat_u, torch.from_numpy(weight_m), torch.from_numpy(bias_m), views)
+            logits_u, rounds = predict_views(d["f_u"].reshape(-1, d["f_u"].shape[-1]), m, c, views), 1
+        weight_m, bias_m = self_train_head(d["f_l"], d["y_l"], d["f_u"], logits_u, self.dims.classes, rounds,
+                                           p["sharpen"], p["balance"], p["custom_wd"], p["unlabelled_weight"],
+                                           p["custom_iters"], ctx.device)
         m, c = torch.from_numpy(weight_m), torch.from_numpy(bias_m)
         w_h, b_h = self._student_head(ctx)
         pinv = torch.linalg.pinv(w_h.double()).float()  # [d_s, C]
@@ -125,11 +118,6 @@ class CustomKD(Method):
             record["custom_teacher_eval_top1"] = float(
                 ((torch.from_numpy(d["f_e"]) @ mm.T + cc).argmax(1).numpy() == d["y_e"]).mean())
         return record
-
-    @staticmethod
-    def _predict(flat: np.ndarray, m: torch.Tensor, c: torch.Tensor, views: int) -> np.ndarray:
-        """Mean logits over each row's views."""
-        return (torch.from_numpy(flat) @ m.T + c).numpy().reshape(len(flat) // max(views, 1), views, -1).mean(1)
 
     def _classifier(self) -> tuple[torch.Tensor, torch.Tensor]:
         """h_s(P_t f) as one linear map of f, with the head the customisation used."""
