@@ -19,7 +19,7 @@ METHOD  ?= customkd
 SCENARIO ?= supervised
 EPOCHS  ?= 10
 
-.PHONY: setup test test-all test-faults demo extract info distill evaluate report bench bench-quick study clean
+.PHONY: setup test test-all test-faults demo extract info distill evaluate report bench bench-quick fuzz study clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bench.py --quick $(EXTRA)
+
+# random byte flips and truncations in a cache's tar shards and arrays (about 15 minutes on 2 cores)
+fuzz: $(STAMP)
+	$(PY) benchmarks/fuzz.py $(EXTRA)
 
 # the accuracy study: methods x seeds x (demo, IconShift-dev) x two budgets; resumable (re-run to continue)
 SEEDS   ?= 3

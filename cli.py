@@ -1,19 +1,54 @@
 """kdcache command line: flags -> a stage config -> stages.X.run(cfg)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shlex
 import sys
+import traceback
 from typing import List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run a vision teacher once into a Zarr cache, then distil edge students from it.")
+DEBUG = {"on": os.environ.get("KDCACHE_DEBUG", "") not in ("", "0")}
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an error "
+                                    "(also: KDCACHE_DEBUG=1).")):
+    if debug:
+        DEBUG["on"] = True
 
 
 def _fail(err: Exception) -> None:
+    if DEBUG["on"]:
+        traceback.print_exception(err)
     typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _errors():
+    """A user error is one line and exit code 2; an unexpected one is one line and exit code 1 (the
+    traceback with --debug); Ctrl-C keeps finished work and says how to resume."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except _user_errors() as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: finished work is kept; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
+    except Exception as e:  # noqa: BLE001 - the last resort: no traceback unless asked for
+        if DEBUG["on"]:
+            raise
+        typer.secho(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(1) from None
 
 
 def _user_errors():
@@ -90,7 +125,7 @@ def extract(
     from stages import extract as stage
     from stages.config import resolve
 
-    try:
+    with _errors():
         cfg = resolve(stage.ExtractConfig, config, dataset=dataset, data_root=data_root,
                       dataset_options=_parse_options(dataset_opt, "--dataset-opt") or None, domains=tuple(domain) or None,
                       teacher=teacher, teacher_weights=teacher_weights,
@@ -100,9 +135,7 @@ def extract(
                       compression=compression, feature_dtype=feature_dtype, device=device, out=out, overwrite=overwrite, repair=repair,
                       progress=False if no_progress else None)
         path = stage.run(cfg)
-    except _user_errors() as e:
-        _fail(e)
-    typer.echo(f"cache: {path}  (inspect: python cli.py info --cache {path})")
+    typer.echo(f"cache: {path}  (inspect: python cli.py info --cache {shlex.quote(str(path))})")
 
 
 @app.command()
@@ -151,7 +184,7 @@ def distill(
     from stages import distill as stage
     from stages.config import resolve
 
-    try:
+    with _errors():
         cfg = resolve(stage.DistillConfig, config, cache=cache, student=student, student_weights=student_weights,
                       method=method, method_options=_parse_options(method_opt, "--method-opt") or None, scenario=scenario,
                       source=tuple(source) or None, target=tuple(target) or None, closed_set=closed_set,
@@ -162,8 +195,6 @@ def distill(
                       eval_every=eval_every, seed=seed, device=device, out=out, resume=resume,
                       check_dataset=False if no_check_dataset else None, progress=False if no_progress else None)
         path = stage.run(cfg)
-    except _user_errors() as e:
-        _fail(e)
     typer.echo(f"run: {path}")
 
 
@@ -181,12 +212,10 @@ def evaluate(
     from stages import evaluate as stage
     from stages.config import resolve
 
-    try:
+    with _errors():
         cfg = resolve(stage.EvaluateConfig, None, run=run, batch_size=batch_size, workers=workers,
                       latency_repeats=latency_repeats, onnx=False if no_onnx else None, device=device)
         path = stage.run(cfg)
-    except _user_errors() as e:
-        _fail(e)
     typer.echo((path / "report.md").read_text())
 
 
@@ -200,7 +229,7 @@ def report(runs: List[str] = typer.Argument(..., help="Run folders, e.g. runs/*"
     text, missing = table([Path(r) for r in runs])
     typer.echo(text)
     for m in missing:
-        typer.echo(f"(no report in {m}: run `python cli.py evaluate --run {m}`)", err=True)
+        typer.echo(f"(no report in {m}: run `python cli.py evaluate --run {shlex.quote(str(m))}`)", err=True)
 
 
 @app.command()
@@ -214,11 +243,9 @@ def demo(
     from stages import demo as stage
     from stages.config import resolve
 
-    try:
+    with _errors():
         stage.run(resolve(stage.DemoConfig, None, epochs=epochs, workers=workers,
                           progress=False if no_progress else None))
-    except _user_errors() as e:
-        _fail(e)
 
 
 @app.command()
@@ -234,12 +261,10 @@ def info(
     from pipeline.cacheinfo import verify as verify_cache
     from pipeline.store import CacheStore
 
-    try:
+    with _errors():
         store = CacheStore.open(cache)
-    except _user_errors() as e:
-        _fail(e)
-    s = summarize(store)
-    problems = verify_cache(store, progress=lambda xs: tqdm(xs, unit="shard", desc="verify")) if verify else None
+        s = summarize(store)
+        problems = verify_cache(store, progress=lambda xs: tqdm(xs, unit="shard", desc="verify")) if verify else None
     if as_json:
         typer.echo(json.dumps(s | ({"verify": problems} if verify else {}), indent=2))
     else:
@@ -249,7 +274,8 @@ def info(
                    f"input {t['preprocess']['input_size']}px")
         typer.echo(f"dataset   {d['name']}: N={d['N']}, {d['classes']} classes, domains {', '.join(d['domains'])}")
         typer.echo(f"views     V={s['views']['V']} (policy {s['views']['policy']}, seed {s['views']['seed']}); "
-                   f"tokens grid {s['tokens']['grid']}; head {s['head']['kind']}")
+                   f"tokens grid {s['tokens']['grid']}; head {s['head']['kind']}"
+                   + ("" if s["head_fitted"] else " (NOT FITTED: run the extract command again)"))
         sh, r = s["shards"], s["rows"]
         typer.echo(f"progress  {sh['done']}/{sh['total']} shards; rows done {r['done']}, bad {r['bad']}, "
                    f"todo {r['todo']}  {'(complete)' if s['complete'] else '(incomplete: re-run extract to resume)'}")

@@ -200,7 +200,10 @@ def bench_cache_reads(a, tmp: Path) -> dict:
     lay = Layout(n=n, views=v, feature_dim=d, num_classes=0, token_grid=0, token_dim=0, shard_size=s, params=10)
     static = {"labels": np.zeros(n, np.int32), "domains": np.zeros(n, np.int16), "splits": np.zeros(n, np.int8),
               "keys": np.array([str(i) for i in range(n)])}
-    store = CacheStore.create(tmp / "reads", lay, {}, static)
+    attrs = {"teacher": {"name": "bench", "feature_dim": d, "preprocess": {"input_size": 224}},
+             "dataset": {"N": n, "classes": ["c"], "domains": ["d"]}, "views": {"V": v}, "head": {"kind": "none"},
+             "head_fit": {"fitted": True}, "tokens": {"grid": 0, "dim": 0}, "pack": {"image_bound": 384, "shard_size": s}}
+    store = CacheStore.create(tmp / "reads", lay, attrs, static)
     rng = np.random.default_rng(0)
     for k in range(lay.num_shards):
         r = lay.rows(k)

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .store import QUANTISED, STATUS_BAD, STATUS_DONE, CacheStore, shard_digest
+from .images import BadImage, decode_packed
+from .pack import member_digest, read_members, shard_name
+from .store import QUANTISED, STATIC_ARRAYS, STATUS_BAD, STATUS_DONE, CacheStore, shard_digest, static_digests
+
+IMAGES = "packed images: "  # prefix of a problem in a shard's tar file (repair re-packs it)
 
 
 def summarize(store: CacheStore, max_bad: int = 20) -> dict:
@@ -12,9 +16,15 @@ def summarize(store: CacheStore, max_bad: int = 20) -> dict:
     status = store.status()
     shard_done = store.shard_done(status)
     bad_rows = np.flatnonzero(status == STATUS_BAD)
-    keys = store.array("keys")
-    reasons = store.array("reasons")
-    bad = [{"row": int(i), "key": str(keys[int(i)]), "reason": str(reasons[int(i)])} for i in bad_rows[:max_bad]]
+    bad = []
+    for i in bad_rows[:max_bad]:
+        entry = {"row": int(i)}
+        for name in ("key", "reason"):
+            try:
+                entry[name] = str(store.array(name + "s")[int(i)])
+            except Exception as e:  # noqa: BLE001 - summarize a damaged cache too (verify names the damage)
+                entry[name] = f"<unreadable: {type(e).__name__}>"
+        bad.append(entry)
     done_rows = int((status == STATUS_DONE).sum())
     per_view = {}
     for name in ("features", "logits", "tokens"):
@@ -33,16 +43,45 @@ def summarize(store: CacheStore, max_bad: int = 20) -> dict:
         "tokens": a["tokens"],
         "storage": a.get("storage") or {"feature_dtype": lay.feature_dtype},
         "shards": {"total": lay.num_shards, "done": int(shard_done.sum()), "shard_size": lay.shard_size},
-        "rows": {"done": done_rows, "bad": int(len(bad_rows)), "todo": int((status == 0).sum())},
-        "complete": bool(shard_done.all()),
+        "rows": {"done": done_rows, "bad": len(bad_rows), "todo": int((status == 0).sum())},
+        "complete": bool(shard_done.all()) and store.meta.head_fitted,
+        "head_fitted": store.meta.head_fitted,
         "bad_inputs": bad,
         "bytes_per_view": per_view | {"features+logits raw fp16": raw},
     }
 
 
-def damaged_shards(store: CacheStore, progress=None) -> dict[int, str]:
+def image_problems(store: CacheStore, k: int, status: np.ndarray, digests: np.ndarray | None,
+                   decode: bool = False) -> str | None:
+    """What is wrong with shard k's tar file, or None. With recorded digests (checksums v2) every member
+    is compared with the digest taken when it was packed; without them (older caches) the members are
+    checked by name and row, and decoded when `decode`."""
+    rows = store.layout.rows(k)
+    found, problems = read_members(store.images_dir / shard_name(k), rows)
+    missing = [r for r in rows if r not in found]
+    if missing:
+        problems.append(f"{len(missing)} row(s) have no member (first: row {missing[0]})")
+    wrong = []
+    for row, (ext, data) in sorted(found.items()):
+        j = row - rows.start
+        if digests is not None:
+            if member_digest(ext, data) != bytes(digests[j]):
+                wrong.append(row)
+        elif (ext == "bad") != (status[row] == STATUS_BAD):
+            wrong.append(row)
+        elif decode and ext != "bad":
+            try:
+                decode_packed(data, store.meta.image_bound)
+            except BadImage:
+                wrong.append(row)
+    if wrong:
+        problems.append(f"{len(wrong)} member(s) differ from what was packed (first: row {wrong[0]})")
+    return IMAGES + "; ".join(problems) if problems else None
+
+
+def damaged_shards(store: CacheStore, progress=None, images: bool = True) -> dict[int, str]:
     """Read back every done shard; {shard: problem} for those that do not match their recorded checksum,
-    cannot be read, or hold non-finite values."""
+    cannot be read, hold non-finite values, or whose packed images differ from what was packed."""
     lay = store.layout
     status = store.status()
     done = store.shard_done(status)
@@ -50,20 +89,64 @@ def damaged_shards(store: CacheStore, progress=None) -> dict[int, str]:
     problems: dict[int, str] = {}
     shards = [k for k in range(lay.num_shards) if done[k]]
     for k in (progress(shards) if progress else shards):
+        r = lay.rows(k)
         try:
             data = store.read_shard(k)
         except Exception as e:  # a damaged shard file raises from the codec or the shard index
             problems[k] = f"cannot be read ({type(e).__name__}: {e})"
             continue
-        if str(checksums[k]) != shard_digest(data):
+        if str(checksums[k]) != store.shard_checksum(data, status[r.start:r.stop]):
             problems[k] = "contents differ from the checksum recorded when it was written"
             continue
-        ok_rows = status[lay.rows(k).start:lay.rows(k).stop] == STATUS_DONE
+        ok_rows = status[r.start:r.stop] == STATUS_DONE
         for name in ("features", "logits", "tokens"):
             if name in data and not np.isfinite(data[name][ok_rows].astype(np.float32)).all():
                 problems[k] = f"non-finite values in {name}"
+        if images and k not in problems:
+            why = image_problems(store, k, status, data.get("image_digests"), decode=store.checksum_version < 2)
+            if why:
+                problems[k] = why
     return problems
 
 
+def cache_problems(store: CacheStore, read_keys: bool = True) -> list[str]:
+    """Problems of the cache as a whole (not of one shard): unfitted head, missing shard files, static
+    arrays that differ from their recorded digests."""
+    out = []
+    if not store.meta.head_fitted:
+        out.append("head: the probe head was never fitted (its logits are empty); run the extract command "
+                   "again to fit it")
+    lost = store.meta.probe_missing(store.group)
+    if lost:
+        out.append(f"head: the fitted probe head's {lost} is missing; run extract with --repair to refit it")
+    elif store.meta.head_fitted and store.attrs.get("head_fit", {}).get("digest"):
+        try:
+            g = store.group["heads/extract"]
+            now = shard_digest({n: g[n][:] for n in ("weight", "bias", "fitted_on")})
+        except Exception as e:  # noqa: BLE001 - damaged files of the head
+            now = f"unreadable ({type(e).__name__})"
+        if now != store.attrs["head_fit"]["digest"]:
+            out.append("head: the probe head (heads/extract) differs from the digest recorded when it was fitted; "
+                       "run extract with --repair to refit it")
+    missing = store.missing_files()
+    if missing:
+        out.append(f"files: {len(missing)} shard file(s) of done shards are missing (first: {missing[0][0]} of shard {missing[0][1]}); "
+                   "run extract with --repair")
+    recorded = store.attrs.get("static_digests")
+    if recorded:
+        names = [n for n in STATIC_ARRAYS if read_keys or n != "keys"]
+        now = {}
+        for n in names:
+            try:
+                now.update(static_digests({n: store.array(n)[:]}))
+            except Exception as e:  # noqa: BLE001 - a damaged shard file of the array
+                now[n] = f"unreadable ({type(e).__name__})"
+        changed = [n for n in names if recorded.get(n) != now[n]]
+        if changed:
+            out.append(f"static arrays: {', '.join(changed)} differ from the digest recorded at creation; run "
+                       "extract with --repair (it rewrites them from the dataset)")
+    return out
+
+
 def verify(store: CacheStore, progress=None) -> list[str]:
-    return [f"shard {k}: {why}" for k, why in sorted(damaged_shards(store, progress).items())]
+    return cache_problems(store) + [f"shard {k}: {why}" for k, why in sorted(damaged_shards(store, progress).items())]

@@ -15,21 +15,27 @@ from .store import CacheStore
 from .teachers import LinearHead
 
 
-def write_group(store: CacheStore, path: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-    group = store.group
+def write_group(store: CacheStore, path: str, arrays: dict[str, np.ndarray], attrs: dict):
+    """Write a derived group (into the cache, or beside a read-only cache: CacheStore.derived_write_group)."""
+    group = store.derived_write_group()
     for part in path.split("/"):
         group = group.require_group(part)
     for name, value in arrays.items():
         group.create_array(name, shape=value.shape, dtype=value.dtype, overwrite=True)[...] = value
     group.attrs.update(dict(attrs, complete=True))  # written last: a half-written group is recomputed
+    return group
 
 
 def read_group(store: CacheStore, path: str):
-    try:
-        group = store.group[path]
-    except KeyError:
-        return None
-    return group if group.attrs.get("complete") else None
+    """A complete derived group, wherever it was written; None when there is none yet."""
+    for root in store.derived_read_groups():
+        try:
+            group = root[path]
+        except KeyError:
+            continue
+        if group.attrs.get("complete"):
+            return group
+    return None
 
 
 def head_fitted_on(store: CacheStore) -> np.ndarray | None:
@@ -71,9 +77,9 @@ def _scenario_head(store: CacheStore, scenario: Scenario, write: bool):
         labels = store.array("labels")[:]
         w, b = fit_probe(store.clean_view(scenario.labelled), labels[scenario.labelled],
                          len(store.attrs["dataset"]["classes"]))
-        write_group(store, path, {"weight": w, "bias": b, "fitted_on": scenario.labelled.astype(np.uint8)},
-                     {"kind": "probe", "scenario": scenario.description, "samples": int(scenario.labelled.sum())})
-        group = store.group[path]
+        group = write_group(store, path, {"weight": w, "bias": b, "fitted_on": scenario.labelled.astype(np.uint8)},
+                            {"kind": "probe", "scenario": scenario.description,
+                             "samples": int(scenario.labelled.sum())})
     head = LinearHead(torch.from_numpy(group["weight"][:]), torch.from_numpy(group["bias"][:]))
     why = f"stored {kind} head saw labels of {leaked} rows outside this scenario's labelled set" if leaked \
         else "the cache has no teacher logits"
@@ -113,9 +119,9 @@ def teacher_adaptation(store: CacheStore, scenario: Scenario, head, info: dict, 
         f_e = store.clean_view(ev)
         before = _top1(teacher_logits(store, head, ev, view=0), labels[ev])
         after = _top1(f_e @ w.T + b, labels[ev])
-        write_group(store, path, {"weight": w, "bias": b}, {"kind": "self-trained probe", "rounds": rounds,
-                                                             "eval_top1_before": before, "eval_top1_after": after})
-        group = store.group[path]
+        group = write_group(store, path, {"weight": w, "bias": b},
+                            {"kind": "self-trained probe", "rounds": rounds, "eval_top1_before": before,
+                             "eval_top1_after": after})
     adapted = LinearHead(torch.from_numpy(group["weight"][:]), torch.from_numpy(group["bias"][:]))
     a = group.attrs
     return adapted, dict(info, adapted=True, group=path, rounds=rounds,

@@ -79,6 +79,21 @@ def _to(batch: dict, device, channels_last: bool) -> dict:
     return {"images": images, **{arg: batch[k].to(device, non_blocking=True) for k, arg in names.items() if k in batch}}
 
 
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite; the message names the step and the options to look at."""
+
+
+def _check_finite(first_bad: torch.Tensor, desc: str, steps: int) -> None:
+    bad = int(first_bad)  # one host sync, every CHECK_EVERY steps
+    if bad >= 0:
+        raise TrainingDiverged(f"{desc}: the loss became non-finite (NaN or inf) at step {bad + 1}; training stopped "
+                               "and the last checkpoint is kept. Likely causes: --lr too high, or a --method-opt "
+                               "temperature or weight out of its useful range")
+
+
+CHECK_EVERY = 25
+
+
 def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max_steps: int | None = None,
                     amp: bool = False, channels_last: bool = False, desc: str = "train",
                     progress: bool = True, expected_steps: int | None = None) -> dict[str, float]:
@@ -87,6 +102,7 @@ def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max
     sums: dict[str, float] = {}
     seen, steps, start = 0, 0, time.perf_counter()
     bar = tqdm(total=max_steps or expected_steps, unit="step", desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, kept on the device
     for batch in loader:
         if max_steps is not None and steps >= max_steps:
             break
@@ -95,6 +111,10 @@ def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             parts = module(**inputs)
         optimizer.zero_grad(set_to_none=True)
+        finite = torch.isfinite(parts["loss"].detach())
+        first_bad = torch.where(~finite & (first_bad < 0), torch.full_like(first_bad, steps), first_bad)
+        if steps % CHECK_EVERY == CHECK_EVERY - 1:
+            _check_finite(first_bad, desc, steps)
         parts["loss"].backward()
         optimizer.step()
         scheduler.step()
@@ -107,6 +127,7 @@ def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max
             bar.set_postfix({"img/s": f"{seen / (time.perf_counter() - start):.0f}",
                              **{k: f"{float(v.detach()):.3f}" for k, v in parts.items()}})
     bar.close()
+    _check_finite(first_bad, desc, steps)
     elapsed = time.perf_counter() - start
     out = {k: float(v) / max(seen, 1) for k, v in sums.items()}
     out.update(images=seen, steps=steps, img_per_s=seen / max(elapsed, 1e-9), seconds=elapsed)

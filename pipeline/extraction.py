@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import os
 import queue
-import tarfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .datasets import Dataset
-from .images import decode_packed
-from .pack import pack_shard, read_shard, shard_name
-from .store import STATUS_BAD, STATUS_DONE, CacheStore, Layout
+from .images import BadImage, decode_packed
+from .pack import member_digest, pack_shard, read_members, shard_name
+from .store import DIGEST_BYTES, STATUS_BAD, STATUS_DONE, CacheStore, Layout
 from .views import P, apply, sample_views
 
 
@@ -89,18 +88,17 @@ class ShardImageStream(IterableDataset):
             yield from self._shard_batches(k)
 
     def _members(self, k: int):
-        """Read shard k's members; a damaged tar is packed again once."""
-        path = ensure_packed(self.dataset, self.spec, k)
-        try:
-            members = list(read_shard(path))
-        except (tarfile.TarError, ValueError, EOFError):
-            path.unlink(missing_ok=True)
-            members = list(read_shard(ensure_packed(self.dataset, self.spec, k)))
+        """Shard k's members in row order; a damaged or foreign tar is packed again once."""
         rows = self.spec.layout.rows(k)
-        if [m[0] for m in members] != list(rows):
-            raise RuntimeError(f"{path}: members do not match rows {rows.start}..{rows.stop - 1}; "
-                               "delete the file and run extract again")
-        return members
+        path = ensure_packed(self.dataset, self.spec, k)
+        found, problems = read_members(path, rows)
+        if problems or sorted(found) != list(rows):
+            path.unlink(missing_ok=True)
+            found, problems = read_members(ensure_packed(self.dataset, self.spec, k), rows)
+        if problems or sorted(found) != list(rows):
+            raise RuntimeError(f"{path}: packing did not give one member per row {rows.start}..{rows.stop - 1} "
+                               f"({'; '.join(problems) or 'rows missing'})")
+        return [(row, *found[row]) for row in rows]
 
     def _shard_batches(self, k: int):
         spec, lay = self.spec, self.spec.layout
@@ -118,18 +116,21 @@ class ShardImageStream(IterableDataset):
                                                                              spec.input_size, dtype=torch.uint8),
                    "final": final}
             if final:
-                out.update(views=views, status=status, reasons=list(reasons))
+                out.update(views=views, status=status, reasons=list(reasons), image_digests=digests)
             images.clear(), idx_row.clear(), idx_view.clear()
             return out
 
-        for row, ext, data in self._members(k):
+        members = self._members(k)
+        digests = np.stack([np.frombuffer(member_digest(ext, data), np.uint8) for _, ext, data in members]) \
+            if members else np.zeros((0, DIGEST_BYTES), np.uint8)
+        for row, ext, data in members:
             j = row - rows.start
             if ext == "bad":
                 status[j], reasons[j] = STATUS_BAD, data.decode(errors="replace")
                 continue
             try:
-                img = decode_packed(data)
-            except RuntimeError as e:
+                img = decode_packed(data, spec.image_bound)
+            except BadImage as e:
                 status[j], reasons[j] = STATUS_BAD, f"packed image does not decode: {e}"
                 continue
             _, h, w = img.shape

@@ -92,6 +92,9 @@ def fit_store_probe(store, train_split: int = 0) -> None:
         logits = (feats @ weight.T + bias).astype(np.float16)
         logits[status[r.start:r.stop] != 1] = 0
         store.write_arrays(k, {"logits": logits})
-    store.update_attrs(head_fit={"fitted": True, "kind": "probe", "group": "heads/extract",
+    from .store import shard_digest
+
+    digest = shard_digest({"weight": weight, "bias": bias, "fitted_on": fitted_on.astype(np.uint8)})
+    store.update_attrs(head_fit={"fitted": True, "kind": "probe", "group": "heads/extract", "digest": digest,
                                  "fitted_on": "every labelled sample of the train split",
                                  "samples": int(fitted_on.sum())})

@@ -80,8 +80,51 @@ def encode_packed(img: Image.Image) -> tuple[str, bytes]:
     return "jpg", buf.getvalue()
 
 
-def decode_packed(data: bytes) -> torch.Tensor:
-    """Packed bytes -> uint8 tensor [3, H, W]; the one decoder both stages use."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def decode_packed(data: bytes, max_side: int | None = None) -> torch.Tensor:
+    """Packed bytes -> uint8 tensor [3, H, W]; the one decoder both stages use.
+
+    The header is read first: anything but a PNG or JPEG, or an image whose longer side exceeds
+    `max_side` (the cache's --image-bound: no packed image is larger), is refused before a pixel is
+    decoded. PNG (lossless, so every decoder gives the same pixels) is decoded by Pillow, which
+    reports damage as an exception; JPEG by torchvision. Damage is raised as BadImage, never a crash.
+    """
+    if data[:8] == PNG_SIGNATURE:
+        kind = "PNG"
+    elif data[:3] == JPEG_SIGNATURE:
+        kind = "JPEG"
+    else:
+        raise BadImage("packed member is neither PNG nor JPEG")
+    try:
+        with warnings.catch_warnings():  # the size is checked below, against the much smaller bound
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
+            w, h = img.size
+            if img.format != kind:
+                raise BadImage(f"packed member claims {kind} but reads as {img.format}")
+            if w < 1 or h < 1 or (max_side is not None and max(w, h) > max_side):
+                raise BadImage(f"packed image is {w}x{h}, larger than the cache's image bound {max_side}")
+            if kind == "PNG":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    img.load()
+                    rgb = img if img.mode == "RGB" else img.convert("RGB")
+                    arr = np.asarray(rgb, dtype=np.uint8)
+                return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    except BadImage:
+        raise
+    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError ... on damage
+        raise BadImage(f"packed {kind} does not decode ({type(e).__name__}: {e})") from None
     from torchvision.io import ImageReadMode, decode_image
 
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    try:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise BadImage(f"packed JPEG does not decode ({e})") from None
+    if tuple(img.shape[1:]) != (h, w):
+        raise BadImage(f"packed JPEG decodes to {tuple(img.shape[1:])}, its header says {h}x{w}")
+    return img

@@ -8,15 +8,16 @@ The cache is only read here; the teacher never runs.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .images import decode_packed
-from .pack import read_shard, shard_name
-from .store import CacheStore
+from .images import BadImage, decode_packed
+from .pack import member_digest, read_members, shard_name
+from .store import CacheError, CacheStore
 from .views import apply
 
 
@@ -78,16 +79,19 @@ class CacheStream(IterableDataset):
         if not reps.any():
             return
         # one slice per array: chunk-aligned, never a per-sample Zarr read
-        feats = store.read("features", rows.start, rows.stop) if cfg.features else None
-        views = store.array("views")[rows.start:rows.stop]
-        logits = store.array("logits")[rows.start:rows.stop] if cfg.logits else None
-        tokens = store.read("tokens", rows.start, rows.stop) if cfg.tokens else None
+        try:
+            feats = store.read("features", rows.start, rows.stop) if cfg.features else None
+            views = store.array("views")[rows.start:rows.stop]
+            logits = store.array("logits")[rows.start:rows.stop] if cfg.logits else None
+            tokens = store.read("tokens", rows.start, rows.stop) if cfg.tokens else None
+        except Exception as e:  # noqa: BLE001 - a damaged shard file raises from its codec or index
+            raise CacheError(f"shard {k} of cache {cfg.cache} cannot be read ({type(e).__name__}: {e}); check it with "
+                             "`info --verify` and fix it with `extract --repair`") from None
         rng = np.random.default_rng([cfg.seed, self.epoch, 3, k])
         num_views = views.shape[1]
         # the tar is read sequentially once; the shard's draws (a row repeated r times gives r draws)
         # are then visited in a random order, so repeats never arrive back to back
-        packed = {row: data for row, ext, data in read_shard(store.images_dir / shard_name(k))
-                  if reps[row - rows.start] > 0 and ext != "bad"}
+        packed = self._packed(store, k, reps)
         draws = np.repeat(np.fromiter(packed, dtype=np.int64, count=len(packed)),
                           [int(reps[r - rows.start]) for r in packed])
         if not cfg.clean_only:
@@ -95,7 +99,11 @@ class CacheStream(IterableDataset):
         decoded: dict[int, torch.Tensor] = {}
         for row in draws.tolist():
             j = row - rows.start
-            img = decoded[row] if row in decoded else decode_packed(packed[row])
+            try:
+                img = decoded[row] if row in decoded else decode_packed(packed[row], store.meta.image_bound)
+            except BadImage as e:
+                _report(k, [f"row {row}: {e}"])
+                continue
             if reps[j] > 1:
                 decoded[row] = img  # decoded once per epoch however often it is drawn
             v = 0 if cfg.clean_only else int(rng.integers(num_views))
@@ -110,6 +118,40 @@ class CacheStream(IterableDataset):
             if tokens is not None:
                 sample["tokens"] = torch.from_numpy(tokens[j, v].astype(np.float32))
             yield sample
+
+
+    def _packed(self, store: CacheStore, k: int, reps: np.ndarray) -> dict[int, bytes]:
+        """The packed bytes of shard k's rows to stream. Each member is checked against the digest taken
+        when it was packed; a damaged, swapped or missing member is skipped and reported, never decoded."""
+        rows = store.layout.rows(k)
+        found, problems = read_members(store.images_dir / shard_name(k), rows)
+        digests = store.array("image_digests")[rows.start:rows.stop] if store.has("image_digests") else None
+        packed, wrong, missing = {}, 0, 0
+        for row in rows:
+            if reps[row - rows.start] <= 0:
+                continue
+            if row not in found:
+                missing += 1
+                continue
+            ext, data = found[row]
+            if digests is not None and member_digest(ext, data) != bytes(digests[row - rows.start]):
+                wrong += 1
+            elif ext != "bad":
+                packed[row] = data
+        if wrong:
+            problems.append(f"{wrong} member(s) differ from their recorded digest")
+        if missing:
+            problems.append(f"{missing} row(s) to stream have no member")
+        if problems:
+            _report(k, problems)
+        return packed
+
+
+def _report(k: int, problems: list[str]) -> None:
+    """Damaged packed images are skipped, and said so (once per shard and epoch, on stderr)."""
+    print(f"warning: shard {k} packed images: {'; '.join(problems)}; those rows are skipped "
+          "(check with `python cli.py info --cache CACHE --verify`, fix with `extract --repair`)",
+          file=sys.stderr)
 
 
 def _shuffled(samples, size: int, rng: np.random.Generator):

@@ -3,15 +3,17 @@
 Shard k holds rows k*S .. k*S+S-1, one member per row, in row order, named by the row index
 (`000000123.jpg`); a row whose image is bad gets a `000000123.bad` member holding the reason, so
 member i is always row i. Shards are written to a temporary name and renamed, so a shard file
-that exists is complete.
+that exists is complete. The cache records a digest of every member (`member_digest`, array
+`image_digests`), so a reader can tell a damaged, swapped or renamed member from the packed one.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .datasets import Dataset
 from .images import BadImage, decode_original, encode_packed
@@ -48,6 +50,59 @@ def pack_shard(dataset: Dataset, rows: range, path: Path, bound: int) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def member_digest(ext: str, data: bytes) -> bytes:
+    """16-byte digest of one packed member (its extension included: a renamed member differs)."""
+    return hashlib.blake2b(ext.encode() + b"\x00" + data, digest_size=16).digest()
+
+
+def remove_stale_temporaries(images_dir: Path) -> int:
+    """Delete half-written `.shard-*.tmp` files whose writer process is gone; returns how many."""
+    removed = 0
+    for tmp in Path(images_dir).glob(".shard-*.tar.*.tmp"):
+        try:
+            pid = int(tmp.name.split(".")[-2])
+            os.kill(pid, 0)
+            continue  # its writer still runs
+        except (ValueError, ProcessLookupError):
+            pass
+        except PermissionError:
+            continue
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+class ShardReadError(Exception):
+    """A tar shard cannot be read to its end (truncated, damaged, or a member that is not a row)."""
+
+
+def read_members(path: Path, rows: range) -> tuple[dict[int, tuple[str, bytes]], list[str]]:
+    """Every member of shard `path` that is a row of `rows`, as {row: (ext, bytes)}, and the problems
+    found on the way (unexpected, duplicated or non-file members, a tar that ends early). Never raises
+    for a damaged file: what could be read is returned and the rest is named in the problems."""
+    found: dict[int, tuple[str, bytes]] = {}
+    problems: list[str] = []
+    try:
+        with tarfile.open(path, "r|") as tar:
+            for member in tar:
+                stem, _, ext = member.name.partition(".")
+                if not member.isfile() or "/" in member.name or "\\" in member.name or not stem.isdigit() \
+                        or ext not in PACKED_EXTENSIONS or int(stem) not in rows:
+                    problems.append(f"unexpected member {member.name!r}")
+                    continue
+                row = int(stem)
+                if row in found:
+                    problems.append(f"row {row} appears twice")
+                    continue
+                f = tar.extractfile(member)
+                found[row] = (ext, f.read())
+    except FileNotFoundError:
+        problems.append("file is missing")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        problems.append(f"unreadable after {len(found)} member(s) ({type(e).__name__}: {e})")
+    return found, problems
 
 
 def read_shard(path: Path) -> Iterator[tuple[int, str, bytes]]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shlex
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,12 @@ FORMAT_NAME = "kdcache"
 FORMAT_VERSION = 1
 STATUS_PENDING, STATUS_DONE, STATUS_BAD = 0, 1, 2
 # written per shard, before status
-SHARD_ARRAYS = ("features", "feature_scale", "logits", "tokens", "token_scale", "views", "reasons")
+SHARD_ARRAYS = ("features", "feature_scale", "logits", "tokens", "token_scale", "views", "reasons", "image_digests")
+STATIC_ARRAYS = ("labels", "domains", "splits", "keys")
+# 1: a shard's checksum covers its data arrays. 2: also its status and the digest of every packed image
+# (`image_digests`, one per row), and the static arrays carry digests in the attributes.
+CHECKSUM_VERSION = 2
+DIGEST_BYTES = 16
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "head", "pack", "tokens", "storage")
 FEATURE_DTYPES = ("float16", "int8")
 QUANTISED = {"features": "feature_scale", "tokens": "token_scale"}  # int8 array -> its per-vector scale
@@ -90,7 +97,7 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def shard_digest(data: dict[str, np.ndarray]) -> str:
-    """sha256 over a shard's data arrays, in a fixed order (recorded at write time)."""
+    """sha256 over a shard's arrays, in a fixed order (recorded at write time)."""
     h = hashlib.sha256()
     for name in sorted(data):
         arr = data[name]
@@ -102,24 +109,34 @@ def shard_digest(data: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def static_digests(values: dict[str, np.ndarray]) -> dict[str, str]:
+    return {name: shard_digest({name: np.asarray(values[name])}) for name in sorted(values)}
+
+
 class CacheStore:
     def __init__(self, path: str | Path, group: zarr.Group):
+        from .meta import CacheMeta
+
         self.path = Path(path)
         self.group = group
         a = dict(group.attrs)
         self.attrs = a
-        lay = a["layout"]
-        self.layout = Layout(**lay)
+        self.meta = CacheMeta.from_attrs(a, self.path)  # every field checked once, here
+        self.layout = self.meta.layout
+        self.meta.check_arrays(group, self.path)
+        self._side: zarr.Group | None = None
 
     # ------------------------------------------------------------------ creation / opening
 
     @classmethod
     def create(cls, path: str | Path, layout: Layout, attrs: dict, static: dict[str, np.ndarray],
-               compression: str = "zstd") -> "CacheStore":
+               compression: str = "zstd") -> CacheStore:
         """Create an empty cache: every array allocated, per-sample static arrays written."""
         path = Path(path)
         # the marker says "creation under way" until the full attributes land at the end
-        group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={"kdcache_creating": True})
+        # a symlinked cache folder keeps its link: zarr replaces what it points to
+        target = path.resolve() if path.is_symlink() else path
+        group = zarr.open_group(str(target), mode="w", zarr_format=3, attributes={"kdcache_creating": True})
         S, N, V = layout.shard_size, layout.n, layout.views
         inner = _inner_chunk(S)
         comp = _compressor(compression)
@@ -149,22 +166,28 @@ class CacheStore:
         make("keys", (), str)
         make("status", (), "uint8")
         make("reasons", (), str)
+        make("image_digests", (DIGEST_BYTES,), "uint8")
         group.create_array("shard_checksums", shape=(layout.num_shards,), chunks=(1,), dtype=str,
                            fill_value="")
         for name, values in static.items():
             group[name][:] = values
         group.create_group("images", attributes={"about": "packed webdataset tar shards, one per cache shard"})
         meta = dict(attrs)
-        meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, layout=layout.__dict__)
+        meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, layout=layout.__dict__,
+                    checksums=CHECKSUM_VERSION, static_digests=static_digests(static))
         group.attrs.put(meta)  # replaces the creation marker
         return cls(path, group)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> "CacheStore":
+    def open(cls, path: str | Path, mode: str = "r") -> CacheStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
-            raise CacheError(f"no cache at {path} (run `python cli.py extract ... --out {path}` first)")
-        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+            raise CacheError(f"no cache at {path} (run `python cli.py extract ... --out {shlex.quote(str(path))}` first)")
+        try:
+            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
+            raise CacheError(f"{path}/zarr.json cannot be read as a Zarr v3 group ({type(e).__name__}: {e}); "
+                             "re-extract with --overwrite") from None
         if group.attrs.get("kdcache_creating"):
             raise IncompleteCreation(f"{path}: the cache's creation was interrupted; run extract again")
         if group.attrs.get("format") != FORMAT_NAME:
@@ -228,6 +251,17 @@ class CacheStore:
         return np.array([bool(np.all(status[r.start:r.stop] != STATUS_PENDING))
                          for r in (lay.rows(k) for k in range(lay.num_shards))], dtype=bool)
 
+    @property
+    def checksum_version(self) -> int:
+        return int(self.attrs.get("checksums", 1))
+
+    def shard_checksum(self, data: dict[str, np.ndarray], status: np.ndarray) -> str:
+        """The checksum recorded for a shard: its data arrays, and (version 2) its status."""
+        covered = {n: data[n] for n in SHARD_ARRAYS if n in data}
+        if self.checksum_version >= 2:
+            covered["status"] = np.asarray(status, np.uint8)
+        return shard_digest(covered)
+
     def write_shard(self, k: int, data: dict[str, np.ndarray], status: np.ndarray) -> None:
         """Write one shard's data arrays, its checksum, then its status (last)."""
         rows = self.layout.rows(k)
@@ -240,7 +274,7 @@ class CacheStore:
             if name in data:
                 self._drop_shard_file(name, k)
                 self.group[name][rows.start:rows.stop] = data[name]
-        self.group["shard_checksums"][k] = shard_digest({n: data[n] for n in SHARD_ARRAYS if n in data})
+        self.group["shard_checksums"][k] = self.shard_checksum(data, status)
         self.group["status"][rows.start:rows.stop] = status
 
     def _drop_shard_file(self, name: str, k: int) -> None:
@@ -256,7 +290,8 @@ class CacheStore:
         for name, values in data.items():
             self._drop_shard_file(name, k)
             self.group[name][rows.start:rows.stop] = values
-        self.group["shard_checksums"][k] = shard_digest(self.read_shard(k))
+        self.group["shard_checksums"][k] = self.shard_checksum(self.read_shard(k),
+                                                               self.group["status"][rows.start:rows.stop])
 
     def read_shard(self, k: int, names=SHARD_ARRAYS) -> dict[str, np.ndarray]:
         rows = self.layout.rows(k)
@@ -289,6 +324,69 @@ class CacheStore:
         """View 0 of `name` (float32) for the masked rows."""
         return self.masked(mask, name, view=0)
 
+    def missing_files(self) -> list[tuple[str, int]]:
+        """Shard files that a done shard must have but that are gone (zarr would read them as zeros).
+        Cheap: one stat per file, no data read. Static arrays are checked by their digests instead (a
+        shard of fill values, e.g. every label 0, is legitimately not stored)."""
+        status = self.status()
+        done = self.shard_done(status)
+        out = []
+        for name in ("features", "feature_scale", "logits", "tokens", "token_scale", "views", "image_digests",
+                     "status"):
+            if name not in self.group:
+                continue
+            arr = self.group[name]
+            for k in np.flatnonzero(done):
+                r = self.layout.rows(int(k))
+                if name not in ("status", "image_digests") and not (status[r.start:r.stop] == STATUS_DONE).any():
+                    continue  # only bad rows: nothing was computed, zeros are right
+                key = arr.metadata.encode_chunk_key((int(k),) + (0,) * (arr.ndim - 1))
+                if not (self.path / name / key).is_file():
+                    out.append((name, int(k)))
+        return out
+
+    def fingerprint(self) -> str:
+        """Identity of the cache's contents: its identity sections, every shard checksum and the static
+        arrays' digests. A resumed run must see the same fingerprint."""
+        h = hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode())
+        h.update("\x00".join(str(x) for x in self.group["shard_checksums"][:]).encode())
+        h.update(json.dumps(self.attrs.get("static_digests") or {}, sort_keys=True).encode())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ derived data
+
+    def writable(self) -> bool:
+        return os.access(self.path, os.W_OK) and os.access(self.path / "zarr.json", os.W_OK)
+
+    def side_path(self) -> Path:
+        """Where derived data of a read-only cache goes: $KDCACHE_DERIVED_DIR or the user cache dir,
+        one folder per cache fingerprint."""
+        base = os.environ.get("KDCACHE_DERIVED_DIR") or Path(
+            os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdcache" / "derived"
+        return Path(base) / self.fingerprint()[:24]
+
+    def _side_group(self, create: bool) -> zarr.Group | None:
+        if self._side is None:
+            path = self.side_path()
+            if not create and not (path / "zarr.json").is_file():
+                return None
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                self._side = zarr.open_group(str(path), mode="a", zarr_format=3)
+            except OSError as e:
+                raise CacheError(f"cache {self.path} is read-only and derived data cannot be written to {path} "
+                                 f"({e.strerror}); set KDCACHE_DERIVED_DIR to a writable folder") from None
+        return self._side
+
+    def derived_write_group(self) -> zarr.Group:
+        """Where derived data is written: the cache, or the side store when the cache is read-only."""
+        return self.group if self.writable() else self._side_group(create=True)
+
+    def derived_read_groups(self) -> list[zarr.Group]:
+        """Where derived data is looked up, in order: the cache, then the side store if there is one."""
+        side = None if self.writable() else self._side_group(create=False)
+        return [self.group] + ([side] if side is not None else [])
+
     def has(self, name: str) -> bool:
         return name in self.group
 
@@ -296,8 +394,11 @@ class CacheStore:
         return self.group[name]
 
     def update_attrs(self, **values) -> None:
+        from .meta import CacheMeta
+
         self.group.attrs.update(values)
         self.attrs.update(values)
+        self.meta = CacheMeta.from_attrs(self.attrs, self.path)
 
     def nbytes_on_disk(self, name: str) -> int:
         p = self.path / name

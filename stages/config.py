@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,6 +14,74 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     pass
+
+
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+
+
+def parse_bool(value: Any, name: str) -> bool:
+    """A boolean from a bool, 0/1, or one of the words true/false, yes/no, on/off (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise ConfigError(f"option {name!r} must be true or false (or yes/no, on/off, 1/0), got {value!r}")
+
+
+def coerce(name: str, value: Any, annotation: str) -> Any:
+    """`value` as the field's declared type (annotations are strings: int, float, bool, str, tuple and
+    `X | None`), or a ConfigError naming the option. Strings that spell a number or a boolean are
+    converted (YAML reads `1e-3` as a string); anything else of the wrong type is refused."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ConfigError(f"option {name!r} needs a value")
+    kind = next(k for k in kinds if k != "None")
+    if kind == "bool":
+        return parse_bool(value, name)
+    if kind == "int":
+        if isinstance(value, bool):
+            raise ConfigError(f"option {name!r} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"option {name!r} must be an integer, got {value!r}")
+    if kind == "float":
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                pass
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"option {name!r} must be a finite number, got {value!r}")
+        return number
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"option {name!r} must be a string, got {value!r}")
+        return value
+    if kind == "tuple":
+        if isinstance(value, (list, tuple)):
+            return tuple(tuple(x) if isinstance(x, list) else x for x in value)
+        raise ConfigError(f"option {name!r} must be a list, got {value!r}")
+    return value
+
+
+def nearest(name: str, names) -> str:
+    close = difflib.get_close_matches(name, sorted(names), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def resolve(cls: type[T], yaml_path: str | Path | None = None, **flags: Any) -> T:
@@ -25,15 +95,21 @@ def resolve(cls: type[T], yaml_path: str | Path | None = None, **flags: Any) -> 
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {p}: expected a mapping of option: value")
-        unknown = sorted(set(loaded) - names)
+        unknown = sorted(str(k) for k in set(loaded) - names)
         if unknown:
-            raise ConfigError(f"--config {p}: unknown option(s) {unknown}; known: {sorted(names)}")
+            raise ConfigError(f"--config {p}: unknown option {unknown[0]!r}{nearest(unknown[0], names)}; known: "
+                              f"{', '.join(sorted(names))}")
         values.update(loaded)
     values.update({k: v for k, v in flags.items() if v is not None})
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    typed = {}
     for k, v in values.items():
-        if isinstance(v, list):
-            values[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-    return cls(**values)
+        try:
+            typed[k] = coerce(k, v, types[k])
+        except ConfigError as e:
+            from_yaml = yaml_path and flags.get(k) is None
+            raise ConfigError(f"--config {yaml_path}: {e}" if from_yaml else str(e)) from None
+    return cls(**typed)
 
 
 def to_dict(cfg) -> dict:

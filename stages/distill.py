@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import sys
 import warnings
 from dataclasses import dataclass
@@ -74,13 +76,24 @@ class DistillConfig:
 
 
 def open_cache(path: str) -> CacheStore:
-    """Open a complete cache, or stop with what is missing and the command that finishes it."""
-    store = CacheStore.open(path, mode="r+")  # r+ for derived sub-groups only; base arrays are never written
+    """Open a complete, intact cache, or stop with what is wrong and the command that fixes it.
+
+    Cheap checks only (no data array is read): every shard done, the head fitted, no shard file of a
+    done shard missing, labels / domains / splits equal to their recorded digests. `info --verify`
+    reads everything back."""
+    from pipeline.cacheinfo import cache_problems
+
+    store = CacheStore.open(path, mode="r+" if os.access(path, os.W_OK) else "r")
     done = store.shard_done()
+    extract_cmd = store.attrs.get("command") or "python cli.py extract ... --out " + shlex.quote(str(path))
     if not done.all():
         missing = int((~done).sum())
         raise CacheError(f"cache {path} is incomplete: {missing} of {len(done)} shards are not extracted; "
-                         f"resume with: {store.attrs.get('command') or 'python cli.py extract ... --out ' + path}")
+                         f"resume with: {extract_cmd}")
+    problems = cache_problems(store, read_keys=False)
+    if problems:
+        raise CacheError(f"cache {path} cannot be trained on: " + "; ".join(problems)
+                         + f" (extract command: {extract_cmd})")
     replay = store.attrs["views"].get("replay", 1)
     if replay != REPLAY_VERSION:
         raise CacheError(f"cache {path} was extracted with view replay v{replay}; this kdcache replays views as "
@@ -149,13 +162,70 @@ def run_name(cfg: DistillConfig, store: CacheStore) -> str:
     return f"kd-{cfg.student}_from_{teacher}-{cfg.method}-{cfg.scenario}"
 
 
+def check_config(cfg: DistillConfig) -> None:
+    """Range checks of every numeric option; each error names the flag."""
+    ranges = [("epochs", cfg.epochs, 1, None), ("batch_size", cfg.batch_size, 1, None),
+              ("lr", cfg.lr, None, None), ("weight_decay", cfg.weight_decay, 0, None),
+              ("warmup_epochs", cfg.warmup_epochs, 0, None), ("workers", cfg.workers, 0, None),
+              ("eval_every", cfg.eval_every, 0, None), ("teacher_adapt", cfg.teacher_adapt, 0, None),
+              ("shuffle_buffer", cfg.shuffle_buffer, 1, None), ("labelled_ratio", cfg.labelled_ratio, 0, 0.99)]
+    if cfg.image_size is not None:
+        ranges.append(("image_size", cfg.image_size, MIN_IMAGE_SIZE, 4096))
+    for name, value, low, high in ranges:
+        flag = "--" + name.replace("_", "-")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise ValueError(f"{flag} must be {bound}, got {value}")
+    if not cfg.lr > 0 or not np.isfinite(cfg.lr):
+        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"unknown --optimizer {cfg.optimizer!r}; choose adamw or sgd")
+
+
+MIN_IMAGE_SIZE = 16
+
+
+def _lock_run_dir(out: Path):
+    """Hold an exclusive lock on the run folder for the whole run (released by the OS if the process dies);
+    a second run on the same folder fails at once, naming the first."""
+    import datetime
+    import fcntl
+    import socket
+
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise CacheError(f"run folder {out} is in use by {holder}; wait for it to finish, or pass another --out") \
+            from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (f"distill pid {os.getpid()} on {socket.gethostname()}, started "
+                   f"{datetime.datetime.now().isoformat(timespec='seconds')}\n").encode(), 0)
+    return fd
+
+
 def run(cfg: DistillConfig) -> Path:
     """Train (or resume) a student; returns the run folder."""
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ValueError("--epochs and --batch-size must be >= 1")
+    check_config(cfg)
     rank, world = dist.init()
-    torch.manual_seed(cfg.seed)
     store = open_cache(cfg.cache)
+    out = Path(cfg.out or Path("runs") / run_name(cfg, store))
+    lock = _lock_run_dir(out) if rank == 0 else None
+    try:
+        return _run(cfg, rank, world, store, out)
+    finally:
+        if lock is not None:
+            os.close(lock)
+            if [f.name for f in out.iterdir()] == [".lock"]:  # nothing was started: leave no empty folder
+                (out / ".lock").unlink()
+                out.rmdir()
+
+
+def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path) -> Path:
+    torch.manual_seed(cfg.seed)
     if cfg.check_dataset and rank == 0:
         check_dataset(store)
     scenario = _scenario(store, cfg)
@@ -167,7 +237,6 @@ def run(cfg: DistillConfig) -> Path:
     dims = Dims(sdims["feature"], a["teacher"]["feature_dim"], num_classes, sdims["map"], a["tokens"]["grid"],
                 a["tokens"]["dim"])
     method = create_method(cfg.method, dims, **dict(cfg.method_options))
-    out = Path(cfg.out or Path("runs") / run_name(cfg, store))
 
     device = dist.device_for(cfg.device)
     # derived data (probe head, method statistics) is written once by rank 0, then read by the other ranks
@@ -213,7 +282,8 @@ def run(cfg: DistillConfig) -> Path:
     optimizer = make_optimizer(cfg.optimizer, module.parameters(), cfg.lr, cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, steps_per_epoch * cfg.epochs, int(steps_per_epoch * cfg.warmup_epochs))
 
-    start_epoch = _prepare_run_dir(out, cfg, rank, module, optimizer, scheduler)
+    fingerprint = store.fingerprint()
+    start_epoch = _prepare_run_dir(out, cfg, rank, module, optimizer, scheduler, fingerprint)
     train_module = module
     if world > 1:
         train_module = torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
@@ -250,7 +320,8 @@ def run(cfg: DistillConfig) -> Path:
                                       eval_reps, eval_labels, 0, max(cfg.batch_size, 128), cfg.workers)
             record["eval"] = evaluate(student, eval_loader, device, domains, domain_names, channels_last)
         if rank == 0:
-            state = {"epoch": epoch, "config": to_dict(cfg), "optimizer": optimizer.state_dict(),
+            state = {"epoch": epoch, "config": to_dict(cfg), "cache_fingerprint": fingerprint,
+                     "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
             # metrics first: a kill between the two leaves a record that --resume drops and redoes
             append_metrics(out / "metrics.jsonl", record)
@@ -270,7 +341,8 @@ def run(cfg: DistillConfig) -> Path:
     return out
 
 
-def _prepare_run_dir(out: Path, cfg: DistillConfig, rank: int, module, optimizer, scheduler) -> int:
+def _prepare_run_dir(out: Path, cfg: DistillConfig, rank: int, module, optimizer, scheduler,
+                     fingerprint: str) -> int:
     """Create the run folder, or restore the last checkpoint with --resume; returns the first epoch."""
     found = load_checkpoint(out) if (out / "checkpoints").is_dir() else None
     if found is None:
@@ -287,6 +359,10 @@ def _prepare_run_dir(out: Path, cfg: DistillConfig, rank: int, module, optimizer
     if not cfg.resume:
         raise CacheError(f"run folder {out} has a checkpoint ({path.name}); pass --resume to continue it or "
                          "choose another --out")
+    if state.get("cache_fingerprint", fingerprint) != fingerprint:
+        raise CacheError(f"--resume: the cache at {cfg.cache} is not the one run {out} started from (fingerprint "
+                         f"{state['cache_fingerprint'][:12]}, now {fingerprint[:12]}); resume with the original "
+                         "cache, or start a new run with another --out")
     saved = state["config"]
     now = to_dict(cfg)
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))

@@ -20,6 +20,7 @@ from pipeline import __version__, dist
 from pipeline.datasets import SPLIT_NAMES, create_dataset
 from pipeline.extraction import ShardBuffer, ShardClaims, ShardImageStream, ShardWriter, StreamSpec
 from pipeline.heads import fit_store_probe, resolve_head
+from pipeline.pack import remove_stale_temporaries
 from pipeline.store import FEATURE_DTYPES, CacheError, CacheStore, IncompleteCreation, Layout
 from pipeline.teachers import create_teacher, zeroshot_head
 from pipeline.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION, list_policies
@@ -65,6 +66,9 @@ def _creation_lock(out: Path):
         yield
 
 
+MIN_IMAGE_BOUND = 16
+
+
 def _check(cfg: ExtractConfig) -> None:
     if cfg.views < 1:
         raise ValueError("--views must be >= 1 (view 0 is the clean view)")
@@ -72,10 +76,27 @@ def _check(cfg: ExtractConfig) -> None:
         raise ValueError("--shard-size and --batch-size must be >= 1")
     if cfg.tokens < 0:
         raise ValueError("--tokens must be >= 0")
+    if cfg.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
+    if not MIN_IMAGE_BOUND <= cfg.image_bound <= 8192:
+        raise ValueError(f"--image-bound must be between {MIN_IMAGE_BOUND} and 8192 pixels, got {cfg.image_bound}")
+    if cfg.teacher_input_size is not None and not MIN_IMAGE_BOUND <= cfg.teacher_input_size <= 4096:
+        raise ValueError(f"--teacher-input-size must be between {MIN_IMAGE_BOUND} and 4096 pixels, "
+                         f"got {cfg.teacher_input_size}")
     if cfg.view_policy not in list_policies():
         raise ValueError(f"unknown --view-policy {cfg.view_policy!r}; choose one of: {', '.join(list_policies())}")
     if cfg.feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"unknown --feature-dtype {cfg.feature_dtype!r}; choose one of: {', '.join(FEATURE_DTYPES)}")
+
+
+def _clear(out: Path) -> None:
+    """Remove a cache folder for --overwrite; a symlinked --out keeps its link and loses its contents."""
+    if out.is_symlink():
+        target = out.resolve()
+        for child in target.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        return
+    shutil.rmtree(out)
 
 
 def _open_or_create(out: Path, cfg, layout: Layout, identity: dict, attrs: dict, static: dict) -> CacheStore:
@@ -85,7 +106,7 @@ def _open_or_create(out: Path, cfg, layout: Layout, identity: dict, attrs: dict,
             problems = store.mismatches(identity)
         except IncompleteCreation:
             store, problems = None, []
-            shutil.rmtree(out)
+            _clear(out)
             return CacheStore.create(out, layout, attrs, static, compression=cfg.compression)
         except CacheError as e:
             store, problems = None, [str(e)]
@@ -95,11 +116,11 @@ def _open_or_create(out: Path, cfg, layout: Layout, identity: dict, attrs: dict,
             raise CacheError(f"--out {out} holds a cache made from another teacher, dataset or settings:\n  "
                              + "\n  ".join(problems[:8])
                              + "\npass --overwrite to replace it, or choose another --out")
-        shutil.rmtree(out)
+        _clear(out)
     elif out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise CacheError(f"--out {out} exists and is not a kdcache cache; pass --overwrite to replace it")
-        shutil.rmtree(out)
+        _clear(out)
     store = CacheStore.create(out, layout, attrs, static, compression=cfg.compression)
     return store
 
@@ -164,15 +185,10 @@ def run(cfg: ExtractConfig) -> Path:
     if rank != 0:
         store = CacheStore.open(out, mode="r+")
 
+    if rank == 0:
+        remove_stale_temporaries(store.images_dir)
     if cfg.repair and rank == 0:
-        from pipeline.cacheinfo import damaged_shards
-
-        damaged = damaged_shards(store)
-        for k, why in sorted(damaged.items()):
-            print(f"repair: shard {k} {why}; recomputing it", file=sys.stderr)
-            store.mark_todo(k)
-        if not damaged:
-            print("repair: every done shard matches its checksum", file=sys.stderr)
+        _repair(store, static)
     if rank == 0 and head == "probe" and store.attrs["head_fit"].get("fitted") and not store.shard_done().all():
         # shards to (re)compute carry no probe logits yet: fit again (deterministically) once all are done
         store.update_attrs(head_fit={"fitted": False})
@@ -207,6 +223,39 @@ def run(cfg: ExtractConfig) -> Path:
             print(f"{len(busy)} shard(s) were being written by another extract on this cache; "
                   "it finishes them (run this command again to check).", file=sys.stderr)
     return out
+
+
+def _repair(store: CacheStore, static: dict) -> None:
+    """Recompute exactly what is damaged: shards whose arrays or packed images differ from their checksums
+    (a damaged tar is packed again from the dataset), and static arrays that differ from the dataset."""
+    from pipeline.cacheinfo import IMAGES, damaged_shards
+    from pipeline.pack import shard_name
+    from pipeline.store import static_digests
+
+    from pipeline.cacheinfo import cache_problems
+
+    if any(p.startswith("head:") for p in cache_problems(store, read_keys=False)):
+        print("repair: the probe head is missing or damaged; refitting it", file=sys.stderr)
+        store.update_attrs(head_fit={"fitted": False})
+    fresh = static_digests(static)
+    stored = static_digests({n: store.array(n)[:] for n in static})
+    for name in sorted(n for n in static if stored[n] != fresh[n]):
+        print(f"repair: array {name} differs from the dataset; rewriting it", file=sys.stderr)
+        store.array(name)[:] = static[name]
+    if store.checksum_version >= 2 and store.attrs.get("static_digests") != fresh:
+        store.update_attrs(static_digests=fresh)
+    damaged = damaged_shards(store)
+    for k, why in sorted(damaged.items()):
+        print(f"repair: shard {k} {why}; recomputing it", file=sys.stderr)
+        if why.startswith(IMAGES):
+            (store.images_dir / shard_name(k)).unlink(missing_ok=True)
+        store.mark_todo(k)
+    missing = {k for _, k in store.missing_files()}
+    for k in sorted(missing - set(damaged)):
+        print(f"repair: shard {k} has missing files; recomputing it", file=sys.stderr)
+        store.mark_todo(k)
+    if not damaged and not missing:
+        print("repair: every done shard matches its checksum", file=sys.stderr)
 
 
 # the latest teacher pass of this process: images, views, seconds (start-up and probe fitting excluded)
@@ -246,6 +295,8 @@ def _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, rank
                     pending = None
                 data = dict(buffers.pop(k).data, views=np.asarray(batch["views"], np.float32),
                             reasons=np.array(batch["reasons"], dtype=object).astype(str))
+                if store.checksum_version >= 2:
+                    data["image_digests"] = np.asarray(batch["image_digests"], np.uint8)
                 writer.submit(k, data, np.asarray(batch["status"], np.uint8))
                 bar.update(len(lay.rows(k)))
     except BaseException:

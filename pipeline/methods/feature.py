@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..derived import read_group, write_group
 from ..scenarios import TRAIN
@@ -98,7 +98,6 @@ def svd_statistics(store, k: int, write: bool = True) -> tuple[torch.Tensor, tor
         comps = vh[:k]
         # fix each vector's sign so the statistics are reproducible
         comps = comps * torch.sign(comps[torch.arange(len(comps)), comps.abs().argmax(1)])[:, None]
-        write_group(store, path, {"mean": mean.float().numpy(), "components": comps.float().numpy(),
-                                   "singular_values": s[:k].float().numpy()}, {"rows": int(len(f))})
-        group = store.group[path]
+        group = write_group(store, path, {"mean": mean.float().numpy(), "components": comps.float().numpy(),
+                                           "singular_values": s[:k].float().numpy()}, {"rows": len(f)})
     return torch.from_numpy(group["mean"][:]), torch.from_numpy(group["components"][:])

@@ -1,0 +1,463 @@
+"""Hostile and careless input: each numbered case of the reliability list, reproduced and refused.
+
+Nothing bad gets through silently: a damaged or tampered cache is named by `info --verify` and refused
+by `distill`, `extract --repair` restores it bit-identically, bad options are one-line errors naming the
+flag, and two runs never share a run folder.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import assert_same_cache, read_all, run_cli
+from PIL import Image
+
+from pipeline import cacheinfo
+from pipeline.engine import TrainingDiverged
+from pipeline.images import BadImage, decode_packed
+from pipeline.loader import CacheStream, StreamConfig
+from pipeline.pack import member_digest, read_members, shard_name
+from pipeline.store import CacheError, CacheStore
+from stages import distill, extract
+from stages.config import ConfigError, resolve
+
+N, S = 96, 8
+
+
+def _extract_cfg(out, **kw) -> extract.ExtractConfig:
+    base = dict(dataset="synthetic", dataset_options=(("n", N),), teacher="test_vit", random_init=True, views=2,
+                shard_size=S, batch_size=6, workers=0, out=str(out), progress=False)
+    base.update(kw)
+    return extract.ExtractConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    return extract.run(_extract_cfg(tmp_path_factory.mktemp("hostile") / "ref"))
+
+
+@pytest.fixture
+def cache(reference, tmp_path) -> Path:
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    return out
+
+
+def _distill_cfg(cache, out, **kw) -> distill.DistillConfig:
+    base = dict(cache=str(cache), student="test_efficientnet", image_size=32, method="kd", scenario="ssl",
+                labels_per_class=2, epochs=1, batch_size=16, workers=0, out=str(out), progress=False,
+                check_dataset=False)
+    base.update(kw)
+    return distill.DistillConfig(**base)
+
+
+def _repair(cache) -> None:
+    extract.run(_extract_cfg(cache, repair=True))
+
+
+def _problems(cache) -> list[str]:
+    return cacheinfo.verify(CacheStore.open(cache))
+
+
+def _rewrite_tar(path: Path, change) -> None:
+    """Rewrite a tar shard member by member; `change(name, data)` returns [(name, data)] (empty: drop)."""
+    members = []
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            members += change(m.name, tar.extractfile(m).read())
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+# 1. a signal during the probe fit ---------------------------------------------------------------------
+
+def test_interrupted_probe_fit_leaves_an_incomplete_cache_that_extract_finishes(reference, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    calls = []
+    real = CacheStore.write_arrays
+
+    def interrupted(self, k, data):
+        calls.append(k)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the signal arrives while the probe's logits are written
+        return real(self, k, data)
+
+    monkeypatch.setattr(CacheStore, "write_arrays", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(_extract_cfg(out))
+    monkeypatch.undo()
+    store = CacheStore.open(out)
+    assert store.shard_done().all() and not cacheinfo.summarize(store)["complete"]
+    assert any("never fitted" in p for p in cacheinfo.verify(store))
+    with pytest.raises(CacheError, match="never fitted"):
+        distill.run(_distill_cfg(out, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    extract.run(_extract_cfg(out))  # the same command fits the head
+    assert_same_cache(reference, out)
+
+
+# 2. tar shards: flipped bytes, truncation, renamed / dropped / swapped / symlinked members, pixel bombs -
+
+def _flip_png_byte(name, data, target):
+    if name == target:
+        data = bytearray(data)
+        data[len(data) // 2] ^= 0xFF
+        data = bytes(data)
+    return [(name, data)]
+
+
+def test_flipped_png_byte_is_found_skipped_when_streaming_and_repaired(cache, reference, capfd):
+    k, row = 3, 3 * S + 2
+    tar = cache / "images" / shard_name(k)
+    _rewrite_tar(tar, lambda n, d: _flip_png_byte(n, d, f"{row:09d}.png"))
+    assert [p for p in _problems(cache) if p.startswith(f"shard {k}: packed images")]
+    # the stream checks every member it reads against its digest: the row is skipped and reported
+    store = CacheStore.open(cache)
+    reps = np.zeros(N, np.int32)
+    reps[k * S:(k + 1) * S] = 1
+    samples = list(CacheStream(StreamConfig(str(cache), 32, clean_only=True, features=False), [k], reps,
+                               store.array("labels")[:], 0))
+    assert sorted(s["row"] for s in samples) == [r for r in range(k * S, (k + 1) * S) if r != row]
+    assert f"shard {k} packed images: 1 member(s) differ" in capfd.readouterr().err
+    _repair(cache)
+    assert (cache / "images" / shard_name(k)).read_bytes() == (reference / "images" / shard_name(k)).read_bytes()
+    assert_same_cache(reference, cache)
+    assert _problems(cache) == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "rename", "drop", "swap", "symlink", "extra"])
+def test_tar_damage_is_named_by_verify_and_repaired_bit_identically(cache, reference, damage):
+    k = 5
+    tar = cache / "images" / shard_name(k)
+    first, second = f"{k * S:09d}.png", f"{k * S + 1:09d}.png"
+    if damage == "truncate":
+        tar.write_bytes(tar.read_bytes()[:3000])
+    elif damage == "rename":
+        _rewrite_tar(tar, lambda n, d: [(n.replace(".png", ".jpg") if n == first else n, d)])
+    elif damage == "drop":
+        _rewrite_tar(tar, lambda n, d: [] if n == first else [(n, d)])
+    elif damage == "swap":  # a member taken from another row, under this row's name
+        other = dict((n, d) for n, d in _members(cache / "images" / shard_name(0)))
+        _rewrite_tar(tar, lambda n, d: [(n, other[f"{0:09d}.png"] if n == first else d)])
+    elif damage == "symlink":
+        data = dict(_members(tar))
+        with tarfile.open(tar, "w") as t:
+            link = tarfile.TarInfo(first)
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            t.addfile(link)
+            for n, d in data.items():
+                if n != first:
+                    info = tarfile.TarInfo(n)
+                    info.size = len(d)
+                    t.addfile(info, io.BytesIO(d))
+    elif damage == "extra":
+        _rewrite_tar(tar, lambda n, d: [(n, d)] + ([("../escape.png", d)] if n == second else []))
+    problems = [p for p in _problems(cache) if p.startswith(f"shard {k}:")]
+    assert len(problems) == 1 and "packed images" in problems[0], problems
+    store = CacheStore.open(cache)
+    found, issues = read_members(tar, store.layout.rows(k))  # the reader never raises
+    assert issues or len(found) < S or any(member_digest(*found[r]) != bytes(store.array("image_digests")[r])
+                                           for r in found)
+    _repair(cache)
+    assert_same_cache(reference, cache)
+    assert (cache / "images" / shard_name(k)).read_bytes() == (reference / "images" / shard_name(k)).read_bytes()
+    assert not (cache / "escape.png").exists()
+
+
+def _members(path):
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A small PNG whose header declares width x height (the pixel bomb of a hostile shard)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    import zlib
+
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # a valid IHDR checksum
+    return bytes(data)
+
+
+def test_a_pixel_bomb_member_is_refused_from_its_header(cache):
+    for side in (400, 12000):  # just above the bound, and far above it
+        with pytest.raises(BadImage, match="larger than the cache's image bound"):
+            decode_packed(_png_declaring(side, side), max_side=384)
+    bomb = _png_declaring(20000, 20000)
+    with pytest.raises(BadImage, match="decompression bomb"):
+        decode_packed(bomb, max_side=384)
+    # even with its digest recorded (a consistent forgery), the stream skips it without decoding
+    k, row = 2, 2 * S
+    tar = cache / "images" / shard_name(k)
+    _rewrite_tar(tar, lambda n, d: [(n, bomb if n == f"{row:09d}.png" else d)])
+    store = CacheStore.open(cache, mode="r+")
+    digests = store.array("image_digests")[:]
+    digests[row] = np.frombuffer(member_digest("png", bomb), np.uint8)
+    store.array("image_digests")[:] = digests
+    reps = np.zeros(N, np.int32)
+    reps[k * S:(k + 1) * S] = 1
+    rows = [s["row"] for s in CacheStream(StreamConfig(str(cache), 32, clean_only=True, features=False), [k], reps,
+                                          store.array("labels")[:], 0)]
+    assert row not in rows and len(rows) == S - 1
+
+
+def test_random_byte_flips_in_packed_images_never_crash_the_decoder(reference):
+    rng = np.random.default_rng(0)
+    members = [d for n, d in _members(reference / "images" / shard_name(0)) if n.endswith(".png")]
+    outcomes = {"refused": 0, "decoded": 0}
+    for t in range(60):
+        data = bytearray(members[t % len(members)])
+        for _ in range(int(rng.integers(1, 4))):
+            data[int(rng.integers(len(data)))] ^= int(rng.integers(1, 256))
+        if t % 3 == 0:
+            data = data[: int(rng.integers(8, len(data)))]
+        try:
+            img = decode_packed(bytes(data), max_side=384)
+            assert img.dtype == torch.uint8 and img.shape[0] == 3
+            outcomes["decoded"] += 1
+        except BadImage:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0 and sum(outcomes.values()) == 60
+
+
+# 3. non-finite training ------------------------------------------------------------------------------
+
+def test_a_non_finite_loss_stops_training_naming_the_step(cache, tmp_path, monkeypatch):
+    from pipeline.engine import TrainModule
+
+    real = TrainModule.forward
+    calls = []
+
+    def nan_at_step_3(self, **inputs):
+        parts = real(self, **inputs)
+        calls.append(1)
+        if len(calls) == 3:
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(TrainModule, "forward", nan_at_step_3)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"epoch 1/1.*step 3.*--lr.*--method-opt"):
+        distill.run(_distill_cfg(cache, run))
+    assert not (run / "checkpoints").exists() and not (run / "student.safetensors").exists()
+
+
+def test_temperature_zero_is_refused_before_training(cache, tmp_path):
+    proc = run_cli("distill", "--cache", str(cache), "--student", "test_efficientnet", "--method", "kd",
+                   "--method-opt", "temperature=0", "--out", str(tmp_path / "run"), "--no-check-dataset", check=False)
+    assert proc.returncode == 2 and "temperature" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2
+    assert not (tmp_path / "run").exists()
+
+
+# 4. booleans and numbers written as words ------------------------------------------------------------
+
+def test_yaml_values_are_typed_booleans_parsed_and_bad_values_named(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text('resume: "no"\nlr: "1e-3"\nepochs: "3"\nprogress: off\n')
+    cfg = resolve(distill.DistillConfig, good)
+    assert cfg.resume is False and cfg.lr == 1e-3 and cfg.epochs == 3 and cfg.progress is False
+    for text, match in [("lr: abc\n", "'lr' must be a finite number"), ("resume: maybe\n", "'resume' must be true"),
+                        ("epochs: 1.7\n", "'epochs' must be an integer"), ("epochs: ten\n", "'epochs'"),
+                        ("lr: .nan\n", "'lr' must be a finite"), ("student: 5\n", "'student' must be a string"),
+                        ("epoch: 3\n", "unknown option 'epoch' \\(did you mean 'epochs'\\?\\)")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            resolve(distill.DistillConfig, bad)
+
+
+def test_method_booleans_as_words(cache):
+    from pipeline.methods import parse_method_options
+
+    assert parse_method_options("customkd", {"normalize": "false"})["normalize"] is False
+    assert parse_method_options("customkd", {"normalize": "yes"})["normalize"] is True
+
+
+# 5. tampered metadata, arrays, labels, status, deleted chunks ----------------------------------------
+
+def _edit_json(path: Path, edit) -> None:
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def test_a_changed_dtype_or_shape_in_an_array_zarr_json_is_refused(cache, tmp_path):
+    _edit_json(cache / "features" / "zarr.json", lambda m: m.update(data_type="float32"))
+    with pytest.raises(CacheError, match="array 'features' is float32"):
+        CacheStore.open(cache)
+    proc = run_cli("info", "--cache", str(cache), "--verify", check=False)
+    assert proc.returncode == 2 and "features" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("field,edit", [
+    ("teacher.feature_dim", lambda a: a["teacher"].update(feature_dim=65)),
+    ("layout.feature_dim", lambda a: a["layout"].update(feature_dim="64")),
+    ("head.kind", lambda a: a.pop("head")),
+    ("layout", lambda a: a.pop("layout")),
+])
+def test_tampered_or_missing_metadata_is_one_error_naming_the_field(cache, field, edit):
+    _edit_json(cache / "zarr.json", lambda m: edit(m["attributes"]))
+    with pytest.raises(CacheError, match=field.replace(".", r"\.")):
+        CacheStore.open(cache)
+
+
+def test_rewritten_labels_are_found_refused_and_repaired(cache, reference, tmp_path):
+    store = CacheStore.open(cache, mode="r+")
+    labels = store.array("labels")[:]
+    labels[:10] = (labels[:10] + 1) % 8
+    store.array("labels")[:] = labels
+    assert any("labels" in p for p in _problems(cache))
+    with pytest.raises(CacheError, match="labels differ"):
+        distill.run(_distill_cfg(cache, tmp_path / "run"))
+    _repair(cache)
+    assert_same_cache(reference, cache)
+
+
+def test_a_rewritten_status_is_found_by_verify(cache, reference):
+    store = CacheStore.open(cache, mode="r+")
+    status = store.status()
+    status[4 * S + 1] = 2  # a done row marked bad: it would silently drop out of training
+    store.array("status")[:] = status
+    assert any(p.startswith("shard 4:") for p in _problems(cache))
+    _repair(cache)
+    assert_same_cache(reference, cache)
+
+
+def test_deleted_chunks_are_refused_by_distill_without_verify_and_repaired(cache, reference, tmp_path):
+    (cache / "features" / "c" / "6" / "0" / "0").unlink()
+    with pytest.raises(CacheError, match=r"missing \(first: features of shard 6\)"):
+        distill.run(_distill_cfg(cache, tmp_path / "run"))
+    _repair(cache)
+    assert_same_cache(reference, cache)
+
+
+def test_a_missing_group_is_an_error_not_a_keyerror(cache):
+    shutil.rmtree(cache / "logits")
+    with pytest.raises(CacheError, match="array 'logits' is missing"):
+        CacheStore.open(cache)
+    proc = run_cli("info", "--cache", str(cache), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+# 6. two runs on one run folder -----------------------------------------------------------------------
+
+def test_a_second_distill_on_a_locked_run_folder_fails_fast_naming_the_first(cache, tmp_path):
+    run = tmp_path / "run"
+    fd = distill._lock_run_dir(run)  # this process holds the folder, as a running distill would
+    try:
+        proc = run_cli("distill", "--cache", str(cache), "--student", "test_efficientnet", "--image-size", "32",
+                       "--method", "kd", "--epochs", "1", "--workers", "0", "--out", str(run), "--no-check-dataset",
+                       "--no-progress", check=False)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 2 and f"in use by distill pid {os.getpid()}" in proc.stderr
+    assert [p.name for p in run.iterdir()] == [".lock"]  # the second run wrote nothing
+
+
+# 7. --resume on a replaced cache ---------------------------------------------------------------------
+
+def test_resume_refuses_a_cache_that_was_replaced(cache, tmp_path):
+    run = tmp_path / "run"
+    distill.run(_distill_cfg(cache, run, epochs=1))
+    shutil.rmtree(cache)
+    extract.run(_extract_cfg(cache, view_seed=1))  # another cache at the same path
+    with pytest.raises(CacheError, match="not the one run .* started from"):
+        distill.run(_distill_cfg(cache, run, epochs=2, resume=True))
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+# 8. a read-only cache --------------------------------------------------------------------------------
+
+def test_a_read_only_cache_works_for_a_method_that_derives_data(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(CacheStore, "writable", lambda self: False)  # as on a read-only mount (root ignores chmod)
+    monkeypatch.setenv("KDCACHE_DERIVED_DIR", str(tmp_path / "derived"))
+    before = read_all(cache)
+    files = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
+    os.chmod(cache, 0o555)
+    try:  # ssl with a probe head that saw every train label: the scenario's probe must be refit (derived data)
+        distill.run(_distill_cfg(cache, tmp_path / "run", method="customkd"))
+    finally:
+        os.chmod(cache, 0o755)
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == files
+    after = read_all(cache)
+    assert sorted(before) == sorted(after)
+    assert list((tmp_path / "derived").iterdir())  # the derived heads went beside it
+
+
+# 9. sizes, devices, and the command line -------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(image_size=1), "--image-size must be between 16"), (dict(image_size=0), "--image-size"),
+    (dict(image_size=-5), "--image-size"), (dict(epochs=0), "--epochs must be >= 1"),
+    (dict(lr=-1.0), "--lr"), (dict(labelled_ratio=1.5), "--labelled-ratio"), (dict(optimizer="adam"), "--optimizer"),
+])
+def test_out_of_range_distill_options_are_refused(cache, tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        distill.run(_distill_cfg(cache, tmp_path / "run", **kw))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kw,match", [(dict(image_bound=0), "--image-bound"),
+                                      (dict(teacher_input_size=1), "--teacher-input-size"),
+                                      (dict(workers=-1), "--workers")])
+def test_out_of_range_extract_options_are_refused(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        extract.run(_extract_cfg(tmp_path / "c", **kw))
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_a_clear_error(cache, tmp_path):
+    with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+        distill.run(_distill_cfg(cache, tmp_path / "run", device="cuda"))
+
+
+def test_command_line_errors_are_one_line_and_debug_shows_the_traceback(cache, tmp_path):
+    for args in (["--epochs", "ten"], ["--epochs", "1.7"], ["--image-size", "0"]):
+        proc = run_cli("distill", "--cache", str(cache), "--out", str(tmp_path / "r"), *args, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
+    proc = run_cli("--debug", "distill", "--cache", str(cache), "--image-size", "0", "--out", str(tmp_path / "r"),
+                   check=False)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "--image-size" in proc.stderr
+
+
+def test_overwrite_through_a_symlinked_out_keeps_the_link(reference, tmp_path):
+    real = tmp_path / "disk" / "cache"
+    shutil.copytree(reference, real)
+    link = tmp_path / "cache"
+    link.symlink_to(real)
+    extract.run(_extract_cfg(link, view_seed=1, overwrite=True))
+    assert link.is_symlink() and CacheStore.open(link).attrs["views"]["seed"] == 1
+
+
+def test_orphan_temporary_tars_are_removed_on_the_next_run(cache):
+    orphan = cache / "images" / f".{shard_name(0)}.999999999.tmp"  # its writer (a dead pid) was killed
+    orphan.write_bytes(b"half a tar")
+    extract.run(_extract_cfg(cache))
+    assert not orphan.exists()
+
+
+def test_hints_quote_paths_with_spaces(tmp_path):
+    with pytest.raises(CacheError, match="'.*my cache'"):
+        CacheStore.open(tmp_path / "my cache")
+
+
+def test_yaml_config_is_refused_with_the_file_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"batch_size": "many"}))
+    with pytest.raises(ConfigError, match=f"--config {p}: option 'batch_size' must be an integer"):
+        resolve(extract.ExtractConfig, p)
