@@ -203,18 +203,24 @@ def evaluate(
     run: str = typer.Option(..., help="Run folder written by distill (runs/<name>)."),
     batch_size: Optional[int] = typer.Option(None, help="Evaluation batch size."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-    latency_repeats: Optional[int] = typer.Option(None, help="Timed batch-1 CPU forward passes."),
+    latency_repeats: Optional[int] = typer.Option(None, help="Timed CPU forward passes per latency figure "
+                                                  "(default 50, after 10 warm-up passes)."),
+    latency_threads: Optional[int] = typer.Option(None, help="CPU threads for the latency figures (default 1)."),
+    latency_batch: Optional[int] = typer.Option(None, help="Batch size of the second latency figure (default 8; "
+                                                "0: batch 1 only)."),
     no_onnx: bool = typer.Option(False, "--no-onnx", help="Skip the ONNX export and its onnxruntime check."),
     device: Optional[str] = typer.Option(None, help="Device for the accuracy pass (latency is always CPU)."),
 ):
-    """Stage three: top-1/top-5 per domain and split (student and teacher), params, MACs, CPU latency,
+    """Stage three: top-1/top-5 per domain and split (student and teacher), params, MACs, CPU latency
+    (fixed threads, warm-up, median and IQR), a folder timm loads by itself (export/),
     ONNX export checked with onnxruntime; writes report.json, report.md and plots into the run."""
     from stages import evaluate as stage
     from stages.config import resolve
 
     with _errors():
         cfg = resolve(stage.EvaluateConfig, None, run=run, batch_size=batch_size, workers=workers,
-                      latency_repeats=latency_repeats, onnx=False if no_onnx else None, device=device)
+                      latency_repeats=latency_repeats, latency_threads=latency_threads,
+                      latency_batch=latency_batch, onnx=False if no_onnx else None, device=device)
         path = stage.run(cfg)
     typer.echo((path / "report.md").read_text())
 

@@ -1,6 +1,6 @@
 """Fuzz pass: random byte flips and truncations in tar shards and in every Zarr array of a cache.
 
-    python benchmarks/fuzz.py                 # 100 trials, results in benchmarks/results/fuzz.{json,md}
+    python benchmarks/fuzz.py                 # 100 trials: benchmarks/results/fuzz.md, fuzz/trials.json
     python benchmarks/fuzz.py --trials 20 --seed 1
 
 Each trial copies a small clean cache, damages one file (a tar shard, a shard file of an array, or an
@@ -132,6 +132,7 @@ def main() -> None:
         trials.append({"trial": t, "file": str(victim_rel), "damage": how, "verify_exit": rc_v,
                        "reader": "refused" if "refused" in reader else ("same" if same else "differs"),
                        "outcome": outcome,
+                       "stderr": (err_v + err_r)[-600:] if crashed else "",
                        "message": (err_v.strip().splitlines() or [""])[-1][:200] if rc_v == 2 else
                        (out_v.strip().splitlines() or [""])[-1][:200]})
         print(f"[fuzz] {t + 1}/{args.trials} {victim_rel} ({how}): {outcome}", flush=True)
@@ -142,7 +143,8 @@ def main() -> None:
     summary = {"trials": len(trials), "seed": args.seed, "counts": counts, "reader_refused": refused,
                "seconds": round(time.perf_counter() - start, 1), "cpu_count": os.cpu_count()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fuzz.json").write_text(json.dumps({"summary": summary, "trials": trials}, indent=1))
+    (RESULTS / "fuzz").mkdir(exist_ok=True)
+    (RESULTS / "fuzz" / "trials.json").write_text(json.dumps({"summary": summary, "trials": trials}, indent=1))
     by_group: dict[str, dict[str, int]] = {}
     for tr in trials:
         g = by_group.setdefault(Path(tr["file"]).parts[0], {})

@@ -5,7 +5,17 @@ import numpy as np
 
 from .images import BadImage, decode_packed
 from .pack import member_digest, read_members, shard_name
-from .store import QUANTISED, STATIC_ARRAYS, STATUS_BAD, STATUS_DONE, CacheStore, shard_digest, static_digests
+from .store import (
+    DIGESTED,
+    QUANTISED,
+    STATIC_ARRAYS,
+    STATUS_BAD,
+    STATUS_DONE,
+    CacheStore,
+    array_digest,
+    shard_digest,
+    static_digests,
+)
 
 IMAGES = "packed images: "  # prefix of a problem in a shard's tar file (repair re-packs it)
 
@@ -86,6 +96,10 @@ def damaged_shards(store: CacheStore, progress=None, images: bool = True) -> dic
     status = store.status()
     done = store.shard_done(status)
     checksums = store.array("shard_checksums")[:]
+    try:
+        recorded = store.array("array_digests")[:] if store.has("array_digests") else None
+    except Exception as e:  # noqa: BLE001
+        return {k: f"array_digests cannot be read ({type(e).__name__})" for k in range(lay.num_shards) if done[k]}
     problems: dict[int, str] = {}
     shards = [k for k in range(lay.num_shards) if done[k]]
     for k in (progress(shards) if progress else shards):
@@ -98,6 +112,12 @@ def damaged_shards(store: CacheStore, progress=None, images: bool = True) -> dic
         if str(checksums[k]) != store.shard_checksum(data, status[r.start:r.stop]):
             problems[k] = "contents differ from the checksum recorded when it was written"
             continue
+        if recorded is not None:
+            wrong = [n for n, v in dict(data, status=status[r.start:r.stop]).items()
+                     if not np.array_equal(array_digest(v), recorded[k, DIGESTED.index(n)])]
+            if wrong:
+                problems[k] = f"array digests of {', '.join(wrong)} differ from the data (array_digests damaged)"
+                continue
         ok_rows = status[r.start:r.stop] == STATUS_DONE
         for name in ("features", "logits", "tokens"):
             if name in data and not np.isfinite(data[name][ok_rows].astype(np.float32)).all():
@@ -128,6 +148,14 @@ def cache_problems(store: CacheStore, read_keys: bool = True) -> list[str]:
         if now != store.attrs["head_fit"]["digest"]:
             out.append("head: the probe head (heads/extract) differs from the digest recorded when it was fitted; "
                        "run extract with --repair to refit it")
+    store.status()
+    if store.status_unreadable:
+        out.append(f"status: shard(s) {', '.join(map(str, store.status_unreadable[:8]))} cannot be read (they count as "
+                   "todo: the extract command recomputes them)")
+    changed = store.status_changed()
+    if changed:
+        out.append(f"status: shard(s) {', '.join(map(str, changed[:8]))} differ from the status recorded when written; "
+                   "run extract with --repair")
     missing = store.missing_files()
     if missing:
         out.append(f"files: {len(missing)} shard file(s) of done shards are missing (first: {missing[0][0]} of shard {missing[0][1]}); "

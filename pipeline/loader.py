@@ -80,18 +80,22 @@ class CacheStream(IterableDataset):
             return
         # one slice per array: chunk-aligned, never a per-sample Zarr read
         try:
-            feats = store.read("features", rows.start, rows.stop) if cfg.features else None
-            views = store.array("views")[rows.start:rows.stop]
-            logits = store.array("logits")[rows.start:rows.stop] if cfg.logits else None
-            tokens = store.read("tokens", rows.start, rows.stop) if cfg.tokens else None
+            # each array read is compared with its recorded digest (cheap next to decoding the images)
+            feats = store.read_checked("features", k) if cfg.features else None
+            views = store.read_checked("views", k)
+            logits = store.read_checked("logits", k) if cfg.logits else None
+            tokens = store.read_checked("tokens", k) if cfg.tokens else None
+            # the tar is read sequentially once, its members checked against their digests
+            packed = self._packed(store, k, reps)
+        except CacheError:
+            raise
         except Exception as e:  # noqa: BLE001 - a damaged shard file raises from its codec or index
             raise CacheError(f"shard {k} of cache {cfg.cache} cannot be read ({type(e).__name__}: {e}); check it with "
                              "`info --verify` and fix it with `extract --repair`") from None
         rng = np.random.default_rng([cfg.seed, self.epoch, 3, k])
         num_views = views.shape[1]
-        # the tar is read sequentially once; the shard's draws (a row repeated r times gives r draws)
-        # are then visited in a random order, so repeats never arrive back to back
-        packed = self._packed(store, k, reps)
+        # the shard's draws (a row repeated r times gives r draws) are visited in a random order, so
+        # repeats never arrive back to back
         draws = np.repeat(np.fromiter(packed, dtype=np.int64, count=len(packed)),
                           [int(reps[r - rows.start]) for r in packed])
         if not cfg.clean_only:
@@ -125,7 +129,7 @@ class CacheStream(IterableDataset):
         when it was packed; a damaged, swapped or missing member is skipped and reported, never decoded."""
         rows = store.layout.rows(k)
         found, problems = read_members(store.images_dir / shard_name(k), rows)
-        digests = store.array("image_digests")[rows.start:rows.stop] if store.has("image_digests") else None
+        digests = store.read_checked("image_digests", k) if store.has("image_digests") else None
         packed, wrong, missing = {}, 0, 0
         for row in rows:
             if reps[row - rows.start] <= 0:

@@ -1,7 +1,6 @@
 """What a student costs and whether its export is faithful: accuracy, params, MACs, latency, ONNX."""
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -43,20 +42,31 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def cpu_latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50, warmup: int = 10) -> dict:
-    """Median and p90 wall time of one batch-1 forward pass on the CPU."""
+def cpu_latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50, warmup: int = 10,
+                   threads: int = 1, batch: int | None = None) -> dict:
+    """Wall time of one forward pass on the CPU, measured the standard way: a fixed thread count (restored
+    afterwards), inference mode, warm-up passes first, then `repeats` timed passes; median, interquartile
+    range and p90 in milliseconds. `batch` repeats the example to that batch size."""
     model = model.eval().cpu()
-    example = example.cpu()
-    for _ in range(warmup):
-        model(example)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(example)
-        times.append((time.perf_counter() - t) * 1000)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))],
-            "repeats": repeats, "threads": torch.get_num_threads()}
+    x = example.cpu()
+    if batch is not None:
+        x = x[:1].expand(batch, *x.shape[1:]).contiguous()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - t) * 1000)
+    finally:
+        torch.set_num_threads(before)
+    q = np.percentile(times, [25, 50, 75, 90])
+    return {"median_ms": float(q[1]), "iqr_ms": [float(q[0]), float(q[2])], "p90_ms": float(q[3]),
+            "repeats": repeats, "warmup": warmup, "threads": threads, "batch": int(x.shape[0])}
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict:

@@ -128,9 +128,10 @@ class CacheMeta:
             if lay.feature_dtype == "int8":
                 out["token_scale"] = ((N, V, lay.token_grid ** 2), "float32")
         if self.checksums >= 2:
-            from .store import DIGEST_BYTES
+            from .store import DIGEST_BYTES, DIGESTED
 
             out["image_digests"] = ((N, DIGEST_BYTES), "uint8")
+            out["array_digests"] = ((lay.num_shards, len(DIGESTED), DIGEST_BYTES), "uint8")
         return out
 
     def check_arrays(self, group, path: Path) -> None:

@@ -63,10 +63,14 @@ def write_report(run_dir: Path, report: dict) -> None:
     for name, g in s["groups"].items():
         lines.append(f"| {name} | {g['top1']:.4f} | {g['top5']:.4f} | {t['groups'].get(name, {}).get('top1', float('nan')):.4f} "
                      f"| {g['n']} |")
-    lat = report["latency_cpu_b1"]
-    lines += ["", f"- params: {report['params']:,}", f"- MACs at {report['image_size']} px: {report['macs']:,}",
-              f"- CPU latency, batch 1: median {lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
-              f"({lat['threads']} threads)"]
+    lines += ["", f"- params: {report['params']:,}", f"- MACs at {report['image_size']} px: {report['macs']:,}"]
+    for key in ("latency_cpu_b1", "latency_cpu_batch"):
+        lat = report.get(key)
+        if lat:
+            iqr = lat.get("iqr_ms")
+            lines.append(f"- CPU latency, batch {lat.get('batch', 1)}: median {lat['median_ms']:.2f} ms"
+                         + (f" (IQR {iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
+                         + f", p90 {lat['p90_ms']:.2f} ms; {lat['threads']} thread(s), {lat['repeats']} timed passes")
     if "onnx" in report:
         lines.append(f"- ONNX: `{Path(report['onnx']['path']).name}`, max |onnxruntime - torch| = "
                      f"{report['onnx']['max_abs_diff']:.2e}")

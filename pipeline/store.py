@@ -29,6 +29,9 @@ STATIC_ARRAYS = ("labels", "domains", "splits", "keys")
 # (`image_digests`, one per row), and the static arrays carry digests in the attributes.
 CHECKSUM_VERSION = 2
 DIGEST_BYTES = 16
+# version 2 also keeps one digest per (shard, array) in `array_digests`, so a reader can check exactly the
+# arrays it reads, every time it reads them
+DIGESTED = SHARD_ARRAYS + ("status",)
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "head", "pack", "tokens", "storage")
 FEATURE_DTYPES = ("float16", "int8")
 QUANTISED = {"features": "feature_scale", "tokens": "token_scale"}  # int8 array -> its per-vector scale
@@ -109,6 +112,17 @@ def shard_digest(data: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def array_digest(values: np.ndarray) -> np.ndarray:
+    """16-byte BLAKE2b of one shard's slice of an array (strings joined as in shard_digest)."""
+    values = np.asarray(values)
+    data = "\x00".join(str(x) for x in values.ravel()).encode() if values.dtype.kind in "OUT" \
+        else np.ascontiguousarray(values).tobytes()
+    kind = "str" if values.dtype.kind in "OUT" else values.dtype.str  # strings read back as another dtype
+    h = hashlib.blake2b(str(values.shape).encode() + kind.encode(), digest_size=DIGEST_BYTES)
+    h.update(data)
+    return np.frombuffer(h.digest(), np.uint8)
+
+
 def static_digests(values: dict[str, np.ndarray]) -> dict[str, str]:
     return {name: shard_digest({name: np.asarray(values[name])}) for name in sorted(values)}
 
@@ -169,6 +183,8 @@ class CacheStore:
         make("image_digests", (DIGEST_BYTES,), "uint8")
         group.create_array("shard_checksums", shape=(layout.num_shards,), chunks=(1,), dtype=str,
                            fill_value="")
+        group.create_array("array_digests", shape=(layout.num_shards, len(DIGESTED), DIGEST_BYTES),
+                           chunks=(1, len(DIGESTED), DIGEST_BYTES), dtype="uint8", fill_value=0)
         for name, values in static.items():
             group[name][:] = values
         group.create_group("images", attributes={"about": "packed webdataset tar shards, one per cache shard"})
@@ -227,6 +243,7 @@ class CacheStore:
     def status(self) -> np.ndarray:
         """Per-row status; a status shard that cannot be read counts as todo (it is recomputed)."""
         arr = self.group["status"]
+        self.status_unreadable: list[int] = []
         try:
             return arr[:]
         except Exception:  # a damaged status file: read shard by shard and keep what is readable
@@ -236,12 +253,14 @@ class CacheStore:
                 try:
                     out[r.start:r.stop] = arr[r.start:r.stop]
                 except Exception:
-                    pass
+                    self.status_unreadable.append(k)
             return out
 
     def mark_todo(self, k: int) -> None:
         """Send shard k back to work (its data arrays are rewritten before its status)."""
         r = self.layout.rows(k)
+        if "array_digests" in self.group:  # no longer a written shard: its digests are void
+            self.group["array_digests"][k] = np.zeros(self.group["array_digests"].shape[1:], np.uint8)
         self.group["status"][r.start:r.stop] = np.zeros(len(r), np.uint8)
 
     def shard_done(self, status: np.ndarray | None = None) -> np.ndarray:
@@ -274,6 +293,7 @@ class CacheStore:
             if name in data:
                 self._drop_shard_file(name, k)
                 self.group[name][rows.start:rows.stop] = data[name]
+        self._record_digests(k, dict(data, status=np.asarray(status, np.uint8)))
         self.group["shard_checksums"][k] = self.shard_checksum(data, status)
         self.group["status"][rows.start:rows.stop] = status
 
@@ -284,12 +304,39 @@ class CacheStore:
         key = arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
         (self.path / name / key).unlink(missing_ok=True)
 
+    def _record_digests(self, k: int, data: dict[str, np.ndarray]) -> None:
+        if "array_digests" not in self.group:
+            return
+        digests = self.group["array_digests"][k]
+        for name, values in data.items():
+            if name in DIGESTED:
+                digests[DIGESTED.index(name)] = array_digest(values)
+        self.group["array_digests"][k] = digests
+
+    def read_checked(self, name: str, k: int) -> np.ndarray:
+        """Shard k of an array, as `read` gives it, after comparing the stored bytes with the digests recorded
+        when they were written (caches with array digests); a mismatch is a CacheError naming the shard."""
+        rows = self.layout.rows(k)
+        names = [name] + ([QUANTISED[name]] if name in QUANTISED and QUANTISED[name] in self.group else [])
+        raw = {n: self.group[n][rows.start:rows.stop] for n in names}
+        if "array_digests" in self.group:
+            recorded = self.group["array_digests"][k]
+            for n, values in raw.items():
+                if not np.array_equal(array_digest(values), recorded[DIGESTED.index(n)]):
+                    raise CacheError(f"cache {self.path}: shard {k} of {n} differs from the digest recorded when it "
+                                     "was written; check with `info --verify`, fix with `extract --repair`")
+        values = raw[name]
+        if values.dtype == np.int8 and name in QUANTISED:
+            return dequantize_int8(values, raw[QUANTISED[name]])
+        return values
+
     def write_arrays(self, k: int, data: dict[str, np.ndarray]) -> None:
         """Rewrite some data arrays of a finished shard (e.g. logits of a probe fitted later)."""
         rows = self.layout.rows(k)
         for name, values in data.items():
             self._drop_shard_file(name, k)
             self.group[name][rows.start:rows.stop] = values
+        self._record_digests(k, data)
         self.group["shard_checksums"][k] = self.shard_checksum(self.read_shard(k),
                                                                self.group["status"][rows.start:rows.stop])
 
@@ -343,6 +390,24 @@ class CacheStore:
                 key = arr.metadata.encode_chunk_key((int(k),) + (0,) * (arr.ndim - 1))
                 if not (self.path / name / key).is_file():
                     out.append((name, int(k)))
+        return out
+
+    def status_changed(self) -> list[int]:
+        """Done shards whose status differs from the digest recorded when they were written (cheap: the
+        status array is small); [] for caches without array digests. (A shard killed between its digests
+        and its status is not done, and is recomputed by the extract command.)"""
+        if "array_digests" not in self.group:
+            return []
+        status = self.status()
+        try:
+            recorded = self.group["array_digests"][:, DIGESTED.index("status")]
+        except Exception:  # noqa: BLE001 - a damaged digest file: every done shard is suspect
+            return [int(k) for k in np.flatnonzero(self.shard_done(status))]
+        out = []
+        for k in np.flatnonzero(self.shard_done(status)):
+            r = self.layout.rows(int(k))
+            if not np.array_equal(array_digest(status[r.start:r.stop]), recorded[k]):
+                out.append(int(k))
         return out
 
     def fingerprint(self) -> str:

@@ -27,6 +27,8 @@ class EvaluateConfig:
     batch_size: int = 256
     workers: int = 2
     latency_repeats: int = 50
+    latency_threads: int = 1  # CPU threads for the latency measurement (fixed, so figures compare)
+    latency_batch: int = 8  # a second latency figure at this batch size (0: batch 1 only)
     onnx: bool = True
     device: str = "cpu"
 
@@ -75,7 +77,32 @@ def _groups(rows, domains, splits, domain_names) -> dict[str, np.ndarray]:
     return groups
 
 
+def export_timm(model: torch.nn.Module, folder: Path, classes: list[str], size: int, mean: list[float],
+                std: list[float], interpolation: str, onnx_file: Path | None = None) -> dict:
+    """The student as a folder timm loads by itself: model.safetensors + config.json (architecture,
+    num_classes, label names, mean/std, input size, interpolation), written by timm's own `save_for_hf`,
+    plus the ONNX file when there is one.
+
+        timm.create_model("local-dir:" + folder, pretrained=True)
+    """
+    import shutil
+
+    from timm.models import save_for_hf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_for_hf(model.eval().cpu(), str(folder), model_config={"label_names": list(classes)},
+                safe_serialization=True,
+                data_config={"input_size": (3, size, size), "mean": tuple(mean), "std": tuple(std),
+                             "interpolation": interpolation, "crop_pct": 1.0})
+    if onnx_file is not None and onnx_file.is_file():
+        shutil.copyfile(onnx_file, folder / "model.onnx")
+    return {"folder": str(folder), "load": f'timm.create_model("local-dir:{folder}", pretrained=True)',
+            "files": sorted(p.name for p in folder.iterdir())}
+
+
 def run(cfg: EvaluateConfig) -> Path:
+    if cfg.latency_threads < 1 or cfg.latency_repeats < 1 or cfg.latency_batch < 0 or cfg.batch_size < 1:
+        raise ValueError("--latency-threads, --latency-repeats and --batch-size must be >= 1, --latency-batch >= 0")
     run_dir = Path(cfg.run)
     dcfg, summary = load_run(run_dir)
     store = CacheStore.open(dcfg.cache, mode="r+")
@@ -100,11 +127,18 @@ def run(cfg: EvaluateConfig) -> Path:
         "student_metrics": topk_metrics(logits, labels, groups),
         "teacher_metrics": topk_metrics(t_logits, labels, groups) | {"head": head_info},
         "params": count_params(plain), "macs": count_macs(plain, example),
-        "latency_cpu_b1": cpu_latency_ms(plain, example, cfg.latency_repeats),
+        "latency_cpu_b1": cpu_latency_ms(plain, example, cfg.latency_repeats, threads=cfg.latency_threads),
         "preprocess": {"mean": (student.mean.flatten() / 255).tolist(), "std": (student.std.flatten() / 255).tolist(),
                        "interpolation": student.interpolation},
     }
+    if cfg.latency_batch > 1:
+        report["latency_cpu_batch"] = cpu_latency_ms(plain, example, cfg.latency_repeats, threads=cfg.latency_threads,
+                                                     batch=cfg.latency_batch)
     if cfg.onnx:
         report["onnx"] = export_onnx(plain, example, run_dir / "student.onnx")
+    pre = report["preprocess"]
+    report["export"] = export_timm(plain, run_dir / "export", list(store.attrs["dataset"]["classes"]), size,
+                                   pre["mean"], pre["std"], pre["interpolation"],
+                                   run_dir / "student.onnx" if cfg.onnx else None)
     write_report(run_dir, report)
     return run_dir

@@ -228,11 +228,9 @@ def run(cfg: ExtractConfig) -> Path:
 def _repair(store: CacheStore, static: dict) -> None:
     """Recompute exactly what is damaged: shards whose arrays or packed images differ from their checksums
     (a damaged tar is packed again from the dataset), and static arrays that differ from the dataset."""
-    from pipeline.cacheinfo import IMAGES, damaged_shards
+    from pipeline.cacheinfo import IMAGES, cache_problems, damaged_shards
     from pipeline.pack import shard_name
     from pipeline.store import static_digests
-
-    from pipeline.cacheinfo import cache_problems
 
     if any(p.startswith("head:") for p in cache_problems(store, read_keys=False)):
         print("repair: the probe head is missing or damaged; refitting it", file=sys.stderr)

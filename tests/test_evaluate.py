@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.measure import count_macs, count_params, export_onnx, topk_metrics
+from pipeline.students import create_student
 from stages import distill, evaluate, extract
 
 
@@ -74,6 +75,27 @@ def test_report_numbers_come_from_the_model(run_dir):
     for name in ("report.md", "accuracy_per_domain.png", "training_curves.png", "student.onnx"):
         assert (run_dir / name).is_file(), name
     assert f"{s['top1']:.4f}" in (run_dir / "report.md").read_text()
+
+
+def test_exported_student_loads_with_timm_alone(run_dir):
+    import timm
+
+    evaluate.run(evaluate.EvaluateConfig(run=str(run_dir), workers=0, latency_repeats=2, onnx=False))
+    folder = run_dir / "export"
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # no kdcache code involved
+    cfg = json.loads((folder / "config.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert cfg["num_classes"] == summary["num_classes"] and len(cfg["label_names"]) == summary["num_classes"]
+    size = summary["image_size"]
+    assert cfg["pretrained_cfg"]["input_size"] == [3, size, size]
+    data = timm.data.resolve_data_config({}, model=model)
+    assert data["input_size"] == (3, size, size)
+    ours = create_student(summary["student"], summary["num_classes"])
+    ours.model.load_state_dict(load_file(str(run_dir / "student.safetensors")))
+    x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(data["mean"]).view(1, 3, 1, 1), torch.tensor(data["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():  # timm's preprocessing constants + the exported weights = our student
+        assert torch.allclose(model((x.float() / 255 - mean) / std), ours.eval()(x).logits, atol=1e-4)
 
 
 def test_cli_extract_distill_evaluate_report(tmp_path):

@@ -207,6 +207,7 @@ def test_a_pixel_bomb_member_is_refused_from_its_header(cache):
     digests = store.array("image_digests")[:]
     digests[row] = np.frombuffer(member_digest("png", bomb), np.uint8)
     store.array("image_digests")[:] = digests
+    store._record_digests(k, {"image_digests": digests[k * S:(k + 1) * S]})  # the forgery updates its digest too
     reps = np.zeros(N, np.int32)
     reps[k * S:(k + 1) * S] = 1
     rows = [s["row"] for s in CacheStream(StreamConfig(str(cache), 32, clean_only=True, features=False), [k], reps,
@@ -327,12 +328,26 @@ def test_rewritten_labels_are_found_refused_and_repaired(cache, reference, tmp_p
     assert_same_cache(reference, cache)
 
 
-def test_a_rewritten_status_is_found_by_verify(cache, reference):
+def test_a_rewritten_status_is_found_by_verify_and_refused_by_distill(cache, reference, tmp_path):
     store = CacheStore.open(cache, mode="r+")
     status = store.status()
     status[4 * S + 1] = 2  # a done row marked bad: it would silently drop out of training
     store.array("status")[:] = status
     assert any(p.startswith("shard 4:") for p in _problems(cache))
+    with pytest.raises(CacheError, match=r"status: shard\(s\) 4 differ"):
+        distill.run(_distill_cfg(cache, tmp_path / "run"))
+    _repair(cache)
+    assert_same_cache(reference, cache)
+
+
+def test_features_changed_behind_the_checksums_stop_training_at_the_read(cache, reference, tmp_path):
+    store = CacheStore.open(cache, mode="r+")
+    feats = store.array("features")[7 * S:8 * S]
+    feats[0, 0, :4] += 1  # a well-formed write: the codec reads it fine, only the digests can tell
+    store.array("features")[7 * S:8 * S] = feats
+    assert any(p.startswith("shard 7:") for p in _problems(cache))
+    with pytest.raises(CacheError, match="shard 7 of features differs from the digest"):
+        distill.run(_distill_cfg(cache, tmp_path / "run", scenario="supervised", labels_per_class=None))
     _repair(cache)
     assert_same_cache(reference, cache)
 
