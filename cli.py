@@ -173,7 +173,8 @@ def distill(
     eval_every: Optional[int] = typer.Option(None, help="Evaluate every N epochs (and after the last)."),
     seed: Optional[int] = typer.Option(None, help="Seed for labels-per-class, shard order and views."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
-    out: Optional[str] = typer.Option(None, help="Run folder (default runs/kd-<student>_from_<teacher>-...)."),
+    out: Optional[str] = typer.Option(None, help="Run folder (default runs/<UTC time>-<method>-<student>-<hash of the settings>; with --resume "
+                                     "and no --out: the newest run of the same settings)."),
     resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the run's last checkpoint."),
     no_check_dataset: bool = typer.Option(False, "--no-check-dataset", help="Do not re-scan the original "
                                           "dataset to compare its fingerprint."),

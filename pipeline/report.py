@@ -43,12 +43,48 @@ def _plots(run_dir: Path, report: dict) -> list[str]:
                 ax2.plot(*zip(*ev), "s--", color="tab:green", label="eval top-1")
                 ax2.set_ylim(0, 1)
                 ax2.set_ylabel("top-1")
+            handles = ax1.get_legend_handles_labels()
+            if ev:
+                more = ax2.get_legend_handles_labels()
+                handles = (handles[0] + more[0], handles[1] + more[1])
+            ax1.legend(*handles, loc="center right", fontsize=8)
             ax1.set_title(f"{report['run']}: training", fontsize=9)
             fig.tight_layout()
             fig.savefig(run_dir / "training_curves.png", dpi=100)
             plt.close(fig)
             made.append("training_curves.png")
     return made
+
+
+def metrics_csv(run_dir: Path) -> Path:
+    """metrics.csv from metrics.jsonl: one row per epoch, one column per number (nested keys joined with
+    '/', e.g. eval/top1, eval/groups/<domain>/top1), for spreadsheets and pandas."""
+    import csv
+
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        flat: dict = {}
+
+        def walk(prefix: str, value) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}/{k}" if prefix else str(k), v)
+            elif isinstance(value, (int, float, str, bool)) or value is None:
+                flat[prefix] = value
+
+        walk("", json.loads(line))
+        rows.append(flat)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    path = run_dir / "metrics.csv"
+    tmp = path.with_name(".metrics.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
 
 
 def write_report(run_dir: Path, report: dict) -> None:

@@ -32,6 +32,14 @@ DIGEST_BYTES = 16
 # version 2 also keeps one digest per (shard, array) in `array_digests`, so a reader can check exactly the
 # arrays it reads, every time it reads them
 DIGESTED = SHARD_ARRAYS + ("status",)
+# named dimensions (Zarr v3 dimension_names), so xarray.open_zarr reads the cache as one dataset
+DIMENSIONS = {
+    "features": ("row", "view", "feature"), "feature_scale": ("row", "view"), "logits": ("row", "view", "class"),
+    "tokens": ("row", "view", "token", "channel"), "token_scale": ("row", "view", "token"),
+    "views": ("row", "view", "view_param"), "labels": ("row",), "domains": ("row",), "splits": ("row",),
+    "keys": ("row",), "status": ("row",), "reasons": ("row",), "image_digests": ("row", "digest_byte"),
+    "shard_checksums": ("shard",), "array_digests": ("shard", "digested_array", "digest_byte"),
+}
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "head", "pack", "tokens", "storage")
 FEATURE_DTYPES = ("float16", "int8")
 QUANTISED = {"features": "feature_scale", "tokens": "token_scale"}  # int8 array -> its per-vector scale
@@ -159,7 +167,7 @@ class CacheStore:
             group.create_array(name, shape=(N, *shape_tail), chunks=(inner, *shape_tail),
                                shards=(S, *shape_tail), dtype=dtype,
                                compressors=comp if compress and comp is not None else None,
-                               fill_value="" if dtype is str else 0)
+                               fill_value="" if dtype is str else 0, dimension_names=DIMENSIONS[name])
 
         if layout.feature_dtype not in FEATURE_DTYPES:
             raise CacheError(f"unknown --feature-dtype {layout.feature_dtype!r}; choose {' or '.join(FEATURE_DTYPES)}")
@@ -182,9 +190,10 @@ class CacheStore:
         make("reasons", (), str)
         make("image_digests", (DIGEST_BYTES,), "uint8")
         group.create_array("shard_checksums", shape=(layout.num_shards,), chunks=(1,), dtype=str,
-                           fill_value="")
+                           fill_value="", dimension_names=DIMENSIONS["shard_checksums"])
         group.create_array("array_digests", shape=(layout.num_shards, len(DIGESTED), DIGEST_BYTES),
-                           chunks=(1, len(DIGESTED), DIGEST_BYTES), dtype="uint8", fill_value=0)
+                           chunks=(1, len(DIGESTED), DIGEST_BYTES), dtype="uint8", fill_value=0,
+                           dimension_names=DIMENSIONS["array_digests"])
         for name, values in static.items():
             group[name][:] = values
         group.create_group("images", attributes={"about": "packed webdataset tar shards, one per cache shard"})

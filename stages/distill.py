@@ -1,6 +1,8 @@
 """Stage two: train a student from the cache (CustomKD by default) under a label scenario."""
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import os
 import shlex
@@ -30,6 +32,7 @@ from pipeline.engine import (
 from pipeline.loader import StreamConfig, labelled_repeats, make_loader, rank_shards, samples_in
 from pipeline.methods import DEFAULT_METHOD, create_method
 from pipeline.methods.base import Dims, MethodContext
+from pipeline.report import metrics_csv
 from pipeline.scenarios import make_scenario
 from pipeline.store import CacheError, CacheStore
 from pipeline.students import create_student
@@ -157,9 +160,30 @@ def _scenario(store: CacheStore, cfg: DistillConfig):
                          cfg.labels_per_class, cfg.seed, cfg.closed_set)
 
 
+def config_hash(cfg: DistillConfig, store: CacheStore) -> str:
+    """8 hex digits naming what a run computes: its settings (those a resume may change left out) and
+    the cache's fingerprint."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES | {"out"}}
+    text = json.dumps(settings, sort_keys=True, default=str) + store.fingerprint()
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def run_name(cfg: DistillConfig, store: CacheStore) -> str:
-    teacher = store.attrs["teacher"]["name"].split(":")[-1].replace("/", "-").split(".")[0]
-    return f"kd-{cfg.student}_from_{teacher}-{cfg.method}-{cfg.scenario}"
+    """runs/<UTC time>-<method>-<student>-<config hash>: two runs never share a folder by default."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{cfg.method}-{cfg.student.replace('/', '-')}-{config_hash(cfg, store)}"
+
+
+def default_out(cfg: DistillConfig, store: CacheStore, runs: Path = Path("runs")) -> Path:
+    """A new run folder; with --resume, the newest folder of a run with these settings on this cache."""
+    if not cfg.resume:
+        return runs / run_name(cfg, store)
+    pattern = f"*-{cfg.method}-{cfg.student.replace('/', '-')}-{config_hash(cfg, store)}"
+    found = sorted(p for p in runs.glob(pattern) if p.is_dir())
+    if not found:
+        raise CacheError(f"--resume: no run in {runs}/ has these settings on this cache ({pattern}); pass the run "
+                         "folder printed when it started as --out")
+    return found[-1]
 
 
 def check_config(cfg: DistillConfig) -> None:
@@ -207,12 +231,26 @@ def _lock_run_dir(out: Path):
     return fd
 
 
+def _shared_default_out(cfg: DistillConfig, store: CacheStore, rank: int) -> Path:
+    """Rank 0 names the run folder (its clock), every rank gets the same name (or the same error)."""
+    found, error = None, None
+    if rank == 0:
+        try:
+            found = str(default_out(cfg, store))
+        except CacheError as e:
+            error = str(e)
+    found, error = dist.broadcast((found, error))
+    if error:
+        raise CacheError(error)
+    return Path(found)
+
+
 def run(cfg: DistillConfig) -> Path:
     """Train (or resume) a student; returns the run folder."""
     check_config(cfg)
     rank, world = dist.init()
     store = open_cache(cfg.cache)
-    out = Path(cfg.out or Path("runs") / run_name(cfg, store))
+    out = Path(cfg.out) if cfg.out else _shared_default_out(cfg, store, rank)
     lock = _lock_run_dir(out) if rank == 0 else None
     try:
         return _run(cfg, rank, world, store, out)
@@ -300,7 +338,7 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
     eval_reps = scenario.evaluation.astype(np.int32)
     domains, domain_names = store.array("domains")[:], a["dataset"]["domains"]
     if rank == 0:
-        print(f"{run_name(cfg, store)}: {scenario.description}, {scenario.counts()}, teacher head "
+        print(f"{out.name}: {scenario.description}, {scenario.counts()}, teacher head "
               f"{head_info['teacher_head']}{' (refit: ' + head_info['reason'] + ')' if head_info['refit'] else ''}",
               file=sys.stderr)
 
@@ -325,6 +363,7 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
                      "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
             # metrics first: a kill between the two leaves a record that --resume drops and redoes
             append_metrics(out / "metrics.jsonl", record)
+            metrics_csv(out)
             save_checkpoint(out, epoch, student, method, state)
             if cfg.progress:
                 ev = record.get("eval", {})
@@ -350,14 +389,16 @@ def _prepare_run_dir(out: Path, cfg: DistillConfig, rank: int, module, optimizer
             print(f"--resume: no checkpoint in {out}, starting from epoch 1", file=sys.stderr)
         if rank == 0:
             if (out / "metrics.jsonl").exists() and not cfg.resume:
-                raise CacheError(f"run folder {out} already has results; pass --resume or choose another --out")
+                raise CacheError(f"run folder {out} already has results; continue it with the same command plus "
+                                 f"--resume --out {shlex.quote(str(out))}, or choose another --out")
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
             write_yaml(cfg, out / "config.yaml")
         return 0
     path, state = found
     if not cfg.resume:
-        raise CacheError(f"run folder {out} has a checkpoint ({path.name}); pass --resume to continue it or "
+        raise CacheError(f"run folder {out} has a checkpoint ({path.name}); continue it with the same command plus "
+                         f"--resume --out {shlex.quote(str(out))}, or "
                          "choose another --out")
     if state.get("cache_fingerprint", fingerprint) != fingerprint:
         raise CacheError(f"--resume: the cache at {cfg.cache} is not the one run {out} started from (fingerprint "

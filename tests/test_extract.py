@@ -217,3 +217,14 @@ def test_int8_cache_stores_a_quarter_of_the_bytes_less_and_decodes_close_to_floa
     # a cache keeps the dtype it was made with: resuming with another is refused
     r = run_cli("extract", *ARGS, "--workers", "0", "--out", str(out), check=False)
     assert r.returncode == 2 and "storage.feature_dtype" in r.stderr
+
+
+def test_cache_opens_as_one_xarray_dataset(reference):
+    import xarray as xr
+
+    ds = xr.open_zarr(str(reference), consolidated=False)
+    store = CacheStore.open(reference)
+    assert ds["features"].dims == ("row", "view", "feature") and ds.sizes["row"] == store.layout.n
+    assert np.array_equal(ds["features"].isel(view=0).values, store.array("features")[:, 0])
+    assert list(ds["keys"].values[:2]) == list(store.array("keys")[:2])
+    assert ds.attrs["format"] == "kdcache"

@@ -53,7 +53,7 @@ def cache(reference, tmp_path) -> Path:
 
 def _distill_cfg(cache, out, **kw) -> distill.DistillConfig:
     base = dict(cache=str(cache), student="test_efficientnet", image_size=32, method="kd", scenario="ssl",
-                labels_per_class=2, epochs=1, batch_size=16, workers=0, out=str(out), progress=False,
+                labels_per_class=2, epochs=1, batch_size=16, workers=0, out=None if out is None else str(out), progress=False,
                 check_dataset=False)
     base.update(kw)
     return distill.DistillConfig(**base)
@@ -476,3 +476,19 @@ def test_yaml_config_is_refused_with_the_file_named(tmp_path):
     p.write_text(yaml.safe_dump({"batch_size": "many"}))
     with pytest.raises(ConfigError, match=f"--config {p}: option 'batch_size' must be an integer"):
         resolve(extract.ExtractConfig, p)
+
+
+def test_default_run_folders_never_collide_and_resume_finds_the_run(cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = distill.run(_distill_cfg(cache, None, epochs=1))
+    second = distill.run(_distill_cfg(cache, None, epochs=1, seed=1))
+    assert first != second and first.parent == second.parent == Path("runs")
+    assert first.name.split("-")[2:4] == ["kd", "test_efficientnet"] and len(first.name.split("-")[-1]) == 8
+    resumed = distill.run(_distill_cfg(cache, None, epochs=2, resume=True))  # the newest run of these settings
+    assert resumed == first and len((first / "metrics.jsonl").read_text().splitlines()) == 2
+    csv = (first / "metrics.csv").read_text().splitlines()
+    assert csv[0].startswith("epoch,") and "eval/top1" in csv[0] and len(csv) == 3
+    with pytest.raises(CacheError, match="has a checkpoint .*; continue it with the same command plus --resume --out runs"):
+        distill.run(_distill_cfg(cache, str(first), epochs=1))
+    with pytest.raises(CacheError, match="no run in runs/ has these settings"):
+        distill.run(_distill_cfg(cache, None, epochs=1, seed=7, resume=True))
