@@ -52,6 +52,10 @@ def make_scenario(kind: str, labels: np.ndarray, domains: np.ndarray, splits: np
         raise ScenarioError(f"unknown --scenario {kind!r}; choose one of: {', '.join(SCENARIOS)}")
     if closed_set and kind != "uda":
         raise ScenarioError("--closed-set applies to --scenario uda only")
+    if (source or target) and kind != "uda":
+        raise ScenarioError(f"--source / --target apply to --scenario uda only (this is --scenario {kind})")
+    if labels_per_class is not None and kind != "ssl":
+        raise ScenarioError(f"--labels-per-class applies to --scenario ssl only (this is --scenario {kind})")
     usable = status == 1
     known = usable & (labels >= 0)
     if kind == "uda":
@@ -79,9 +83,15 @@ def make_scenario(kind: str, labels: np.ndarray, domains: np.ndarray, splits: np
         train = known & (splits == TRAIN)
         rng = np.random.default_rng([seed, labels_per_class])
         labelled = np.zeros_like(train)
-        for c in np.unique(labels[train]):
+        classes = np.unique(labels[train])
+        counts = {int(c): int((train & (labels == c)).sum()) for c in classes}
+        short = min(counts, key=counts.get) if counts else None
+        if short is not None and counts[short] < labels_per_class:
+            raise ScenarioError(f"--labels-per-class {labels_per_class}: class {short} has only {counts[short]} "
+                                f"train rows; choose at most {counts[short]}")
+        for c in classes:
             rows = np.flatnonzero(train & (labels == c))
-            labelled[rng.choice(rows, size=min(labels_per_class, len(rows)), replace=False)] = True
+            labelled[rng.choice(rows, size=labels_per_class, replace=False)] = True
         unlabelled = usable & (splits == TRAIN) & ~labelled
         evaluation = _eval_split(splits, known)
         desc = f"ssl {labels_per_class} labels/class (seed {seed})"

@@ -205,7 +205,7 @@ def test_bad_input_stops_before_training(cache, tmp_path):
     expect(StudentError, "unknown --student.*Did you mean", student="mobilenetv3_larg_100")
     expect(MethodError, "choose one of", method="customkdd")
     expect(ScenarioError, "unknown domain.*domain0, domain1", scenario="uda", source=("domain0",),
-           target=("domain9",))
+           target=("domain9",), labels_per_class=None)
     expect(ScenarioError, "labels-per-class", labels_per_class=0)
     with pytest.raises(ScenarioError, match="zero labelled"):
         make_scenario("supervised", np.full(4, -1), np.zeros(4), np.zeros(4), np.ones(4), ["d"])

@@ -492,3 +492,12 @@ def test_default_run_folders_never_collide_and_resume_finds_the_run(cache, tmp_p
         distill.run(_distill_cfg(cache, str(first), epochs=1))
     with pytest.raises(CacheError, match="no run in runs/ has these settings"):
         distill.run(_distill_cfg(cache, None, epochs=1, seed=7, resume=True))
+
+
+def test_scenario_options_that_would_be_ignored_are_refused(cache, tmp_path):
+    for kw, match in [(dict(scenario="supervised", labels_per_class=None, source=("domain0",)), "--source / --target"),
+                      (dict(scenario="supervised", labels_per_class=3), "--labels-per-class applies to --scenario ssl"),
+                      (dict(labels_per_class=10_000), "class .* has only .* train rows")]:
+        with pytest.raises(ValueError, match=match):
+            distill.run(_distill_cfg(cache, tmp_path / "run", **kw))
+        assert not (tmp_path / "run").exists()
