@@ -89,7 +89,7 @@ def image_problems(store: CacheStore, k: int, status: np.ndarray, digests: np.nd
     return IMAGES + "; ".join(problems) if problems else None
 
 
-def damaged_shards(store: CacheStore, progress=None, images: bool = True) -> dict[int, str]:
+def damaged_shards(store: CacheStore, progress=None) -> dict[int, str]:
     """Read back every done shard; {shard: problem} for those that do not match their recorded checksum,
     cannot be read, hold non-finite values, or whose packed images differ from what was packed."""
     lay = store.layout
@@ -122,41 +122,46 @@ def damaged_shards(store: CacheStore, progress=None, images: bool = True) -> dic
         for name in ("features", "logits", "tokens"):
             if name in data and not np.isfinite(data[name][ok_rows].astype(np.float32)).all():
                 problems[k] = f"non-finite values in {name}"
-        if images and k not in problems:
+        if k not in problems:
             why = image_problems(store, k, status, data.get("image_digests"), decode=store.checksum_version < 2)
             if why:
                 problems[k] = why
     return problems
 
 
-def cache_problems(store: CacheStore, read_keys: bool = True) -> list[str]:
-    """Problems of the cache as a whole (not of one shard): unfitted head, missing shard files, static
-    arrays that differ from their recorded digests."""
-    out = []
+def head_problems(store: CacheStore) -> list[str]:
+    """The extract probe head: fitted, present, and equal to the digest recorded when it was fitted."""
     if not store.meta.head_fitted:
-        out.append("head: the probe head was never fitted (its logits are empty); run the extract command "
-                   "again to fit it")
+        return ["head: the probe head was never fitted (its logits are empty); run the extract command again to "
+                "fit it"]
     lost = store.meta.probe_missing(store.group)
     if lost:
-        out.append(f"head: the fitted probe head's {lost} is missing; run extract with --repair to refit it")
-    elif store.meta.head_fitted and store.attrs.get("head_fit", {}).get("digest"):
+        return [f"head: the fitted probe head's {lost} is missing; run extract with --repair to refit it"]
+    if store.attrs.get("head_fit", {}).get("digest"):
         try:
             g = store.group["heads/extract"]
             now = shard_digest({n: g[n][:] for n in ("weight", "bias", "fitted_on")})
         except Exception as e:  # noqa: BLE001 - damaged files of the head
             now = f"unreadable ({type(e).__name__})"
         if now != store.attrs["head_fit"]["digest"]:
-            out.append("head: the probe head (heads/extract) differs from the digest recorded when it was fitted; "
-                       "run extract with --repair to refit it")
-    store.status()
+            return ["head: the probe head (heads/extract) differs from the digest recorded when it was fitted; "
+                    "run extract with --repair to refit it"]
+    return []
+
+
+def cache_problems(store: CacheStore, read_keys: bool = True) -> list[str]:
+    """Problems of the cache as a whole (not of one shard): the head, unreadable or changed status, missing
+    shard files, static arrays that differ from their recorded digests."""
+    out = head_problems(store)
+    status = store.status()  # read once, for every check below
     if store.status_unreadable:
         out.append(f"status: shard(s) {', '.join(map(str, store.status_unreadable[:8]))} cannot be read (they count as "
                    "todo: the extract command recomputes them)")
-    changed = store.status_changed()
+    changed = store.status_changed(status)
     if changed:
         out.append(f"status: shard(s) {', '.join(map(str, changed[:8]))} differ from the status recorded when written; "
                    "run extract with --repair")
-    missing = store.missing_files()
+    missing = store.missing_files(status)
     if missing:
         out.append(f"files: {len(missing)} shard file(s) of done shards are missing (first: {missing[0][0]} of shard {missing[0][1]}); "
                    "run extract with --repair")

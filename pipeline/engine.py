@@ -83,7 +83,7 @@ class TrainingDiverged(ValueError):
     """The loss became NaN or infinite; the message names the step and the options to look at."""
 
 
-def _check_finite(first_bad: torch.Tensor, desc: str, steps: int) -> None:
+def _check_finite(first_bad: torch.Tensor, desc: str) -> None:
     bad = int(first_bad)  # one host sync, every CHECK_EVERY steps
     if bad >= 0:
         raise TrainingDiverged(f"{desc}: the loss became non-finite (NaN or inf) at step {bad + 1}; training stopped "
@@ -114,7 +114,7 @@ def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max
         finite = torch.isfinite(parts["loss"].detach())
         first_bad = torch.where(~finite & (first_bad < 0), torch.full_like(first_bad, steps), first_bad)
         if steps % CHECK_EVERY == CHECK_EVERY - 1:
-            _check_finite(first_bad, desc, steps)
+            _check_finite(first_bad, desc)
         parts["loss"].backward()
         optimizer.step()
         scheduler.step()
@@ -127,7 +127,7 @@ def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max
             bar.set_postfix({"img/s": f"{seen / (time.perf_counter() - start):.0f}",
                              **{k: f"{float(v.detach()):.3f}" for k, v in parts.items()}})
     bar.close()
-    _check_finite(first_bad, desc, steps)
+    _check_finite(first_bad, desc)
     elapsed = time.perf_counter() - start
     out = {k: float(v) / max(seen, 1) for k, v in sums.items()}
     out.update(images=seen, steps=steps, img_per_s=seen / max(elapsed, 1e-9), seconds=elapsed)

@@ -380,11 +380,11 @@ class CacheStore:
         """View 0 of `name` (float32) for the masked rows."""
         return self.masked(mask, name, view=0)
 
-    def missing_files(self) -> list[tuple[str, int]]:
+    def missing_files(self, status: np.ndarray | None = None) -> list[tuple[str, int]]:
         """Shard files that a done shard must have but that are gone (zarr would read them as zeros).
         Cheap: one stat per file, no data read. Static arrays are checked by their digests instead (a
         shard of fill values, e.g. every label 0, is legitimately not stored)."""
-        status = self.status()
+        status = self.status() if status is None else status
         done = self.shard_done(status)
         out = []
         for name in ("features", "feature_scale", "logits", "tokens", "token_scale", "views", "image_digests",
@@ -401,13 +401,13 @@ class CacheStore:
                     out.append((name, int(k)))
         return out
 
-    def status_changed(self) -> list[int]:
+    def status_changed(self, status: np.ndarray | None = None) -> list[int]:
         """Done shards whose status differs from the digest recorded when they were written (cheap: the
         status array is small); [] for caches without array digests. (A shard killed between its digests
         and its status is not done, and is recomputed by the extract command.)"""
         if "array_digests" not in self.group:
             return []
-        status = self.status()
+        status = self.status() if status is None else status
         try:
             recorded = self.group["array_digests"][:, DIGESTED.index("status")]
         except Exception:  # noqa: BLE001 - a damaged digest file: every done shard is suspect

@@ -228,11 +228,11 @@ def run(cfg: ExtractConfig) -> Path:
 def _repair(store: CacheStore, static: dict) -> None:
     """Recompute exactly what is damaged: shards whose arrays or packed images differ from their checksums
     (a damaged tar is packed again from the dataset), and static arrays that differ from the dataset."""
-    from pipeline.cacheinfo import IMAGES, cache_problems, damaged_shards
+    from pipeline.cacheinfo import IMAGES, damaged_shards, head_problems
     from pipeline.pack import shard_name
     from pipeline.store import static_digests
 
-    if any(p.startswith("head:") for p in cache_problems(store, read_keys=False)):
+    if head_problems(store):
         print("repair: the probe head is missing or damaged; refitting it", file=sys.stderr)
         store.update_attrs(head_fit={"fitted": False})
     fresh = static_digests(static)
