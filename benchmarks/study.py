@@ -151,6 +151,26 @@ def pretrained_weights(suite: Suite) -> str:
     return str(path)
 
 
+def run_config(suite: Suite, pair: tuple, budget: str, row: Row, seed: int, device: str, workers: int):
+    """The DistillConfig of one run."""
+    from stages import distill
+
+    key = run_key(suite, pair, budget, row, seed)
+    overrides = dict(row.distill)
+    student, weights = suite.student, None
+    if overrides.pop("pretrained", False):
+        student, weights = suite.pretrained_student, pretrained_weights(suite)
+    scenario = row.scenario or suite.scenario
+    return distill.DistillConfig(
+        cache=str(ROOT / suite.cache), student=student, student_weights=weights, method=row.method,
+        method_options=row.options, scenario=scenario, source=pair[:1], target=pair[1:],
+        labels_per_class=suite.labels_per_class if scenario == "ssl" else None,
+        closed_set=suite.closed_set and scenario == "uda",
+        epochs=suite.budgets[budget], batch_size=suite.batch_size, lr=suite.lr, image_size=suite.image_size,
+        workers=workers, seed=seed, device=device, out=str(ROOT / "runs" / "study" / suite.name / key), resume=True,
+        eval_every=suite.budgets[budget], progress=False, check_dataset=False, **overrides)
+
+
 def train(suite: Suite, pair: tuple, budget: str, row: Row, seed: int, device: str, workers: int) -> dict:
     """One run through the library; returns its result record."""
     import torch
@@ -159,19 +179,8 @@ def train(suite: Suite, pair: tuple, budget: str, row: Row, seed: int, device: s
 
     torch.set_num_threads(max(1, int(os.environ.get("STUDY_THREADS", "1"))))
     key = run_key(suite, pair, budget, row, seed)
-    overrides = dict(row.distill)
-    student, weights = suite.student, None
-    if overrides.pop("pretrained", False):
-        student, weights = suite.pretrained_student, pretrained_weights(suite)
-    scenario = row.scenario or suite.scenario
-    cfg = distill.DistillConfig(
-        cache=str(ROOT / suite.cache), student=student, student_weights=weights, method=row.method,
-        method_options=row.options, scenario=scenario, source=pair[:1], target=pair[1:],
-        labels_per_class=suite.labels_per_class if scenario == "ssl" else None,
-        closed_set=suite.closed_set and scenario == "uda",
-        epochs=suite.budgets[budget], batch_size=suite.batch_size, lr=suite.lr, image_size=suite.image_size,
-        workers=workers, seed=seed, device=device, out=str(ROOT / "runs" / "study" / suite.name / key), resume=True,
-        eval_every=suite.budgets[budget], progress=False, check_dataset=False, **overrides)
+    cfg = run_config(suite, pair, budget, row, seed, device, workers)
+    student = cfg.student
     start = time.perf_counter()
     out = distill.run(cfg)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -211,12 +220,32 @@ def run_all(suite: Suite, todo: list[tuple], jobs: int, device: str, workers: in
           f"with {jobs} job(s)", file=sys.stderr)
     running: list[tuple[subprocess.Popen, str]] = []
     start = time.perf_counter()
+    if jobs > 1:
+        precompute(suite, pending, device, workers)
     try:
         _drain(suite, pending, running, jobs, device, workers, start)
     except KeyboardInterrupt:  # stop: the runs in flight keep their checkpoints and resume next time
         for proc, _ in running:
             proc.terminate()
         raise SystemExit(f"[study {suite.name}] interrupted; re-run the same command to continue")
+
+
+def precompute(suite: Suite, pending: list, device: str, workers: int) -> None:
+    """Derived data the runs share (teacher heads, CustomKD's customisation phases), computed once here
+    before the runs start, instead of by every run at once on a shared device."""
+    from stages import distill
+
+    seen = set()
+    for pair, budget, row, seed in sorted(pending, key=lambda t: -suite.budgets[t[1]]):
+        cfg = run_config(suite, pair, budget, row, seed, device, workers)
+        what = (cfg.method, cfg.method_options, cfg.scenario, cfg.source, cfg.target, cfg.seed, cfg.teacher_adapt)
+        if what in seen:
+            continue
+        seen.add(what)
+        t0 = time.perf_counter()
+        distill.precompute(cfg)
+        print(f"[study {suite.name}] derived data of {pair_name(pair)} seed {seed} {row.method} {dict(row.options)} "
+              f"ready ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
 
 def _drain(suite: Suite, pending: list, running: list, jobs: int, device: str, workers: int, start: float) -> None:

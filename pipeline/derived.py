@@ -5,6 +5,9 @@ Written once, reused by every later run; the base arrays are never touched.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import filelock
 import numpy as np
 import torch
 
@@ -24,6 +27,15 @@ def write_group(store: CacheStore, path: str, arrays: dict[str, np.ndarray], att
         group.create_array(name, shape=value.shape, dtype=value.dtype, overwrite=True)[...] = value
     group.attrs.update(dict(attrs, complete=True))  # written last: a half-written group is recomputed
     return group
+
+
+def derived_lock(store: CacheStore, path: str) -> filelock.FileLock:
+    """An inter-process lock for computing one derived group, beside where it is written, so runs started
+    together compute it once (the others wait, then read it)."""
+    root = Path(store.path) if store.writable() else store.side_path()
+    folder = root / "derived" / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(str(folder / (path.replace("/", "__") + ".lock")))
 
 
 def read_group(store: CacheStore, path: str):
@@ -74,12 +86,16 @@ def _scenario_head(store: CacheStore, scenario: Scenario, write: bool):
     if group is None:
         if not write:
             raise RuntimeError(f"scenario probe {path} is missing")
-        labels = store.array("labels")[:]
-        w, b = fit_probe(store.clean_view(scenario.labelled), labels[scenario.labelled],
-                         len(store.attrs["dataset"]["classes"]))
-        group = write_group(store, path, {"weight": w, "bias": b, "fitted_on": scenario.labelled.astype(np.uint8)},
-                            {"kind": "probe", "scenario": scenario.description,
-                             "samples": int(scenario.labelled.sum())})
+        with derived_lock(store, path):
+            group = read_group(store, path)  # another run may have fitted it meanwhile
+            if group is None:
+                labels = store.array("labels")[:]
+                w, b = fit_probe(store.clean_view(scenario.labelled), labels[scenario.labelled],
+                                 len(store.attrs["dataset"]["classes"]))
+                group = write_group(store, path, {"weight": w, "bias": b,
+                                                  "fitted_on": scenario.labelled.astype(np.uint8)},
+                                    {"kind": "probe", "scenario": scenario.description,
+                                     "samples": int(scenario.labelled.sum())})
     head = LinearHead(torch.from_numpy(group["weight"][:]), torch.from_numpy(group["bias"][:]))
     why = f"stored {kind} head saw labels of {leaked} rows outside this scenario's labelled set" if leaked \
         else "the cache has no teacher logits"

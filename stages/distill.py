@@ -262,28 +262,52 @@ def run(cfg: DistillConfig) -> Path:
                 out.rmdir()
 
 
+def _student_and_method(cfg: DistillConfig, store: CacheStore):
+    a = store.attrs
+    num_classes = len(a["dataset"]["classes"])
+    student = create_student(cfg.student, num_classes, cfg.student_weights)
+    sdims = student.dims(cfg.image_size or student.default_size)
+    dims = Dims(sdims["feature"], a["teacher"]["feature_dim"], num_classes, sdims["map"], a["tokens"]["grid"],
+                a["tokens"]["dim"])
+    return student, create_method(cfg.method, dims, **dict(cfg.method_options))
+
+
+def _context(store, scenario, student, method, head, device, seed: int, write: bool) -> MethodContext:
+    logits = (lambda mask, view=None: teacher_logits(store, head, mask, view)) if method.needs_logits else None
+    return MethodContext(store, scenario, student, device, seed, write, logits)
+
+
+def precompute(cfg: DistillConfig) -> None:
+    """Compute and keep what a run would derive from the cache before training (the scenario's teacher
+    head, the method's statistics, and its per-epoch phases for `cfg.epochs` epochs where the method
+    can compute them ahead), without training: many runs started at once then read it instead of each
+    computing it."""
+    store = CacheStore.open(cfg.cache, mode="r+")
+    scenario = _scenario(store, cfg)
+    student, method = _student_and_method(cfg, store)
+    head = None
+    if method.needs_logits:
+        head, _ = scenario_teacher_head(store, scenario, write=True, adapt_rounds=cfg.teacher_adapt)
+    ctx = _context(store, scenario, student, method, head, dist.device_for(cfg.device), cfg.seed, True)
+    method.prepare(ctx)
+    method.precompute(ctx, cfg.epochs)
+
+
 def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path) -> Path:
     torch.manual_seed(cfg.seed)
     if cfg.check_dataset and rank == 0:
         check_dataset(store)
     scenario = _scenario(store, cfg)
     a = store.attrs
+    student, method = _student_and_method(cfg, store)
     num_classes = len(a["dataset"]["classes"])
-    student = create_student(cfg.student, num_classes, cfg.student_weights)
     image_size = cfg.image_size or student.default_size
-    sdims = student.dims(image_size)
-    dims = Dims(sdims["feature"], a["teacher"]["feature_dim"], num_classes, sdims["map"], a["tokens"]["grid"],
-                a["tokens"]["dim"])
-    method = create_method(cfg.method, dims, **dict(cfg.method_options))
-
     device = dist.device_for(cfg.device)
     # derived data (probe head, method statistics) is written once by rank 0, then read by the other ranks
     head, head_info = None, {"teacher_head": a["head"]["kind"], "refit": False}
 
     def context(write: bool) -> MethodContext:
-        return MethodContext(store, scenario, student, device, cfg.seed, write,
-                             (lambda mask, view=None: teacher_logits(store, head, mask, view))
-                             if method.needs_logits else None)
+        return _context(store, scenario, student, method, head, device, cfg.seed, write)
 
     def derived(write: bool):
         nonlocal head, head_info

@@ -282,3 +282,32 @@ def test_bad_method_option_on_the_command_line(cache, tmp_path):
                               capture_output=True, text=True)
         assert proc.returncode == 2 and re.search(match, proc.stderr.replace("\n", " ")), (opt, proc.stderr[-500:])
         assert not (tmp_path / opt).exists()
+
+
+def test_customkd_phases_are_computed_once_and_shared_by_every_student(cache, tmp_path, monkeypatch):
+    """precompute() keeps the customisation phases with the cache; a run then reads them (it never fits),
+    and reaches exactly the classifier a run that fits them itself reaches."""
+    from pipeline.methods import customkd
+
+    cfg = _cfg(cache, tmp_path / "a", method="customkd", epochs=2, workers=0, seed=5)
+    before = set((cache / "derived").glob("customkd-*/phase-*")) if (cache / "derived").is_dir() else set()
+    distill.precompute(cfg)
+    made = set((cache / "derived").glob("customkd-*/phase-*")) - before
+    assert sorted(p.name for p in made) == ["phase-0000", "phase-0001"]
+
+    def no_fit(self, phase, device):
+        raise AssertionError("phase fitted again")
+
+    fitted = customkd.CustomKD._fit_phase
+    monkeypatch.setattr(customkd.CustomKD, "_fit_phase", no_fit)
+    for student, out in (("test_efficientnet", "a"), ("test_vit", "b")):  # another student reads the same phases
+        distill.run(_cfg(cache, tmp_path / out, method="customkd", epochs=2, workers=0, seed=5, student=student))
+    read = [load_file(str(tmp_path / out / "method.safetensors")) for out in ("a", "b")]
+    monkeypatch.setattr(customkd.CustomKD, "_fit_phase", fitted)
+    shutil.rmtree(cache / "derived")  # nothing kept: this run fits every phase itself
+    distill.run(_cfg(cache, tmp_path / "c", method="customkd", epochs=2, workers=0, seed=5))
+    own = load_file(str(tmp_path / "c" / "method.safetensors"))
+    for state in read:
+        for name in ("m_weight", "m_bias", "phases"):
+            assert torch.equal(state[name], own[name]), name
+    assert int(own["phases"]) == 2 and own["m_weight"].abs().sum() > 0

@@ -216,6 +216,10 @@ class Method(nn.Module):
     def before_epoch(self, ctx: MethodContext, epoch: int) -> dict[str, float]:
         return {}
 
+    def precompute(self, ctx: MethodContext, epochs: int) -> None:
+        """Compute ahead (and keep with the cache) what `before_epoch` would compute in a run of `epochs`
+        epochs, where that does not depend on training; after `prepare`."""
+
     def extra(self, out: StudentOutput, teacher: TeacherBatch, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
 

@@ -7,7 +7,9 @@ Each epoch (after `warmup_epochs`):
     first phase, then the previous customised predictions, sharpened and class-balanced). It is
     expressed through the student's own head h_s = (W_h, b_h): P_t f = W_h^+ (M f + c - b_h), so that
     h_s(P_t f) = M f + c. A refit from zero cannot drift or carry memorised state across phases, and
-    it sees the unlabelled domain it will be applied to.
+    it sees the unlabelled domain it will be applied to. (M, c) of each phase depends on the cached
+    features, the scenario and the options only (not on the student), so the sequence is computed once
+    and kept with the cache's derived data; every later student and seed on that scenario reads it.
 (B) distillation with P_t frozen: CE on labelled rows + w_custom * T^2 KL(softmax(h_s(P_t f)/T) ||
     softmax(z_s/T)) [customised, task-specific] + w_general * MSE(P_s(s), f) [task-general, features
     standardised] + w_kd * T^2 KL to the teacher's logits, on labelled and unlabelled rows.
@@ -16,13 +18,18 @@ Defaults are set by the seeded study (benchmarks/study.py, README "Accuracy stud
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..adapt import predict_views, self_train_head
+from ..derived import derived_lock, read_group, write_group
 from .base import Method, MethodContext, Opt, feature_mse, flag, kd_loss, register_method, temperature, weight
+
+CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old fit are not read
 
 
 @register_method(
@@ -51,6 +58,8 @@ class CustomKD(Method):
         self.register_buffer("p_t_bias", torch.zeros(dims.student))
         self.register_buffer("head_weight", torch.zeros(dims.classes, dims.student))
         self.register_buffer("head_bias", torch.zeros(dims.classes))
+        self.register_buffer("m_weight", torch.zeros(dims.classes, dims.teacher))  # M, c: h_s(P_t f) = M f + c
+        self.register_buffer("m_bias", torch.zeros(dims.classes))
         self.register_buffer("phases", torch.zeros((), dtype=torch.long))
         self.needs_logits = True  # w_kd, and the first customisation starts from the teacher's logits
         self._data = None
@@ -86,22 +95,70 @@ class CustomKD(Method):
         b = head.bias.detach().float().cpu() if getattr(head, "bias", None) is not None else torch.zeros(len(w))
         return w, b
 
+    def _fit_phase(self, phase: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The customised classifier (M, c) of `phase`: self-training from the teacher's logits (phase 0)
+        or from the previous phase's classifier, held in the buffers. It depends on the cached features,
+        the scenario and the options only, never on the student."""
+        d, p = self._data, self.params
+        views = d["f_u"].shape[1]
+        if phase == 0:
+            logits_u, rounds = d["z_u"].mean(1), p["first_rounds"]
+        else:  # the previous customisation's predictions: one more round of self-training per phase
+            logits_u = predict_views(d["f_u"].reshape(-1, d["f_u"].shape[-1]), self.m_weight.cpu().numpy(),
+                                     self.m_bias.cpu().numpy(), views)
+            rounds = 1
+        weight_m, bias_m = self_train_head(d["f_l"], d["y_l"], d["f_u"], logits_u, self.dims.classes, rounds,
+                                           p["sharpen"], p["balance"], p["custom_wd"], p["unlabelled_weight"],
+                                           p["custom_iters"], device)
+        return torch.from_numpy(weight_m), torch.from_numpy(bias_m)
+
+    def _chain_key(self, device) -> str:
+        """What a phase's classifier depends on: the fit's inputs, its options and the device kind."""
+        h = hashlib.sha256()
+        for name in ("f_l", "y_l", "f_u", "z_u"):
+            a = np.ascontiguousarray(self._data[name])
+            h.update(f"{name}{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+        keys = ("sharpen", "balance", "custom_wd", "custom_iters", "unlabelled_weight", "first_rounds")
+        h.update(repr([(k, self.params[k]) for k in keys] + [torch.device(device).type, CHAIN_VERSION]).encode())
+        return h.hexdigest()[:20]
+
+    def _phase(self, ctx: MethodContext, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, c) of `phase`, computed once per cache, scenario and options and kept with the cache's
+        derived data: every student and seed trained on the same scenario reads the same sequence
+        (each phase is a deterministic function of the previous one), so only the first run pays for it."""
+        store = ctx.store
+        if not hasattr(store, "derived_read_groups"):  # an in-memory store (tests): nothing to keep
+            return self._fit_phase(phase, ctx.device)
+        path = f"derived/customkd-{self._chain_key(ctx.device)}/phase-{phase:04d}"
+        group = read_group(store, path)
+        if group is None and ctx.write:
+            with derived_lock(store, path):
+                group = read_group(store, path)  # another process may have written it meanwhile
+                if group is None:
+                    m, c = self._fit_phase(phase, ctx.device)
+                    write_group(store, path, {"weight": m.numpy(), "bias": c.numpy()}, {"phase": phase})
+                    return m, c
+        if group is None:
+            return self._fit_phase(phase, ctx.device)
+        return torch.from_numpy(group["weight"][:]), torch.from_numpy(group["bias"][:])
+
+    def precompute(self, ctx: MethodContext, epochs: int) -> None:
+        """Fit and keep the customisations of a run of `epochs` epochs (e.g. before many runs start at once)."""
+        for phase in range(max(0, epochs - self.params["warmup_epochs"])):
+            m, c = self._phase(ctx, phase)
+            self.m_weight.copy_(m)
+            self.m_bias.copy_(c)
+
     @torch.no_grad()
     def before_epoch(self, ctx: MethodContext, epoch: int) -> dict[str, float]:
         self._customised = int(self.phases) > 0  # also right after a resume restored the buffers
         if epoch < self.params["warmup_epochs"]:
             return {}
-        d, p = self._data, self.params
-        views = d["f_u"].shape[1]
-        if int(self.phases) == 0:
-            logits_u, rounds = d["z_u"].mean(1), p["first_rounds"]
-        else:  # the previous customisation's predictions: one more round of self-training per phase
-            m, c = self._classifier()
-            logits_u, rounds = predict_views(d["f_u"].reshape(-1, d["f_u"].shape[-1]), m, c, views), 1
-        weight_m, bias_m = self_train_head(d["f_l"], d["y_l"], d["f_u"], logits_u, self.dims.classes, rounds,
-                                           p["sharpen"], p["balance"], p["custom_wd"], p["unlabelled_weight"],
-                                           p["custom_iters"], ctx.device)
-        m, c = torch.from_numpy(weight_m), torch.from_numpy(bias_m)
+        d = self._data
+        m, c = self._phase(ctx, int(self.phases))
+        self.m_weight.copy_(m)
+        self.m_bias.copy_(c)
         w_h, b_h = self._student_head(ctx)
         pinv = torch.linalg.pinv(w_h.double()).float()  # [d_s, C]
         self.p_t_weight.copy_(pinv @ m)
@@ -110,19 +167,13 @@ class CustomKD(Method):
         self.head_bias.copy_(b_h)
         self.phases += 1
         self._customised = True
-        mm, cc = self._classifier()
         record = {"custom_phase": int(self.phases),
-                  "custom_fit_top1": float(((torch.from_numpy(d["f_l"][:, 0]) @ mm.T + cc).argmax(1).numpy()
+                  "custom_fit_top1": float(((torch.from_numpy(d["f_l"][:, 0]) @ m.T + c).argmax(1).numpy()
                                             == d["y_l"]).mean()) if len(d["y_l"]) else float("nan")}
         if len(d["y_e"]):
             record["custom_teacher_eval_top1"] = float(
-                ((torch.from_numpy(d["f_e"]) @ mm.T + cc).argmax(1).numpy() == d["y_e"]).mean())
+                ((torch.from_numpy(d["f_e"]) @ m.T + c).argmax(1).numpy() == d["y_e"]).mean())
         return record
-
-    def _classifier(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """h_s(P_t f) as one linear map of f, with the head the customisation used."""
-        w = self.head_weight.cpu() @ self.p_t_weight.cpu()
-        return w, self.head_weight.cpu() @ self.p_t_bias.cpu() + self.head_bias.cpu()
 
     # ------------------------------------------------------------------ (B) distillation
     def customised_logits(self, features: torch.Tensor) -> torch.Tensor:
