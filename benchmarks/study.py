@@ -214,14 +214,14 @@ def result_path(suite: Suite, key: str) -> Path:
     return RESULTS / "study" / suite.name / f"{key}.json"
 
 
-def run_all(suite: Suite, todo: list[tuple], jobs: int, device: str, workers: int) -> None:
+def run_all(suite: Suite, todo: list[tuple], jobs: int, device: str, workers: int, precompute: bool = True) -> None:
     pending = [t for t in todo if not result_path(suite, run_key(suite, *t)).is_file()]
     print(f"[study {suite.name}] {len(todo) - len(pending)} of {len(todo)} runs already done; {len(pending)} to run "
           f"with {jobs} job(s)", file=sys.stderr)
     running: list[tuple[subprocess.Popen, str]] = []
     start = time.perf_counter()
-    if jobs > 1:
-        precompute(suite, pending, device, workers)
+    if jobs > 1 and precompute:
+        prepare_shared(suite, pending, device, workers)
     try:
         _drain(suite, pending, running, jobs, device, workers, start)
     except KeyboardInterrupt:  # stop: the runs in flight keep their checkpoints and resume next time
@@ -230,7 +230,7 @@ def run_all(suite: Suite, todo: list[tuple], jobs: int, device: str, workers: in
         raise SystemExit(f"[study {suite.name}] interrupted; re-run the same command to continue")
 
 
-def precompute(suite: Suite, pending: list, device: str, workers: int) -> None:
+def prepare_shared(suite: Suite, pending: list, device: str, workers: int) -> None:
     """Derived data the runs share (teacher heads, CustomKD's customisation phases), computed once here
     before the runs start, instead of by every run at once on a shared device."""
     from stages import distill
@@ -394,7 +394,10 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rows", nargs="+", default=None, help="row labels (default every row; the core rows are named by their method)")
     ap.add_argument("--core", action="store_true", help="only the core rows (supervised, kd, dkd, customkd)")
+    ap.add_argument("--pairs", nargs="+", default=None, help="uda pairs to run, e.g. faenza-tango (default every pair)")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each")
+    ap.add_argument("--no-precompute", action="store_true",
+                    help="let the runs compute shared derived data themselves (under a lock) instead of first")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers per run")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--report-only", action="store_true")
@@ -419,7 +422,13 @@ def main(argv=None) -> None:
         return
     if not a.report_only:
         rows = [r.label for r in CORE] if a.core else a.rows
-        run_all(suite, plan(suite, budgets, a.seeds, rows), a.jobs, a.device, a.workers)
+        todo = plan(suite, budgets, a.seeds, rows)
+        if a.pairs:
+            names = {f"{p[0]}-{p[1]}" for p in suite.pairs if p}
+            if not set(a.pairs) <= names:
+                ap.error(f"--pairs {sorted(set(a.pairs) - names)}: choose from {sorted(names)}")
+            todo = [t for t in todo if t[0] and f"{t[0][0]}-{t[0][1]}" in a.pairs]
+        run_all(suite, todo, a.jobs, a.device, a.workers, precompute=not a.no_precompute)
     if a.no_report:
         return
     text = report(suite, a.seeds)
