@@ -24,18 +24,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.engine import TrainModule, make_optimizer, train_one_epoch  # noqa: E402
-from pipeline.extraction import ShardImageStream, StreamSpec  # noqa: E402
-from pipeline.images import decode_packed  # noqa: E402
-from pipeline.loader import StreamConfig, labelled_repeats, make_loader, rank_shards  # noqa: E402
-from pipeline.methods import create_method  # noqa: E402
-from pipeline.methods.base import Dims  # noqa: E402
-from pipeline.pack import read_shard, shard_name  # noqa: E402
-from pipeline.store import CacheStore, Layout  # noqa: E402
-from pipeline.students import create_student  # noqa: E402
-from pipeline.teachers import create_teacher  # noqa: E402
-from pipeline.views import apply  # noqa: E402
-from stages import extract  # noqa: E402
+from kdcache.engine import TrainModule, make_optimizer, train_one_epoch  # noqa: E402
+from kdcache.extraction import ShardImageStream, StreamSpec  # noqa: E402
+from kdcache.images import decode_packed  # noqa: E402
+from kdcache.loader import StreamConfig, labelled_repeats, make_loader, rank_shards  # noqa: E402
+from kdcache.methods import create_method  # noqa: E402
+from kdcache.methods.base import Dims  # noqa: E402
+from kdcache.pack import read_shard, shard_name  # noqa: E402
+from kdcache.store import CacheStore, Layout  # noqa: E402
+from kdcache.students import create_student  # noqa: E402
+from kdcache.teachers import create_teacher  # noqa: E402
+from kdcache.views import apply  # noqa: E402
+from kdcache.stages import extract  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:

@@ -44,8 +44,8 @@ def stream_all(cache: str) -> dict:
 
     import numpy as np
 
-    from pipeline.loader import CacheStream, StreamConfig
-    from stages.distill import open_cache
+    from kdcache.loader import CacheStream, StreamConfig
+    from kdcache.stages.distill import open_cache
 
     store = open_cache(cache)
     reps = np.ones(store.layout.n, np.int32)
@@ -60,7 +60,7 @@ def stream_all(cache: str) -> dict:
 
 def _reader(cache: str) -> None:
     """Subprocess entry: prints one JSON line {refused: msg} or {rows: {row: digest}}."""
-    from pipeline.store import CacheError
+    from kdcache.store import CacheError
 
     try:
         rows = stream_all(cache)

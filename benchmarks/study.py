@@ -5,7 +5,7 @@
     python benchmarks/study.py --suite demo --jobs 8        # runs in parallel (one process each)
     python benchmarks/study.py --suite demo --report-only   # tables and charts from what has finished
 
-Each run trains through the library (`stages.distill.run`) into runs/study/<suite>/<key>/ and leaves
+Each run trains through the library (`kdcache.stages.distill.run`) into runs/study/<suite>/<key>/ and leaves
 its result in benchmarks/results/study/<suite>/<key>.json. A finished result is never recomputed; a
 killed run resumes from its last checkpoint. `--rows` and `--budgets` choose what to run.
 Results: benchmarks/results/study-<suite>.md (mean and std over seeds, the teacher's accuracy as the
@@ -96,7 +96,7 @@ SHARED = ROOT.parent / "shared"
 
 def ensure_cache(suite: Suite) -> None:
     """Build the suite's cache if it is missing (resumable: extraction resumes shard by shard)."""
-    from stages import demo, extract
+    from kdcache.stages import demo, extract
 
     if suite.name == "demo":
         cfg = demo.DemoConfig()
@@ -153,7 +153,7 @@ def pretrained_weights(suite: Suite) -> str:
 
 def run_config(suite: Suite, pair: tuple, budget: str, row: Row, seed: int, device: str, workers: int):
     """The DistillConfig of one run."""
-    from stages import distill
+    from kdcache.stages import distill
 
     key = run_key(suite, pair, budget, row, seed)
     overrides = dict(row.distill)
@@ -175,7 +175,7 @@ def train(suite: Suite, pair: tuple, budget: str, row: Row, seed: int, device: s
     """One run through the library; returns its result record."""
     import torch
 
-    from stages import distill
+    from kdcache.stages import distill
 
     torch.set_num_threads(max(1, int(os.environ.get("STUDY_THREADS", "1"))))
     key = run_key(suite, pair, budget, row, seed)
@@ -194,9 +194,9 @@ def train(suite: Suite, pair: tuple, budget: str, row: Row, seed: int, device: s
 
 def teacher_ceiling(suite: Suite, pair: tuple, seed: int) -> dict:
     """The teacher's top-1 on the evaluation rows: a probe on the scenario's labels, and self-trained."""
-    from pipeline.derived import scenario_teacher_head, teacher_adaptation, teacher_logits
-    from pipeline.scenarios import make_scenario
-    from pipeline.store import CacheStore
+    from kdcache.derived import scenario_teacher_head, teacher_adaptation, teacher_logits
+    from kdcache.scenarios import make_scenario
+    from kdcache.store import CacheStore
 
     store = CacheStore.open(ROOT / suite.cache, mode="r+")
     sc = make_scenario(suite.scenario, store.array("labels")[:], store.array("domains")[:],
@@ -233,7 +233,7 @@ def run_all(suite: Suite, todo: list[tuple], jobs: int, device: str, workers: in
 def prepare_shared(suite: Suite, pending: list, device: str, workers: int) -> None:
     """Derived data the runs share (teacher heads, CustomKD's customisation phases), computed once here
     before the runs start, instead of by every run at once on a shared device."""
-    from stages import distill
+    from kdcache.stages import distill
 
     seen = set()
     for pair, budget, row, seed in sorted(pending, key=lambda t: -suite.budgets[t[1]]):

@@ -7,13 +7,13 @@ from test_datasets import _domainnet_tree
 from test_images import zoo
 from typer.testing import CliRunner
 
-from cli import app
-from pipeline.images import decode_packed
-from pipeline.pack import read_shard, shard_name
-from pipeline.store import CacheStore
-from pipeline.teachers import create_teacher
-from pipeline.views import apply
-from stages.extract import ExtractConfig, run
+from kdcache.cli import app
+from kdcache.images import decode_packed
+from kdcache.pack import read_shard, shard_name
+from kdcache.store import CacheStore
+from kdcache.teachers import create_teacher
+from kdcache.views import apply
+from kdcache.stages.extract import ExtractConfig, run
 
 
 def test_bad_image_zoo_in_an_extraction(tmp_path):
@@ -85,7 +85,7 @@ def test_cli_errors_are_clear(tmp_path):
 
 
 def test_yaml_config_with_flags_on_top(tmp_path):
-    from stages.config import resolve
+    from kdcache.stages.config import resolve
 
     (tmp_path / "c.yaml").write_text("views: 3\nteacher: test_vit\nshard_size: 16\n")
     cfg = resolve(ExtractConfig, tmp_path / "c.yaml", views=5, head=None)

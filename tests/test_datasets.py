@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import write_image
 
-from pipeline.datasets import SPLIT_NAMES, DatasetError, create_dataset, list_datasets, synthetic_image
+from kdcache.datasets import SPLIT_NAMES, DatasetError, create_dataset, list_datasets, synthetic_image
 
 
 def test_registry_lists_every_layout():

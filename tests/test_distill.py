@@ -18,15 +18,15 @@ from conftest import ROOT, cli_env, read_all, write_image
 from safetensors.torch import load_file
 from tiny_teacher import train_tiny_teacher
 
-from pipeline.images import decode_packed
-from pipeline.loader import CacheStream, StreamConfig, labelled_repeats, rank_shards
-from pipeline.methods import MethodError
-from pipeline.pack import read_shard, shard_name
-from pipeline.scenarios import ScenarioError, make_scenario
-from pipeline.store import CacheError, CacheStore
-from pipeline.students import StudentError
-from pipeline.views import apply
-from stages import distill, extract
+from kdcache.images import decode_packed
+from kdcache.loader import CacheStream, StreamConfig, labelled_repeats, rank_shards
+from kdcache.methods import MethodError
+from kdcache.pack import read_shard, shard_name
+from kdcache.scenarios import ScenarioError, make_scenario
+from kdcache.store import CacheError, CacheStore
+from kdcache.students import StudentError
+from kdcache.views import apply
+from kdcache.stages import distill, extract
 
 N, CLASSES, S, V = 500, 10, 64, 4
 
@@ -115,7 +115,7 @@ def test_every_method_trains_one_epoch_and_cache_base_arrays_never_change(cache,
     # the student is a plain timm checkpoint
     import timm
 
-    from pipeline.students import create_student
+    from kdcache.students import create_student
 
     plain = timm.create_model("mobilenetv3_small_050", num_classes=CLASSES, pretrained=True,
                               pretrained_cfg_overlay={"file": str(tmp_path / "fitnet" / "student.safetensors"),
@@ -136,7 +136,7 @@ def test_every_method_trains_one_epoch_and_cache_base_arrays_never_change(cache,
 
 def test_leaky_head_is_refused_and_refit_on_scenario_labels(cache):
     store = CacheStore.open(cache, mode="r+")
-    from pipeline.derived import scenario_teacher_head
+    from kdcache.derived import scenario_teacher_head
 
     sup = make_scenario("supervised", store.array("labels")[:], store.array("domains")[:],
                         store.array("splits")[:], store.status(), ["domain0", "domain1"])
@@ -287,7 +287,7 @@ def test_bad_method_option_on_the_command_line(cache, tmp_path):
 def test_customkd_phases_are_computed_once_and_shared_by_every_student(cache, tmp_path, monkeypatch):
     """precompute() keeps the customisation phases with the cache; a run then reads them (it never fits),
     and reaches exactly the classifier a run that fits them itself reaches."""
-    from pipeline.methods import customkd
+    from kdcache.methods import customkd
 
     cfg = _cfg(cache, tmp_path / "a", method="customkd", epochs=2, workers=0, seed=5)
     before = set((cache / "derived").glob("customkd-*/phase-*")) if (cache / "derived").is_dir() else set()

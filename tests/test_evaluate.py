@@ -10,10 +10,10 @@ import zarr
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from cli import app
-from pipeline.measure import count_macs, count_params, export_onnx, topk_metrics
-from pipeline.students import create_student
-from stages import distill, evaluate, extract
+from kdcache.cli import app
+from kdcache.measure import count_macs, count_params, export_onnx, topk_metrics
+from kdcache.students import create_student
+from kdcache.stages import distill, evaluate, extract
 
 
 def test_topk_metrics_known_values():

@@ -15,14 +15,14 @@ import torch
 import zarr
 from conftest import ROOT, TINY, assert_same_cache, cli_env, read_all, run_cli
 
-from pipeline.cacheinfo import verify
-from pipeline.extraction import ShardClaims
-from pipeline.images import decode_packed
-from pipeline.loader import CacheStream, StreamConfig
-from pipeline.pack import read_shard, shard_name
-from pipeline.store import CacheStore, dequantize_int8, quantize_int8
-from pipeline.teachers import create_teacher
-from pipeline.views import apply
+from kdcache.cacheinfo import verify
+from kdcache.extraction import ShardClaims
+from kdcache.images import decode_packed
+from kdcache.loader import CacheStream, StreamConfig
+from kdcache.pack import read_shard, shard_name
+from kdcache.store import CacheStore, dequantize_int8, quantize_int8
+from kdcache.teachers import create_teacher
+from kdcache.views import apply
 
 N, S, V, G = 160, 8, 2, 2
 ARGS = TINY + ["--dataset-opt", f"n={N}", "--views", str(V), "--shard-size", str(S), "--tokens", str(G),
@@ -137,7 +137,7 @@ def test_second_extract_on_same_cache_cooperates(reference, tmp_path):
 def test_claims_are_exclusive_between_processes(tmp_path):
     mine = ShardClaims(tmp_path)
     assert mine.try_claim(3)
-    code = ("import sys; sys.path.insert(0, %r); from pipeline.extraction import ShardClaims; "
+    code = ("import sys; sys.path.insert(0, %r); from kdcache.extraction import ShardClaims; "
             "c = ShardClaims(%r); print(c.try_claim(3), c.try_claim(4))" % (str(ROOT), str(tmp_path)))
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
     assert other.stdout.split() == ["False", "True"]
@@ -228,3 +228,19 @@ def test_cache_opens_as_one_xarray_dataset(reference):
     assert np.array_equal(ds["features"].isel(view=0).values, store.array("features")[:, 0])
     assert list(ds["keys"].values[:2]) == list(store.array("keys")[:2])
     assert ds.attrs["format"] == "kdcache"
+
+
+def test_packed_shards_follow_the_webdataset_layout(reference):
+    """Each shard is a plain ustar tar of `<row:09d>.<ext>` members in row order (webdataset's sample
+    layout: key, dot, one extension), with fixed metadata, so webdataset and `tar` read it as is."""
+    import tarfile
+
+    store = CacheStore.open(reference)
+    lay = store.layout
+    for k in (0, lay.num_shards - 1):
+        with tarfile.open(store.images_dir / shard_name(k)) as tar:
+            members = tar.getmembers()
+        rows = lay.rows(k)
+        assert [m.name.split(".")[0] for m in members] == [f"{r:09d}" for r in rows]
+        assert all(m.name.count(".") == 1 and m.name.split(".")[1] in ("png", "jpg", "bad") for m in members)
+        assert all(m.isfile() and m.mtime == 0 and m.mode == 0o644 for m in members)

@@ -20,8 +20,8 @@ import torch
 from conftest import ROOT, TINY, assert_same_cache, cli_env, read_all, run_cli
 from safetensors.torch import load_file
 
-from pipeline.store import CacheError, CacheStore
-from stages import extract
+from kdcache.store import CacheError, CacheStore
+from kdcache.stages import extract
 
 N, S = 96, 8
 ARGS = TINY + ["--dataset-opt", f"n={N}", "--views", "2", "--shard-size", str(S), "--batch-size", "6"]
@@ -196,7 +196,7 @@ def test_malformed_tar_members_are_never_written_outside(reference, tmp_path):
 
 
 def test_no_user_string_reaches_a_shell_and_no_pickle_is_read_from_a_cache():
-    sources = [p for d in ("pipeline", "stages") for p in (ROOT / d).rglob("*.py")] + [ROOT / "cli.py"]
+    sources = list((ROOT / "kdcache").rglob("*.py")) + [ROOT / "cli.py"]
     text = {p: p.read_text() for p in sources}
     for p, src in text.items():
         assert "shell=True" not in src and "os.system(" not in src and "os.popen(" not in src, p

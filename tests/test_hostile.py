@@ -20,14 +20,14 @@ import yaml
 from conftest import assert_same_cache, read_all, run_cli
 from PIL import Image
 
-from pipeline import cacheinfo
-from pipeline.engine import TrainingDiverged
-from pipeline.images import BadImage, decode_packed
-from pipeline.loader import CacheStream, StreamConfig
-from pipeline.pack import member_digest, read_members, shard_name
-from pipeline.store import CacheError, CacheStore
-from stages import distill, extract
-from stages.config import ConfigError, resolve
+from kdcache import cacheinfo
+from kdcache.engine import TrainingDiverged
+from kdcache.images import BadImage, decode_packed
+from kdcache.loader import CacheStream, StreamConfig
+from kdcache.pack import member_digest, read_members, shard_name
+from kdcache.store import CacheError, CacheStore
+from kdcache.stages import distill, extract
+from kdcache.stages.config import ConfigError, resolve
 
 N, S = 96, 8
 
@@ -237,7 +237,7 @@ def test_random_byte_flips_in_packed_images_never_crash_the_decoder(reference):
 # 3. non-finite training ------------------------------------------------------------------------------
 
 def test_a_non_finite_loss_stops_training_naming_the_step(cache, tmp_path, monkeypatch):
-    from pipeline.engine import TrainModule
+    from kdcache.engine import TrainModule
 
     real = TrainModule.forward
     calls = []
@@ -282,7 +282,7 @@ def test_yaml_values_are_typed_booleans_parsed_and_bad_values_named(tmp_path):
 
 
 def test_method_booleans_as_words(cache):
-    from pipeline.methods import parse_method_options
+    from kdcache.methods import parse_method_options
 
     assert parse_method_options("customkd", {"normalize": "false"})["normalize"] is False
     assert parse_method_options("customkd", {"normalize": "yes"})["normalize"] is True

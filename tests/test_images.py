@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import BadImage, decode_original, decode_packed, encode_packed
+from kdcache.images import BadImage, decode_original, decode_packed, encode_packed
 
 
 def _save(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 import numpy as np
 
-from pipeline.methods import MethodContext, MethodError, TeacherBatch, create_method, list_methods
-from pipeline.methods.base import Dims
-from pipeline.methods.feature import power_temperature_scaling
-from pipeline.students import StudentOutput, create_student
+from kdcache.methods import MethodContext, MethodError, TeacherBatch, create_method, list_methods
+from kdcache.methods.base import Dims
+from kdcache.methods.feature import power_temperature_scaling
+from kdcache.students import StudentOutput, create_student
 
 B, DS, DT, C = 4, 6, 5, 3
 DIMS = Dims(DS, DT, C, student_map=7, token_grid=2, token_dim=DT)
@@ -275,7 +275,7 @@ def test_customkd_self_training_beats_the_labelled_only_fit_under_shift():
     """A shifted unlabelled domain: the customised classifier after a few phases is more accurate there
     than the teacher's probe from 10 labelled rows, without ever reading the unlabelled labels."""
     ctx, dims, feats, labels = _customkd_ctx(n=300, shift=1.5)
-    from pipeline.heads import fit_probe
+    from kdcache.heads import fit_probe
     w, b = fit_probe(feats[:10].reshape(-1, DT), np.repeat(labels[:10], feats.shape[1]), C)
     probe = lambda mask, view=None: feats[mask] @ w.T + b if view is None else feats[mask][:, view] @ w.T + b  # noqa: E731
     ctx.teacher_logits = probe
@@ -312,8 +312,8 @@ def test_no_method_is_named_in_the_distill_driver():
     """Methods own their phases: the stages never branch on a method's name."""
     from pathlib import Path
 
-    from pipeline.scenarios import SCENARIOS
-    root = Path(__file__).resolve().parents[1] / "stages"
+    from kdcache.scenarios import SCENARIOS
+    root = Path(__file__).resolve().parents[1] / "kdcache" / "stages"
     for name in ("distill.py", "extract.py", "evaluate.py", "config.py"):
         text = (root / name).read_text()
         assert "method ==" not in text and "method_name ==" not in text

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.datasets import create_dataset
-from pipeline.heads import HeadError, fit_probe, resolve_head
-from pipeline.teachers import TeacherError, create_teacher, zeroshot_head
+from kdcache.datasets import create_dataset
+from kdcache.heads import HeadError, fit_probe, resolve_head
+from kdcache.teachers import TeacherError, create_teacher, zeroshot_head
 
 
 def _same_weights(a, b) -> bool:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from pipeline.views import _LUMA, PARAMS, apply, clean_view, colour_matrix, sample_views
+from kdcache.views import _LUMA, PARAMS, apply, clean_view, colour_matrix, sample_views
 
 
 def test_clean_view_is_a_centred_square():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from pipeline.datasets import synthetic_image
+from kdcache.datasets import synthetic_image
 
 OFFSET = 100_000  # teacher images: indices the student's dataset never uses
 

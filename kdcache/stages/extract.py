@@ -16,14 +16,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import __version__, dist
-from pipeline.datasets import SPLIT_NAMES, create_dataset
-from pipeline.extraction import ShardBuffer, ShardClaims, ShardImageStream, ShardWriter, StreamSpec
-from pipeline.heads import fit_store_probe, resolve_head
-from pipeline.pack import remove_stale_temporaries
-from pipeline.store import FEATURE_DTYPES, CacheError, CacheStore, IncompleteCreation, Layout
-from pipeline.teachers import create_teacher, zeroshot_head
-from pipeline.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION, list_policies
+from kdcache import __version__, dist
+from kdcache.datasets import SPLIT_NAMES, create_dataset
+from kdcache.extraction import ShardBuffer, ShardClaims, ShardImageStream, ShardWriter, StreamSpec
+from kdcache.heads import fit_store_probe, resolve_head
+from kdcache.pack import remove_stale_temporaries
+from kdcache.store import FEATURE_DTYPES, CacheError, CacheStore, IncompleteCreation, Layout
+from kdcache.teachers import create_teacher, zeroshot_head
+from kdcache.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION, list_policies
 
 from .config import to_dict, write_yaml
 
@@ -228,9 +228,9 @@ def run(cfg: ExtractConfig) -> Path:
 def _repair(store: CacheStore, static: dict) -> None:
     """Recompute exactly what is damaged: shards whose arrays or packed images differ from their checksums
     (a damaged tar is packed again from the dataset), and static arrays that differ from the dataset."""
-    from pipeline.cacheinfo import IMAGES, damaged_shards, head_problems
-    from pipeline.pack import shard_name
-    from pipeline.store import static_digests
+    from kdcache.cacheinfo import IMAGES, damaged_shards, head_problems
+    from kdcache.pack import shard_name
+    from kdcache.store import static_digests
 
     if head_problems(store):
         print("repair: the probe head is missing or damaged; refitting it", file=sys.stderr)

@@ -10,13 +10,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.derived import scenario_teacher_head
-from pipeline.engine import predict
-from pipeline.loader import StreamConfig, make_loader, rank_shards
-from pipeline.measure import count_macs, count_params, cpu_latency_ms, export_onnx, topk_metrics
-from pipeline.report import write_report
-from pipeline.store import CacheError, CacheStore
-from pipeline.students import create_student
+from kdcache.derived import scenario_teacher_head
+from kdcache.engine import predict
+from kdcache.loader import StreamConfig, make_loader, rank_shards
+from kdcache.measure import count_macs, count_params, cpu_latency_ms, export_onnx, topk_metrics
+from kdcache.report import write_report
+from kdcache.store import CacheError, CacheStore
+from kdcache.students import create_student
 
 from .distill import DistillConfig, _scenario
 
@@ -31,6 +31,7 @@ class EvaluateConfig:
     latency_batch: int = 8  # a second latency figure at this batch size (0: batch 1 only)
     onnx: bool = True
     device: str = "cpu"
+    progress: bool = True
 
 
 def load_run(run_dir: Path) -> tuple[DistillConfig, dict]:
@@ -51,7 +52,7 @@ def student_logits(student, store: CacheStore, rows_mask: np.ndarray, image_size
     stream = StreamConfig(str(store.path), image_size, student.interpolation, clean_only=True, features=False)
     loader = make_loader(stream, rank_shards(reps, store.layout.shard_size, 0, 0, 0, 1, shuffle=False), reps,
                          labels, 0, cfg.batch_size, cfg.workers)
-    logits, _, rows = predict(student.to(device), loader, device)
+    logits, _, rows = predict(student.to(device), loader, device, progress=cfg.progress, total=int(reps.sum()))
     return logits, rows
 
 
@@ -66,7 +67,7 @@ def teacher_logits(store: CacheStore, scenario, rows: np.ndarray) -> tuple[np.nd
 
 
 def _groups(rows, domains, splits, domain_names) -> dict[str, np.ndarray]:
-    from pipeline.datasets import SPLIT_NAMES
+    from kdcache.datasets import SPLIT_NAMES
 
     d, s = domains[rows], splits[rows]
     groups = {}

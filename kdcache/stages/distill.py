@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import dist
-from pipeline.datasets import create_dataset
-from pipeline.derived import scenario_teacher_head, teacher_logits
-from pipeline.engine import (
+from kdcache import dist
+from kdcache.datasets import create_dataset
+from kdcache.derived import scenario_teacher_head, teacher_logits
+from kdcache.engine import (
     TrainModule,
     append_metrics,
     cosine_schedule,
@@ -29,14 +29,14 @@ from pipeline.engine import (
     train_one_epoch,
     truncate_metrics,
 )
-from pipeline.loader import StreamConfig, labelled_repeats, make_loader, rank_shards, samples_in
-from pipeline.methods import DEFAULT_METHOD, create_method
-from pipeline.methods.base import Dims, MethodContext
-from pipeline.report import metrics_csv
-from pipeline.scenarios import make_scenario
-from pipeline.store import CacheError, CacheStore
-from pipeline.students import create_student
-from pipeline.views import REPLAY_VERSION
+from kdcache.loader import StreamConfig, labelled_repeats, make_loader, rank_shards, samples_in
+from kdcache.methods import DEFAULT_METHOD, create_method
+from kdcache.methods.base import Dims, MethodContext
+from kdcache.report import metrics_csv
+from kdcache.scenarios import make_scenario
+from kdcache.store import CacheError, CacheStore
+from kdcache.students import create_student
+from kdcache.views import REPLAY_VERSION
 
 from .config import to_dict, write_yaml
 
@@ -84,7 +84,7 @@ def open_cache(path: str) -> CacheStore:
     Cheap checks only (no data array is read): every shard done, the head fitted, no shard file of a
     done shard missing, labels / domains / splits equal to their recorded digests. `info --verify`
     reads everything back."""
-    from pipeline.cacheinfo import cache_problems
+    from kdcache.cacheinfo import cache_problems
 
     store = CacheStore.open(path, mode="r+" if os.access(path, os.W_OK) else "r")
     done = store.shard_done()
@@ -112,7 +112,7 @@ def online_teacher(store: CacheStore, weights: str | None, head):
     online runs learn from the same teacher. Returns (teacher, head): the head that turns its features
     into the scenario's logits.
     """
-    from pipeline.teachers import LinearHead, create_teacher, zeroshot_head
+    from kdcache.teachers import LinearHead, create_teacher, zeroshot_head
 
     ext, recorded = store.attrs.get("config", {}), store.attrs["teacher"]
     weights = weights or ext.get("teacher_weights")
@@ -290,7 +290,7 @@ def precompute(cfg: DistillConfig) -> None:
         head, _ = scenario_teacher_head(store, scenario, write=True, adapt_rounds=cfg.teacher_adapt)
     ctx = _context(store, scenario, student, method, head, dist.device_for(cfg.device), cfg.seed, True)
     method.prepare(ctx)
-    method.precompute(ctx, cfg.epochs)
+    method.precompute(ctx, cfg.epochs, progress=cfg.progress)
 
 
 def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path) -> Path:
@@ -314,6 +314,8 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
         if method.needs_logits:
             head, head_info = scenario_teacher_head(store, scenario, write=write, adapt_rounds=cfg.teacher_adapt)
         method.prepare(context(write))
+        if write:  # phases the method can compute ahead (kept with the cache; a resumed run reads them)
+            method.precompute(context(write), cfg.epochs, progress=cfg.progress)
 
     if rank == 0:
         derived(write=True)
@@ -380,7 +382,8 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
         if rank == 0 and (epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             eval_loader = make_loader(eval_stream, rank_shards(eval_reps, lay.shard_size, 0, 0, 0, 1, False),
                                       eval_reps, eval_labels, 0, max(cfg.batch_size, 128), cfg.workers)
-            record["eval"] = evaluate(student, eval_loader, device, domains, domain_names, channels_last)
+            record["eval"] = evaluate(student, eval_loader, device, domains, domain_names, channels_last,
+                                      progress=cfg.progress, total=int(eval_reps.sum()))
         if rank == 0:
             state = {"epoch": epoch, "config": to_dict(cfg), "cache_fingerprint": fingerprint,
                      "optimizer": optimizer.state_dict(),

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..adapt import predict_views, self_train_head
 from ..derived import derived_lock, read_group, write_group
+from ..progress import bar as progress_bar
 from .base import Method, MethodContext, Opt, feature_mse, flag, kd_loss, register_method, temperature, weight
 
 CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old fit are not read
@@ -143,12 +144,17 @@ class CustomKD(Method):
             return self._fit_phase(phase, ctx.device)
         return torch.from_numpy(group["weight"][:]), torch.from_numpy(group["bias"][:])
 
-    def precompute(self, ctx: MethodContext, epochs: int) -> None:
+    def precompute(self, ctx: MethodContext, epochs: int, progress: bool = False) -> None:
         """Fit and keep the customisations of a run of `epochs` epochs (e.g. before many runs start at once)."""
-        for phase in range(max(0, epochs - self.params["warmup_epochs"])):
-            m, c = self._phase(ctx, phase)
-            self.m_weight.copy_(m)
-            self.m_bias.copy_(c)
+        phases = max(0, epochs - self.params["warmup_epochs"])
+        with progress_bar(phases, "phase", "customisation", progress) as bar:
+            for phase in range(phases):
+                m, c = self._phase(ctx, phase)
+                self.m_weight.copy_(m)
+                self.m_bias.copy_(c)
+                bar.update(1)
+        self.m_weight.zero_()  # the run's own state starts where a run without precompute starts
+        self.m_bias.zero_()
 
     @torch.no_grad()
     def before_epoch(self, ctx: MethodContext, epoch: int) -> dict[str, float]:

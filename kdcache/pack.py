@@ -1,4 +1,4 @@
-"""Image folders -> webdataset tar shards aligned with cache shards.
+"""Image folders -> tar shards (in webdataset's layout) aligned with cache shards.
 
 Shard k holds rows k*S .. k*S+S-1, one member per row, in row order, named by the row index
 (`000000123.jpg`); a row whose image is bad gets a `000000123.bad` member holding the reason, so

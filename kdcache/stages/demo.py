@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.measure import cpu_latency_ms
-from pipeline.teachers import create_teacher
+from kdcache.measure import cpu_latency_ms
+from kdcache.teachers import create_teacher
 
 from . import distill, evaluate, extract
 
@@ -65,7 +65,8 @@ def run(cfg: DemoConfig) -> Path:
             image_size=cfg.image_size, workers=cfg.workers, seed=cfg.seed, out=str(out), resume=True,
             eval_every=cfg.epochs, progress=cfg.progress)
         distill.run(dcfg)
-        evaluate.run(evaluate.EvaluateConfig(run=str(out), workers=cfg.workers, latency_repeats=30))
+        evaluate.run(evaluate.EvaluateConfig(run=str(out), workers=cfg.workers, latency_repeats=30,
+                                             progress=cfg.progress))
         reports.append(json.loads((out / "report.json").read_text()))
         print(f"[demo] {method} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     teacher = create_teacher(cfg.teacher, weights, input_size=cfg.teacher_input_size).model

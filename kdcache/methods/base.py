@@ -216,7 +216,7 @@ class Method(nn.Module):
     def before_epoch(self, ctx: MethodContext, epoch: int) -> dict[str, float]:
         return {}
 
-    def precompute(self, ctx: MethodContext, epochs: int) -> None:
+    def precompute(self, ctx: MethodContext, epochs: int, progress: bool = False) -> None:
         """Compute ahead (and keep with the cache) what `before_epoch` would compute in a run of `epochs`
         epochs, where that does not depend on training; after `prepare`."""
 

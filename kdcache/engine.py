@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from .measure import topk_metrics
 from .methods import Method, TeacherBatch
+from .progress import bar as progress_bar
 from .students import Student
 
 
@@ -101,7 +101,7 @@ def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max
     module.train()
     sums: dict[str, float] = {}
     seen, steps, start = 0, 0, time.perf_counter()
-    bar = tqdm(total=max_steps or expected_steps, unit="step", desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(max_steps or expected_steps, "step", desc, progress)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, kept on the device
     for batch in loader:
         if max_steps is not None and steps >= max_steps:
@@ -135,15 +135,18 @@ def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max
 
 
 @torch.no_grad()
-def predict(student: Student, loader, device, channels_last: bool = False):
+def predict(student: Student, loader, device, channels_last: bool = False, progress: bool = False,
+            total: int | None = None, desc: str = "evaluate"):
     """(logits, labels, rows) of every batch of the loader, in row order."""
     student.eval()
     out, labels, rows = [], [], []
-    for batch in loader:
-        inputs = _to(batch, device, channels_last)
-        out.append(student(inputs["images"]).logits.float().cpu())
-        labels.append(inputs["labels"].cpu())
-        rows.append(batch["row"])
+    with progress_bar(total, "img", desc, progress) as bar:
+        for batch in loader:
+            inputs = _to(batch, device, channels_last)
+            out.append(student(inputs["images"]).logits.float().cpu())
+            labels.append(inputs["labels"].cpu())
+            rows.append(batch["row"])
+            bar.update(len(batch["row"]))
     if not rows:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
     logits, labels, rows = torch.cat(out).numpy(), torch.cat(labels).numpy(), torch.cat(rows).numpy()
@@ -152,9 +155,9 @@ def predict(student: Student, loader, device, channels_last: bool = False):
 
 
 def evaluate(student: Student, loader, device, domains: np.ndarray, domain_names: list[str],
-             channels_last: bool = False) -> dict:
+             channels_last: bool = False, progress: bool = False, total: int | None = None) -> dict:
     """Top-1 / top-5 on the clean view, overall and per domain."""
-    logits, labels, rows = predict(student, loader, device, channels_last)
+    logits, labels, rows = predict(student, loader, device, channels_last, progress, total)
     if not len(rows):
         return {"top1": float("nan"), "top5": float("nan"), "n": 0, "per_domain": {}}
     groups = {domain_names[int(d)]: domains[rows] == d for d in np.unique(domains[rows])}

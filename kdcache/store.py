@@ -196,7 +196,7 @@ class CacheStore:
                            dimension_names=DIMENSIONS["array_digests"])
         for name, values in static.items():
             group[name][:] = values
-        group.create_group("images", attributes={"about": "packed webdataset tar shards, one per cache shard"})
+        group.create_group("images", attributes={"about": "packed tar shards (webdataset layout), one per cache shard"})
         meta = dict(attrs)
         meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, layout=layout.__dict__,
                     checksums=CHECKSUM_VERSION, static_digests=static_digests(static))

@@ -1,0 +1,4 @@
+"""`python -m kdcache ...`: the kdcache command."""
+from kdcache.cli import run
+
+run()
