@@ -168,6 +168,10 @@ def distill(
     batch_size: Optional[int] = typer.Option(None, help="Images per step (default 64)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (cosine schedule with warm-up)."),
     optimizer: Optional[str] = typer.Option(None, help="adamw (default) or sgd."),
+    weight_decay: Optional[float] = typer.Option(None, help="Decoupled weight decay (AdamW) or L2 (SGD)."),
+    warmup_epochs: Optional[float] = typer.Option(None, help="Epochs of linear learning-rate warm-up before the "
+                                                  "cosine decay (fractions allowed)."),
+    shuffle_buffer: Optional[int] = typer.Option(None, help="Samples in the stream's shuffle buffer (rows)."),
     image_size: Optional[int] = typer.Option(None, help="Student input size (default: the student's own)."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate every N epochs (and after the last)."),
@@ -192,7 +196,8 @@ def distill(
                       labels_per_class=labels_per_class, teacher_adapt=teacher_adapt, online_teacher=online_teacher,
                       teacher_weights=teacher_weights, labelled_ratio=labelled_ratio,
                       epochs=epochs,
-                      batch_size=batch_size, lr=lr, optimizer=optimizer, image_size=image_size, workers=workers,
+                      batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                      warmup_epochs=warmup_epochs, shuffle_buffer=shuffle_buffer, image_size=image_size, workers=workers,
                       eval_every=eval_every, seed=seed, device=device, out=out, resume=resume,
                       check_dataset=False if no_check_dataset else None, progress=False if no_progress else None)
         path = stage.run(cfg)
@@ -299,6 +304,41 @@ def info(
                        else "verify    FAILED:\n  " + "\n  ".join(problems))
     if verify and problems:
         raise typer.Exit(1)
+
+
+# repeated or negated flags and the schema field (YAML key) each one sets
+FLAG_FIELDS = {"dataset_opt": "dataset_options", "domain": "domains", "method_opt": "method_options",
+               "no_progress": "progress", "no_check_dataset": "check_dataset", "no_onnx": "onnx"}
+
+
+def _show_defaults() -> None:
+    """Append each stage option's default, read from the stage's schema, to its --help text."""
+    import dataclasses
+    import inspect
+
+    from typer.models import OptionInfo
+
+    from kdcache.stages import schema
+
+    schemas = {"extract": schema.ExtractConfig, "distill": schema.DistillConfig,
+               "evaluate": schema.EvaluateConfig, "demo": schema.DemoConfig}
+    for command in app.registered_commands:
+        cls = schemas.get(command.callback.__name__)
+        if cls is None:
+            continue
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for name, param in inspect.signature(command.callback).parameters.items():
+            info, key = param.default, FLAG_FIELDS.get(name, name)
+            if not isinstance(info, OptionInfo) or key not in defaults or name.startswith("no_"):
+                continue
+            value = defaults[key]
+            if value is None or value == () or "default" in (info.help or "").lower():
+                continue
+            shown = ("on" if value else "off") if isinstance(value, bool) else value
+            info.help = f"{(info.help or '').rstrip()} (default: {shown})"
+
+
+_show_defaults()
 
 
 def run() -> None:

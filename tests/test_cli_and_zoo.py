@@ -90,3 +90,26 @@ def test_yaml_config_with_flags_on_top(tmp_path):
     (tmp_path / "c.yaml").write_text("views: 3\nteacher: test_vit\nshard_size: 16\n")
     cfg = resolve(ExtractConfig, tmp_path / "c.yaml", views=5, head=None)
     assert (cfg.views, cfg.teacher, cfg.shard_size, cfg.head) == (5, "test_vit", 16, "auto")
+
+
+def test_every_stage_option_has_a_flag_and_its_default_in_help():
+    """One schema per stage: each field (a YAML key) is a flag of the same name, and --help shows the
+    schema's default next to each option."""
+    import dataclasses
+    import inspect
+    import re
+
+    from kdcache.cli import FLAG_FIELDS
+    from kdcache.stages import schema
+
+    commands = {c.callback.__name__: c.callback for c in app.registered_commands}
+    for name, cls in (("extract", schema.ExtractConfig), ("distill", schema.DistillConfig),
+                      ("evaluate", schema.EvaluateConfig)):
+        flags = {FLAG_FIELDS.get(p, p) for p in inspect.signature(commands[name]).parameters}
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in flags]
+        assert not missing, f"{name}: YAML-only options {missing}"
+    text = re.sub(r"[│\s]+", " ", CliRunner().invoke(app, ["distill", "--help"], terminal_width=200).output)
+    for flag, default in (("--lr", "0.001"), ("--workers", "4"), ("--weight-decay", "0.05"), ("--epochs", "10"),
+                          ("--shuffle-buffer", "512")):
+        own = re.search(re.escape(flag) + r" <\w+> (.*?)(?= --[a-z]|$)", text).group(1)  # this option's help only
+        assert re.search(r"default:? " + re.escape(default) + r"\b", own), (flag, own)

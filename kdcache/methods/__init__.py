@@ -19,7 +19,7 @@ from .base import (
            register_method,
 )
 
-DEFAULT_METHOD = "customkd"
+from ..stages.schema import DEFAULT_METHOD  # noqa: E402  (one place)
 
 __all__ = ["DEFAULT_METHOD", "Method", "MethodContext", "MethodError", "TeacherBatch", "create_method",
            "list_methods", "parse_method_options", "register_method", "METHOD_DEFAULTS", "METHOD_OPTIONS"]

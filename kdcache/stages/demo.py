@@ -9,34 +9,17 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kdcache.measure import cpu_latency_ms
+from .schema import DemoConfig  # noqa: F401  (stage.DemoConfig)
 from kdcache.teachers import create_teacher
 
 from . import distill, evaluate, extract
 
 
-@dataclass(frozen=True)
-class DemoConfig:
-    cache: str = "cache/demo-mnist5k"
-    runs: str = "runs"
-    teacher: str = "efficientnet_lite0"
-    teacher_input_size: int = 64
-    views: int = 3
-    student: str = "mobilenetv3_small_050"
-    image_size: int = 32
-    labels_per_class: int = 10
-    methods: tuple = ("supervised", "kd", "customkd")
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 3e-3
-    workers: int = 1
-    seed: int = 0
-    progress: bool = True
 
 
 def lite0_weights() -> str:

@@ -8,7 +8,6 @@ import os
 import shlex
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from kdcache.engine import (
     truncate_metrics,
 )
 from kdcache.loader import StreamConfig, labelled_repeats, make_loader, rank_shards, samples_in
-from kdcache.methods import DEFAULT_METHOD, create_method
+from kdcache.methods import create_method
 from kdcache.methods.base import Dims, MethodContext
 from kdcache.report import metrics_csv
 from kdcache.scenarios import make_scenario
@@ -39,43 +38,12 @@ from kdcache.students import create_student
 from kdcache.views import REPLAY_VERSION
 
 from .config import to_dict, write_yaml
+from .schema import DistillConfig  # noqa: F401  (stage.DistillConfig)
 
 # options that may differ when a run is resumed
 RESUMABLE_CHANGES = {"resume", "epochs", "workers", "progress", "device"}
 
 
-@dataclass(frozen=True)
-class DistillConfig:
-    cache: str = "cache/synthetic"
-    student: str = "mobilenetv3_large_100"
-    student_weights: str | None = None
-    method: str = DEFAULT_METHOD
-    method_options: tuple = ()  # (key, value) pairs, e.g. (("temperature", 2.0),)
-    scenario: str = "supervised"
-    source: tuple = ()
-    target: tuple = ()
-    closed_set: bool = False  # uda: only target rows of the source's classes (a closed-set benchmark)
-    labels_per_class: int | None = None
-    labelled_ratio: float = 0.25  # at least this fraction of each epoch is labelled (0: natural mix)
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    warmup_epochs: float = 1.0
-    online_teacher: bool = False  # run the teacher on the replayed views instead of reading the cache
-    teacher_weights: str | None = None  # online teacher: weights (default: the file the cache was made from)
-    teacher_adapt: int = 0  # rounds of self-training of the teacher head on the unlabelled rows (0: off)
-    image_size: int | None = None  # default: the student's own input size
-    shuffle_buffer: int = 512
-    workers: int = 4
-    seed: int = 0
-    device: str = "auto"
-    out: str | None = None
-    resume: bool = False
-    check_dataset: bool = True
-    eval_every: int = 1
-    progress: bool = True
 
 
 def open_cache(path: str) -> CacheStore:

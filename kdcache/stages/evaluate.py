@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +16,11 @@ from kdcache.measure import count_macs, count_params, cpu_latency_ms, export_onn
 from kdcache.report import write_report
 from kdcache.store import CacheError, CacheStore
 from kdcache.students import create_student
+from .schema import EvaluateConfig  # noqa: F401  (stage.EvaluateConfig)
 
 from .distill import DistillConfig, _scenario
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    run: str = ""
-    batch_size: int = 256
-    workers: int = 2
-    latency_repeats: int = 50
-    latency_threads: int = 1  # CPU threads for the latency measurement (fixed, so figures compare)
-    latency_batch: int = 8  # a second latency figure at this batch size (0: batch 1 only)
-    onnx: bool = True
-    device: str = "cpu"
-    progress: bool = True
 
 
 def load_run(run_dir: Path) -> tuple[DistillConfig, dict]:

@@ -8,7 +8,6 @@ import fcntl
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,35 +25,9 @@ from kdcache.teachers import create_teacher, zeroshot_head
 from kdcache.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION, list_policies
 
 from .config import to_dict, write_yaml
+from .schema import ExtractConfig  # noqa: F401  (stage.ExtractConfig)
 
 
-@dataclass(frozen=True)
-class ExtractConfig:
-    dataset: str = "synthetic"
-    data_root: str | None = None
-    dataset_options: tuple = ()  # (key, value) pairs, e.g. (("n", 512),) for synthetic
-    domains: tuple = ()  # restrict to these domains (empty: all)
-    teacher: str = "vit_large_patch14_dinov2.lvd142m"
-    teacher_weights: str | None = None
-    teacher_input_size: int | None = None  # default: the model's own
-    random_init: bool = False
-    feature: str = "auto"  # open_clip: pre_projection (default) or embedding
-    views: int = 4
-    view_policy: str = "default"
-    view_seed: int = 0
-    tokens: int = 0  # G: cache patch tokens pooled to a GxG grid (0: none)
-    head: str = "auto"
-    batch_size: int = 64
-    workers: int = 4
-    shard_size: int = 1024
-    image_bound: int = 384
-    compression: str = "zstd"
-    feature_dtype: str = "float16"  # or int8: a quarter of the bytes less for features and tokens
-    device: str = "auto"
-    out: str | None = None
-    overwrite: bool = False
-    repair: bool = False  # re-check every done shard against its checksum and recompute damaged ones
-    progress: bool = True
 
 
 @contextlib.contextmanager
