@@ -7,13 +7,13 @@ computed it: a resumed or multi-rank cache is bit-identical to a single uninterr
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import filelock
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -39,27 +39,25 @@ class StreamSpec:
 
 
 class ShardClaims:
-    """Exclusive per-shard locks (flock), released by the OS if the process dies."""
+    """Exclusive per-shard locks (filelock: an OS lock, released by the OS if the process dies)."""
 
     def __init__(self, images_dir: Path):
         self.dir = Path(images_dir)
-        self.held: dict[int, int] = {}
+        self.held: dict[int, filelock.FileLock] = {}
 
     def try_claim(self, k: int) -> bool:
-        fd = os.open(self.dir / f"shard-{k:05d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = filelock.FileLock(str(self.dir / f"shard-{k:05d}.lock"))
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
             return False
-        self.held[k] = fd
+        self.held[k] = lock
         return True
 
     def release(self, k: int) -> None:
-        fd = self.held.pop(k, None)
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        lock = self.held.pop(k, None)
+        if lock is not None:
+            lock.release()
 
     def release_all(self) -> None:
         for k in list(self.held):

@@ -372,15 +372,16 @@ def test_a_missing_group_is_an_error_not_a_keyerror(cache):
 
 def test_a_second_distill_on_a_locked_run_folder_fails_fast_naming_the_first(cache, tmp_path):
     run = tmp_path / "run"
-    fd = distill._lock_run_dir(run)  # this process holds the folder, as a running distill would
+    lock = distill._lock_run_dir(run)  # this process holds the folder, as a running distill would
     try:
         proc = run_cli("distill", "--cache", str(cache), "--student", "test_efficientnet", "--image-size", "32",
                        "--method", "kd", "--epochs", "1", "--workers", "0", "--out", str(run), "--no-check-dataset",
                        "--no-progress", check=False)
+        assert proc.returncode == 2 and f"in use by distill pid {os.getpid()}" in proc.stderr
+        assert {p.name for p in run.iterdir()} <= distill.LOCK_FILES  # the second run wrote nothing
     finally:
-        os.close(fd)
-    assert proc.returncode == 2 and f"in use by distill pid {os.getpid()}" in proc.stderr
-    assert [p.name for p in run.iterdir()] == [".lock"]  # the second run wrote nothing
+        distill._unlock_run_dir(run, lock)
+    assert not run.exists()  # nothing was started in it: no empty run folder is left
 
 
 # 7. --resume on a replaced cache ---------------------------------------------------------------------

@@ -181,22 +181,38 @@ def _lock_run_dir(out: Path):
     """Hold an exclusive lock on the run folder for the whole run (released by the OS if the process dies);
     a second run on the same folder fails at once, naming the first."""
     import datetime
-    import fcntl
     import socket
 
+    import filelock
+
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = filelock.FileLock(str(out / ".lock"))
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise CacheError(f"run folder {out} is in use by {holder}; wait for it to finish, or pass another --out") \
-            from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (f"distill pid {os.getpid()} on {socket.gethostname()}, started "
-                   f"{datetime.datetime.now().isoformat(timespec='seconds')}\n").encode(), 0)
-    return fd
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        try:
+            holder = (out / ".lock.owner").read_text().strip()
+        except OSError:
+            holder = ""
+        raise CacheError(f"run folder {out} is in use by {holder or 'another process'}; wait for it to finish, "
+                         "or pass another --out") from None
+    (out / ".lock.owner").write_text(f"distill pid {os.getpid()} on {socket.gethostname()}, started "
+                                     f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+    return lock
+
+
+LOCK_FILES = {".lock", ".lock.owner"}
+
+
+def _unlock_run_dir(out: Path, lock) -> None:
+    """Release the run folder; a folder in which nothing was started is removed (no empty run left)."""
+    started = {f.name for f in out.iterdir()} - LOCK_FILES
+    if not started:
+        (out / ".lock.owner").unlink(missing_ok=True)
+    lock.release()
+    if not started:
+        (out / ".lock").unlink(missing_ok=True)
+        out.rmdir()
 
 
 def _shared_default_out(cfg: DistillConfig, store: CacheStore, rank: int) -> Path:
@@ -224,10 +240,7 @@ def run(cfg: DistillConfig) -> Path:
         return _run(cfg, rank, world, store, out)
     finally:
         if lock is not None:
-            os.close(lock)
-            if [f.name for f in out.iterdir()] == [".lock"]:  # nothing was started: leave no empty folder
-                (out / ".lock").unlink()
-                out.rmdir()
+            _unlock_run_dir(out, lock)
 
 
 def _student_and_method(cfg: DistillConfig, store: CacheStore):

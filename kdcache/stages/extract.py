@@ -4,12 +4,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
-import fcntl
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import filelock
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -34,8 +34,7 @@ from .schema import ExtractConfig  # noqa: F401  (stage.ExtractConfig)
 def _creation_lock(out: Path):
     """Serialise opening/creating one cache, so two extracts started together agree on one store."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.create.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with filelock.FileLock(str(out.parent / f".{out.name}.create.lock")):
         yield
 
 
