@@ -112,6 +112,9 @@ def extract(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
     out: Optional[str] = typer.Option(None, help="Cache folder (default cache/<dataset>)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a cache made with other settings."),
+    part: Optional[str] = typer.Option(None, help="i/N: work only on shards k with k % N == i (a job-array "
+                                       "task's share; N tasks together fill the cache). auto/N or auto: i (and N) "
+                                       "from SLURM_ARRAY_TASK_ID/_MIN/_COUNT or JOB_COMPLETION_INDEX."),
     repair: Optional[bool] = typer.Option(None, "--repair", help="Re-check every done shard against its recorded "
                                           "checksum and recompute only the damaged ones."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
@@ -132,7 +135,7 @@ def extract(
                       teacher_input_size=teacher_input_size, random_init=random_init, feature=feature,
                       views=views, view_policy=view_policy, view_seed=view_seed, tokens=tokens, head=head,
                       batch_size=batch_size, workers=workers, shard_size=shard_size, image_bound=image_bound,
-                      compression=compression, feature_dtype=feature_dtype, device=device, out=out, overwrite=overwrite, repair=repair,
+                      compression=compression, feature_dtype=feature_dtype, device=device, out=out, overwrite=overwrite, repair=repair, part=part,
                       progress=False if no_progress else None)
         path = stage.run(cfg)
     typer.echo(f"cache: {path}  (inspect: python cli.py info --cache {shlex.quote(str(path))})")

@@ -36,7 +36,7 @@ def cli_env(**extra) -> dict:
 
 def run_cli(*args: str, check=True, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
-                          env=cli_env(), cwd=kw.pop("cwd", ROOT), **kw)
+                          env=cli_env(**kw.pop("env_extra", {})), cwd=kw.pop("cwd", ROOT), **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"cli {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

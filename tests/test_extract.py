@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,9 +130,74 @@ def test_second_extract_on_same_cache_cooperates(reference, tmp_path):
     b = subprocess.Popen([*args[:-1], str(fresh)], env=cli_env(), cwd=ROOT, stderr=subprocess.PIPE, text=True)
     errs = [p.communicate(timeout=300)[1] for p in (a, b)]
     assert a.returncode == 0 and b.returncode == 0, errs
+    assert sum(_shards_done(e) for e in errs) == N // S  # none twice
     run_cli("extract", *ARGS, "--workers", "0", "--out", str(fresh))  # finalises if needed
     assert_same_cache(reference, fresh)
     assert_same_cache(reference, out)
+
+
+def _shards_done(stderr: str) -> int:
+    m = re.search(r"in (\d+) shard\(s\)", stderr)
+    return int(m.group(1)) if m else 0
+
+
+def test_a_process_started_by_hand_skips_the_shards_another_holds(reference, tmp_path):
+    """While another process holds half the shards, an extract does the other half and says the rest is
+    held; a second extract after the holder is gone does that half: each did some, none twice, and the
+    cache equals one uninterrupted extraction."""
+    out = tmp_path / "cache"
+    parts = N // S + 1  # a part that owns no shard: creates the store, extracts nothing
+    run_cli("extract", *ARGS, "--workers", "0", "--out", str(out), "--part", f"{parts - 1}/{parts}")
+    assert not CacheStore.open(out).shard_done().any()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, %r); from kdcache.extraction import ShardClaims; "
+        "c = ShardClaims(%r); [c.try_claim(k) for k in range(0, %d, 2)]; print('held', flush=True); "
+        "time.sleep(600)") % (str(ROOT), str(out / "images"), N // S)], stdout=subprocess.PIPE, text=True,
+        env=cli_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        first = run_cli("extract", *ARGS, "--workers", "0", "--out", str(out))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _shards_done(first.stderr) == N // S // 2 and "being written by another extract" in first.stderr
+    assert not CacheStore.open(out).shard_done()[0::2].any() and CacheStore.open(out).shard_done()[1::2].all()
+    second = run_cli("extract", *ARGS, "--workers", "0", "--out", str(out))
+    assert _shards_done(second.stderr) == N // S // 2
+    assert_same_cache(reference, out)
+
+
+def test_job_array_parts_fill_the_cache_together(reference, tmp_path):
+    """--part i/N (or auto/N from the scheduler's index) takes shards k % N == i; the parts together give
+    the cache of one process, and the last part to finish fits the head."""
+    out = tmp_path / "cache"
+    run_cli("extract", *ARGS, "--workers", "0", "--out", str(out), "--part", "1/3")
+    done = CacheStore.open(out).shard_done()
+    assert done[1::3].all() and not done[0::3].any() and not done[2::3].any()
+    run_cli("extract", *ARGS, "--workers", "0", "--out", str(out), "--part", "auto/3", env_extra={
+        "SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "5"})  # task 5 of an array 5-7: part 0
+    run_cli("extract", *ARGS, "--workers", "0", "--out", str(out), "--part", "auto/3", env_extra={
+        "JOB_COMPLETION_INDEX": "2"})
+    assert_same_cache(reference, out)
+
+
+@pytest.mark.parametrize("text, env, expect", [
+    (None, {}, (0, 1)), ("2/4", {}, (2, 4)), ("auto", {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"},
+                                              (3, 4)),
+    ("auto/8", {"JOB_COMPLETION_INDEX": "7"}, (7, 8)), ("4/4", {}, "0 <= i < N"), ("x", {}, "expected i/N"),
+    ("auto", {"JOB_COMPLETION_INDEX": "1"}, "give it as --part auto/N"), ("auto/2", {}, "no job-array index")])
+def test_part_is_parsed_or_refused_by_name(text, env, expect, monkeypatch):
+    from kdcache.stages.extract import parse_part
+
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT", "JOB_COMPLETION_INDEX"):
+        monkeypatch.delenv(name, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    if isinstance(expect, tuple):
+        assert parse_part(text) == expect
+    else:
+        with pytest.raises(ValueError, match=re.escape(expect)):
+            parse_part(text)
 
 
 def test_claims_are_exclusive_between_processes(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import os
 import shutil
 import sys
 import time
@@ -42,6 +43,7 @@ MIN_IMAGE_BOUND = 16
 
 
 def _check(cfg: ExtractConfig) -> None:
+    parse_part(cfg.part)
     if cfg.views < 1:
         raise ValueError("--views must be >= 1 (view 0 is the clean view)")
     if cfg.shard_size < 1 or cfg.batch_size < 1:
@@ -166,20 +168,14 @@ def run(cfg: ExtractConfig) -> Path:
         store.update_attrs(head_fit={"fitted": False})
     dist.barrier()
 
+    part, parts = parse_part(cfg.part)
     done = store.shard_done()
-    mine = [k for k in range(layout.num_shards) if k % world == rank and not done[k]]
+    mine = [k for k in my_shards(layout.num_shards, part, parts, rank, world) if not done[k]]
     claims = ShardClaims(store.images_dir)
-    todo = [k for k in mine if claims.try_claim(k)]
-    busy = sorted(set(mine) - set(todo))
-    done = store.shard_done()  # another process may have finished a shard before we claimed it
-    for k in [k for k in todo if done[k]]:
-        claims.release(k)
-    todo = [k for k in todo if not done[k]]
-
     spec = StreamSpec(str(store.images_dir), layout, cfg.image_bound, pre.input_size, pre.interpolation,
                       pre.crop_pct, cfg.view_policy, cfg.view_seed, cfg.batch_size)
     try:
-        _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, rank)
+        busy = _claim_and_pass(store, dataset, teacher, spec, mine, claims, cfg, device, rank)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise CacheError(f"disk full while writing the cache at {out} ({e}); free some space and run the same "
@@ -188,9 +184,11 @@ def run(cfg: ExtractConfig) -> Path:
     dist.barrier()
 
     if rank == 0:
-        complete = bool(store.shard_done().all())
-        if complete and not store.attrs.get("head_fit", {}).get("fitted"):
-            fit_store_probe(store, train_split=SPLIT_NAMES.index("train"))
+        if store.shard_done().all() and not store.attrs.get("head_fit", {}).get("fitted"):
+            with filelock.FileLock(str(store.images_dir / "head-fit.lock")):  # one process fits it
+                store = CacheStore.open(out, mode="r+")  # another process may have fitted it meanwhile
+                if not store.attrs.get("head_fit", {}).get("fitted"):
+                    fit_store_probe(store, train_split=SPLIT_NAMES.index("train"))
         if busy:
             print(f"{len(busy)} shard(s) were being written by another extract on this cache; "
                   "it finishes them (run this command again to check).", file=sys.stderr)
@@ -228,18 +226,88 @@ def _repair(store: CacheStore, static: dict) -> None:
         print("repair: every done shard matches its checksum", file=sys.stderr)
 
 
+def parse_part(text: str | None) -> tuple[int, int]:
+    """`--part i/N` (a job-array task's share: shards k with k % N == i), `auto/N` or `auto` (the index,
+    and the count where the scheduler gives it, from SLURM_ARRAY_TASK_ID / _MIN / _COUNT or a Kubernetes
+    indexed job's JOB_COMPLETION_INDEX); None: the whole cache."""
+    if not text:
+        return 0, 1
+    env = os.environ
+    index_text, _, count_text = text.partition("/")
+    if index_text == "auto":
+        if "SLURM_ARRAY_TASK_ID" in env:
+            index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            count_text = count_text or env.get("SLURM_ARRAY_TASK_COUNT", "")
+        elif "JOB_COMPLETION_INDEX" in env:
+            index = int(env["JOB_COMPLETION_INDEX"])
+        else:
+            raise ValueError(f"--part {text}: no job-array index in the environment (SLURM_ARRAY_TASK_ID or "
+                             "JOB_COMPLETION_INDEX); give it as --part i/N")
+        if not count_text:
+            raise ValueError(f"--part {text}: the number of parts is not in the environment; give it as "
+                             "--part auto/N")
+        index_text = str(index)
+    try:
+        part, parts = int(index_text), int(count_text)
+    except ValueError:
+        raise ValueError(f"--part {text!r}: expected i/N (e.g. 0/4), auto/N or auto") from None
+    if parts < 1 or not 0 <= part < parts:
+        raise ValueError(f"--part {text}: need 0 <= i < N")
+    return part, parts
+
+
+def my_shards(num_shards: int, part: int, parts: int, rank: int, world: int) -> list[int]:
+    """The shards a (part, rank) starts with: part i of N owns k % N == i, its ranks take turns."""
+    return [k for k in range(num_shards) if k % parts == part][rank::world]
+
+
 # the latest teacher pass of this process: images, views, seconds (start-up and probe fitting excluded)
 LAST_PASS: dict = {}
 
 
-def _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, rank) -> None:
+def _claim_and_pass(store, dataset, teacher, spec, mine, claims, cfg, device, rank) -> list[int]:
+    """Claim a few shards at a time (ones no other process holds or finished), run the teacher over them,
+    repeat: processes started by hand on one cache split its shards. Returns the shards left to others."""
+    lay = spec.layout
+    chunk = max(2, 2 * cfg.workers)
+    left, total, seconds, passes = list(mine), 0, 0.0, 0
+    bar = tqdm(total=sum(len(lay.rows(k)) for k in mine), unit="img", desc=f"extract {Path(store.path).name}",
+               disable=True if not cfg.progress or rank != 0 else None, dynamic_ncols=True)
+    try:
+        while left:
+            done = store.shard_done()
+            left = [k for k in left if not done[k]]
+            todo = []
+            for k in left:
+                if len(todo) == chunk:
+                    break
+                if claims.try_claim(k):
+                    todo.append(k)
+            done = store.shard_done()  # another process may have finished a shard before we claimed it
+            for k in [k for k in todo if done[k]]:
+                claims.release(k)
+            todo = [k for k in todo if not done[k]]
+            if not todo:
+                break  # every shard left is being written by another process
+            left = [k for k in left if k not in todo]
+            n, s = _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, bar)
+            total, seconds, passes = total + n, seconds + s, passes + len(todo)
+    finally:
+        bar.close()
+    LAST_PASS.update(images=total, views=total * lay.views, seconds=seconds, shards=passes)
+    if rank == 0 and total:
+        print(f"extracted {total} images x {lay.views} views in {passes} shard(s) at "
+              f"{total / max(seconds, 1e-9):.1f} img/s", file=sys.stderr)
+    return sorted(left)
+
+
+def _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, bar) -> tuple[int, float]:
+    """The teacher over the claimed shards `todo`; returns (images, seconds)."""
     lay = spec.layout
     stream = ShardImageStream(dataset, todo, spec)
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if cfg.workers else None)
     total = sum(len(lay.rows(k)) for k in todo)
-    bar = tqdm(total=total, unit="img", desc=f"extract {Path(store.path).name}",
-               disable=not cfg.progress or rank != 0, dynamic_ncols=True)
     writer = ShardWriter(store, claims)
     buffers: dict[int, ShardBuffer] = {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
@@ -276,13 +344,7 @@ def _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, rank
         writer.close()
     finally:
         claims.release_all()
-        bar.close()
-    seconds = time.perf_counter() - start
-    LAST_PASS.update(images=total, views=total * lay.views, seconds=seconds)
-    if rank == 0 and total:
-        rate = total / max(seconds, 1e-9)
-        print(f"extracted {total} images x {lay.views} views in {len(todo)} shard(s) at {rate:.1f} img/s",
-              file=sys.stderr)
+    return total, time.perf_counter() - start
 
 
 class _null:

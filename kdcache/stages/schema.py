@@ -34,6 +34,7 @@ class ExtractConfig:
     out: str | None = None
     overwrite: bool = False
     repair: bool = False  # re-check every done shard against its checksum and recompute damaged ones
+    part: str | None = None  # i/N, auto/N or auto: a job-array task's share of the shards (None: all)
     progress: bool = True
 
 
