@@ -346,6 +346,11 @@ _show_defaults()
 
 def run() -> None:
     """The `kdcache` console script (also `python -m kdcache` and `python cli.py` in a checkout)."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack (a stuck job says where)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     app()
 
 

@@ -11,7 +11,18 @@ def init() -> tuple[int, int]:
     """(rank, world size); joins the process group when WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is None or "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(backend)
+        else:  # torchrun elastic: a key space of this attempt's own, so a restarted group never reads the
+            # addresses that the ranks of an earlier attempt left in the agent's store
+            rank = int(os.environ["RANK"])
+            master = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true" and rank == 0
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=master)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"kdcache/attempt-{restart}", store),
+                                    rank=rank, world_size=world)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

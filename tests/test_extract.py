@@ -118,6 +118,31 @@ def test_two_ranks_under_torchrun_match_one(reference, tmp_path):
     assert_same_cache(reference, out)
 
 
+def test_elastic_torchrun_restarts_after_a_rank_is_killed_and_finishes_the_same_cache(reference, tmp_path):
+    """torchrun elastic (c10d rendezvous, --max-restarts 1), 2 CPU ranks: one rank is killed part-way; the
+    agent restarts the group, the ranks split the shards still to do, and the cache equals one process's."""
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:1", "--nproc_per_node", "2",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", "--max-restarts", "1",
+           str(ROOT / "cli.py"), "extract", *ARGS, "--workers", "0", "--out", str(out)]
+    agent = subprocess.Popen(cmd, env=cli_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sums = out / "shard_checksums" / "c"
+    deadline = time.time() + 180
+    while time.time() < deadline and agent.poll() is None:
+        if sums.is_dir() and len(os.listdir(sums)) >= 3:
+            break
+        time.sleep(0.005)
+    ranks = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2, ranks
+    os.kill(int(ranks[0]), signal.SIGKILL)
+    killed_at = int((zarr.open_group(str(out), mode="r")["status"][:] == 1).sum())
+    err = agent.communicate(timeout=300)[1]
+    assert agent.returncode == 0, err[-3000:]
+    assert killed_at < N, "the kill must land part-way"
+    assert "exitcode: -9" in err, err[-2000:]  # the agent saw the killed rank, restarted the group, and it finished
+    assert_same_cache(reference, out)
+
+
 def test_second_extract_on_same_cache_cooperates(reference, tmp_path):
     out = tmp_path / "cache"
     args = [sys.executable, str(ROOT / "cli.py"), "extract", *ARGS, "--workers", "0", "--out", str(out)]
