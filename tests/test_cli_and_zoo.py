@@ -84,6 +84,20 @@ def test_cli_errors_are_clear(tmp_path):
     assert not (tmp_path / "c").exists()  # a failed start leaves nothing behind
 
 
+
+def test_object_storage_urls_are_refused_by_name(tmp_path, monkeypatch):
+    """`--out s3://b/x` is an error naming the flag, not a local folder called `s3:`."""
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for args, flag in ((["extract", "--dataset", "synthetic", "--teacher", "test_vit", "--random-init", "--out",
+                         "s3://bucket/cache"], "--out"),
+                       (["distill", "--cache", "gs://bucket/cache", "--out", "runs/x"], "--cache"),
+                       (["distill", "--cache", "cache/x", "--out", "s3://bucket/run"], "--out")):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and f"{flag} " in res.output and "object storage" in res.output, res.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_yaml_config_with_flags_on_top(tmp_path):
     from kdcache.stages.config import resolve
 

@@ -1,6 +1,8 @@
 """Stage configs: frozen dataclasses resolved as defaults < YAML file < CLI flags."""
 from __future__ import annotations
 
+import re
+
 import dataclasses
 import difflib
 import math
@@ -118,3 +120,14 @@ def to_dict(cfg) -> dict:
 
 def write_yaml(cfg, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_path(value: str | None, flag: str) -> None:
+    """Caches and runs live on a local or shared file system; a URL (s3://, gs://, ...) is refused by name
+    instead of becoming a local folder called `s3:`."""
+    if value and URL.match(str(value)):
+        raise ValueError(f"{flag} {value}: caches and runs on object storage (URLs) are not supported; give a "
+                         "local path or a shared file system mounted as one (e.g. with s3fs or gcsfuse)")

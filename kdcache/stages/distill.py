@@ -37,7 +37,7 @@ from kdcache.store import CacheError, CacheStore
 from kdcache.students import create_student
 from kdcache.views import REPLAY_VERSION
 
-from .config import to_dict, write_yaml
+from .config import local_path, to_dict, write_yaml
 from .schema import DistillConfig  # noqa: F401  (stage.DistillConfig)
 
 # options that may differ when a run is resumed
@@ -156,6 +156,8 @@ def default_out(cfg: DistillConfig, store: CacheStore, runs: Path = Path("runs")
 
 def check_config(cfg: DistillConfig) -> None:
     """Range checks of every numeric option; each error names the flag."""
+    local_path(cfg.cache, "--cache")
+    local_path(cfg.out, "--out")
     ranges = [("epochs", cfg.epochs, 1, None), ("batch_size", cfg.batch_size, 1, None),
               ("lr", cfg.lr, None, None), ("weight_decay", cfg.weight_decay, 0, None),
               ("warmup_epochs", cfg.warmup_epochs, 0, None), ("workers", cfg.workers, 0, None),

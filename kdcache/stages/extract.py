@@ -25,7 +25,7 @@ from kdcache.store import FEATURE_DTYPES, CacheError, CacheStore, IncompleteCrea
 from kdcache.teachers import create_teacher, zeroshot_head
 from kdcache.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION, list_policies
 
-from .config import to_dict, write_yaml
+from .config import local_path, to_dict, write_yaml
 from .schema import ExtractConfig  # noqa: F401  (stage.ExtractConfig)
 
 
@@ -43,6 +43,8 @@ MIN_IMAGE_BOUND = 16
 
 
 def _check(cfg: ExtractConfig) -> None:
+    local_path(cfg.out, "--out")
+    local_path(cfg.data_root, "--data-root")
     parse_part(cfg.part)
     if cfg.views < 1:
         raise ValueError("--views must be >= 1 (view 0 is the clean view)")
