@@ -19,7 +19,7 @@ METHOD  ?= customkd
 SCENARIO ?= supervised
 EPOCHS  ?= 10
 
-.PHONY: setup test test-all test-faults demo extract info distill evaluate report bench bench-quick fuzz study clean
+.PHONY: setup test test-all test-faults demo extract info distill evaluate report bench bench-gpu bench-quick fuzz study clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(EXTRA)
+
+# the GPU set (ViT-L/14 DINOv2 and CLIP extraction in bf16, MobileNetV3-Large training at 224 px); on a GPU
+# machine without network: python3 benchmarks/bench.py --gpu
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/bench.py --gpu $(EXTRA)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bench.py --quick $(EXTRA)

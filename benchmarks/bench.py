@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -45,6 +46,24 @@ def median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def spread(values, op: str | None = None, target: float | None = None) -> dict:
+    """Median and min/max of per-repeat values; with a target (op '>=' or '<='), whether the median meets
+    it and whether the spread crosses it ("noisy": the repeats disagree on the verdict)."""
+    v = [float(x) for x in values]
+    out = {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v), "values": v}
+    if target is not None:
+        ok = (lambda x: x >= target) if op == ">=" else (lambda x: x <= target)
+        out.update(target=f"{op} {target:g}", meets=ok(out["median"]), noisy=ok(out["min"]) != ok(out["max"]))
+    return out
+
+
+def machine_state() -> dict:
+    """Cores this process may use, and the load around a measurement (a busy machine skews ratios)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cores": cores, "cpu_count": os.cpu_count(), "load_1min": os.getloadavg()[0],
+            "torch_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()}
 
 
 def _sync(device: str) -> None:
@@ -121,6 +140,7 @@ def bench_extraction(a, tmp: Path) -> dict:
             "extraction_views_per_s": statistics.median(views_done / p for p in t_pass),
             "extraction_over_model_only": statistics.median(ratios),
             "per_repeat_ratios": ratios,
+            "ratio": spread(ratios, ">=", 0.90),
             "whole_command_views_per_s": statistics.median(views_done / e for e in t_extract),
             "whole_command_over_model_only": statistics.median(ratios_whole),
             "first_run_views_per_s_with_packing": views_done / first,
@@ -179,19 +199,29 @@ def bench_storage(a, tmp: Path) -> dict:
 
 
 def bench_ranks(a, tmp: Path) -> dict:
-    """Extraction wall time with 2 ranks (torchrun, gloo) vs 1 rank, same data, process start included."""
+    """Extraction with 2 ranks (torchrun, gloo, one thread each) vs 1 rank on the same data, interleaved
+    and repeated; reported as per-rank efficiency against the cores available: speed-up / min(2, cores).
+    On a 2-core machine that still answers "do ranks split the work", where a raw 2/1 wall-time ratio
+    mostly measures what else is running."""
     args = ["extract", "--dataset", "synthetic", "--dataset-opt", f"n={a.n}", "--teacher", a.teachers[0][0],
             "--random-init", "--views", str(a.views), "--shard-size", "128", "--workers", "0", "--no-progress",
             "--device", a.device]
-    times = {}
-    for ranks in (1, 2):
-        out = tmp / f"ranks{ranks}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-               str(ROOT / "cli.py"), *args, "--out", str(out)]
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
-        times[ranks] = time.perf_counter() - t
-    return {"one_rank_s": times[1], "two_ranks_s": times[2], "two_over_one_speedup": times[1] / times[2]}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cores = machine_state()["cores"]
+    times = {1: [], 2: []}
+    for rep in range(a.repeats):
+        for ranks in (1, 2):
+            out = tmp / f"ranks{ranks}-{rep}"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+                   str(ROOT / "cli.py"), *args, "--out", str(out)]
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT, env=env)
+            times[ranks].append(time.perf_counter() - t)
+            shutil.rmtree(out, ignore_errors=True)
+    speedups = [one / two for one, two in zip(times[1], times[2])]
+    usable = min(2, cores)
+    return {"one_rank_s": times[1], "two_ranks_s": times[2], "cores": cores,
+            "speedup": spread(speedups), "efficiency": spread([s / usable for s in speedups], ">=", 0.7)}
 
 
 def bench_cache_reads(a, tmp: Path) -> dict:
@@ -305,9 +335,12 @@ def bench_distill(a, tmp: Path) -> dict:
     student_step(), teacher_step()
     sec = {m: statistics.median(s for s, _ in v) for m, v in epochs.items()}
     ips = {m: statistics.median(i for _, i in v) for m, v in epochs.items()}
-    ratio = statistics.median(c[0] / s[0] for c, s in zip(epochs["cache"], epochs["supervised"]))
-    speed = statistics.median(o[0] / c[0] for o, c in zip(epochs["online"], epochs["cache"]))
-    return {"epoch_s": sec, "img_per_s": ips, "cache_over_supervised": ratio, "online_over_cache_speedup": speed,
+    ratios = [c[0] / s[0] for c, s in zip(epochs["cache"], epochs["supervised"])]
+    speeds = [o[0] / c[0] for o, c in zip(epochs["online"], epochs["cache"])]
+    return {"epoch_s": sec, "img_per_s": ips, "cache_over_supervised": statistics.median(ratios),
+            "online_over_cache_speedup": statistics.median(speeds),
+            "cache_over_supervised_spread": spread(ratios, "<=", 1.10),
+            "online_over_cache_spread": spread(speeds, ">=", 1.0),
             "student_step_ms": 1e3 * median_time(student_step, 5), "teacher_step_ms": 1e3 * median_time(teacher_step, 5),
             "batch": a.student_batch, "image_size": a.image_size, "teacher": spec}
 
@@ -357,6 +390,7 @@ def main(argv=None):
     results = {"machine": machine, "command": " ".join(["python benchmarks/bench.py", *(argv or sys.argv[1:])]),
                "torch": torch.__version__, "settings": {k: (sorted(v) if isinstance(v, set) else v)
                                                         for k, v in vars(a).items() if k != "out"}}
+    results["machine_before"] = machine_state()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -369,6 +403,7 @@ def main(argv=None):
             for sub in tmp.iterdir():
                 shutil.rmtree(sub, ignore_errors=True)
     results["wall_s"] = time.perf_counter() - start
+    results["machine_after"] = machine_state()
     if a.only:
         return
     out = Path(a.out)
@@ -379,23 +414,45 @@ def main(argv=None):
 
 
 def render(r: dict) -> str:
-    lines = [f"# {r['machine']}", "", f"`{r['command']}` ({r['wall_s'] / 60:.1f} min, torch {r['torch']})", "",
-             "| pair | measured | target |", "| --- | --- | --- |"]
+    m0, m1 = r.get("machine_before", {}), r.get("machine_after", {})
+    lines = [f"# {r['machine']}", "", f"`{r['command']}` ({r['wall_s'] / 60:.1f} min, torch {r['torch']})", ""]
+    if m0:
+        lines += [f"Machine: {m0['processor']}, {m0['cores']} usable cores of {m0['cpu_count']}, torch threads "
+                  f"{m0['torch_threads']}; 1-minute load {m0['load_1min']:.2f} before, {m1.get('load_1min', 0):.2f} "
+                  "after. Each ratio: median of per-repeat ratios (pairs measured back to back, interleaved), "
+                  "min–max over the repeats; **noisy** where the repeats disagree on the target.", ""]
+    lines += ["| pair | median | min–max (n) | target | verdict |", "| --- | --- | --- | --- | --- |"]
+
+    def row(name, s, fmt="{:.3f}", target=None):
+        if not isinstance(s, dict):  # a results file from before spreads were recorded
+            return f"| {name} | {fmt.format(s)} | | {target or ''} | |"
+        verdict = "" if "meets" not in s else ("meets" if s["meets"] else "misses") + (", **noisy**" if s["noisy"] else "")
+        return (f"| {name} | {fmt.format(s['median'])} | {fmt.format(s['min'])}–{fmt.format(s['max'])} ({s['n']}) | "
+                f"{s.get('target', target or '')} | {verdict} |")
+
     if "distill" in r:
         d = r["distill"]
-        lines += [f"| distill-from-cache epoch / supervised-only epoch | {d['cache_over_supervised']:.3f} | <= 1.10 |",
-                  f"| online-teacher epoch / distill-from-cache epoch | {d['online_over_cache_speedup']:.2f}x | "
-                  "speed-up |"]
+        lines += [row("distill-from-cache epoch / supervised-only epoch",
+                      d.get("cache_over_supervised_spread", d["cache_over_supervised"]), target="<= 1.1"),
+                  row("online-teacher epoch / distill-from-cache epoch (speed-up)",
+                      d.get("online_over_cache_spread", d["online_over_cache_speedup"]), "{:.2f}", ">= 1")]
     for spec, e in r.get("extraction", {}).items():
-        lines.append(f"| extraction / model-only views/s, {spec} at {e['input_size']} px | "
-                     f"{e['extraction_over_model_only']:.3f} | >= 0.90 |")
+        lines.append(row(f"extraction / model-only views/s, {spec} at {e['input_size']} px",
+                         e.get("ratio", e["extraction_over_model_only"]), target=">= 0.9"))
     if "cache_reads" in r:
         c = r["cache_reads"]
-        lines += [f"| chunk-aligned cache reads, views/s (D=1024 fp16) | {c['aligned_views_per_s']:,.0f} | >= 100k |",
-                  f"| per-sample random reads, views/s | {c['random_views_per_s']:,.0f} | contrast |"]
+        lines += [f"| chunk-aligned cache reads, views/s (D=1024 fp16) | {c['aligned_views_per_s']:,.0f} | | >= 100k | "
+                  f"{'meets' if c['aligned_views_per_s'] >= 1e5 else 'misses'} |",
+                  f"| per-sample random reads, views/s | {c['random_views_per_s']:,.0f} | | contrast | |"]
     if "ranks" in r:
-        lines.append(f"| extraction 2 ranks / 1 rank (speed-up, process start included) | "
-                     f"{r['ranks']['two_over_one_speedup']:.2f}x | |")
+        k = r["ranks"]
+        if "efficiency" in k:
+            lines += [row(f"extraction 2 ranks / 1 rank, speed-up (process start included; {k['cores']} cores)",
+                          k["speedup"], "{:.2f}"),
+                      row("per-rank efficiency: speed-up / min(2, cores)", k["efficiency"], "{:.2f}")]
+        else:
+            lines.append(row("extraction 2 ranks / 1 rank (speed-up, process start included)",
+                             k["two_over_one_speedup"], "{:.2f}"))
     if "extraction" in r:
         lines += ["", "| teacher | model only views/s | extraction views/s (teacher pass) | whole command, start-up "
                   "included | first run, packing included | image stream alone, 1 core |",
