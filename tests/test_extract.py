@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 import zarr
 from conftest import ROOT, TINY, assert_same_cache, cli_env, read_all, run_cli
@@ -61,6 +62,9 @@ def test_store_opens_with_plain_zarr_and_has_documented_arrays(reference):
     assert a["head"]["kind"] == "probe" and a["head_fit"]["fitted"] and a["head_fit"]["samples"] > 0
     assert a["pack"]["shard_size"] == S and a["tokens"]["grid"] == G
     assert {"pipeline_version", "created", "command"} <= set(a)
+    # the resolved options sit beside the cache, not inside the Zarr root
+    assert yaml.safe_load((reference.parent / "cache.extract.yaml").read_text())["views"] == V
+    assert not [p.name for p in reference.iterdir() if p.is_file() and p.name != "zarr.json"]
     files = os.listdir(reference / "features" / "c")
     assert len(files) == N // S  # one file per shard
     # nothing in the store is a pickle

@@ -1,6 +1,7 @@
 """kdcache installs as one package with a console script; the checkout's entry points are the same command."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -9,8 +10,12 @@ from conftest import ROOT, cli_env
 
 
 def test_wheel_holds_one_package_and_the_console_script(tmp_path):
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(ROOT / "kdcache", src / "kdcache", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True, cwd=tmp_path)
+                    str(tmp_path), str(src)], check=True, capture_output=True, cwd=tmp_path)
     (wheel,) = tmp_path.glob("kdcache-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}

@@ -152,7 +152,8 @@ def run(cfg: ExtractConfig) -> Path:
         try:
             with _creation_lock(out):
                 store = _open_or_create(out, cfg, layout, identity, attrs, static)
-                write_yaml(cfg, out / "extract-config.yaml")
+                # the resolved options, beside the cache (not inside the Zarr root; the attributes hold them too)
+                write_yaml(cfg, out.with_name(out.name + ".extract.yaml"))
         except CacheError as e:
             error = str(e)
     error = dist.broadcast(error)
