@@ -186,6 +186,8 @@ def distill(
     no_check_dataset: bool = typer.Option(False, "--no-check-dataset", help="Do not re-scan the original "
                                           "dataset to compare its fingerprint."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard", help="Also log the epoch metrics to "
+                                               "<run>/tensorboard (needs: pip install tensorboard)."),
     config: Optional[str] = typer.Option(None, help="YAML file of options (flags win over it)."),
 ):
     """Stage two: train a student from the cached teacher outputs (the teacher never runs)."""
@@ -202,7 +204,8 @@ def distill(
                       batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, shuffle_buffer=shuffle_buffer, image_size=image_size, workers=workers,
                       eval_every=eval_every, seed=seed, device=device, out=out, resume=resume,
-                      check_dataset=False if no_check_dataset else None, progress=False if no_progress else None)
+                      check_dataset=False if no_check_dataset else None, progress=False if no_progress else None,
+                      tensorboard=tensorboard)
         path = stage.run(cfg)
     typer.echo(f"run: {path}")
 

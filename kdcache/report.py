@@ -56,26 +56,28 @@ def _plots(run_dir: Path, report: dict) -> list[str]:
     return made
 
 
+def flatten(record: dict) -> dict:
+    """One epoch record with nested keys joined by '/' (eval/top1, eval/per_domain/<domain>/top1)."""
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[prefix] = value
+
+    walk("", record)
+    return flat
+
+
 def metrics_csv(run_dir: Path) -> Path:
     """metrics.csv from metrics.jsonl: one row per epoch, one column per number (nested keys joined with
     '/', e.g. eval/top1, eval/groups/<domain>/top1), for spreadsheets and pandas."""
     import csv
 
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        if not line.strip():
-            continue
-        flat: dict = {}
-
-        def walk(prefix: str, value) -> None:
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    walk(f"{prefix}/{k}" if prefix else str(k), v)
-            elif isinstance(value, (int, float, str, bool)) or value is None:
-                flat[prefix] = value
-
-        walk("", json.loads(line))
-        rows.append(flat)
+    rows = [flatten(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
     columns = list(dict.fromkeys(k for r in rows for k in r))
     path = run_dir / "metrics.csv"
     tmp = path.with_name(".metrics.csv.tmp")
@@ -85,6 +87,34 @@ def metrics_csv(run_dir: Path) -> Path:
         writer.writerows(rows)
     tmp.replace(path)
     return path
+
+
+class TensorBoardLog:
+    """Epoch metrics as TensorBoard scalars in <run>/tensorboard (the optional `tensorboard` package);
+    step = epoch number. A resumed run first drops what the earlier attempt logged past its checkpoint."""
+
+    def __init__(self, run_dir: Path, start_epoch: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_epoch + 1)
+
+    def log(self, record: dict) -> None:
+        step = int(record["epoch"]) + 1
+        for key, value in flatten(record).items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def check_tensorboard() -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(or pip install 'kdcache[tensorboard]')") from None
 
 
 def write_report(run_dir: Path, report: dict) -> None:

@@ -311,3 +311,33 @@ def test_customkd_phases_are_computed_once_and_shared_by_every_student(cache, tm
         for name in ("m_weight", "m_bias", "phases"):
             assert torch.equal(state[name], own[name]), name
     assert int(own["phases"]) == 2 and own["m_weight"].abs().sum() > 0
+
+
+def test_tensorboard_log_holds_the_epoch_metrics(cache, tmp_path):
+    """--tensorboard writes each epoch's numbers as scalars (step = epoch), the same numbers as metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    distill.run(_cfg(cache, out, method="kd", epochs=2, workers=0, eval_every=1, tensorboard=True))
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    top1 = [(e.step, e.value) for e in events.Scalars("eval/top1")]
+    assert top1 == [(r["epoch"] + 1, pytest.approx(r["eval"]["top1"])) for r in records]
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(cache, tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_tensorboard(name, *a, **kw):
+        if name == "tensorboard" or name.startswith("tensorboard."):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ValueError, match=r"--tensorboard needs the tensorboard package: pip install tensorboard"):
+        distill.run(_cfg(cache, tmp_path / "run", method="kd", epochs=1, workers=0, tensorboard=True))
+    assert not (tmp_path / "run").exists()

@@ -325,6 +325,21 @@ def test_cache_opens_as_one_xarray_dataset(reference):
     assert ds.attrs["format"] == "kdcache"
 
 
+def test_tensorstore_reads_features_and_labels(reference):
+    """The numeric arrays open with tensorstore's zarr3 driver, no kdcache code involved."""
+    import tensorstore as ts
+
+    store = CacheStore.open(reference)
+
+    def read(name):
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(reference / name)}}
+        return ts.open(spec, read=True).result().read().result()
+
+    assert np.array_equal(read("features"), store.array("features")[:])
+    assert np.array_equal(read("labels"), store.array("labels")[:])
+    assert np.array_equal(read("status"), store.array("status")[:])
+
+
 def test_packed_shards_follow_the_webdataset_layout(reference):
     """Each shard is a plain ustar tar of `<row:09d>.<ext>` members in row order (webdataset's sample
     layout: key, dot, one extension), with fixed metadata, so webdataset and `tar` read it as is."""

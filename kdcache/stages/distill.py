@@ -31,7 +31,7 @@ from kdcache.engine import (
 from kdcache.loader import StreamConfig, labelled_repeats, make_loader, rank_shards, samples_in
 from kdcache.methods import create_method
 from kdcache.methods.base import Dims, MethodContext
-from kdcache.report import metrics_csv
+from kdcache.report import TensorBoardLog, check_tensorboard, metrics_csv
 from kdcache.scenarios import make_scenario
 from kdcache.store import CacheError, CacheStore
 from kdcache.students import create_student
@@ -41,7 +41,7 @@ from .config import local_path, to_dict, write_yaml
 from .schema import DistillConfig  # noqa: F401  (stage.DistillConfig)
 
 # options that may differ when a run is resumed
-RESUMABLE_CHANGES = {"resume", "epochs", "workers", "progress", "device"}
+RESUMABLE_CHANGES = {"resume", "epochs", "workers", "progress", "device", "tensorboard"}
 
 
 
@@ -158,6 +158,8 @@ def check_config(cfg: DistillConfig) -> None:
     """Range checks of every numeric option; each error names the flag."""
     local_path(cfg.cache, "--cache")
     local_path(cfg.out, "--out")
+    if cfg.tensorboard:
+        check_tensorboard()
     ranges = [("epochs", cfg.epochs, 1, None), ("batch_size", cfg.batch_size, 1, None),
               ("lr", cfg.lr, None, None), ("weight_decay", cfg.weight_decay, 0, None),
               ("warmup_epochs", cfg.warmup_epochs, 0, None), ("workers", cfg.workers, 0, None),
@@ -351,6 +353,7 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
               f"{head_info['teacher_head']}{' (refit: ' + head_info['reason'] + ')' if head_info['refit'] else ''}",
               file=sys.stderr)
 
+    tensorboard = TensorBoardLog(out, start_epoch) if cfg.tensorboard and rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         record = {"epoch": epoch}
         record.update(method.before_epoch(ctx, epoch))  # the method's own phase, if it has one
@@ -374,6 +377,8 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
             # metrics first: a kill between the two leaves a record that --resume drops and redoes
             append_metrics(out / "metrics.jsonl", record)
             metrics_csv(out)
+            if tensorboard is not None:
+                tensorboard.log(record)
             save_checkpoint(out, epoch, student, method, state)
             if cfg.progress:
                 ev = record.get("eval", {})

@@ -70,6 +70,7 @@ class DistillConfig:
     check_dataset: bool = True
     eval_every: int = 1
     progress: bool = True
+    tensorboard: bool = False  # also log epoch metrics to <run>/tensorboard (needs the tensorboard package)
 
 
 @dataclass(frozen=True)
