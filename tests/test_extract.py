@@ -77,16 +77,21 @@ def test_store_opens_with_plain_zarr_and_has_documented_arrays(reference):
     assert np.allclose(f @ w.T + b, arrays["logits"][:].astype(np.float32), atol=0.05, rtol=1e-2)
 
 
+def _wait_for_shards(proc: subprocess.Popen, out: Path, shards: int, timeout: float = 180) -> None:
+    """Until `shards` shards of the cache being written at `out` are done (or the process ended)."""
+    sums = out / "shard_checksums" / "c"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if sums.is_dir() and len(os.listdir(sums)) >= shards:
+            return
+        time.sleep(0.005)
+
+
 def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
     out = tmp_path / "cache"
     args = [sys.executable, str(ROOT / "cli.py"), "extract", *ARGS, "--workers", "0", "--out", str(out)]
     proc = subprocess.Popen(args, env=cli_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    sums = out / "shard_checksums" / "c"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if sums.is_dir() and len(os.listdir(sums)) >= 3:
-            break
-        time.sleep(0.005)
+    _wait_for_shards(proc, out, 3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     status = zarr.open_group(str(out), mode="r")["status"][:]
@@ -130,12 +135,7 @@ def test_elastic_torchrun_restarts_after_a_rank_is_killed_and_finishes_the_same_
            "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", "--max-restarts", "1",
            str(ROOT / "cli.py"), "extract", *ARGS, "--workers", "0", "--out", str(out)]
     agent = subprocess.Popen(cmd, env=cli_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    sums = out / "shard_checksums" / "c"
-    deadline = time.time() + 180
-    while time.time() < deadline and agent.poll() is None:
-        if sums.is_dir() and len(os.listdir(sums)) >= 3:
-            break
-        time.sleep(0.005)
+    _wait_for_shards(agent, out, 3)
     ranks = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
     assert len(ranks) == 2, ranks
     os.kill(int(ranks[0]), signal.SIGKILL)
