@@ -104,6 +104,12 @@ def test_yaml_config_with_flags_on_top(tmp_path):
     (tmp_path / "c.yaml").write_text("views: 3\nteacher: test_vit\nshard_size: 16\n")
     cfg = resolve(ExtractConfig, tmp_path / "c.yaml", views=5, head=None)
     assert (cfg.views, cfg.teacher, cfg.shard_size, cfg.head) == (5, "test_vit", 16, "auto")
+    # repeated flags are YAML lists, KEY=VALUE flags a mapping (or the list of pairs a saved config holds)
+    (tmp_path / "d.yaml").write_text("domains: [a, b]\ndataset_options: {n: 64, classes: 4}\n")
+    cfg = resolve(ExtractConfig, tmp_path / "d.yaml")
+    assert cfg.domains == ("a", "b") and cfg.dataset_options == (("n", 64), ("classes", 4))
+    (tmp_path / "e.yaml").write_text("dataset_options: [[n, 64], [classes, 4]]\n")
+    assert resolve(ExtractConfig, tmp_path / "e.yaml").dataset_options == (("n", 64), ("classes", 4))
 
 
 def test_every_stage_option_has_a_flag_and_its_default_in_help():

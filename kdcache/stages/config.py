@@ -75,6 +75,8 @@ def coerce(name: str, value: Any, annotation: str) -> Any:
             raise ConfigError(f"option {name!r} must be a string, got {value!r}")
         return value
     if kind == "tuple":
+        if isinstance(value, dict):  # key: value options (dataset_options, method_options) as a YAML mapping
+            return tuple((k, v) for k, v in value.items())
         if isinstance(value, (list, tuple)):
             return tuple(tuple(x) if isinstance(x, list) else x for x in value)
         raise ConfigError(f"option {name!r} must be a list, got {value!r}")
