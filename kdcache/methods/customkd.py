@@ -84,6 +84,7 @@ class CustomKD(Method):
         f_l, f_u = store.masked(lab), store.masked(unl)
         if ctx.teacher_logits is None:
             raise ValueError("customkd needs teacher logits (a cache head or a scenario probe)")
+        self._keys: dict[str, str] = {}  # chain key per device kind, of these inputs
         self._data = {"f_l": f_l, "y_l": labels[lab].astype(np.int64), "f_u": f_u,
                       "z_u": ctx.teacher_logits(unl)}
         # report-only: how well the customised teacher classifies the evaluation rows
@@ -115,13 +116,19 @@ class CustomKD(Method):
 
     def _chain_key(self, device) -> str:
         """What a phase's classifier depends on: the fit's inputs, its options and the device kind."""
+        kind = torch.device(device).type
+        if self._keys.get(kind) is None:
+            self._keys[kind] = self._hash_inputs(kind)
+        return self._keys[kind]
+
+    def _hash_inputs(self, kind: str) -> str:
         h = hashlib.sha256()
         for name in ("f_l", "y_l", "f_u", "z_u"):
             a = np.ascontiguousarray(self._data[name])
             h.update(f"{name}{a.dtype}{a.shape}".encode())
             h.update(a.tobytes())
         keys = ("sharpen", "balance", "custom_wd", "custom_iters", "unlabelled_weight", "first_rounds")
-        h.update(repr([(k, self.params[k]) for k in keys] + [torch.device(device).type, CHAIN_VERSION]).encode())
+        h.update(repr([(k, self.params[k]) for k in keys] + [kind, CHAIN_VERSION]).encode())
         return h.hexdigest()[:20]
 
     def _phase(self, ctx: MethodContext, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
