@@ -79,6 +79,8 @@ def test_cli_errors_are_clear(tmp_path):
     res = runner.invoke(app, ["extract", "--dataset", "synthetic", "--teacher", "test_vit", "--out",
                               str(tmp_path / "c")])
     assert res.exit_code == 2 and "--teacher-weights" in res.output
+    res = runner.invoke(app, ["extract", "--teacher", "test_vit", "--random-init", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "--dataset is required" in res.output and "synthetic" in res.output
     res = runner.invoke(app, ["info", "--cache", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "no cache at" in res.output
     assert not (tmp_path / "c").exists()  # a failed start leaves nothing behind

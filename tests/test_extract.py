@@ -354,3 +354,28 @@ def test_packed_shards_follow_the_webdataset_layout(reference):
         assert [m.name.split(".")[0] for m in members] == [f"{r:09d}" for r in rows]
         assert all(m.name.count(".") == 1 and m.name.split(".")[1] in ("png", "jpg", "bad") for m in members)
         assert all(m.isfile() and m.mtime == 0 and m.mode == 0o644 for m in members)
+
+
+def test_extraction_progress_moves_every_batch_and_ends_at_every_view(tmp_path, monkeypatch):
+    """The bar counts view-images and moves on every teacher batch, not once per shard."""
+    from kdcache.stages import extract as stage
+
+    updates, totals = [], []
+
+    class Bar:
+        def __init__(self, total=None, **kw):
+            totals.append(total)
+
+        def update(self, n):
+            updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(stage, "tqdm", Bar)
+    n, s, v, batch = 24, 12, 2, 6
+    stage.run(stage.ExtractConfig(dataset="synthetic", dataset_options=(("n", n),), teacher="test_vit",
+                                  random_init=True, views=v, shard_size=s, batch_size=batch, workers=0,
+                                  out=str(tmp_path / "cache"), progress=True))
+    assert totals == [n * v] and sum(updates) == n * v
+    assert len([u for u in updates if u]) >= n * v // batch  # one update per batch of view-images

@@ -43,6 +43,11 @@ MIN_IMAGE_BOUND = 16
 
 
 def _check(cfg: ExtractConfig) -> None:
+    if not cfg.dataset:
+        from kdcache.datasets import list_datasets
+
+        raise ValueError(f"--dataset is required: one of {', '.join(list_datasets())} (synthetic: generated "
+                         "test images, no folder)")
     local_path(cfg.out, "--out")
     local_path(cfg.data_root, "--data-root")
     parse_part(cfg.part)
@@ -274,7 +279,8 @@ def _claim_and_pass(store, dataset, teacher, spec, mine, claims, cfg, device, ra
     lay = spec.layout
     chunk = max(2, 2 * cfg.workers)
     left, total, seconds, passes = list(mine), 0, 0.0, 0
-    bar = tqdm(total=sum(len(lay.rows(k)) for k in mine), unit="img", desc=f"extract {Path(store.path).name}",
+    bar = tqdm(total=sum(len(lay.rows(k)) for k in mine) * lay.views, unit="view",
+               desc=f"extract {Path(store.path).name}",
                disable=True if not cfg.progress or rank != 0 else None, dynamic_ncols=True)
     try:
         while left:
@@ -313,6 +319,7 @@ def _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, bar)
     total = sum(len(lay.rows(k)) for k in todo)
     writer = ShardWriter(store, claims)
     buffers: dict[int, ShardBuffer] = {}
+    counted: dict[int, int] = {}  # view-images of each shard shown on the bar so far
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     start = time.perf_counter()
     # Outputs are copied to the host one batch late: batch i+1 is queued on the device before batch i's
@@ -323,6 +330,8 @@ def _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, bar)
             k = int(batch["shard"])
             buf = buffers.setdefault(k, ShardBuffer(len(lay.rows(k)), lay, keep_tokens=lay.token_grid > 0))
             queued = None
+            bar.update(len(batch["rows"]))  # one entry per view-image, every batch
+            counted[k] = counted.get(k, 0) + len(batch["rows"])
             if len(batch["rows"]):
                 with autocast:
                     outputs = teacher(batch["images"].to(device, non_blocking=True), token_grid=lay.token_grid)
@@ -339,7 +348,7 @@ def _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, bar)
                 if store.checksum_version >= 2:
                     data["image_digests"] = np.asarray(batch["image_digests"], np.uint8)
                 writer.submit(k, data, np.asarray(batch["status"], np.uint8))
-                bar.update(len(lay.rows(k)))
+                bar.update(len(lay.rows(k)) * lay.views - counted.pop(k, 0))  # the views of bad rows
     except BaseException:
         writer.close(raise_errors=False)  # finished shards still land; partial ones stay todo
         raise

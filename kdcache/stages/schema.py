@@ -10,7 +10,7 @@ DEFAULT_METHOD = "customkd"
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    dataset: str = "synthetic"
+    dataset: str | None = None  # required: a layout name (synthetic: generated test images)
     data_root: str | None = None
     dataset_options: tuple = ()  # (key, value) pairs, e.g. (("n", 512),) for synthetic
     domains: tuple = ()  # restrict to these domains (empty: all)
