@@ -60,8 +60,18 @@ def cosine_schedule(optimizer, total_steps: int, warmup_steps: int, min_factor: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float):
-    params = [p for p in params if p.requires_grad]
+def make_optimizer(name: str, params, lr: float, weight_decay: float, decay_norm_bias: bool = True):
+    """AdamW or SGD (Nesterov, momentum 0.9) over the trainable parameters. `params` is a module or an
+    iterable of parameters; with `decay_norm_bias=False` (a module), norm weights and biases get no weight
+    decay, grouped by timm's own helper (`timm.optim.param_groups_weight_decay`), as timm's recipes do."""
+    if not decay_norm_bias:
+        from timm.optim import param_groups_weight_decay
+
+        if not isinstance(params, nn.Module):
+            raise TypeError("decay_norm_bias=False needs the module, to tell norms and biases apart")
+        params = param_groups_weight_decay(params, weight_decay)
+    else:
+        params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":

@@ -341,3 +341,24 @@ def test_tensorboard_without_the_package_is_a_clear_error(cache, tmp_path, monke
     with pytest.raises(ValueError, match=r"--tensorboard needs the tensorboard package: pip install tensorboard"):
         distill.run(_cfg(cache, tmp_path / "run", method="kd", epochs=1, workers=0, tensorboard=True))
     assert not (tmp_path / "run").exists()
+
+
+def test_no_decay_on_norms_and_biases_uses_timm_groups_and_the_default_decays_everything():
+    from kdcache.engine import make_optimizer
+
+    model = create_student_for_test()
+    every = make_optimizer("adamw", model, 1e-3, 0.05)
+    assert len(every.param_groups) == 1 and every.param_groups[0]["weight_decay"] == 0.05
+    grouped = make_optimizer("adamw", model, 1e-3, 0.05, decay_norm_bias=False)
+    by_decay = {g["weight_decay"]: g["params"] for g in grouped.param_groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert by_decay[0.0] and all(p.ndim <= 1 for p in by_decay[0.0])  # norm weights and biases
+    assert all(p.ndim > 1 for p in by_decay[0.05]) and any("bn" in names[id(p)] or "bias" in names[id(p)]
+                                                           for p in by_decay[0.0])
+    assert sum(len(g["params"]) for g in grouped.param_groups) == len(every.param_groups[0]["params"])
+
+
+def create_student_for_test():
+    from kdcache.students import create_student
+
+    return create_student("test_efficientnet", 5)

@@ -128,10 +128,16 @@ def _scenario(store: CacheStore, cfg: DistillConfig):
                          cfg.labels_per_class, cfg.seed, cfg.closed_set)
 
 
+# options added after runs were first saved, at the value every earlier run had: a config that leaves them at
+# that value names and resumes runs exactly as before
+DEFAULTS_ADDED_LATER = {"decay_norm_bias": True}
+
+
 def config_hash(cfg: DistillConfig, store: CacheStore) -> str:
     """8 hex digits naming what a run computes: its settings (those a resume may change left out) and
     the cache's fingerprint."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES | {"out"}}
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES | {"out"}
+                and not (k in DEFAULTS_ADDED_LATER and v == DEFAULTS_ADDED_LATER[k])}
     text = json.dumps(settings, sort_keys=True, default=str) + store.fingerprint()
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
@@ -328,7 +334,7 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
     per_rank = [samples_in(rank_shards(repeats, lay.shard_size, cfg.seed, 0, r, world), repeats, lay.shard_size)
                 for r in range(world)]
     steps_per_epoch = max(1, (min(per_rank) // cfg.batch_size) if world > 1 else -(-per_rank[0] // cfg.batch_size))
-    optimizer = make_optimizer(cfg.optimizer, module.parameters(), cfg.lr, cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, module, cfg.lr, cfg.weight_decay, cfg.decay_norm_bias)
     scheduler = cosine_schedule(optimizer, steps_per_epoch * cfg.epochs, int(steps_per_epoch * cfg.warmup_epochs))
 
     fingerprint = store.fingerprint()
@@ -419,7 +425,7 @@ def _prepare_run_dir(out: Path, cfg: DistillConfig, rank: int, module, optimizer
         raise CacheError(f"--resume: the cache at {cfg.cache} is not the one run {out} started from (fingerprint "
                          f"{state['cache_fingerprint'][:12]}, now {fingerprint[:12]}); resume with the original "
                          "cache, or start a new run with another --out")
-    saved = state["config"]
+    saved = dict(DEFAULTS_ADDED_LATER, **state["config"])  # a run saved before an option existed had its default
     now = to_dict(cfg)
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if changed:
