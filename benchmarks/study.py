@@ -329,6 +329,10 @@ def report(suite: Suite, seeds: int) -> str:
                 cells += [f"{m:.1f} ± {s:.1f} (n={n})", f"{m / c['probe'][0]:.2f}"]
             if any(cells):
                 lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+        devices = {b: sorted({r["device"] for r in results if r["pair"] == name and r["budget"] == b})
+                   for b in suite.budgets}
+        lines += ["", "Devices: " + "; ".join(f"{b} {', '.join(d) or '-'}" for b, d in devices.items())
+                  + " (cuda: bf16 autocast; cpu: float32)."]
         lines.append("")
     lines += verdict(suite, results)
     return "\n".join(lines)
