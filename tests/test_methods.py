@@ -319,3 +319,17 @@ def test_no_method_is_named_in_the_distill_driver():
         assert "method ==" not in text and "method_name ==" not in text
         for method in set(list_methods()) - set(SCENARIOS):  # "supervised" is also a scenario
             assert f'"{method}"' not in text and f"'{method}'" not in text, (name, method)
+
+
+def test_customkd_checkpoint_from_before_the_classifier_buffers_still_loads():
+    """A method state saved without m_weight / m_bias (older runs) loads, with (M, c) rebuilt from the head
+    and P_t it holds."""
+    ctx, dims, feats, labels = _customkd_ctx()
+    m = create_method("customkd", dims, warmup_epochs=0)
+    m.prepare(ctx)
+    m.before_epoch(ctx, 0)
+    old = {k: v for k, v in m.state_dict().items() if k not in ("m_weight", "m_bias")}
+    fresh = create_method("customkd", dims, warmup_epochs=0)
+    fresh.load_state_dict(old)
+    assert torch.allclose(fresh.m_weight, m.m_weight, atol=1e-4) and torch.allclose(fresh.m_bias, m.m_bias, atol=1e-4)
+    assert int(fresh.phases) == 1

@@ -91,6 +91,16 @@ class CustomKD(Method):
         ev = subsample(sc.evaluation)
         self._data.update(f_e=store.clean_view(ev), y_e=labels[ev].astype(np.int64))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint written before (M, c) were kept in buffers of their own: rebuild them from what
+        it holds, h_s(P_t f) = W_h (P_t f) + b_h, so such a run resumes."""
+        if prefix + "m_weight" not in state_dict and prefix + "p_t_weight" in state_dict:
+            w_h, w_t = state_dict[prefix + "head_weight"].double(), state_dict[prefix + "p_t_weight"].double()
+            state_dict[prefix + "m_weight"] = (w_h @ w_t).float()
+            state_dict[prefix + "m_bias"] = (w_h @ state_dict[prefix + "p_t_bias"].double()
+                                             + state_dict[prefix + "head_bias"].double()).float()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _student_head(self, ctx: MethodContext) -> tuple[torch.Tensor, torch.Tensor]:
         head = ctx.student.head
         w = head.weight.detach().float().cpu().reshape(self.dims.classes, -1)
