@@ -129,14 +129,15 @@ def run_key(suite: Suite, pair: tuple, budget: str, row: Row, seed: int) -> str:
     return f"{p}__{budget}__{label}__s{seed}"
 
 
-def plan(suite: Suite, budgets: list[str], seeds: int, rows: list[str] | None) -> list[tuple]:
+def plan(suite: Suite, budgets: list[str], seeds: int, rows: list[str] | None, every_pair: bool = False) -> list[tuple]:
+    """Runs to do; a row that is not a core row runs on the first pair only, unless `every_pair`."""
     out = []
     for budget in budgets:
         for i, pair in enumerate(suite.pairs):
             for row in suite.rows:
                 if rows and row.label not in rows:
                     continue
-                if not row.core and i > 0:
+                if not row.core and i > 0 and not every_pair:
                     continue
                 for seed in range(seeds):
                     out.append((pair, budget, row, seed))
@@ -271,7 +272,7 @@ def _drain(suite: Suite, pending: list, running: list, jobs: int, device: str, w
 
 
 def run_one(suite: Suite, key: str, device: str, workers: int) -> None:
-    for t in plan(suite, list(suite.budgets), 99, None):
+    for t in plan(suite, list(suite.budgets), 99, None, every_pair=True):
         if run_key(suite, *t) == key:
             record = train(suite, *t, device=device, workers=workers)
             path = result_path(suite, key)
@@ -400,6 +401,7 @@ def main(argv=None) -> None:
     ap.add_argument("--core", action="store_true", help="only the core rows (supervised, kd, dkd, customkd)")
     ap.add_argument("--pairs", nargs="+", default=None, help="uda pairs to run, e.g. faenza-tango (default every pair)")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each")
+    ap.add_argument("--every-pair", action="store_true", help="run the chosen ablation rows on every pair too")
     ap.add_argument("--no-precompute", action="store_true",
                     help="let the runs compute shared derived data themselves (under a lock) instead of first")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers per run")
@@ -426,7 +428,7 @@ def main(argv=None) -> None:
         return
     if not a.report_only:
         rows = [r.label for r in CORE] if a.core else a.rows
-        todo = plan(suite, budgets, a.seeds, rows)
+        todo = plan(suite, budgets, a.seeds, rows, a.every_pair)
         if a.pairs:
             names = {f"{p[0]}-{p[1]}" for p in suite.pairs if p}
             if not set(a.pairs) <= names:
