@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .codes import Status
 from .images import BadImage, decode_packed
 from .pack import member_digest, read_members, shard_name
 from .store import (
     DIGESTED,
     QUANTISED,
     STATIC_ARRAYS,
-    STATUS_BAD,
-    STATUS_DONE,
     CacheStore,
     array_digest,
     shard_digest,
@@ -25,7 +24,7 @@ def summarize(store: CacheStore, max_bad: int = 20) -> dict:
     a = store.attrs
     status = store.status()
     shard_done = store.shard_done(status)
-    bad_rows = np.flatnonzero(status == STATUS_BAD)
+    bad_rows = np.flatnonzero(status == Status.BAD)
     bad = []
     for i in bad_rows[:max_bad]:
         entry = {"row": int(i)}
@@ -35,7 +34,7 @@ def summarize(store: CacheStore, max_bad: int = 20) -> dict:
             except Exception as e:  # noqa: BLE001 - summarize a damaged cache too (verify names the damage)
                 entry[name] = f"<unreadable: {type(e).__name__}>"
         bad.append(entry)
-    done_rows = int((status == STATUS_DONE).sum())
+    done_rows = int((status == Status.DONE).sum())
     per_view = {}
     for name in ("features", "logits", "tokens"):
         if store.has(name):
@@ -77,7 +76,7 @@ def image_problems(store: CacheStore, k: int, status: np.ndarray, digests: np.nd
         if digests is not None:
             if member_digest(ext, data) != bytes(digests[j]):
                 wrong.append(row)
-        elif (ext == "bad") != (status[row] == STATUS_BAD):
+        elif (ext == "bad") != (status[row] == Status.BAD):
             wrong.append(row)
         elif decode and ext != "bad":
             try:
@@ -95,7 +94,7 @@ def damaged_shards(store: CacheStore, progress=None) -> dict[int, str]:
     lay = store.layout
     status = store.status()
     done = store.shard_done(status)
-    checksums = store.array("shard_checksums")[:]
+    checksums = store.checksums()
     try:
         recorded = store.array("array_digests")[:] if store.has("array_digests") else None
     except Exception as e:  # noqa: BLE001
@@ -118,7 +117,7 @@ def damaged_shards(store: CacheStore, progress=None) -> dict[int, str]:
             if wrong:
                 problems[k] = f"array digests of {', '.join(wrong)} differ from the data (array_digests damaged)"
                 continue
-        ok_rows = status[r.start:r.stop] == STATUS_DONE
+        ok_rows = status[r.start:r.stop] == Status.DONE
         for name in ("features", "logits", "tokens"):
             if name in data and not np.isfinite(data[name][ok_rows].astype(np.float32)).all():
                 problems[k] = f"non-finite values in {name}"
@@ -171,7 +170,7 @@ def cache_problems(store: CacheStore, read_keys: bool = True) -> list[str]:
         now = {}
         for n in names:
             try:
-                now.update(static_digests({n: store.array(n)[:]}))
+                now.update(static_digests({n: store.static(n)}))
             except Exception as e:  # noqa: BLE001 - a damaged shard file of the array
                 now[n] = f"unreadable ({type(e).__name__})"
         changed = [n for n in names if recorded.get(n) != now[n]]

@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import shlex
-import sys
 import traceback
 from typing import List, Optional
 

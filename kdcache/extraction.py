@@ -1,4 +1,4 @@
-"""The pieces of the teacher pass: shard claims, the image stream, and the async shard writer.
+"""The teacher pass: shard claims, the image stream, the async shard writer, and the pass itself.
 
 The stream packs (once) and reads tar shard k in a DataLoader worker, decodes each image,
 draws its views and replays them at the teacher's input size. Batches never cross a shard and
@@ -7,21 +7,24 @@ computed it: a resumed or multi-rank cache is bit-identical to a single uninterr
 """
 from __future__ import annotations
 
-import os
+import contextlib
 import queue
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import filelock
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
 
+from .codes import Split, Status
 from .datasets import Dataset
 from .images import BadImage, decode_packed
 from .pack import member_digest, pack_shard, read_members, shard_name
-from .store import DIGEST_BYTES, STATUS_BAD, STATUS_DONE, CacheStore, Layout
+from .store import DIGEST_BYTES, CacheStore, Layout
 from .views import P, apply, sample_views
 
 
@@ -103,7 +106,7 @@ class ShardImageStream(IterableDataset):
         rows = lay.rows(k)
         n = len(rows)
         views = np.zeros((n, lay.views, P), np.float32)
-        status = np.full(n, STATUS_DONE, np.uint8)
+        status = np.full(n, Status.DONE, np.uint8)
         reasons = [""] * n
         images, idx_row, idx_view = [], [], []
 
@@ -124,12 +127,12 @@ class ShardImageStream(IterableDataset):
         for row, ext, data in members:
             j = row - rows.start
             if ext == "bad":
-                status[j], reasons[j] = STATUS_BAD, data.decode(errors="replace")
+                status[j], reasons[j] = Status.BAD, data.decode(errors="replace")
                 continue
             try:
                 img = decode_packed(data, spec.image_bound)
             except BadImage as e:
-                status[j], reasons[j] = STATUS_BAD, f"packed image does not decode: {e}"
+                status[j], reasons[j] = Status.BAD, f"packed image does not decode: {e}"
                 continue
             _, h, w = img.shape
             views[j] = sample_views(row, w, h, lay.views, spec.policy, spec.seed, spec.crop_pct)
@@ -211,3 +214,121 @@ class ShardWriter:
         self.thread.join()
         if raise_errors:
             self.check()
+
+
+@dataclass
+class PassStats:
+    """What one process's teacher pass did: images and view-images computed, shards written, seconds in the
+    pass (start-up and probe fitting excluded), and the shards it left to other processes holding them."""
+
+    images: int = 0
+    views: int = 0
+    shards: int = 0
+    seconds: float = 0.0
+    left: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"images": self.images, "views": self.views, "shards": self.shards, "seconds": self.seconds,
+                "left": list(self.left)}
+
+
+def teacher_pass(store: CacheStore, dataset: Dataset, teacher, spec: StreamSpec, shards: list[int], *, workers: int,
+                 device: torch.device, progress: bool) -> PassStats:
+    """Run the teacher over `shards` (those not done yet), a few at a time: claim some that no other process
+    holds or finished, compute and write them, repeat. Processes started by hand on one cache so split its
+    shards; the ones still held by another process when this one runs out are returned in `left`."""
+    lay = spec.layout
+    claims = ShardClaims(Path(spec.images_dir))
+    chunk = max(2, 2 * workers)
+    left, stats = list(shards), PassStats()
+    bar = tqdm(total=sum(len(lay.rows(k)) for k in shards) * lay.views, unit="view",
+               desc=f"extract {Path(store.path).name}", disable=None if progress else True, dynamic_ncols=True)
+    try:
+        while left:
+            done = store.shard_done()
+            left = [k for k in left if not done[k]]
+            todo = []
+            for k in left:
+                if len(todo) == chunk:
+                    break
+                if claims.try_claim(k):
+                    todo.append(k)
+            done = store.shard_done()  # another process may have finished a shard before we claimed it
+            for k in [k for k in todo if done[k]]:
+                claims.release(k)
+            todo = [k for k in todo if not done[k]]
+            if not todo:
+                break  # every shard left is being written by another process
+            left = [k for k in left if k not in todo]
+            n, seconds = _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar)
+            stats.images += n
+            stats.views += n * lay.views
+            stats.shards += len(todo)
+            stats.seconds += seconds
+    finally:
+        bar.close()
+    stats.left = sorted(left)
+    return stats
+
+
+def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar) -> tuple[int, float]:
+    """The teacher over the claimed shards `todo`; returns (images, seconds)."""
+    lay = spec.layout
+    stream = ShardImageStream(dataset, todo, spec)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers else None)
+    total = sum(len(lay.rows(k)) for k in todo)
+    writer = ShardWriter(store, claims)
+    buffers: dict[int, ShardBuffer] = {}
+    counted: dict[int, int] = {}  # view-images of each shard shown on the bar so far
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    start = time.perf_counter()
+    # Outputs are copied to the host one batch late: batch i+1 is queued on the device before batch i's
+    # copy waits for it, so an accelerator never idles while the host stores rows.
+    pending = None
+    try:
+        for batch in loader:
+            k = int(batch["shard"])
+            buf = buffers.setdefault(k, ShardBuffer(len(lay.rows(k)), lay, keep_tokens=lay.token_grid > 0))
+            queued = None
+            bar.update(len(batch["rows"]))  # one entry per view-image, every batch
+            counted[k] = counted.get(k, 0) + len(batch["rows"])
+            if len(batch["rows"]):
+                with autocast:
+                    outputs = teacher(batch["images"].to(device, non_blocking=True), token_grid=lay.token_grid)
+                queued = (buf, batch["rows"].numpy(), batch["view_idx"].numpy(), ShardBuffer.stage(outputs))
+            if pending is not None:
+                pending[0].put(*pending[1:])
+            pending = queued
+            if batch["final"]:
+                if pending is not None:
+                    pending[0].put(*pending[1:])
+                    pending = None
+                data = dict(buffers.pop(k).data, views=np.asarray(batch["views"], np.float32),
+                            reasons=np.array(batch["reasons"], dtype=object).astype(str))
+                if store.checksum_version >= 2:
+                    data["image_digests"] = np.asarray(batch["image_digests"], np.uint8)
+                writer.submit(k, data, np.asarray(batch["status"], np.uint8))
+                bar.update(len(lay.rows(k)) * lay.views - counted.pop(k, 0))  # the views of bad rows
+    except BaseException:
+        writer.close(raise_errors=False)  # finished shards still land; partial ones stay todo
+        raise
+    else:
+        writer.close()
+    finally:
+        claims.release_all()
+    return total, time.perf_counter() - start
+
+
+def fit_probe_once(store: CacheStore) -> CacheStore:
+    """Fit the extract probe head once every shard is done and it is not fitted yet; under a lock, so one
+    of several processes finishing one cache fits it. Returns the store as reopened."""
+    from .heads import fit_store_probe
+
+    if not store.shard_done().all() or store.attrs.get("head_fit", {}).get("fitted"):
+        return store
+    with filelock.FileLock(str(store.images_dir / "head-fit.lock")):
+        store = CacheStore.open(store.path, mode="r+")  # another process may have fitted it meanwhile
+        if not store.attrs.get("head_fit", {}).get("fitted"):
+            fit_store_probe(store, train_split=Split.TRAIN)
+    return store

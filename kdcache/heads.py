@@ -5,6 +5,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .codes import Split, Status
+
 HEAD_KINDS = ("auto", "native", "zeroshot", "probe", "none")
 
 
@@ -17,7 +19,7 @@ def resolve_head(requested: str, teacher, dataset) -> str:
     if requested not in HEAD_KINDS:
         raise HeadError(f"unknown --head {requested!r}; choose one of: {', '.join(HEAD_KINDS)}")
     native_classes = getattr(teacher.model, "num_classes", 0) if teacher.kind == "timm" else 0
-    has_labels = any(s.label >= 0 and s.split == 0 for s in dataset.samples)
+    has_labels = any(s.label >= 0 and s.split == Split.TRAIN for s in dataset.samples)
     if requested == "auto":
         if native_classes and native_classes == len(dataset.classes) and dataset.name == "imagenet":
             return "native"
@@ -81,7 +83,7 @@ def fit_store_probe(store, train_split: int = 0) -> None:
     labels = store.array("labels")[:]
     splits = store.array("splits")[:]
     status = store.status()
-    fitted_on = (labels >= 0) & (splits == train_split) & (status == 1)
+    fitted_on = (labels >= 0) & (splits == train_split) & (status == Status.DONE)
     weight, bias = fit_probe(store.clean_view(fitted_on), labels[fitted_on], lay.num_classes)
     group = store.group.require_group("heads").require_group("extract")
     for name, value in (("weight", weight), ("bias", bias), ("fitted_on", fitted_on.astype(np.uint8))):

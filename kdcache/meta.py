@@ -51,6 +51,8 @@ class CacheMeta:
     image_bound: int
     checksums: int
     replay: int
+    format_version: int = 1
+    key_bytes: int = 0  # format 2: the width of the keys array
 
     @classmethod
     def from_attrs(cls, a: dict, path: Path) -> CacheMeta:
@@ -94,6 +96,8 @@ class CacheMeta:
         if checksums not in (1, 2):
             raise _error(path, "checksums", f"is {checksums!r}, not 1 or 2")
         replay = a["views"].get("replay", 1)
+        version = _get(a, "format_version", int, path, low=1)
+        key_bytes = _get(a, "key_bytes", int, path, low=1) if version >= 2 else 0
         # the same facts are recorded twice (layout and identity): they must agree
         pairs = [("layout.n", lay.n, "dataset.N", n), ("layout.views", lay.views, "views.V", views),
                  ("layout.feature_dim", lay.feature_dim, "teacher.feature_dim", feature_dim),
@@ -109,7 +113,7 @@ class CacheMeta:
         if len(domains) < 1 or len(classes) < 1:
             raise _error(path, "dataset.classes" if not classes else "dataset.domains", "is empty")
         return cls(lay, teacher, feature_dim, input_size, tuple(classes), tuple(domains), head, fitted, bound,
-                   int(checksums), int(replay))
+                   int(checksums), int(replay), version, key_bytes)
 
     def expected_arrays(self) -> dict[str, tuple[tuple, str]]:
         """name -> (shape, dtype) of every base array of a cache with this layout."""
@@ -119,6 +123,11 @@ class CacheMeta:
                "labels": ((N,), "int32"), "domains": ((N,), "int16"), "splits": ((N,), "int8"),
                "status": ((N,), "uint8"), "shard_checksums": ((lay.num_shards,), "str"), "keys": ((N,), "str"),
                "reasons": ((N,), "str")}
+        if self.format_version >= 2:  # text as fixed-width UTF-8 bytes
+            from .store import CHECKSUM_CHARS, REASON_BYTES
+
+            out.update(shard_checksums=((lay.num_shards, CHECKSUM_CHARS), "uint8"), keys=((N, self.key_bytes), "uint8"),
+                       reasons=((N, REASON_BYTES), "uint8"))
         if lay.feature_dtype == "int8":
             out["feature_scale"] = ((N, V), "float32")
         if lay.num_classes:

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 
 SCENARIOS = ("uda", "ssl", "supervised")
-TRAIN, TEST, VAL = 0, 1, 2
+from .codes import Split, Status
+
+TRAIN, TEST, VAL = Split.TRAIN, Split.TEST, Split.VAL
 
 
 class ScenarioError(ValueError):
@@ -56,7 +58,7 @@ def make_scenario(kind: str, labels: np.ndarray, domains: np.ndarray, splits: np
         raise ScenarioError(f"--source / --target apply to --scenario uda only (this is --scenario {kind})")
     if labels_per_class is not None and kind != "ssl":
         raise ScenarioError(f"--labels-per-class applies to --scenario ssl only (this is --scenario {kind})")
-    usable = status == 1
+    usable = status == Status.DONE
     known = usable & (labels >= 0)
     if kind == "uda":
         if not source or not target:

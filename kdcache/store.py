@@ -19,9 +19,15 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .codes import Status
+
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = 1
-STATUS_PENDING, STATUS_DONE, STATUS_BAD = 0, 1, 2
+# 1: keys, reasons and shard checksums are Zarr `string` arrays. 2: they are fixed-width UTF-8 bytes
+# (uint8, zero-padded), so readers without Zarr's variable-length strings (tensorstore) open every array.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+TEXT_ARRAYS = ("keys", "reasons", "shard_checksums")
+REASON_BYTES = 240  # a bad row's reason is cut (at a character boundary) to this many UTF-8 bytes
 # written per shard, before status
 SHARD_ARRAYS = ("features", "feature_scale", "logits", "tokens", "token_scale", "views", "reasons", "image_digests")
 STATIC_ARRAYS = ("labels", "domains", "splits", "keys")
@@ -29,6 +35,7 @@ STATIC_ARRAYS = ("labels", "domains", "splits", "keys")
 # (`image_digests`, one per row), and the static arrays carry digests in the attributes.
 CHECKSUM_VERSION = 2
 DIGEST_BYTES = 16
+CHECKSUM_CHARS = 64  # a shard checksum: sha256, hex
 # version 2 also keeps one digest per (shard, array) in `array_digests`, so a reader can check exactly the
 # arrays it reads, every time it reads them
 DIGESTED = SHARD_ARRAYS + ("status",)
@@ -37,8 +44,8 @@ DIMENSIONS = {
     "features": ("row", "view", "feature"), "feature_scale": ("row", "view"), "logits": ("row", "view", "class"),
     "tokens": ("row", "view", "token", "channel"), "token_scale": ("row", "view", "token"),
     "views": ("row", "view", "view_param"), "labels": ("row",), "domains": ("row",), "splits": ("row",),
-    "keys": ("row",), "status": ("row",), "reasons": ("row",), "image_digests": ("row", "digest_byte"),
-    "shard_checksums": ("shard",), "array_digests": ("shard", "digested_array", "digest_byte"),
+    "keys": ("row", "key_byte"), "status": ("row",), "reasons": ("row", "reason_byte"),
+    "image_digests": ("row", "digest_byte"), "shard_checksums": ("shard", "checksum_char"), "array_digests": ("shard", "digested_array", "digest_byte"),
 }
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "head", "pack", "tokens", "storage")
 FEATURE_DTYPES = ("float16", "int8")
@@ -135,6 +142,37 @@ def static_digests(values: dict[str, np.ndarray]) -> dict[str, str]:
     return {name: shard_digest({name: np.asarray(values[name])}) for name in sorted(values)}
 
 
+def text_width(values) -> int:
+    """Bytes needed to hold the longest of `values` in UTF-8 (at least 1)."""
+    return max([len(str(v).encode()) for v in np.asarray(values).ravel()] + [1])
+
+
+def cut_text(values, width: int) -> np.ndarray:
+    """Each string cut to at most `width` UTF-8 bytes at a character boundary (what `encode_text` keeps)."""
+    out = [str(v).encode()[:width].decode(errors="ignore") for v in np.asarray(values).ravel()]
+    return np.array(out, dtype=object).astype(str).reshape(np.shape(values))
+
+
+def encode_text(values, width: int, name: str) -> np.ndarray:
+    """Strings as a [n, width] uint8 array of UTF-8 bytes, zero-padded; a longer string is an error."""
+    flat = [str(v).encode() for v in np.asarray(values).ravel()]
+    out = np.zeros((len(flat), width), np.uint8)
+    for i, b in enumerate(flat):
+        if len(b) > width:
+            raise CacheError(f"{name}[{i}] is {len(b)} bytes of UTF-8, more than the {width} the cache holds")
+        if b"\x00" in b:
+            raise CacheError(f"{name}[{i}] holds a NUL character, which the cache cannot store")
+        out[i, :len(b)] = np.frombuffer(b, np.uint8)
+    return out
+
+
+def decode_text(values: np.ndarray) -> np.ndarray:
+    """The strings of a uint8 array made by `encode_text` (trailing zero bytes dropped)."""
+    values = np.asarray(values, np.uint8)
+    out = [bytes(row).rstrip(b"\x00").decode() for row in values.reshape(-1, values.shape[-1])]
+    return np.array(out, dtype=object).astype(str).reshape(values.shape[:-1])
+
+
 class CacheStore:
     def __init__(self, path: str | Path, group: zarr.Group):
         from .meta import CacheMeta
@@ -185,20 +223,21 @@ class CacheStore:
         make("labels", (), "int32")
         make("domains", (), "int16")
         make("splits", (), "int8")
-        make("keys", (), str)
+        key_bytes = text_width(static["keys"])
+        make("keys", (key_bytes,), "uint8")
         make("status", (), "uint8")
-        make("reasons", (), str)
+        make("reasons", (REASON_BYTES,), "uint8")
         make("image_digests", (DIGEST_BYTES,), "uint8")
-        group.create_array("shard_checksums", shape=(layout.num_shards,), chunks=(1,), dtype=str,
-                           fill_value="", dimension_names=DIMENSIONS["shard_checksums"])
+        group.create_array("shard_checksums", shape=(layout.num_shards, CHECKSUM_CHARS), chunks=(1, CHECKSUM_CHARS),
+                           dtype="uint8", fill_value=0, dimension_names=DIMENSIONS["shard_checksums"])
         group.create_array("array_digests", shape=(layout.num_shards, len(DIGESTED), DIGEST_BYTES),
                            chunks=(1, len(DIGESTED), DIGEST_BYTES), dtype="uint8", fill_value=0,
                            dimension_names=DIMENSIONS["array_digests"])
         for name, values in static.items():
-            group[name][:] = values
+            group[name][:] = encode_text(values, key_bytes, name) if name == "keys" else values
         group.create_group("images", attributes={"about": "packed tar shards (webdataset layout), one per cache shard"})
         meta = dict(attrs)
-        meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, layout=layout.__dict__,
+        meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, key_bytes=key_bytes, layout=layout.__dict__,
                     checksums=CHECKSUM_VERSION, static_digests=static_digests(static))
         group.attrs.put(meta)  # replaces the creation marker
         return cls(path, group)
@@ -217,9 +256,10 @@ class CacheStore:
             raise IncompleteCreation(f"{path}: the cache's creation was interrupted; run extract again")
         if group.attrs.get("format") != FORMAT_NAME:
             raise CacheError(f"{path} is a Zarr store but not a {FORMAT_NAME} cache")
-        if group.attrs.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{path}: cache format version {group.attrs.get('format_version')} "
-                             f"is not the supported {FORMAT_VERSION}; re-extract with --overwrite")
+        if group.attrs.get("format_version") not in READABLE_VERSIONS:
+            raise CacheError(f"{path}: cache format version {group.attrs.get('format_version')} is not one this "
+                             f"kdcache reads ({', '.join(map(str, READABLE_VERSIONS))}); re-extract with --overwrite, "
+                             "or use the kdcache that wrote it")
         return cls(path, group)
 
     # ------------------------------------------------------------------ identity
@@ -276,7 +316,7 @@ class CacheStore:
         """Boolean per shard: every row has a final status (done or bad)."""
         status = self.status() if status is None else status
         lay = self.layout
-        return np.array([bool(np.all(status[r.start:r.stop] != STATUS_PENDING))
+        return np.array([bool(np.all(status[r.start:r.stop] != Status.TODO))
                          for r in (lay.rows(k) for k in range(lay.num_shards))], dtype=bool)
 
     @property
@@ -290,9 +330,40 @@ class CacheStore:
             covered["status"] = np.asarray(status, np.uint8)
         return shard_digest(covered)
 
+    @property
+    def text_as_bytes(self) -> bool:
+        """Format 2: keys, reasons and checksums are stored as fixed-width UTF-8 bytes."""
+        return int(self.attrs.get("format_version", 1)) >= 2
+
+    def _stored(self, name: str, values: np.ndarray) -> np.ndarray:
+        """`values` as array `name` stores them (text encoded in format 2)."""
+        if not self.text_as_bytes or name not in TEXT_ARRAYS:
+            return values
+        return encode_text(values, self.group[name].shape[-1], name)
+
+    def _logical(self, name: str, values: np.ndarray) -> np.ndarray:
+        """Stored values of array `name` as the code sees them (text decoded in format 2)."""
+        return decode_text(values) if self.text_as_bytes and name in TEXT_ARRAYS else values
+
+    def text(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Rows start..stop of a text array (keys, reasons, shard_checksums) as strings, in either format."""
+        if name not in TEXT_ARRAYS:
+            raise KeyError(f"{name!r} is not a text array ({', '.join(TEXT_ARRAYS)})")
+        return self._logical(name, self.group[name][start:stop])
+
+    def static(self, name: str) -> np.ndarray:
+        """A whole per-row static array (labels, domains, splits, keys) as written at creation."""
+        return self.text(name) if name in TEXT_ARRAYS else self.group[name][:]
+
+    def write_static(self, name: str, values: np.ndarray) -> None:
+        """Rewrite a whole static array (repair)."""
+        self.group[name][:] = self._stored(name, values)
+
     def write_shard(self, k: int, data: dict[str, np.ndarray], status: np.ndarray) -> None:
         """Write one shard's data arrays, its checksum, then its status (last)."""
         rows = self.layout.rows(k)
+        if "reasons" in data and self.text_as_bytes:  # checksums cover what is read back
+            data = dict(data, reasons=cut_text(data["reasons"], self.group["reasons"].shape[-1]))
         if self.layout.feature_dtype == "int8":
             data = dict(data)
             for name, scale_name in QUANTISED.items():
@@ -301,9 +372,9 @@ class CacheStore:
         for name in SHARD_ARRAYS:
             if name in data:
                 self._drop_shard_file(name, k)
-                self.group[name][rows.start:rows.stop] = data[name]
+                self.group[name][rows.start:rows.stop] = self._stored(name, data[name])
         self._record_digests(k, dict(data, status=np.asarray(status, np.uint8)))
-        self.group["shard_checksums"][k] = self.shard_checksum(data, status)
+        self._write_checksum(k, self.shard_checksum(data, status))
         self.group["status"][rows.start:rows.stop] = status
 
     def _drop_shard_file(self, name: str, k: int) -> None:
@@ -327,7 +398,7 @@ class CacheStore:
         when they were written (caches with array digests); a mismatch is a CacheError naming the shard."""
         rows = self.layout.rows(k)
         names = [name] + ([QUANTISED[name]] if name in QUANTISED and QUANTISED[name] in self.group else [])
-        raw = {n: self.group[n][rows.start:rows.stop] for n in names}
+        raw = {n: self._logical(n, self.group[n][rows.start:rows.stop]) for n in names}
         if "array_digests" in self.group:
             recorded = self.group["array_digests"][k]
             for n, values in raw.items():
@@ -344,14 +415,21 @@ class CacheStore:
         rows = self.layout.rows(k)
         for name, values in data.items():
             self._drop_shard_file(name, k)
-            self.group[name][rows.start:rows.stop] = values
+            self.group[name][rows.start:rows.stop] = self._stored(name, values)
         self._record_digests(k, data)
-        self.group["shard_checksums"][k] = self.shard_checksum(self.read_shard(k),
-                                                               self.group["status"][rows.start:rows.stop])
+        self._write_checksum(k, self.shard_checksum(self.read_shard(k), self.group["status"][rows.start:rows.stop]))
+
+    def _write_checksum(self, k: int, checksum: str) -> None:
+        self.group["shard_checksums"][k] = self._stored("shard_checksums", np.array([checksum]))[0]
+
+    def checksums(self) -> np.ndarray:
+        """Every shard's recorded checksum (hex; "" for a shard never written)."""
+        return self.text("shard_checksums")
 
     def read_shard(self, k: int, names=SHARD_ARRAYS) -> dict[str, np.ndarray]:
+        """Shard k of each array as written (text decoded)."""
         rows = self.layout.rows(k)
-        return {n: self.group[n][rows.start:rows.stop] for n in names if n in self.group}
+        return {n: self._logical(n, self.group[n][rows.start:rows.stop]) for n in names if n in self.group}
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start..stop of a teacher array as stored (float16), or dequantised to float32 from int8.
@@ -394,7 +472,7 @@ class CacheStore:
             arr = self.group[name]
             for k in np.flatnonzero(done):
                 r = self.layout.rows(int(k))
-                if name not in ("status", "image_digests") and not (status[r.start:r.stop] == STATUS_DONE).any():
+                if name not in ("status", "image_digests") and not (status[r.start:r.stop] == Status.DONE).any():
                     continue  # only bad rows: nothing was computed, zeros are right
                 key = arr.metadata.encode_chunk_key((int(k),) + (0,) * (arr.ndim - 1))
                 if not (self.path / name / key).is_file():
@@ -423,7 +501,7 @@ class CacheStore:
         """Identity of the cache's contents: its identity sections, every shard checksum and the static
         arrays' digests. A resumed run must see the same fingerprint."""
         h = hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode())
-        h.update("\x00".join(str(x) for x in self.group["shard_checksums"][:]).encode())
+        h.update("\x00".join(str(x) for x in self.checksums()).encode())
         h.update(json.dumps(self.attrs.get("static_digests") or {}, sort_keys=True).encode())
         return h.hexdigest()
 

@@ -50,11 +50,12 @@ def test_store_opens_with_plain_zarr_and_has_documented_arrays(reference):
         assert arrays[name].shape == shape and str(arrays[name].dtype) == dtype, name
         if name != "status":
             assert arrays[name].shards[0] == S  # one shard of samples = one file
-    assert arrays["keys"].shape == (N,) and arrays["keys"][3] == "d0/c003/000003.png"
+    key = bytes(arrays["keys"][3]).rstrip(b"\0").decode()  # fixed-width UTF-8, zero-padded
+    assert arrays["keys"].shape == (N, g.attrs["key_bytes"]) and key == "d0/c003/000003.png"
     assert (arrays["status"][:] == 1).all()
     assert list(arrays["labels"][:10]) == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
     a = dict(g.attrs)
-    assert a["format"] == "kdcache" and a["format_version"] == 1
+    assert a["format"] == "kdcache" and a["format_version"] == 2
     assert a["teacher"]["name"] == "test_vit" and a["teacher"]["preprocess"]["input_size"] == 160
     assert a["teacher"]["preprocess"]["mean"] == [0.5, 0.5, 0.5]
     assert a["dataset"]["N"] == N and len(a["dataset"]["fingerprint"]) == 64
@@ -321,12 +322,14 @@ def test_cache_opens_as_one_xarray_dataset(reference):
     store = CacheStore.open(reference)
     assert ds["features"].dims == ("row", "view", "feature") and ds.sizes["row"] == store.layout.n
     assert np.array_equal(ds["features"].isel(view=0).values, store.array("features")[:, 0])
-    assert list(ds["keys"].values[:2]) == list(store.array("keys")[:2])
+    keys = [bytes(k).rstrip(b"\0").decode() for k in ds["keys"].values[:2]]  # UTF-8 bytes, zero-padded
+    assert ds["keys"].dims == ("row", "key_byte") and keys == list(store.text("keys", 0, 2))
     assert ds.attrs["format"] == "kdcache"
 
 
-def test_tensorstore_reads_features_and_labels(reference):
-    """The numeric arrays open with tensorstore's zarr3 driver, no kdcache code involved."""
+def test_tensorstore_reads_every_array(reference):
+    """Every array of the cache opens with tensorstore's zarr3 driver, no kdcache code involved: the text
+    arrays (keys, reasons, shard checksums) are fixed-width UTF-8 bytes, not Zarr strings it cannot read."""
     import tensorstore as ts
 
     store = CacheStore.open(reference)
@@ -335,9 +338,17 @@ def test_tensorstore_reads_features_and_labels(reference):
         spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(reference / name)}}
         return ts.open(spec, read=True).result().read().result()
 
-    assert np.array_equal(read("features"), store.array("features")[:])
-    assert np.array_equal(read("labels"), store.array("labels")[:])
-    assert np.array_equal(read("status"), store.array("status")[:])
+    names = sorted(n for n, _ in zarr.open_group(str(reference), mode="r").arrays())
+    assert {"features", "labels", "keys", "reasons", "shard_checksums"} <= set(names)
+    for name in names:
+        assert np.array_equal(read(name), store.array(name)[:]), name
+
+    def text(values):
+        return [bytes(v).rstrip(b"\0").decode() for v in values]
+
+    assert text(read("keys")) == list(store.text("keys")) and text(read("keys"))[3] == "d0/c003/000003.png"
+    assert text(read("shard_checksums")) == list(store.checksums()) and all(len(c) == 64 for c in store.checksums())
+    assert set(text(read("reasons"))) == {""}  # no bad rows in the reference
 
 
 def test_packed_shards_follow_the_webdataset_layout(reference):
@@ -358,6 +369,7 @@ def test_packed_shards_follow_the_webdataset_layout(reference):
 
 def test_extraction_progress_moves_every_batch_and_ends_at_every_view(tmp_path, monkeypatch):
     """The bar counts view-images and moves on every teacher batch, not once per shard."""
+    from kdcache import extraction
     from kdcache.stages import extract as stage
 
     updates, totals = [], []
@@ -372,10 +384,52 @@ def test_extraction_progress_moves_every_batch_and_ends_at_every_view(tmp_path, 
         def close(self):
             pass
 
-    monkeypatch.setattr(stage, "tqdm", Bar)
+    monkeypatch.setattr(extraction, "tqdm", Bar)
     n, s, v, batch = 24, 12, 2, 6
     stage.run(stage.ExtractConfig(dataset="synthetic", dataset_options=(("n", n),), teacher="test_vit",
                                   random_init=True, views=v, shard_size=s, batch_size=batch, workers=0,
                                   out=str(tmp_path / "cache"), progress=True))
     assert totals == [n * v] and sum(updates) == n * v
     assert len([u for u in updates if u]) >= n * v // batch  # one update per batch of view-images
+
+
+def _as_format_1(path: Path) -> None:
+    """Rewrite a cache's text arrays the way format 1 stored them (Zarr strings), as an older kdcache left it."""
+    from kdcache.store import _compressor, _inner_chunk, decode_text
+
+    g = zarr.open_group(str(path), mode="r+")
+    lay = dict(g.attrs)["layout"]
+    values = {n: decode_text(g[n][:]) for n in ("keys", "reasons", "shard_checksums")}
+    for name in values:
+        del g[name]
+    for name in ("keys", "reasons"):
+        g.create_array(name, shape=(lay["n"],), chunks=(_inner_chunk(lay["shard_size"]),), shards=(lay["shard_size"],),
+                       dtype=str, compressors=_compressor("zstd"), fill_value="", dimension_names=("row",))
+        g[name][:] = values[name]
+    g.create_array("shard_checksums", shape=(len(values["shard_checksums"]),), chunks=(1,), dtype=str, fill_value="",
+                   dimension_names=("shard",))
+    g["shard_checksums"][:] = values["shard_checksums"]
+    attrs = dict(g.attrs)
+    attrs.pop("key_bytes")
+    g.attrs.put(dict(attrs, format_version=1))
+
+
+def test_format_1_caches_still_open_verify_and_resume(reference, tmp_path):
+    """A cache written before the text arrays became bytes reads, verifies, fingerprints and resumes as before."""
+    old = tmp_path / "old"
+    import shutil
+
+    shutil.copytree(reference, old)
+    _as_format_1(old)
+    new, store = CacheStore.open(reference), CacheStore.open(old, mode="r+")
+    assert store.attrs["format_version"] == 1 and store.array("keys").dtype != np.uint8
+    assert list(store.text("keys")) == list(new.text("keys")) and list(store.checksums()) == list(new.checksums())
+    assert store.fingerprint() == new.fingerprint()
+    assert verify(store) == []
+    store.mark_todo(1)  # a shard sent back to work is rewritten in the old format
+    r = run_cli("extract", *ARGS, "--workers", "0", "--out", str(old), check=False)
+    assert r.returncode == 0, r.stderr
+    again = CacheStore.open(old)
+    assert again.attrs["format_version"] == 1 and verify(again) == []
+    assert list(again.checksums()) == list(new.checksums())
+    assert np.array_equal(again.array("features")[:], new.array("features")[:])

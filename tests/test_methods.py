@@ -140,7 +140,7 @@ def test_scalekd_needs_tokens_and_mimics_both_views_l2_normalised():
 
 def test_customkd_defaults_are_the_studied_ones():
     p = create_method("customkd", DIMS).params
-    assert (p["w_custom"], p["w_general"], p["w_kd"], p["warmup_epochs"], p["first_rounds"]) == (1.0, 0.0, 0.0, 0, 3)
+    assert (p["w_custom"], p["w_general"], p["w_kd"], p["warmup_epochs"], p["first_rounds"]) == (1.0, 1.0, 0.0, 0, 3)
 
 
 def test_official_defaults():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..derived import read_group, write_group
-from ..scenarios import TRAIN
+from ..codes import Split, Status
 from .base import Method, MethodContext, MethodError, Opt, feature_mse, flag, register_method, temperature, weight
 
 
@@ -92,7 +92,7 @@ def svd_statistics(store, k: int, write: bool = True) -> tuple[torch.Tensor, tor
         if not write:
             raise RuntimeError(f"{path} is missing")
         status, splits = store.status(), store.array("splits")[:]
-        f = torch.from_numpy(store.clean_view((status == 1) & (splits == TRAIN))).double()
+        f = torch.from_numpy(store.clean_view((status == Status.DONE) & (splits == Split.TRAIN))).double()
         mean = f.mean(0)
         _, s, vh = torch.linalg.svd(f - mean, full_matrices=False)
         comps = vh[:k]

@@ -17,15 +17,15 @@ from kdcache import dist
 from kdcache.datasets import create_dataset
 from kdcache.derived import scenario_teacher_head, teacher_logits
 from kdcache.engine import (
+    FitPlan,
     TrainModule,
     append_metrics,
     cosine_schedule,
-    evaluate,
+    fit,
     load_checkpoint,
     make_optimizer,
     restore,
     save_checkpoint,
-    train_one_epoch,
     truncate_metrics,
 )
 from kdcache.loader import StreamConfig, labelled_repeats, make_loader, rank_shards, samples_in
@@ -360,38 +360,40 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
               file=sys.stderr)
 
     tensorboard = TensorBoardLog(out, start_epoch) if cfg.tensorboard and rank == 0 else None
-    for epoch in range(start_epoch, cfg.epochs):
-        record = {"epoch": epoch}
-        record.update(method.before_epoch(ctx, epoch))  # the method's own phase, if it has one
+
+    def after_epoch(epoch: int, record: dict) -> None:
+        if rank != 0:
+            return
+        state = {"epoch": epoch, "config": to_dict(cfg), "cache_fingerprint": fingerprint,
+                 "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
+        # metrics first: a kill between the two leaves a record that --resume drops and redoes
+        append_metrics(out / "metrics.jsonl", record)
+        metrics_csv(out)
+        if tensorboard is not None:
+            tensorboard.log(record)
+        save_checkpoint(out, epoch, student, method, state)
+        if cfg.progress:
+            ev = record.get("eval", {})
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record.get('loss', float('nan')):.4f} "
+                  f"{record['img_per_s']:.0f} img/s" + (f", top-1 {ev['top1']:.4f}" if ev else ""),
+                  file=sys.stderr)
+
+    plan = FitPlan(cfg.epochs, start_epoch, steps_per_epoch, cfg.eval_every, rank, world, amp, channels_last,
+                   cfg.progress, int(eval_reps.sum()))
+
+    def train_loader(epoch: int):
         shards = rank_shards(repeats, lay.shard_size, cfg.seed, epoch, rank, world)
-        loader = make_loader(stream, shards, repeats, labels, epoch, cfg.batch_size, cfg.workers,
-                             pin_memory=device.type == "cuda")
-        stats = train_one_epoch(train_module, loader, optimizer, scheduler, device,
-                                max_steps=steps_per_epoch if world > 1 else None, amp=amp,
-                                channels_last=channels_last, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                                progress=cfg.progress and rank == 0, expected_steps=steps_per_epoch)
-        record.update(stats, lr=scheduler.get_last_lr()[0])
-        if rank == 0 and (epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            eval_loader = make_loader(eval_stream, rank_shards(eval_reps, lay.shard_size, 0, 0, 0, 1, False),
-                                      eval_reps, eval_labels, 0, max(cfg.batch_size, 128), cfg.workers)
-            record["eval"] = evaluate(student, eval_loader, device, domains, domain_names, channels_last,
-                                      progress=cfg.progress, total=int(eval_reps.sum()))
-        if rank == 0:
-            state = {"epoch": epoch, "config": to_dict(cfg), "cache_fingerprint": fingerprint,
-                     "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
-            # metrics first: a kill between the two leaves a record that --resume drops and redoes
-            append_metrics(out / "metrics.jsonl", record)
-            metrics_csv(out)
-            if tensorboard is not None:
-                tensorboard.log(record)
-            save_checkpoint(out, epoch, student, method, state)
-            if cfg.progress:
-                ev = record.get("eval", {})
-                print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record.get('loss', float('nan')):.4f} "
-                      f"{record['img_per_s']:.0f} img/s" + (f", top-1 {ev['top1']:.4f}" if ev else ""),
-                      file=sys.stderr)
-        dist.barrier()
+        return make_loader(stream, shards, repeats, labels, epoch, cfg.batch_size, cfg.workers,
+                           pin_memory=device.type == "cuda")
+
+    def eval_loader():
+        shards = rank_shards(eval_reps, lay.shard_size, 0, 0, 0, 1, False)
+        return make_loader(eval_stream, shards, eval_reps, eval_labels, 0, max(cfg.batch_size, 128), cfg.workers)
+
+    fit(module, train_module, optimizer, scheduler, device, plan, train_loader, eval_loader, (domains, domain_names),
+        before_epoch=lambda epoch: method.before_epoch(ctx, epoch),  # the method's own phase, if it has one
+        after_epoch=after_epoch, barrier=dist.barrier)
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(
             {"name": out.name, "student": cfg.student, "method": cfg.method, "scenario": scenario.description,

@@ -56,7 +56,7 @@ def teacher_logits(store: CacheStore, scenario, rows: np.ndarray) -> tuple[np.nd
 
 
 def _groups(rows, domains, splits, domain_names) -> dict[str, np.ndarray]:
-    from kdcache.datasets import SPLIT_NAMES
+    from kdcache.codes import SPLIT_NAMES
 
     d, s = domains[rows], splits[rows]
     groups = {}

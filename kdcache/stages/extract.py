@@ -7,19 +7,15 @@ import errno
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import filelock
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from kdcache import __version__, dist
-from kdcache.datasets import SPLIT_NAMES, create_dataset
-from kdcache.extraction import ShardBuffer, ShardClaims, ShardImageStream, ShardWriter, StreamSpec
-from kdcache.heads import fit_store_probe, resolve_head
+from kdcache.datasets import create_dataset
+from kdcache.extraction import StreamSpec, fit_probe_once, teacher_pass
+from kdcache.heads import resolve_head
 from kdcache.pack import remove_stale_temporaries
 from kdcache.store import FEATURE_DTYPES, CacheError, CacheStore, IncompleteCreation, Layout
 from kdcache.teachers import create_teacher, zeroshot_head
@@ -179,26 +175,27 @@ def run(cfg: ExtractConfig) -> Path:
     part, parts = parse_part(cfg.part)
     done = store.shard_done()
     mine = [k for k in my_shards(layout.num_shards, part, parts, rank, world) if not done[k]]
-    claims = ShardClaims(store.images_dir)
     spec = StreamSpec(str(store.images_dir), layout, cfg.image_bound, pre.input_size, pre.interpolation,
                       pre.crop_pct, cfg.view_policy, cfg.view_seed, cfg.batch_size)
     try:
-        busy = _claim_and_pass(store, dataset, teacher, spec, mine, claims, cfg, device, rank)
+        stats = teacher_pass(store, dataset, teacher, spec, mine, workers=cfg.workers, device=device,
+                             progress=cfg.progress and rank == 0)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise CacheError(f"disk full while writing the cache at {out} ({e}); free some space and run the same "
                              "command again: finished shards are kept, the rest are computed") from None
         raise
+    LAST_PASS.clear()
+    LAST_PASS.update(stats.as_dict())
+    if rank == 0 and stats.images:
+        print(f"extracted {stats.images} images x {layout.views} views in {stats.shards} shard(s) at "
+              f"{stats.images / max(stats.seconds, 1e-9):.1f} img/s", file=sys.stderr)
     dist.barrier()
 
     if rank == 0:
-        if store.shard_done().all() and not store.attrs.get("head_fit", {}).get("fitted"):
-            with filelock.FileLock(str(store.images_dir / "head-fit.lock")):  # one process fits it
-                store = CacheStore.open(out, mode="r+")  # another process may have fitted it meanwhile
-                if not store.attrs.get("head_fit", {}).get("fitted"):
-                    fit_store_probe(store, train_split=SPLIT_NAMES.index("train"))
-        if busy:
-            print(f"{len(busy)} shard(s) were being written by another extract on this cache; "
+        fit_probe_once(store)
+        if stats.left:
+            print(f"{len(stats.left)} shard(s) were being written by another extract on this cache; "
                   "it finishes them (run this command again to check).", file=sys.stderr)
     return out
 
@@ -214,10 +211,10 @@ def _repair(store: CacheStore, static: dict) -> None:
         print("repair: the probe head is missing or damaged; refitting it", file=sys.stderr)
         store.update_attrs(head_fit={"fitted": False})
     fresh = static_digests(static)
-    stored = static_digests({n: store.array(n)[:] for n in static})
+    stored = static_digests({n: store.static(n) for n in static})
     for name in sorted(n for n in static if stored[n] != fresh[n]):
         print(f"repair: array {name} differs from the dataset; rewriting it", file=sys.stderr)
-        store.array(name)[:] = static[name]
+        store.write_static(name, static[name])
     if store.checksum_version >= 2 and store.attrs.get("static_digests") != fresh:
         store.update_attrs(static_digests=fresh)
     damaged = damaged_shards(store)
@@ -269,99 +266,5 @@ def my_shards(num_shards: int, part: int, parts: int, rank: int, world: int) -> 
     return [k for k in range(num_shards) if k % parts == part][rank::world]
 
 
-# the latest teacher pass of this process: images, views, seconds (start-up and probe fitting excluded)
+# the statistics of this process's latest teacher pass (kdcache.extraction.PassStats), for the benchmarks
 LAST_PASS: dict = {}
-
-
-def _claim_and_pass(store, dataset, teacher, spec, mine, claims, cfg, device, rank) -> list[int]:
-    """Claim a few shards at a time (ones no other process holds or finished), run the teacher over them,
-    repeat: processes started by hand on one cache split its shards. Returns the shards left to others."""
-    lay = spec.layout
-    chunk = max(2, 2 * cfg.workers)
-    left, total, seconds, passes = list(mine), 0, 0.0, 0
-    bar = tqdm(total=sum(len(lay.rows(k)) for k in mine) * lay.views, unit="view",
-               desc=f"extract {Path(store.path).name}",
-               disable=True if not cfg.progress or rank != 0 else None, dynamic_ncols=True)
-    try:
-        while left:
-            done = store.shard_done()
-            left = [k for k in left if not done[k]]
-            todo = []
-            for k in left:
-                if len(todo) == chunk:
-                    break
-                if claims.try_claim(k):
-                    todo.append(k)
-            done = store.shard_done()  # another process may have finished a shard before we claimed it
-            for k in [k for k in todo if done[k]]:
-                claims.release(k)
-            todo = [k for k in todo if not done[k]]
-            if not todo:
-                break  # every shard left is being written by another process
-            left = [k for k in left if k not in todo]
-            n, s = _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, bar)
-            total, seconds, passes = total + n, seconds + s, passes + len(todo)
-    finally:
-        bar.close()
-    LAST_PASS.update(images=total, views=total * lay.views, seconds=seconds, shards=passes)
-    if rank == 0 and total:
-        print(f"extracted {total} images x {lay.views} views in {passes} shard(s) at "
-              f"{total / max(seconds, 1e-9):.1f} img/s", file=sys.stderr)
-    return sorted(left)
-
-
-def _teacher_pass(store, dataset, teacher, spec, todo, claims, cfg, device, bar) -> tuple[int, float]:
-    """The teacher over the claimed shards `todo`; returns (images, seconds)."""
-    lay = spec.layout
-    stream = ShardImageStream(dataset, todo, spec)
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if cfg.workers else None)
-    total = sum(len(lay.rows(k)) for k in todo)
-    writer = ShardWriter(store, claims)
-    buffers: dict[int, ShardBuffer] = {}
-    counted: dict[int, int] = {}  # view-images of each shard shown on the bar so far
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
-    start = time.perf_counter()
-    # Outputs are copied to the host one batch late: batch i+1 is queued on the device before batch i's
-    # copy waits for it, so an accelerator never idles while the host stores rows.
-    pending = None
-    try:
-        for batch in loader:
-            k = int(batch["shard"])
-            buf = buffers.setdefault(k, ShardBuffer(len(lay.rows(k)), lay, keep_tokens=lay.token_grid > 0))
-            queued = None
-            bar.update(len(batch["rows"]))  # one entry per view-image, every batch
-            counted[k] = counted.get(k, 0) + len(batch["rows"])
-            if len(batch["rows"]):
-                with autocast:
-                    outputs = teacher(batch["images"].to(device, non_blocking=True), token_grid=lay.token_grid)
-                queued = (buf, batch["rows"].numpy(), batch["view_idx"].numpy(), ShardBuffer.stage(outputs))
-            if pending is not None:
-                pending[0].put(*pending[1:])
-            pending = queued
-            if batch["final"]:
-                if pending is not None:
-                    pending[0].put(*pending[1:])
-                    pending = None
-                data = dict(buffers.pop(k).data, views=np.asarray(batch["views"], np.float32),
-                            reasons=np.array(batch["reasons"], dtype=object).astype(str))
-                if store.checksum_version >= 2:
-                    data["image_digests"] = np.asarray(batch["image_digests"], np.uint8)
-                writer.submit(k, data, np.asarray(batch["status"], np.uint8))
-                bar.update(len(lay.rows(k)) * lay.views - counted.pop(k, 0))  # the views of bad rows
-    except BaseException:
-        writer.close(raise_errors=False)  # finished shards still land; partial ones stay todo
-        raise
-    else:
-        writer.close()
-    finally:
-        claims.release_all()
-    return total, time.perf_counter() - start
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
