@@ -67,6 +67,8 @@ ABLATIONS = (
         (("w_general", 0), ("first_rounds", 1)), core=False),
     Row("customkd w_general=0, 1 warm-up epoch before customising", "customkd",
         (("w_general", 0), ("warmup_epochs", 1)), core=False),
+    Row("customkd, no weight decay on norms and biases", "customkd", distill=(("decay_norm_bias", False),),
+        core=False),
     Row("kd, teacher head self-trained (--teacher-adapt 3)", "kd", distill=(("teacher_adapt", 3),), core=False),
     Row("pretrained student: supervised", "supervised", distill=(("pretrained", True),), core=False),
     Row("pretrained student: kd", "kd", distill=(("pretrained", True),), core=False),

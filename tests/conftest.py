@@ -34,12 +34,37 @@ def cli_env(**extra) -> dict:
     return env
 
 
-def run_cli(*args: str, check=True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
-                          env=cli_env(**kw.pop("env_extra", {})), cwd=kw.pop("cwd", ROOT), **kw)
+def run_cli(*args: str, check=True, subprocess_run: bool = False, **kw) -> subprocess.CompletedProcess:
+    """Run the CLI with `args`: in this process (typer's CliRunner, one thread, as the subprocess would
+    use), or in a fresh interpreter when the call needs its own environment or working directory."""
+    if subprocess_run or kw:
+        proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
+                              env=cli_env(**kw.pop("env_extra", {})), cwd=kw.pop("cwd", ROOT), **kw)
+    else:
+        proc = _in_process(args)
     if check and proc.returncode != 0:
         raise AssertionError(f"cli {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _in_process(args) -> subprocess.CompletedProcess:
+    import torch
+    from typer.testing import CliRunner
+
+    from kdcache.cli import app
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives the subprocess: bit-identical to its outputs
+    try:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["kdcache", *args], result.exit_code, result.stdout, stderr)
 
 
 def read_all(path) -> dict[str, np.ndarray]:

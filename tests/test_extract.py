@@ -128,6 +128,27 @@ def test_two_ranks_under_torchrun_match_one(reference, tmp_path):
     assert_same_cache(reference, out)
 
 
+def test_world_size_may_change_between_starts(reference, tmp_path):
+    """A 2-rank torchrun job killed part-way (agent and ranks) is finished by a 3-rank job: the new ranks
+    split the shards still to do, and the cache equals one process's."""
+    out = tmp_path / "cache"
+
+    def torchrun(ranks: int) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+                str(ROOT / "cli.py"), "extract", *ARGS, "--workers", "0", "--out", str(out)]
+
+    agent = subprocess.Popen(torchrun(2), env=cli_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for_shards(agent, out, 3)
+    os.killpg(agent.pid, signal.SIGKILL)  # the whole job: agent and both ranks
+    agent.wait()
+    done = int((zarr.open_group(str(out), mode="r")["status"][:] == 1).sum())
+    assert 0 < done < N, "the kill must land part-way"
+    proc = subprocess.run(torchrun(3), env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_cache(reference, out)
+
+
 def test_elastic_torchrun_restarts_after_a_rank_is_killed_and_finishes_the_same_cache(reference, tmp_path):
     """torchrun elastic (c10d rendezvous, --max-restarts 1), 2 CPU ranks: one rank is killed part-way; the
     agent restarts the group, the ranks split the shards still to do, and the cache equals one process's."""
