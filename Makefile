@@ -19,7 +19,7 @@ METHOD  ?= customkd
 SCENARIO ?= supervised
 EPOCHS  ?= 10
 
-.PHONY: setup test test-all test-faults demo extract info distill evaluate report bench bench-gpu bench-quick fuzz study clean
+.PHONY: setup test test-slow test-all test-faults demo extract info distill evaluate report bench bench-gpu bench-quick fuzz study clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli_env, read_all, write_image
+from conftest import ROOT, cli_env, read_all, run_cli, write_image
 from safetensors.torch import load_file
 from tiny_teacher import train_tiny_teacher
 
@@ -93,6 +93,7 @@ def test_labelled_ratio_repeats_labelled_rows():
     assert list(labelled_repeats(labelled, ~labelled, 0.1)) == [1] * 10  # already 20% labelled
 
 
+@pytest.mark.slow
 def test_kd_and_customkd_beat_supervised_with_few_labels(cache, tmp_path):
     acc = {}
     for method in ("supervised", "kd", "customkd"):
@@ -150,6 +151,7 @@ def test_leaky_head_is_refused_and_refit_on_scenario_labels(cache):
     assert np.array_equal(fitted_on, ssl.labelled) and fitted_on.sum() == 2 * CLASSES
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues_from_last_checkpoint(cache, tmp_path):
     args = ["distill", "--cache", str(cache), "--student", "test_efficientnet", "--image-size", "32",
             "--scenario", "ssl", "--labels-per-class", "2", "--epochs", "4", "--batch-size", "32",
@@ -274,12 +276,11 @@ def test_teacher_adaptation_is_stored_and_reported(cache, tmp_path):
 
 
 def test_bad_method_option_on_the_command_line(cache, tmp_path):
-    base = [sys.executable, str(ROOT / "cli.py"), "distill", "--cache", str(cache), "--student", "test_efficientnet",
+    base = ["distill", "--cache", str(cache), "--student", "test_efficientnet",
             "--scenario", "ssl", "--labels-per-class", "2", "--epochs", "1", "--no-progress", "--no-check-dataset"]
     for opt, match in (("temperature=0", "temperature=0.*must be > 0"), ("normalize=maybe", "normalize.*boolean"),
                        ("w_kdd=1", "no option.*w_kdd")):
-        proc = subprocess.run([*base, "--method-opt", opt, "--out", str(tmp_path / opt)], env=cli_env(),
-                              capture_output=True, text=True)
+        proc = run_cli(*base, "--method-opt", opt, "--out", str(tmp_path / opt), check=False)
         assert proc.returncode == 2 and re.search(match, proc.stderr.replace("\n", " ")), (opt, proc.stderr[-500:])
         assert not (tmp_path / opt).exists()
 

@@ -128,6 +128,7 @@ def test_two_ranks_under_torchrun_match_one(reference, tmp_path):
     assert_same_cache(reference, out)
 
 
+@pytest.mark.slow
 def test_world_size_may_change_between_starts(reference, tmp_path):
     """A 2-rank torchrun job killed part-way (agent and ranks) is finished by a 3-rank job: the new ranks
     split the shards still to do, and the cache equals one process's."""
@@ -218,6 +219,7 @@ def test_a_process_started_by_hand_skips_the_shards_another_holds(reference, tmp
     assert_same_cache(reference, out)
 
 
+@pytest.mark.slow
 def test_job_array_parts_fill_the_cache_together(reference, tmp_path):
     """--part i/N (or auto/N from the scheduler's index) takes shards k % N == i; the parts together give
     the cache of one process, and the last part to finish fits the head."""
