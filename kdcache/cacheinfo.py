@@ -30,7 +30,7 @@ def summarize(store: CacheStore, max_bad: int = 20) -> dict:
         entry = {"row": int(i)}
         for name in ("key", "reason"):
             try:
-                entry[name] = str(store.array(name + "s")[int(i)])
+                entry[name] = str(store.text(name + "s", int(i), int(i) + 1)[0])
             except Exception as e:  # noqa: BLE001 - summarize a damaged cache too (verify names the damage)
                 entry[name] = f"<unreadable: {type(e).__name__}>"
         bad.append(entry)

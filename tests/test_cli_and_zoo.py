@@ -37,6 +37,14 @@ def test_bad_image_zoo_in_an_extraction(tmp_path):
             assert not store.array("features")[row].any()
         else:
             assert status[row] == 1 and str(reasons[row]) == "", (key, reasons[row])
+    # `info` names each bad row by its key and reason, as text
+    from kdcache.cacheinfo import summarize
+
+    listed = summarize(store)["bad_inputs"]
+    bad_rows = [row for row in range(len(keys)) if status[row] == 2]
+    assert [b["row"] for b in listed] == bad_rows
+    assert [b["key"] for b in listed] == [keys[r] for r in bad_rows] and all(b["reason"] for b in listed)
+    assert [b["reason"] for b in listed] == [str(reasons[r]) for r in bad_rows]
     # no index shift: every good row holds the features of its own image
     teacher = create_teacher("test_vit", random_init=True)
     feats, views = store.array("features"), store.array("views")
