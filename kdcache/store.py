@@ -45,7 +45,8 @@ DIMENSIONS = {
     "tokens": ("row", "view", "token", "channel"), "token_scale": ("row", "view", "token"),
     "views": ("row", "view", "view_param"), "labels": ("row",), "domains": ("row",), "splits": ("row",),
     "keys": ("row", "key_byte"), "status": ("row",), "reasons": ("row", "reason_byte"),
-    "image_digests": ("row", "digest_byte"), "shard_checksums": ("shard", "checksum_char"), "array_digests": ("shard", "digested_array", "digest_byte"),
+    "image_digests": ("row", "digest_byte"), "shard_checksums": ("shard", "checksum_char"),
+    "array_digests": ("shard", "digested_array", "digest_byte"),
 }
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "head", "pack", "tokens", "storage")
 FEATURE_DTYPES = ("float16", "int8")
@@ -148,8 +149,10 @@ def text_width(values) -> int:
 
 
 def cut_text(values, width: int) -> np.ndarray:
-    """Each string cut to at most `width` UTF-8 bytes at a character boundary (what `encode_text` keeps)."""
-    out = [str(v).encode()[:width].decode(errors="ignore") for v in np.asarray(values).ravel()]
+    """Each string cut to at most `width` UTF-8 bytes at a character boundary, NUL characters replaced by
+    U+FFFD (what `encode_text` can keep)."""
+    out = [str(v).replace("\x00", "\ufffd").encode()[:width].decode(errors="ignore")
+           for v in np.asarray(values).ravel()]
     return np.array(out, dtype=object).astype(str).reshape(np.shape(values))
 
 
@@ -167,9 +170,10 @@ def encode_text(values, width: int, name: str) -> np.ndarray:
 
 
 def decode_text(values: np.ndarray) -> np.ndarray:
-    """The strings of a uint8 array made by `encode_text` (trailing zero bytes dropped)."""
+    """The strings of a uint8 array made by `encode_text` (trailing zero bytes dropped; bytes that are not
+    UTF-8, as damage leaves them, read as U+FFFD, so the checksums tell)."""
     values = np.asarray(values, np.uint8)
-    out = [bytes(row).rstrip(b"\x00").decode() for row in values.reshape(-1, values.shape[-1])]
+    out = [bytes(row).rstrip(b"\x00").decode(errors="replace") for row in values.reshape(-1, values.shape[-1])]
     return np.array(out, dtype=object).astype(str).reshape(values.shape[:-1])
 
 
