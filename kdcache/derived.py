@@ -5,7 +5,6 @@ Written once, reused by every later run; the base arrays are never touched.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import filelock
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 
 from .adapt import self_train_head
 from .heads import fit_probe
+from .location import file_lock, is_remote
 from .scenarios import TRAIN, Scenario
 from .store import CacheStore
 from .teachers import LinearHead
@@ -29,10 +29,12 @@ def write_group(store: CacheStore, path: str, arrays: dict[str, np.ndarray], att
     return group
 
 
-def derived_lock(store: CacheStore, path: str) -> filelock.FileLock:
+def derived_lock(store: CacheStore, path: str):
     """An inter-process lock for computing one derived group, beside where it is written, so runs started
     together compute it once (the others wait, then read it)."""
-    root = Path(store.path) if store.writable() else store.side_path()
+    root = store.path if store.writable() else store.side_path()
+    if is_remote(root):  # object storage: no lock (runs on one cache there compute it on their own)
+        return file_lock(root)
     folder = root / "derived" / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     return filelock.FileLock(str(folder / (path.replace("/", "__") + ".lock")))

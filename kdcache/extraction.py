@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .codes import Split, Status
 from .datasets import Dataset
 from .images import BadImage, decode_packed
+from .location import cache_path, file_lock, is_remote
 from .pack import member_digest, pack_shard, read_members, shard_name
 from .store import DIGEST_BYTES, CacheStore, Layout
 from .views import P, apply, sample_views
@@ -45,10 +46,13 @@ class ShardClaims:
     """Exclusive per-shard locks (filelock: an OS lock, released by the OS if the process dies)."""
 
     def __init__(self, images_dir: Path):
-        self.dir = Path(images_dir)
+        self.dir = cache_path(images_dir)
+        self.remote = is_remote(self.dir)
         self.held: dict[int, filelock.FileLock] = {}
 
     def try_claim(self, k: int) -> bool:
+        if self.remote:  # object storage has no locks: ranks and --part split the shards there
+            return True
         lock = filelock.FileLock(str(self.dir / f"shard-{k:05d}.lock"))
         try:
             lock.acquire(timeout=0)
@@ -68,7 +72,7 @@ class ShardClaims:
 
 
 def ensure_packed(dataset: Dataset, spec: StreamSpec, k: int) -> Path:
-    path = Path(spec.images_dir) / shard_name(k)
+    path = cache_path(spec.images_dir) / shard_name(k)
     if not path.exists():
         pack_shard(dataset, spec.layout.rows(k), path, spec.image_bound)
     return path
@@ -238,11 +242,11 @@ def teacher_pass(store: CacheStore, dataset: Dataset, teacher, spec: StreamSpec,
     holds or finished, compute and write them, repeat. Processes started by hand on one cache so split its
     shards; the ones still held by another process when this one runs out are returned in `left`."""
     lay = spec.layout
-    claims = ShardClaims(Path(spec.images_dir))
+    claims = ShardClaims(spec.images_dir)
     chunk = max(2, 2 * workers)
     left, stats = list(shards), PassStats()
     bar = tqdm(total=sum(len(lay.rows(k)) for k in shards) * lay.views, unit="view",
-               desc=f"extract {Path(store.path).name}", disable=None if progress else True, dynamic_ncols=True)
+               desc=f"extract {store.path.name}", disable=None if progress else True, dynamic_ncols=True)
     try:
         while left:
             done = store.shard_done()
@@ -327,7 +331,7 @@ def fit_probe_once(store: CacheStore) -> CacheStore:
 
     if not store.shard_done().all() or store.attrs.get("head_fit", {}).get("fitted"):
         return store
-    with filelock.FileLock(str(store.images_dir / "head-fit.lock")):
+    with file_lock(store.images_dir / "head-fit.lock"):
         store = CacheStore.open(store.path, mode="r+")  # another process may have fitted it meanwhile
         if not store.attrs.get("head_fit", {}).get("fitted"):
             fit_store_probe(store, train_split=Split.TRAIN)

@@ -8,6 +8,7 @@ that exists is complete. The cache records a digest of every member (`member_dig
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from .datasets import Dataset
 from .images import BadImage, decode_original, encode_packed
+from .location import cache_path, is_remote
 
 PACKED_EXTENSIONS = ("jpg", "png", "bad")
 
@@ -34,10 +36,13 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def pack_shard(dataset: Dataset, rows: range, path: Path, bound: int) -> None:
-    """Decode, bound and re-encode the rows of one shard into `path` (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    """Decode, bound and re-encode the rows of one shard into `path` (atomically: a local file is written
+    to a temporary name and renamed; an object is uploaded whole, and appears only when complete)."""
+    path = cache_path(path)
+    remote = is_remote(path)
+    tmp = io.BytesIO() if remote else path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tarfile.open(fileobj=tmp, mode="w", format=tarfile.USTAR_FORMAT) if remote else \
+            tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in rows:
             try:
                 img = decode_original(dataset.read_bytes(i), bound)
@@ -47,6 +52,9 @@ def pack_shard(dataset: Dataset, rows: range, path: Path, bound: int) -> None:
             except OSError as e:  # unreadable file: permissions, vanished, I/O error
                 ext, data = "bad", f"cannot read file: {e}".encode()
             _add_member(tar, f"{i:09d}.{ext}", data)
+    if remote:
+        path.write_bytes(tmp.getvalue())
+        return
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -60,6 +68,8 @@ def member_digest(ext: str, data: bytes) -> bytes:
 def remove_stale_temporaries(images_dir: Path) -> int:
     """Delete half-written `.shard-*.tmp` files whose writer process is gone; returns how many."""
     removed = 0
+    if is_remote(images_dir):
+        return 0  # objects are uploaded whole: there are no temporaries
     for tmp in Path(images_dir).glob(".shard-*.tar.*.tmp"):
         try:
             pid = int(tmp.name.split(".")[-2])
@@ -78,6 +88,18 @@ class ShardReadError(Exception):
     """A tar shard cannot be read to its end (truncated, damaged, or a member that is not a row)."""
 
 
+@contextlib.contextmanager
+def _open_tar(path):
+    """A tar shard read as a stream, from a local file or an object (read whole: shards are small)."""
+    path = cache_path(path)
+    if is_remote(path):
+        with tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r|") as tar:
+            yield tar
+    else:
+        with tarfile.open(path, "r|") as tar:
+            yield tar
+
+
 def read_members(path: Path, rows: range) -> tuple[dict[int, tuple[str, bytes]], list[str]]:
     """Every member of shard `path` that is a row of `rows`, as {row: (ext, bytes)}, and the problems
     found on the way (unexpected, duplicated or non-file members, a tar that ends early). Never raises
@@ -85,7 +107,7 @@ def read_members(path: Path, rows: range) -> tuple[dict[int, tuple[str, bytes]],
     found: dict[int, tuple[str, bytes]] = {}
     problems: list[str] = []
     try:
-        with tarfile.open(path, "r|") as tar:
+        with _open_tar(path) as tar:
             for member in tar:
                 stem, _, ext = member.name.partition(".")
                 if not member.isfile() or "/" in member.name or "\\" in member.name or not stem.isdigit() \
@@ -107,7 +129,7 @@ def read_members(path: Path, rows: range) -> tuple[dict[int, tuple[str, bytes]],
 
 def read_shard(path: Path) -> Iterator[tuple[int, str, bytes]]:
     """Yield (row, extension, bytes) in member order; refuses names that are not plain row ids."""
-    with tarfile.open(path, "r|") as tar:
+    with _open_tar(path) as tar:
         for member in tar:
             if not member.isfile():
                 continue

@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 
 from .codes import Status
+from .location import cache_path, is_remote
 
 FORMAT_NAME = "kdcache"
 # 1: keys, reasons and shard checksums are Zarr `string` arrays. 2: they are fixed-width UTF-8 bytes
@@ -181,7 +182,7 @@ class CacheStore:
     def __init__(self, path: str | Path, group: zarr.Group):
         from .meta import CacheMeta
 
-        self.path = Path(path)
+        self.path = cache_path(path)
         self.group = group
         a = dict(group.attrs)
         self.attrs = a
@@ -196,10 +197,10 @@ class CacheStore:
     def create(cls, path: str | Path, layout: Layout, attrs: dict, static: dict[str, np.ndarray],
                compression: str = "zstd") -> CacheStore:
         """Create an empty cache: every array allocated, per-sample static arrays written."""
-        path = Path(path)
+        path = cache_path(path)
         # the marker says "creation under way" until the full attributes land at the end
         # a symlinked cache folder keeps its link: zarr replaces what it points to
-        target = path.resolve() if path.is_symlink() else path
+        target = path.resolve() if not is_remote(path) and path.is_symlink() else path
         group = zarr.open_group(str(target), mode="w", zarr_format=3, attributes={"kdcache_creating": True})
         S, N, V = layout.shard_size, layout.n, layout.views
         inner = _inner_chunk(S)
@@ -248,7 +249,7 @@ class CacheStore:
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> CacheStore:
-        path = Path(path)
+        path = cache_path(path)
         if not (path / "zarr.json").is_file():
             raise CacheError(f"no cache at {path} (run `python cli.py extract ... --out {shlex.quote(str(path))}` first)")
         try:
@@ -512,6 +513,8 @@ class CacheStore:
     # ------------------------------------------------------------------ derived data
 
     def writable(self) -> bool:
+        if is_remote(self.path):  # object storage: writable as far as this process can tell (its credentials decide)
+            return True
         return os.access(self.path, os.W_OK) and os.access(self.path / "zarr.json", os.W_OK)
 
     def side_path(self) -> Path:
@@ -558,4 +561,9 @@ class CacheStore:
 
     def nbytes_on_disk(self, name: str) -> int:
         p = self.path / name
+        if is_remote(p):
+            try:
+                return int(p.fs.du(p.path, total=True))
+            except FileNotFoundError:
+                return 0
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0

@@ -95,16 +95,23 @@ def test_cli_errors_are_clear(tmp_path):
 
 
 
-def test_object_storage_urls_are_refused_by_name(tmp_path, monkeypatch):
-    """`--out s3://b/x` is an error naming the flag, not a local folder called `s3:`."""
+def test_urls_that_cannot_hold_a_cache_or_a_run_are_refused_by_name(tmp_path, monkeypatch):
+    """Runs stay on a file system; a cache URL needs a known protocol whose package is installed. Each is an
+    error naming the flag, never a local folder called `s3:`."""
+    import importlib.util
+
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    for args, flag in ((["extract", "--dataset", "synthetic", "--teacher", "test_vit", "--random-init", "--out",
-                         "s3://bucket/cache"], "--out"),
-                       (["distill", "--cache", "gs://bucket/cache", "--out", "runs/x"], "--cache"),
-                       (["distill", "--cache", "cache/x", "--out", "s3://bucket/run"], "--out")):
+    cases = [(["extract", "--dataset", "synthetic", "--teacher", "test_vit", "--random-init", "--out",
+               "nosuchfs://bucket/cache"], "--out", "nosuchfs"),
+             (["distill", "--cache", "cache/x", "--out", "s3://bucket/run"], "--out", "object storage"),
+             (["extract", "--dataset", "imagefolder", "--data-root", "s3://bucket/images", "--teacher", "test_vit",
+               "--random-init", "--out", "c"], "--data-root", "object storage")]
+    if importlib.util.find_spec("gcsfs") is None:
+        cases.append((["distill", "--cache", "gs://bucket/cache", "--out", "runs/x"], "--cache", "no filesystem"))
+    for args, flag, why in cases:
         res = runner.invoke(app, args)
-        assert res.exit_code == 2 and f"{flag} " in res.output and "object storage" in res.output, res.output
+        assert res.exit_code == 2 and f"{flag} " in res.output and why in res.output, res.output
     assert list(tmp_path.iterdir()) == []
 
 

@@ -121,15 +121,33 @@ def to_dict(cfg) -> dict:
 
 
 def write_yaml(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from kdcache.location import cache_path
+
+    cache_path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
+def cache_location(value: str | None, flag: str) -> None:
+    """A cache may live on a local path or on any fsspec URL whose filesystem is installed (s3:// needs
+    s3fs: `pip install kdcache[s3]`); anything else is refused by name."""
+    if not value or not URL.match(str(value)):
+        return
+    from kdcache.location import cache_path
+
+    try:
+        cache_path(value).fs  # an unknown protocol, or its filesystem package missing, fails here
+    except (ValueError, ImportError) as e:
+        raise ValueError(f"{flag} {value}: no filesystem for this URL is installed ({e})") from None
+    if "://" in str(value) and not str(value).split("://", 1)[1].strip("/"):
+        raise ValueError(f"{flag} {value}: give a bucket and a path, e.g. s3://bucket/caches/name")
+
+
 def local_path(value: str | None, flag: str) -> None:
-    """Caches and runs live on a local or shared file system; a URL (s3://, gs://, ...) is refused by name
-    instead of becoming a local folder called `s3:`."""
+    """Runs (and dataset folders) live on a local or shared file system; a URL (s3://, gs://, ...) is refused
+    by name instead of becoming a local folder called `s3:`."""
     if value and URL.match(str(value)):
-        raise ValueError(f"{flag} {value}: caches and runs on object storage (URLs) are not supported; give a "
-                         "local path or a shared file system mounted as one (e.g. with s3fs or gcsfuse)")
+        raise ValueError(f"{flag} {value}: runs and datasets on object storage (URLs) are not supported; give a "
+                         "local path or a shared file system mounted as one (caches may be URLs: --out of extract, "
+                         "--cache)")

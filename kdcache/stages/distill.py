@@ -28,6 +28,7 @@ from kdcache.engine import (
     save_checkpoint,
     truncate_metrics,
 )
+from kdcache.location import is_url
 from kdcache.loader import StreamConfig, labelled_repeats, make_loader, rank_shards, samples_in
 from kdcache.methods import create_method
 from kdcache.methods.base import Dims, MethodContext
@@ -37,7 +38,7 @@ from kdcache.store import CacheError, CacheStore
 from kdcache.students import create_student
 from kdcache.views import REPLAY_VERSION
 
-from .config import local_path, to_dict, write_yaml
+from .config import cache_location, local_path, to_dict, write_yaml
 from .schema import DistillConfig  # noqa: F401  (stage.DistillConfig)
 
 # options that may differ when a run is resumed
@@ -54,7 +55,7 @@ def open_cache(path: str) -> CacheStore:
     reads everything back."""
     from kdcache.cacheinfo import cache_problems
 
-    store = CacheStore.open(path, mode="r+" if os.access(path, os.W_OK) else "r")
+    store = CacheStore.open(path, mode="r+" if is_url(path) or os.access(path, os.W_OK) else "r")
     done = store.shard_done()
     extract_cmd = store.attrs.get("command") or "python cli.py extract ... --out " + shlex.quote(str(path))
     if not done.all():
@@ -162,7 +163,7 @@ def default_out(cfg: DistillConfig, store: CacheStore, runs: Path = Path("runs")
 
 def check_config(cfg: DistillConfig) -> None:
     """Range checks of every numeric option; each error names the flag."""
-    local_path(cfg.cache, "--cache")
+    cache_location(cfg.cache, "--cache")
     local_path(cfg.out, "--out")
     if cfg.tensorboard:
         check_tensorboard()

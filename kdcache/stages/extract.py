@@ -21,7 +21,9 @@ from kdcache.store import FEATURE_DTYPES, CacheError, CacheStore, IncompleteCrea
 from kdcache.teachers import create_teacher, zeroshot_head
 from kdcache.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION, list_policies
 
-from .config import local_path, to_dict, write_yaml
+from kdcache.location import cache_path, is_remote
+
+from .config import cache_location, local_path, to_dict, write_yaml
 from .schema import ExtractConfig  # noqa: F401  (stage.ExtractConfig)
 
 
@@ -29,7 +31,11 @@ from .schema import ExtractConfig  # noqa: F401  (stage.ExtractConfig)
 
 @contextlib.contextmanager
 def _creation_lock(out: Path):
-    """Serialise opening/creating one cache, so two extracts started together agree on one store."""
+    """Serialise opening/creating one cache, so two extracts started together agree on one store (on
+    object storage only rank 0 of one job creates it: there is no lock there)."""
+    if is_remote(out):
+        yield
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(str(out.parent / f".{out.name}.create.lock")):
         yield
@@ -44,7 +50,7 @@ def _check(cfg: ExtractConfig) -> None:
 
         raise ValueError(f"--dataset is required: one of {', '.join(list_datasets())} (synthetic: generated "
                          "test images, no folder)")
-    local_path(cfg.out, "--out")
+    cache_location(cfg.out, "--out")
     local_path(cfg.data_root, "--data-root")
     parse_part(cfg.part)
     if cfg.views < 1:
@@ -68,6 +74,9 @@ def _check(cfg: ExtractConfig) -> None:
 
 def _clear(out: Path) -> None:
     """Remove a cache folder for --overwrite; a symlinked --out keeps its link and loses its contents."""
+    if is_remote(out):
+        out.fs.rm(out.path, recursive=True)
+        return
     if out.is_symlink():
         target = out.resolve()
         for child in target.iterdir():
@@ -106,7 +115,7 @@ def run(cfg: ExtractConfig) -> Path:
     """Extract (or resume extracting) the cache described by `cfg`; returns the cache path."""
     _check(cfg)
     rank, world = dist.init()
-    out = Path(cfg.out or f"cache/{cfg.dataset}")
+    out = cache_path(cfg.out or f"cache/{cfg.dataset}")
     options = dict(cfg.dataset_options)
     if cfg.domains:
         options["domains"] = list(cfg.domains)
