@@ -125,3 +125,25 @@ def test_a_url_without_its_filesystem_package_is_refused_by_name(tmp_path):
     r = run_cli("extract", *ARGS, "--out", "nosuchfs://bucket/x", check=False)
     assert r.returncode == 2 and "nosuchfs://bucket/x" in r.stderr
     assert not (ROOT / "nosuchfs:").exists()
+
+
+def test_memory_url_cache_equals_a_local_one(tmp_path):
+    """fsspec's in-memory filesystem (no server, this process only) takes the object-storage code path: whole
+    uploads, no locks. The cache equals a local one and verifies."""
+    from kdcache.cacheinfo import verify
+    from kdcache.stages import extract
+    from kdcache.store import CacheStore
+
+    def cfg(out):
+        return extract.ExtractConfig(dataset="synthetic", dataset_options=(("n", 24),), teacher="test_vit",
+                                     random_init=True, views=2, shard_size=8, batch_size=6, workers=0, out=out,
+                                     progress=False)
+
+    url = f"memory://kdcache-test/{tmp_path.name}"
+    extract.run(cfg(url))
+    extract.run(cfg(str(tmp_path / "local")))
+    assert_same_cache(tmp_path / "local", url)
+    store = CacheStore.open(url)
+    assert verify(store) == [] and store.text("keys", 0, 1)[0] == "d0/c000/000000.png"
+    assert store.path.fs.cat(f"/kdcache-test/{tmp_path.name}/images/shard-00000.tar") == \
+        (tmp_path / "local" / "images" / "shard-00000.tar").read_bytes()
