@@ -5,8 +5,6 @@ Written once, reused by every later run; the base arrays are never touched.
 """
 from __future__ import annotations
 
-
-import filelock
 import numpy as np
 import torch
 
@@ -33,11 +31,10 @@ def derived_lock(store: CacheStore, path: str):
     """An inter-process lock for computing one derived group, beside where it is written, so runs started
     together compute it once (the others wait, then read it)."""
     root = store.path if store.writable() else store.side_path()
-    if is_remote(root):  # object storage: no lock (runs on one cache there compute it on their own)
-        return file_lock(root)
-    folder = root / "derived" / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    return filelock.FileLock(str(folder / (path.replace("/", "__") + ".lock")))
+    lock = root / "derived" / "locks" / (path.replace("/", "__") + ".lock")
+    if not is_remote(lock):  # object storage has no locks: runs on one cache there compute it on their own
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    return file_lock(lock)
 
 
 def read_group(store: CacheStore, path: str):

@@ -56,8 +56,3 @@ def file_lock(path) -> contextlib.AbstractContextManager:
     import filelock
 
     return filelock.FileLock(str(path))
-
-
-def as_str(path) -> str:
-    """The location as a string zarr and fsspec open (the URL for object storage)."""
-    return str(path)

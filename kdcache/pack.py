@@ -39,10 +39,8 @@ def pack_shard(dataset: Dataset, rows: range, path: Path, bound: int) -> None:
     """Decode, bound and re-encode the rows of one shard into `path` (atomically: a local file is written
     to a temporary name and renamed; an object is uploaded whole, and appears only when complete)."""
     path = cache_path(path)
-    remote = is_remote(path)
-    tmp = io.BytesIO() if remote else path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tarfile.open(fileobj=tmp, mode="w", format=tarfile.USTAR_FORMAT) if remote else \
-            tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    packed = io.BytesIO()  # a shard is small (bounded images); it is written out in one piece
+    with tarfile.open(fileobj=packed, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i in rows:
             try:
                 img = decode_original(dataset.read_bytes(i), bound)
@@ -52,10 +50,13 @@ def pack_shard(dataset: Dataset, rows: range, path: Path, bound: int) -> None:
             except OSError as e:  # unreadable file: permissions, vanished, I/O error
                 ext, data = "bad", f"cannot read file: {e}".encode()
             _add_member(tar, f"{i:09d}.{ext}", data)
-    if remote:
-        path.write_bytes(tmp.getvalue())
+    if is_remote(path):
+        path.write_bytes(packed.getvalue())
         return
-    with open(tmp, "rb") as f:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(packed.getvalue())
+        f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 

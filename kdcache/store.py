@@ -338,7 +338,7 @@ class CacheStore:
     @property
     def text_as_bytes(self) -> bool:
         """Format 2: keys, reasons and checksums are stored as fixed-width UTF-8 bytes."""
-        return int(self.attrs.get("format_version", 1)) >= 2
+        return self.meta.format_version >= 2
 
     def _stored(self, name: str, values: np.ndarray) -> np.ndarray:
         """`values` as array `name` stores them (text encoded in format 2)."""

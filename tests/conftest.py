@@ -34,10 +34,11 @@ def cli_env(**extra) -> dict:
     return env
 
 
-def run_cli(*args: str, check=True, subprocess_run: bool = False, **kw) -> subprocess.CompletedProcess:
+def run_cli(*args: str, check=True, **kw) -> subprocess.CompletedProcess:
     """Run the CLI with `args`: in this process (typer's CliRunner, one thread, as the subprocess would
-    use), or in a fresh interpreter when the call needs its own environment or working directory."""
-    if subprocess_run or kw:
+    use), or in a fresh interpreter when the call needs its own environment (`env_extra`) or working
+    directory (`cwd`)."""
+    if kw:
         proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
                               env=cli_env(**kw.pop("env_extra", {})), cwd=kw.pop("cwd", ROOT), **kw)
     else:

@@ -1,7 +1,6 @@
 """Stage configs: frozen dataclasses resolved as defaults < YAML file < CLI flags."""
 from __future__ import annotations
 
-import re
 
 import dataclasses
 import difflib
@@ -126,28 +125,29 @@ def write_yaml(cfg, path: str | Path) -> None:
     cache_path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
 def cache_location(value: str | None, flag: str) -> None:
     """A cache may live on a local path or on any fsspec URL whose filesystem is installed (s3:// needs
     s3fs: `pip install kdcache[s3]`); anything else is refused by name."""
-    if not value or not URL.match(str(value)):
-        return
-    from kdcache.location import cache_path
+    from kdcache.location import cache_path, is_remote, is_url
 
+    if not value or not is_url(value):
+        return
     try:
-        cache_path(value).fs  # an unknown protocol, or its filesystem package missing, fails here
+        path = cache_path(value)  # an unknown protocol fails here
+        if is_remote(path):
+            path.fs  # a missing filesystem package fails here
     except (ValueError, ImportError) as e:
         raise ValueError(f"{flag} {value}: no filesystem for this URL is installed ({e})") from None
-    if "://" in str(value) and not str(value).split("://", 1)[1].strip("/"):
+    if not str(value).split("://", 1)[1].strip("/"):
         raise ValueError(f"{flag} {value}: give a bucket and a path, e.g. s3://bucket/caches/name")
 
 
 def local_path(value: str | None, flag: str) -> None:
     """Runs (and dataset folders) live on a local or shared file system; a URL (s3://, gs://, ...) is refused
     by name instead of becoming a local folder called `s3:`."""
-    if value and URL.match(str(value)):
+    from kdcache.location import is_url
+
+    if value and is_url(value):
         raise ValueError(f"{flag} {value}: runs and datasets on object storage (URLs) are not supported; give a "
                          "local path or a shared file system mounted as one (caches may be URLs: --out of extract, "
                          "--cache)")

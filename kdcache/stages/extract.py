@@ -9,19 +9,17 @@ import shutil
 import sys
 from pathlib import Path
 
-import filelock
 import numpy as np
 
 from kdcache import __version__, dist
 from kdcache.datasets import create_dataset
 from kdcache.extraction import StreamSpec, fit_probe_once, teacher_pass
 from kdcache.heads import resolve_head
+from kdcache.location import cache_path, file_lock, is_remote
 from kdcache.pack import remove_stale_temporaries
 from kdcache.store import FEATURE_DTYPES, CacheError, CacheStore, IncompleteCreation, Layout
 from kdcache.teachers import create_teacher, zeroshot_head
 from kdcache.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION, list_policies
-
-from kdcache.location import cache_path, is_remote
 
 from .config import cache_location, local_path, to_dict, write_yaml
 from .schema import ExtractConfig  # noqa: F401  (stage.ExtractConfig)
@@ -33,11 +31,9 @@ from .schema import ExtractConfig  # noqa: F401  (stage.ExtractConfig)
 def _creation_lock(out: Path):
     """Serialise opening/creating one cache, so two extracts started together agree on one store (on
     object storage only rank 0 of one job creates it: there is no lock there)."""
-    if is_remote(out):
-        yield
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(str(out.parent / f".{out.name}.create.lock")):
+    if not is_remote(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out.parent / f".{out.name}.create.lock"):
         yield
 
 
