@@ -171,9 +171,11 @@ def distill(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (cosine schedule with warm-up)."),
     optimizer: Optional[str] = typer.Option(None, help="adamw (default) or sgd."),
     weight_decay: Optional[float] = typer.Option(None, help="Decoupled weight decay (AdamW) or L2 (SGD)."),
-    no_decay_norm_bias: bool = typer.Option(False, "--no-decay-norm-bias", help="No weight decay on norm "
-                                            "weights and biases (timm's parameter groups); the default decays "
-                                            "every parameter, the setting the accuracy study measured."),
+    decay_norm_bias: Optional[bool] = typer.Option(None, "--decay-norm-bias/--no-decay-norm-bias",
+                                                   help="Weight decay on norm weights and biases too. The "
+                                                   "default exempts them (timm's parameter groups, as timm "
+                                                   "trains); --decay-norm-bias decays every parameter, as runs "
+                                                   "made before that default did."),
     warmup_epochs: Optional[float] = typer.Option(None, help="Epochs of linear learning-rate warm-up before the "
                                                   "cosine decay (fractions allowed)."),
     shuffle_buffer: Optional[int] = typer.Option(None, help="Samples in the stream's shuffle buffer (rows)."),
@@ -204,7 +206,7 @@ def distill(
                       teacher_weights=teacher_weights, labelled_ratio=labelled_ratio,
                       epochs=epochs,
                       batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                      decay_norm_bias=False if no_decay_norm_bias else None,
+                      decay_norm_bias=decay_norm_bias,
                       warmup_epochs=warmup_epochs, shuffle_buffer=shuffle_buffer, image_size=image_size, workers=workers,
                       eval_every=eval_every, seed=seed, device=device, out=out, resume=resume,
                       check_dataset=False if no_check_dataset else None, progress=False if no_progress else None,
@@ -317,8 +319,7 @@ def info(
 
 # repeated or negated flags and the schema field (YAML key) each one sets
 FLAG_FIELDS = {"dataset_opt": "dataset_options", "domain": "domains", "method_opt": "method_options",
-               "no_progress": "progress", "no_check_dataset": "check_dataset", "no_onnx": "onnx",
-               "no_decay_norm_bias": "decay_norm_bias"}
+               "no_progress": "progress", "no_check_dataset": "check_dataset", "no_onnx": "onnx"}
 
 
 def _show_defaults() -> None:

@@ -1,6 +1,7 @@
 """Stage two: the stream, learning from the cache, resume, DDP, and a read-only cache."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -344,19 +345,45 @@ def test_tensorboard_without_the_package_is_a_clear_error(cache, tmp_path, monke
     assert not (tmp_path / "run").exists()
 
 
-def test_no_decay_on_norms_and_biases_uses_timm_groups_and_the_default_decays_everything():
+def test_the_default_optimiser_is_timms_with_no_decay_on_norms_and_biases():
     from kdcache.engine import make_optimizer
 
     model = create_student_for_test()
-    every = make_optimizer("adamw", model, 1e-3, 0.05)
-    assert len(every.param_groups) == 1 and every.param_groups[0]["weight_decay"] == 0.05
-    grouped = make_optimizer("adamw", model, 1e-3, 0.05, decay_norm_bias=False)
-    by_decay = {g["weight_decay"]: g["params"] for g in grouped.param_groups}
     names = {id(p): n for n, p in model.named_parameters()}
-    assert by_decay[0.0] and all(p.ndim <= 1 for p in by_decay[0.0])  # norm weights and biases
-    assert all(p.ndim > 1 for p in by_decay[0.05]) and any("bn" in names[id(p)] or "bias" in names[id(p)]
-                                                           for p in by_decay[0.0])
-    assert sum(len(g["params"]) for g in grouped.param_groups) == len(every.param_groups[0]["params"])
+    for name, cls in (("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)):
+        grouped = make_optimizer(name, model, 1e-3, 0.05)
+        assert type(grouped) is cls
+        by_decay = {g["weight_decay"]: g["params"] for g in grouped.param_groups}
+        assert set(by_decay) == {0.0, 0.05}
+        assert by_decay[0.0] and all(p.ndim <= 1 for p in by_decay[0.0])  # norm weights and biases
+        assert all(p.ndim > 1 for p in by_decay[0.05])
+        assert any("bn" in names[id(p)] for p in by_decay[0.0]) and any("bias" in names[id(p)] for p in by_decay[0.0])
+        every = make_optimizer(name, model, 1e-3, 0.05, decay_norm_bias=True)  # the setting of earlier runs
+        assert len(every.param_groups) == 1 and every.param_groups[0]["weight_decay"] == 0.05
+        assert sum(len(g["params"]) for g in grouped.param_groups) == len(every.param_groups[0]["params"])
+    sgd = make_optimizer("sgd", model, 1e-3, 0.05)
+    assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["nesterov"]
+    with pytest.raises(ValueError, match="--optimizer"):
+        make_optimizer("lamb", model, 1e-3, 0.05)
+
+
+def test_a_run_saved_before_the_optimiser_default_changed_resumes_only_with_its_own_setting(cache, tmp_path):
+    """A run whose saved config predates `decay_norm_bias` decayed every parameter: a resume that would
+    change that is refused by name, and `--decay-norm-bias` resumes it."""
+    from kdcache.engine import load_checkpoint
+
+    out = tmp_path / "run"
+    old = _cfg(cache, out, method="kd", epochs=2, workers=0, decay_norm_bias=True)
+    distill.run(dataclasses.replace(old, epochs=1))
+    path, state = load_checkpoint(out)
+    del state["config"]["decay_norm_bias"]  # as saved before the option existed
+    torch.save(state, path / "state.pt")
+    with pytest.raises(CacheError, match=r"decay_norm_bias was True, now False"):
+        distill.run(dataclasses.replace(old, decay_norm_bias=False, resume=True))
+    distill.run(dataclasses.replace(old, resume=True))
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    store = CacheStore.open(cache)
+    assert distill.config_hash(old, store) != distill.config_hash(dataclasses.replace(old, decay_norm_bias=False), store)
 
 
 def create_student_for_test():

@@ -56,7 +56,7 @@ class DistillConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     optimizer: str = "adamw"
-    decay_norm_bias: bool = True  # False: no weight decay on norm weights and biases (timm's grouping)
+    decay_norm_bias: bool = False  # True: weight decay on norm weights and biases too (False: timm's groups)
     warmup_epochs: float = 1.0
     online_teacher: bool = False  # run the teacher on the replayed views instead of reading the cache
     teacher_weights: str | None = None  # online teacher: weights (default: the file the cache was made from)
