@@ -27,15 +27,14 @@ sys.path.insert(0, str(ROOT))
 
 from kdcache.engine import TrainModule, make_optimizer, train_one_epoch  # noqa: E402
 from kdcache.extraction import ShardImageStream, StreamSpec  # noqa: E402
-from kdcache.images import decode_packed  # noqa: E402
 from kdcache.loader import StreamConfig, labelled_repeats, make_loader, rank_shards  # noqa: E402
 from kdcache.methods import create_method  # noqa: E402
 from kdcache.methods.base import Dims  # noqa: E402
 from kdcache.pack import read_shard, shard_name  # noqa: E402
+from kdcache.replay import Replayed, replay_shard, stored_views  # noqa: E402
 from kdcache.store import CacheStore, Layout  # noqa: E402
 from kdcache.students import create_student  # noqa: E402
 from kdcache.teachers import create_teacher  # noqa: E402
-from kdcache.views import apply  # noqa: E402
 from kdcache.stages import extract  # noqa: E402
 
 
@@ -152,15 +151,13 @@ def bench_extraction(a, tmp: Path) -> dict:
 
 def _replay_features(store: CacheStore, teacher, k: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
     pre = teacher.preprocess
-    views = store.array("views")
+    packed = {row: data for row, ext, data in read_shard(store.images_dir / shard_name(k)) if ext != "bad"}
+    draws = [(row, v) for row in packed for v in range(store.layout.views)]
     batch, where = [], []
-    for row, ext, data in read_shard(store.images_dir / shard_name(k)):
-        if ext == "bad":
-            continue
-        img = decode_packed(data)
-        for v in range(store.layout.views):
-            batch.append(apply(img, views[row, v], pre.input_size, pre.interpolation))
-            where.append((row, v))
+    for got in replay_shard(packed, draws, stored_views(store.array("views")), [(pre.input_size, pre.interpolation)]):
+        if isinstance(got, Replayed):
+            batch.append(got.images[0])
+            where.append((got.row, got.view))
     with torch.no_grad():
         f = teacher(torch.stack(batch).to(next(teacher.parameters()).device))["features"].float().cpu().numpy()
     return f, where

@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from .codes import Split, Status
 from .datasets import Dataset
-from .images import BadImage, decode_packed
 from .location import cache_path, file_lock, is_remote
 from .pack import member_digest, pack_shard, read_members, shard_name
+from .replay import Unreadable, replay_shard
 from .store import DIGEST_BYTES, CacheStore, Layout
-from .views import P, apply, sample_views
+from .views import P, sample_views
 
 
 @dataclass(frozen=True)
@@ -128,23 +128,28 @@ class ShardImageStream(IterableDataset):
         members = self._members(k)
         digests = np.stack([np.frombuffer(member_digest(ext, data), np.uint8) for _, ext, data in members]) \
             if members else np.zeros((0, DIGEST_BYTES), np.uint8)
+        packed = {}
         for row, ext, data in members:
-            j = row - rows.start
             if ext == "bad":
-                status[j], reasons[j] = Status.BAD, data.decode(errors="replace")
+                status[row - rows.start], reasons[row - rows.start] = Status.BAD, data.decode(errors="replace")
+            else:
+                packed[row] = data
+
+        def sampled(row: int, image: torch.Tensor) -> np.ndarray:
+            _, h, w = image.shape
+            views[row - rows.start] = sample_views(row, w, h, lay.views, spec.policy, spec.seed, spec.crop_pct)
+            return views[row - rows.start]
+
+        draws = [(row, v) for row in packed for v in range(lay.views)]
+        for got in replay_shard(packed, draws, sampled, [(spec.input_size, spec.interpolation)], spec.image_bound):
+            j = got.row - rows.start
+            if isinstance(got, Unreadable):
+                status[j], reasons[j] = Status.BAD, f"packed image does not decode: {got.reason}"
                 continue
-            try:
-                img = decode_packed(data, spec.image_bound)
-            except BadImage as e:
-                status[j], reasons[j] = Status.BAD, f"packed image does not decode: {e}"
-                continue
-            _, h, w = img.shape
-            views[j] = sample_views(row, w, h, lay.views, spec.policy, spec.seed, spec.crop_pct)
-            for v in range(lay.views):
-                images.append(apply(img, views[j, v], spec.input_size, spec.interpolation))
-                idx_row.append(j), idx_view.append(v)
-                if len(images) == spec.batch_size:
-                    yield batch(False)
+            images.append(got.images[0])
+            idx_row.append(j), idx_view.append(got.view)
+            if len(images) == spec.batch_size:
+                yield batch(False)
         yield batch(True)
 
 

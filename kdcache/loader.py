@@ -2,7 +2,7 @@
 
     shard order (shuffled per epoch) -> this rank's shards -> this worker's shards
     -> read tar k sequentially + cache rows of k (one chunk-aligned slice per array)
-    -> pick a view per sample per epoch -> replay it with views.apply -> shuffle buffer -> batches
+    -> pick a view per sample per epoch -> replay.replay_shard -> shuffle buffer -> batches
 
 The cache is only read here; the teacher never runs.
 """
@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .images import BadImage, decode_packed
 from .pack import member_digest, read_members, shard_name
+from .replay import Unreadable, replay_shard, stored_views
 from .store import CacheError, CacheStore
-from .views import apply
 
 
 @dataclass(frozen=True)
@@ -100,21 +99,19 @@ class CacheStream(IterableDataset):
                           [int(reps[r - rows.start]) for r in packed])
         if not cfg.clean_only:
             draws = draws[rng.permutation(len(draws))]
-        decoded: dict[int, torch.Tensor] = {}
-        for row in draws.tolist():
-            j = row - rows.start
-            try:
-                img = decoded[row] if row in decoded else decode_packed(packed[row], store.meta.image_bound)
-            except BadImage as e:
-                _report(k, [f"row {row}: {e}"])
+        # one view per draw, drawn in the draws' order (view 0, the clean one, for evaluation)
+        picks = [(row, 0 if cfg.clean_only else int(rng.integers(num_views))) for row in draws.tolist()]
+        outputs = [(cfg.image_size, cfg.interpolation)]
+        if cfg.teacher_size:
+            outputs.append((cfg.teacher_size, cfg.teacher_interpolation))
+        for got in replay_shard(packed, picks, stored_views(views, rows.start), outputs, store.meta.image_bound):
+            if isinstance(got, Unreadable):
+                _report(k, [f"row {got.row}: {got.reason}"])
                 continue
-            if reps[j] > 1:
-                decoded[row] = img  # decoded once per epoch however often it is drawn
-            v = 0 if cfg.clean_only else int(rng.integers(num_views))
-            sample = {"image": apply(img, views[j, v], cfg.image_size, cfg.interpolation),
-                      "label": int(self.labels[row]), "row": row, "view": v}
+            row, v, j = got.row, got.view, got.row - rows.start
+            sample = {"image": got.images[0], "label": int(self.labels[row]), "row": row, "view": v}
             if cfg.teacher_size:
-                sample["teacher_image"] = apply(img, views[j, v], cfg.teacher_size, cfg.teacher_interpolation)
+                sample["teacher_image"] = got.images[1]
             if feats is not None:
                 sample["feature"] = torch.from_numpy(feats[j, v].astype(np.float32))
             if logits is not None:

@@ -19,12 +19,11 @@ from conftest import ROOT, TINY, assert_same_cache, cli_env, read_all, run_cli
 
 from kdcache.cacheinfo import verify
 from kdcache.extraction import ShardClaims
-from kdcache.images import decode_packed
 from kdcache.loader import CacheStream, StreamConfig
 from kdcache.pack import read_shard, shard_name
+from kdcache.replay import replay_shard, stored_views
 from kdcache.store import CacheStore, dequantize_int8, quantize_int8
 from kdcache.teachers import create_teacher
-from kdcache.views import apply
 
 N, S, V, G = 160, 8, 2, 2
 ARGS = TINY + ["--dataset-opt", f"n={N}", "--views", str(V), "--shard-size", str(S), "--tokens", str(G),
@@ -108,11 +107,11 @@ def test_replayed_view_reproduces_cached_feature(reference):
     feats, views = store.array("features"), store.array("views")
     batch, rows = [], []
     for k in (0, 7, 19):
-        for row, ext, data in read_shard(store.images_dir / shard_name(k)):
-            img = decode_packed(data)
-            for v in range(V):
-                batch.append(apply(img, views[row, v], pre.input_size, pre.interpolation))
-                rows.append((row, v))
+        packed = {row: data for row, _, data in read_shard(store.images_dir / shard_name(k))}
+        draws = [(row, v) for row in packed for v in range(V)]
+        for got in replay_shard(packed, draws, stored_views(views), [(pre.input_size, pre.interpolation)]):
+            batch.append(got.images[0])
+            rows.append((got.row, got.view))
     out = teacher(torch.stack(batch))["features"]
     cached = torch.tensor(np.stack([feats[r, v] for r, v in rows]).astype(np.float32))
     cos = torch.nn.functional.cosine_similarity(out, cached, dim=1)
