@@ -151,10 +151,12 @@ def bench_extraction(a, tmp: Path) -> dict:
 
 def _replay_features(store: CacheStore, teacher, k: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
     pre = teacher.preprocess
+    rows = store.layout.rows(k)
+    views = stored_views(store.read("views", rows.start, rows.stop), rows.start)  # the shard's views, one read
     packed = {row: data for row, ext, data in read_shard(store.images_dir / shard_name(k)) if ext != "bad"}
     draws = [(row, v) for row in packed for v in range(store.layout.views)]
     batch, where = [], []
-    for got in replay_shard(packed, draws, stored_views(store.array("views")), [(pre.input_size, pre.interpolation)]):
+    for got in replay_shard(packed, draws, views, [(pre.input_size, pre.interpolation)]):
         if isinstance(got, Replayed):
             batch.append(got.images[0])
             where.append((got.row, got.view))

@@ -65,9 +65,9 @@ CORE = (Row("supervised", "supervised"), Row("kd", "kd"), Row("dkd", "dkd"), Row
 PREVIOUS = " [decay on norms and biases]"
 
 
-def previous_default(row: Row, core: bool | None = None) -> Row:
+def previous_default(row: Row) -> Row:
     return Row(row.label + PREVIOUS, row.method, row.options, row.distill + (("decay_norm_bias", True),),
-               row.core if core is None else core, row.scenario)
+               row.core, row.scenario)
 
 
 ABLATIONS = tuple(previous_default(r) for r in (
