@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
+from safetensors.numpy import load_file
+
 from kdcache.measure import cpu_latency_ms
+from kdcache.store import CacheStore, shard_digest
 from .schema import DemoConfig  # noqa: F401  (stage.DemoConfig)
 from kdcache.teachers import create_teacher
 
 from . import distill, evaluate, extract
-
-
 
 
 def lite0_weights() -> str:
@@ -39,7 +40,7 @@ def run(cfg: DemoConfig) -> Path:
         views=cfg.views, view_policy="noflip", head="probe", batch_size=256, workers=cfg.workers,
         shard_size=1024, out=cfg.cache, progress=cfg.progress))
     print(f"[demo] cache ready at {cache} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    reports = []
+    reports, runs = [], []
     for method in cfg.methods:
         out = Path(cfg.runs) / f"demo-{cfg.student}-{method}"
         dcfg = distill.DistillConfig(
@@ -51,10 +52,12 @@ def run(cfg: DemoConfig) -> Path:
         evaluate.run(evaluate.EvaluateConfig(run=str(out), workers=cfg.workers, latency_repeats=30,
                                              progress=cfg.progress))
         reports.append(json.loads((out / "report.json").read_text()))
+        runs.append(out)
         print(f"[demo] {method} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     teacher = create_teacher(cfg.teacher, weights, input_size=cfg.teacher_input_size).model
     t_lat = cpu_latency_ms(teacher, torch.randn(1, 3, cfg.teacher_input_size, cfg.teacher_input_size), 30)
     table = render(reports, cfg, t_lat, sum(p.numel() for p in teacher.parameters()))
+    table += "\n\n" + render_digests(stage_digests(cache, runs))
     Path(cfg.runs).mkdir(parents=True, exist_ok=True)
     (Path(cfg.runs) / "demo.md").write_text(table + "\n")
     print(table)
@@ -76,3 +79,25 @@ def render(reports: list[dict], cfg: DemoConfig, teacher_latency: dict, teacher_
         lines.append(f"| student {r['student']} | {r['method']} | {r['student_metrics']['top1']:.3f} | "
                      f"{r['params'] / 1e6:.2f}M | {r['latency_cpu_b1']['median_ms']:.2f} ms |")
     return "\n".join(lines)
+
+
+def stage_digests(cache: Path, runs: list[Path]) -> list[tuple[str, str]]:
+    """A short digest of what each stage produced, in pipeline order: the teacher's cached outputs, the
+    probe head fitted on them, then each student's final weights. Two machines that print the same digest
+    for a stage computed it bit for bit alike; the first line that differs is the stage whose
+    floating-point kernels differ between them (everything after it inherits the difference)."""
+    store = CacheStore.open(cache, "r")
+    outputs = {n: store.array(n)[:] for n in ("features", "logits") if store.has(n)}
+    head = {n: store.group[f"heads/extract/{n}"][:] for n in ("weight", "bias")}
+    out = [("view parameters (cache: views)", shard_digest({"views": store.array("views")[:]})),
+           ("teacher outputs (cache: " + ", ".join(sorted(outputs)) + ")", shard_digest(outputs)),
+           ("probe head (heads/extract)", shard_digest(head))]
+    for run in runs:
+        out.append((f"student {run.name}", shard_digest(load_file(str(run / "student.safetensors")))))
+    return out
+
+
+def render_digests(digests: list[tuple[str, str]]) -> str:
+    lines = ["Stage digests (sha256, first 16 hex digits; equal digests mean bit-identical results):", "",
+             "| stage | digest |", "| --- | --- |"]
+    return "\n".join(lines + [f"| {name} | `{digest[:16]}` |" for name, digest in digests])
