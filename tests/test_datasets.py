@@ -277,3 +277,23 @@ def test_empty_folders_are_ignored_with_a_warning_and_the_layout_is_described(tm
     assert ds.describe()["layout"] == "domain/class/img"
     assert create_dataset("synthetic", n=4).describe()["layout"] == "generated"
 
+
+def _labels(per_class_train, per_class_test):
+    labels = np.repeat(np.arange(len(per_class_train)), per_class_train)
+    test = np.repeat(np.arange(len(per_class_test)), per_class_test)
+    splits = np.r_[np.zeros(len(labels)), np.ones(len(test))].astype(np.int8)
+    return np.r_[labels, test], splits
+
+
+@pytest.mark.parametrize("train, match", [([3, 1, 3], "class 1 has only 1 train rows; choose at most 1"),
+                                          ([3, 0, 3], "class 1 has no train rows .*--scenario ssl needs")])
+def test_ssl_refuses_a_class_with_too_few_or_no_train_rows_alike(train, match):
+    from kdcache.scenarios import ScenarioError, make_scenario
+
+    def ssl(labels, splits):
+        status, domains = np.ones(len(labels), np.uint8), np.zeros(len(labels), np.int16)
+        return make_scenario("ssl", labels, domains, splits, status, ["d"], labels_per_class=2)
+
+    with pytest.raises(ScenarioError, match=rf"--labels-per-class 2: {match}"):
+        ssl(*_labels(train, [2, 2, 2]))
+    assert ssl(*_labels([3, 2, 3], [2, 2, 2])).counts()["labelled"] == 6
