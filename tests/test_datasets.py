@@ -1,7 +1,9 @@
 """Every dataset layout, built as a tiny tree in its real on-disk form."""
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -112,7 +114,7 @@ def test_cifar_pickle_that_runs_code_is_refused(tmp_path):
     base.mkdir()
     for name in ("train", "test", "meta"):
         (base / name).write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    with pytest.raises(DatasetError, match=r"cifar-100-python/meta .*refusing to load .*system"):
         create_dataset("cifar100", tmp_path)
 
 
@@ -162,3 +164,137 @@ def test_synthetic_label_recoverable_from_pixels():
     assert np.abs(top(a) - top(b)).max() < np.abs(top(a) - top(c)).max()
     ds = create_dataset("synthetic", n=20, classes=4)
     assert [s.label for s in ds.samples[:5]] == [0, 1, 2, 3, 0]
+
+
+def _cifar_tree(root, **replace):
+    """A CIFAR-100 folder whose files are `replace`d (name -> bytes) where given."""
+    base = root / "cifar-100-python"
+    base.mkdir()
+    files = {"train": pickle.dumps(_cifar_batch(5, 0), protocol=2),
+             "test": pickle.dumps(_cifar_batch(2, 1), protocol=2),
+             "meta": pickle.dumps({b"fine_label_names": [b"apple", b"bear", b"cup"]}, protocol=2)}
+    for name, data in (files | replace).items():
+        (base / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("name, data, match", [
+    ("meta", pickle.dumps({b"label_names": [b"a"]}), "meta has no fine_label_names entry"),
+    ("meta", pickle.dumps({b"fine_label_names": [b"\xff"]}), "meta: fine_label_names is not a list of UTF-8"),
+    ("meta", b"not a pickle at all", "meta cannot be read as a CIFAR-100 python pickle"),
+    ("train", pickle.dumps(_cifar_batch(5, 0))[:40], "train cannot be read"),  # truncated
+    ("train", pickle.dumps([1, 2, 3]), "train has no data, fine_labels entry"),
+    ("train", pickle.dumps({b"data": np.zeros((4, 100), np.uint8), b"fine_labels": [0] * 4}), "train: expected data"),
+    ("test", pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 7]}), "test: expected data"),
+])
+def test_a_wrong_cifar_file_is_one_error_naming_it(tmp_path, name, data, match):
+    _cifar_tree(tmp_path, **{name: data})
+    with pytest.raises(DatasetError, match=match) as err:
+        create_dataset("cifar100", tmp_path)
+    assert "\n" not in str(err.value) and str(tmp_path / "cifar-100-python" / name) in str(err.value)
+
+
+@pytest.mark.parametrize("listed", ["../outside/x.jpg", "/etc/hostname", "clipart/../../outside/x.jpg",
+                                    "real/zebra/real_001_000000.jpg", "clipart/zebra.jpg"])
+def test_a_domainnet_line_naming_a_file_outside_its_domain_is_refused_naming_the_line(tmp_path, listed):
+    _domainnet_tree(tmp_path / "data")
+    (tmp_path / "outside").mkdir()
+    write_image(tmp_path / "outside" / "x.jpg", 1, fmt="JPEG")
+    lst = tmp_path / "data" / "clipart_train.txt"
+    lst.write_text(lst.read_text() + f"{listed} 1\n")
+    with pytest.raises(DatasetError, match=rf"clipart_train.txt:5: '{listed}' is not a file under clipart/<class>/"):
+        create_dataset("domainnet", tmp_path / "data")
+
+
+@pytest.mark.parametrize("line, match", [
+    (b"clipart/zebra/clipart_001_000000.jpg 1", r"clipart_train.txt:5: clipart/zebra/\S+ is listed twice \(also "
+                                                r"\S+clipart_train.txt:3\)"),
+    (b"clipart/zebra/clipart_001_000009.jpg 0", "clipart_train.txt:5: label 0 is class aircraft_carrier elsewhere"),
+    (b"clipart/zebra/\xff.jpg 1", "clipart_train.txt:5: not valid UTF-8"),
+])
+def test_contradicting_domainnet_lines_are_refused_naming_the_line(tmp_path, line, match):
+    _domainnet_tree(tmp_path)
+    lst = tmp_path / "clipart_train.txt"
+    lst.write_bytes(lst.read_bytes() + line + b"\n")
+    with pytest.raises(DatasetError, match=match):
+        create_dataset("domainnet", tmp_path)
+
+
+def _bytes_name_or_skip(path: bytes) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"x")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses file names that are not UTF-8")
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_naming_it_and_a_folder_name_is_refused(tmp_path):
+    root = os.fsencode(tmp_path)
+    write_image(tmp_path / "cat" / "a.png", 1)
+    _bytes_name_or_skip(root + b"/cat/b\xff.png")
+    with pytest.warns(UserWarning, match=r"skipping 1 image\(s\) whose file names are not valid UTF-8: cat/b\\xff.png"):
+        ds = create_dataset("imagefolder", tmp_path)
+    assert [s.key for s in ds.samples] == ["cat/a.png"]
+    ds.fingerprint()  # every key is valid text
+    _bytes_name_or_skip(root + b"/d\xe9j\xe0/c.png")
+    with pytest.raises(DatasetError, match=r"not valid UTF-8 .*: d\\xe9j\\xe0; rename them"):
+        create_dataset("imagefolder", tmp_path)
+
+
+def test_officehome_refuses_a_domain_twice_a_foreign_folder_and_a_stray_image(tmp_path):
+    for d in ("Art", "Real World"):
+        write_image(tmp_path / d / "Bike" / "00001.jpg", 1, fmt="JPEG")
+    write_image(tmp_path / "RealWorld" / "Bike" / "00002.jpg", 1, fmt="JPEG")
+    with pytest.raises(DatasetError, match="RealWorld hold images but are not OfficeHome domains.*--domain"):
+        create_dataset("officehome", tmp_path)
+    assert create_dataset("officehome", tmp_path, domains=["Art"]).domains == ["Art"]  # the selection reads Art only
+    (tmp_path / "RealWorld").rename(tmp_path / "Real_World")
+    with pytest.raises(DatasetError, match="folders Real World, Real_World are the same OfficeHome domain"):
+        create_dataset("officehome", tmp_path)
+    shutil.rmtree(tmp_path / "Real_World")
+    write_image(tmp_path / "Art" / "stray.jpg", 1, fmt="JPEG")
+    with pytest.raises(DatasetError, match="1 image.* outside the class folders of root/domain/class/img: Art/stray"):
+        create_dataset("officehome", tmp_path)
+
+
+def test_imagenet_validation_images_outside_class_folders_are_refused(tmp_path):
+    write_image(tmp_path / "train" / "n01" / "a.JPEG", 1, fmt="JPEG")
+    write_image(tmp_path / "test" / "b.JPEG", 1, fmt="JPEG")  # the official test/ folder is not read
+    for i in range(5):
+        write_image(tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", 1, fmt="JPEG")
+    with pytest.raises(DatasetError, match=r"5 image\(s\) outside the class folders of root/split/class/img: "
+                                           r"val/ILSVRC2012_val_00000000.JPEG, .* \(\+2 more\)"):
+        create_dataset("imagenet", tmp_path)
+
+
+def test_empty_folders_are_ignored_with_a_warning_and_the_layout_is_described(tmp_path):
+    for d in ("dA", "dB"):
+        write_image(tmp_path / d / "c0" / "a.png", 1)
+    (tmp_path / "dC").mkdir()  # an empty domain: not a reason to read the domains as classes
+    (tmp_path / "dA" / "c9").mkdir()  # an empty class
+    with pytest.warns(UserWarning, match=r"ignoring 2 folder\(s\) without images: dA/c9, dC"):
+        ds = create_dataset("imagefolder", tmp_path)
+    assert (ds.domains, ds.classes) == (["dA", "dB"], ["c0"])
+    assert ds.describe()["layout"] == "domain/class/img"
+    assert create_dataset("synthetic", n=4).describe()["layout"] == "generated"
+
+
+def _labels(per_class_train, per_class_test):
+    labels = np.repeat(np.arange(len(per_class_train)), per_class_train)
+    test = np.repeat(np.arange(len(per_class_test)), per_class_test)
+    splits = np.r_[np.zeros(len(labels)), np.ones(len(test))].astype(np.int8)
+    return np.r_[labels, test], splits
+
+
+@pytest.mark.parametrize("train, match", [([3, 1, 3], "class 1 has only 1 train rows; choose at most 1"),
+                                          ([3, 0, 3], "class 1 has no train rows .*--scenario ssl needs")])
+def test_ssl_refuses_a_class_with_too_few_or_no_train_rows_alike(train, match):
+    from kdcache.scenarios import ScenarioError, make_scenario
+
+    def ssl(labels, splits):
+        status, domains = np.ones(len(labels), np.uint8), np.zeros(len(labels), np.int16)
+        return make_scenario("ssl", labels, domains, splits, status, ["d"], labels_per_class=2)
+
+    with pytest.raises(ScenarioError, match=rf"--labels-per-class 2: {match}"):
+        ssl(*_labels(train, [2, 2, 2]))
+    assert ssl(*_labels([3, 2, 3], [2, 2, 2])).counts()["labelled"] == 6

@@ -146,6 +146,7 @@ def run(cfg: ExtractConfig) -> Path:
         "storage": {"feature_dtype": cfg.feature_dtype},
     }
     attrs = dict(identity, dataset_root=described["root"], pipeline_version=__version__,
+                 dataset_layout=described["layout"],  # outside the identity: the fingerprint covers it
                  created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  command=" ".join(sys.argv), config=to_dict(cfg), head_fit={"fitted": head != "probe"})
     static = {"labels": np.array([s.label for s in dataset.samples], np.int32),
