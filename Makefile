@@ -33,8 +33,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# the slow tests, and every generated-case (hypothesis) test with many more cases
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	HYPOTHESIS_PROFILE=slow $(PY) -m pytest -q -m 'slow or hypothesis'
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''

@@ -6,6 +6,7 @@ import numpy as np
 from .codes import Status
 from .images import BadImage, decode_packed
 from .pack import member_digest, read_members, shard_name
+from .progress import bar
 from .store import (
     DIGESTED,
     QUANTISED,
@@ -88,9 +89,10 @@ def image_problems(store: CacheStore, k: int, status: np.ndarray, digests: np.nd
     return IMAGES + "; ".join(problems) if problems else None
 
 
-def damaged_shards(store: CacheStore, progress=None) -> dict[int, str]:
+def damaged_shards(store: CacheStore, progress: bool = False) -> dict[int, str]:
     """Read back every done shard; {shard: problem} for those that do not match their recorded checksum,
-    cannot be read, hold non-finite values, or whose packed images differ from what was packed."""
+    cannot be read, hold non-finite values, or whose packed images differ from what was packed.
+    `progress`: a bar on a terminal (silent elsewhere, as every bar)."""
     lay = store.layout
     status = store.status()
     done = store.shard_done(status)
@@ -101,7 +103,7 @@ def damaged_shards(store: CacheStore, progress=None) -> dict[int, str]:
         return {k: f"array_digests cannot be read ({type(e).__name__})" for k in range(lay.num_shards) if done[k]}
     problems: dict[int, str] = {}
     shards = [k for k in range(lay.num_shards) if done[k]]
-    for k in (progress(shards) if progress else shards):
+    for k in bar(len(shards), "shard", "verify", enabled=progress, iterable=shards):
         r = lay.rows(k)
         try:
             data = store.read_shard(k)
@@ -180,5 +182,5 @@ def cache_problems(store: CacheStore, read_keys: bool = True) -> list[str]:
     return out
 
 
-def verify(store: CacheStore, progress=None) -> list[str]:
+def verify(store: CacheStore, progress: bool = False) -> list[str]:
     return cache_problems(store) + [f"shard {k}: {why}" for k, why in sorted(damaged_shards(store, progress).items())]

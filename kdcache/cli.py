@@ -2,55 +2,110 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shlex
+import sys
 import traceback
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from kdcache.stages.schema import FLAG_FIELDS
+
+# click's exceptions, from the click that this typer uses (its own copy in newer versions)
+ClickError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+NoArgsIsHelp = getattr(sys.modules[ClickError.__module__], "NoArgsIsHelpError", ())
+CLICK_SIGNALS = (typer.Exit, typer.Abort, ClickError)  # what click itself turns into an exit code
+
+DEBUG = {"on": False}  # set by each invocation: --debug or KDCACHE_DEBUG=1
+# errors of the user's files or of the machine, not of kdcache: one line naming the file, like any user error
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+USER_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
+class _Commands(TyperGroup):
+    """Every command runs inside one error boundary (`_errors`), and a bad flag or value that click finds
+    (`--epochs ten`, an unknown option) is one line too, exit code 2."""
+
+    def invoke(self, ctx):
+        with _errors():
+            return super().invoke(ctx)
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelp as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except ClickError as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.secho(f"error: {_one_line(e.format_message())}{hint}", fg=typer.colors.RED, err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run a vision teacher once into a Zarr cache, then distil edge students from it.")
-DEBUG = {"on": os.environ.get("KDCACHE_DEBUG", "") not in ("", "0")}
 
 
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an error "
                                     "(also: KDCACHE_DEBUG=1).")):
-    if debug:
-        DEBUG["on"] = True
+    DEBUG["on"] = debug or os.environ.get("KDCACHE_DEBUG", "") not in ("", "0")
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines[:1] + ["; ".join(lines[1:])]).strip()
+
+
+def _message(err: Exception) -> str:
+    """The error as one line; a file system error names its file first."""
+    if isinstance(err, OSError) and err.filename is not None:
+        text = f"{err.filename}: {err.strerror or err}" + (f" ({err.filename2})" if err.filename2 else "")
+    else:
+        text = str(err)
+    return _one_line(text) or type(err).__name__
 
 
 def _fail(err: Exception) -> None:
     if DEBUG["on"]:
         traceback.print_exception(err)
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {_message(err)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
 @contextlib.contextmanager
 def _errors():
-    """A user error is one line and exit code 2; an unexpected one is one line and exit code 1 (the
-    traceback with --debug); Ctrl-C keeps finished work and says how to resume."""
+    """A user error is one line and exit code 2; an unexpected one is one line that says it is a bug, and
+    exit code 1 (the traceback with --debug); Ctrl-C keeps finished work and says how to resume."""
     try:
         yield
-    except typer.Exit:
+    except CLICK_SIGNALS:
         raise
-    except _user_errors() as e:
-        _fail(e)
     except KeyboardInterrupt:
         typer.secho("interrupted: finished work is kept; run the same command again to resume", err=True)
         raise typer.Exit(130) from None
     except Exception as e:  # noqa: BLE001 - the last resort: no traceback unless asked for
+        if _is_user_error(e):
+            _fail(e)
         if DEBUG["on"]:
             raise
-        typer.secho(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", fg=typer.colors.RED,
-                    err=True)
+        typer.secho(f"error: unexpected {type(e).__name__}: {_message(e)} (a bug in kdcache: rerun with --debug for "
+                    "the traceback and report it)", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
 
 
-def _user_errors():
+def _is_user_error(err: Exception) -> bool:
     from kdcache.datasets import DatasetError
     from kdcache.heads import HeadError
     from kdcache.methods import MethodError
@@ -60,12 +115,15 @@ def _user_errors():
     from kdcache.teachers import TeacherError
     from kdcache.stages.config import ConfigError
 
-    return (DatasetError, TeacherError, CacheError, HeadError, ConfigError, MethodError, ScenarioError,
-            StudentError, ValueError, FileNotFoundError)
+    named = (DatasetError, TeacherError, CacheError, HeadError, ConfigError, MethodError, ScenarioError,
+             StudentError, ValueError, *USER_OS_ERRORS)
+    return isinstance(err, named) or isinstance(err, OSError) and err.errno in USER_ERRNOS
 
 
 def _parse_options(pairs: List[str], flag: str) -> tuple:
-    """KEY=VALUE pairs; values become int, then float, where they parse as such."""
+    """KEY=VALUE pairs; values become int, then (finite) float, where they parse as such."""
+    import math
+
     out = []
     for p in pairs:
         key, sep, value = p.partition("=")
@@ -73,10 +131,12 @@ def _parse_options(pairs: List[str], flag: str) -> tuple:
             raise typer.BadParameter(f"{flag} expects KEY=VALUE, got {p!r}")
         for cast in (int, float, str):
             try:
-                out.append((key, cast(value)))
-                break
+                typed = cast(value)
             except ValueError:
                 continue
+            if cast is not float or math.isfinite(typed):  # nan, inf stay words
+                out.append((key, typed))
+                break
     return tuple(out)
 
 
@@ -127,16 +187,15 @@ def extract(
     from kdcache.stages import extract as stage
     from kdcache.stages.config import resolve
 
-    with _errors():
-        cfg = resolve(stage.ExtractConfig, config, dataset=dataset, data_root=data_root,
-                      dataset_options=_parse_options(dataset_opt, "--dataset-opt") or None, domains=tuple(domain) or None,
-                      teacher=teacher, teacher_weights=teacher_weights,
-                      teacher_input_size=teacher_input_size, random_init=random_init, feature=feature,
-                      views=views, view_policy=view_policy, view_seed=view_seed, tokens=tokens, head=head,
-                      batch_size=batch_size, workers=workers, shard_size=shard_size, image_bound=image_bound,
-                      compression=compression, feature_dtype=feature_dtype, device=device, out=out, overwrite=overwrite, repair=repair, part=part,
-                      progress=False if no_progress else None)
-        path = stage.run(cfg)
+    cfg = resolve(stage.ExtractConfig, config, dataset=dataset, data_root=data_root,
+                  dataset_options=_parse_options(dataset_opt, "--dataset-opt") or None, domains=tuple(domain) or None,
+                  teacher=teacher, teacher_weights=teacher_weights,
+                  teacher_input_size=teacher_input_size, random_init=random_init, feature=feature,
+                  views=views, view_policy=view_policy, view_seed=view_seed, tokens=tokens, head=head,
+                  batch_size=batch_size, workers=workers, shard_size=shard_size, image_bound=image_bound,
+                  compression=compression, feature_dtype=feature_dtype, device=device, out=out, overwrite=overwrite,
+                  repair=repair, part=part, progress=False if no_progress else None)
+    path = stage.run(cfg)
     typer.echo(f"cache: {path}  (inspect: python cli.py info --cache {shlex.quote(str(path))})")
 
 
@@ -198,20 +257,20 @@ def distill(
     from kdcache.stages import distill as stage
     from kdcache.stages.config import resolve
 
-    with _errors():
-        cfg = resolve(stage.DistillConfig, config, cache=cache, student=student, student_weights=student_weights,
-                      method=method, method_options=_parse_options(method_opt, "--method-opt") or None, scenario=scenario,
-                      source=tuple(source) or None, target=tuple(target) or None, closed_set=closed_set,
-                      labels_per_class=labels_per_class, teacher_adapt=teacher_adapt, online_teacher=online_teacher,
-                      teacher_weights=teacher_weights, labelled_ratio=labelled_ratio,
-                      epochs=epochs,
-                      batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                      decay_norm_bias=decay_norm_bias,
-                      warmup_epochs=warmup_epochs, shuffle_buffer=shuffle_buffer, image_size=image_size, workers=workers,
-                      eval_every=eval_every, seed=seed, device=device, out=out, resume=resume,
-                      check_dataset=False if no_check_dataset else None, progress=False if no_progress else None,
-                      tensorboard=tensorboard)
-        path = stage.run(cfg)
+    cfg = resolve(stage.DistillConfig, config, cache=cache, student=student, student_weights=student_weights,
+                  method=method, method_options=_parse_options(method_opt, "--method-opt") or None,
+                  scenario=scenario,
+                  source=tuple(source) or None, target=tuple(target) or None, closed_set=closed_set,
+                  labels_per_class=labels_per_class, teacher_adapt=teacher_adapt, online_teacher=online_teacher,
+                  teacher_weights=teacher_weights, labelled_ratio=labelled_ratio,
+                  epochs=epochs,
+                  batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                  decay_norm_bias=decay_norm_bias,
+                  warmup_epochs=warmup_epochs, shuffle_buffer=shuffle_buffer, image_size=image_size, workers=workers,
+                  eval_every=eval_every, seed=seed, device=device, out=out, resume=resume,
+                  check_dataset=False if no_check_dataset else None, progress=False if no_progress else None,
+                  tensorboard=tensorboard)
+    path = stage.run(cfg)
     typer.echo(f"run: {path}")
 
 
@@ -235,12 +294,11 @@ def evaluate(
     from kdcache.stages import evaluate as stage
     from kdcache.stages.config import resolve
 
-    with _errors():
-        cfg = resolve(stage.EvaluateConfig, None, run=run, batch_size=batch_size, workers=workers,
-                      latency_repeats=latency_repeats, latency_threads=latency_threads,
-                      latency_batch=latency_batch, onnx=False if no_onnx else None, device=device,
-                      progress=False if no_progress else None)
-        path = stage.run(cfg)
+    cfg = resolve(stage.EvaluateConfig, None, run=run, batch_size=batch_size, workers=workers,
+                  latency_repeats=latency_repeats, latency_threads=latency_threads,
+                  latency_batch=latency_batch, onnx=False if no_onnx else None, device=device,
+                  progress=False if no_progress else None)
+    path = stage.run(cfg)
     typer.echo((path / "report.md").read_text())
 
 
@@ -268,9 +326,8 @@ def demo(
     from kdcache.stages import demo as stage
     from kdcache.stages.config import resolve
 
-    with _errors():
-        stage.run(resolve(stage.DemoConfig, None, epochs=epochs, workers=workers,
-                          progress=False if no_progress else None))
+    stage.run(resolve(stage.DemoConfig, None, epochs=epochs, workers=workers,
+                      progress=False if no_progress else None))
 
 
 @app.command()
@@ -278,38 +335,20 @@ def info(
     cache: str = typer.Option(..., help="Cache folder written by extract."),
     verify: bool = typer.Option(False, "--verify", help="Read back every done shard and check its checksum."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar of --verify."),
 ):
     """Describe a cache: teacher, dataset, views, completion, bad inputs, bytes per view."""
-    from tqdm import tqdm
-
     from kdcache.cacheinfo import summarize
     from kdcache.cacheinfo import verify as verify_cache
     from kdcache.store import CacheStore
 
-    with _errors():
-        store = CacheStore.open(cache)
-        s = summarize(store)
-        problems = verify_cache(store, progress=lambda xs: tqdm(xs, unit="shard", desc="verify")) if verify else None
+    store = CacheStore.open(cache)
+    s = summarize(store)
+    problems = verify_cache(store, progress=not no_progress) if verify else None
     if as_json:
         typer.echo(json.dumps(s | ({"verify": problems} if verify else {}), indent=2))
     else:
-        t, d = s["teacher"], s["dataset"]
-        typer.echo(f"cache     {s['path']}")
-        typer.echo(f"teacher   {t['name']} ({t['source']}, weights {t['weights']}), feature dim {t['feature_dim']}, "
-                   f"input {t['preprocess']['input_size']}px")
-        typer.echo(f"dataset   {d['name']}: N={d['N']}, {d['classes']} classes, domains {', '.join(d['domains'])}")
-        typer.echo(f"views     V={s['views']['V']} (policy {s['views']['policy']}, seed {s['views']['seed']}); "
-                   f"tokens grid {s['tokens']['grid']}; head {s['head']['kind']}"
-                   + ("" if s["head_fitted"] else " (NOT FITTED: run the extract command again)"))
-        sh, r = s["shards"], s["rows"]
-        typer.echo(f"progress  {sh['done']}/{sh['total']} shards; rows done {r['done']}, bad {r['bad']}, "
-                   f"todo {r['todo']}  {'(complete)' if s['complete'] else '(incomplete: re-run extract to resume)'}")
-        bpv = ", ".join(f"{k} {v:.0f} B" for k, v in s["bytes_per_view"].items())
-        typer.echo(f"bytes/view {bpv} (features stored as {s['storage']['feature_dtype']})")
-        for b in s["bad_inputs"]:
-            typer.echo(f"  bad row {b['row']} {b['key']}: {b['reason']}")
-        if s["rows"]["bad"] > len(s["bad_inputs"]):
-            typer.echo(f"  ... and {s['rows']['bad'] - len(s['bad_inputs'])} more bad rows")
+        _print_summary(s)
         if verify:
             typer.echo("verify    ok: every done shard reads back and matches its checksum" if not problems
                        else "verify    FAILED:\n  " + "\n  ".join(problems))
@@ -317,9 +356,24 @@ def info(
         raise typer.Exit(1)
 
 
-# repeated or negated flags and the schema field (YAML key) each one sets
-FLAG_FIELDS = {"dataset_opt": "dataset_options", "domain": "domains", "method_opt": "method_options",
-               "no_progress": "progress", "no_check_dataset": "check_dataset", "no_onnx": "onnx"}
+def _print_summary(s: dict) -> None:
+    t, d = s["teacher"], s["dataset"]
+    typer.echo(f"cache     {s['path']}")
+    typer.echo(f"teacher   {t['name']} ({t['source']}, weights {t['weights']}), feature dim {t['feature_dim']}, "
+               f"input {t['preprocess']['input_size']}px")
+    typer.echo(f"dataset   {d['name']}: N={d['N']}, {d['classes']} classes, domains {', '.join(d['domains'])}")
+    typer.echo(f"views     V={s['views']['V']} (policy {s['views']['policy']}, seed {s['views']['seed']}); "
+               f"tokens grid {s['tokens']['grid']}; head {s['head']['kind']}"
+               + ("" if s["head_fitted"] else " (NOT FITTED: run the extract command again)"))
+    sh, r = s["shards"], s["rows"]
+    typer.echo(f"progress  {sh['done']}/{sh['total']} shards; rows done {r['done']}, bad {r['bad']}, "
+               f"todo {r['todo']}  {'(complete)' if s['complete'] else '(incomplete: re-run extract to resume)'}")
+    bpv = ", ".join(f"{k} {v:.0f} B" for k, v in s["bytes_per_view"].items())
+    typer.echo(f"bytes/view {bpv} (features stored as {s['storage']['feature_dtype']})")
+    for b in s["bad_inputs"]:
+        typer.echo(f"  bad row {b['row']} {b['key']}: {b['reason']}")
+    if s["rows"]["bad"] > len(s["bad_inputs"]):
+        typer.echo(f"  ... and {s['rows']['bad'] - len(s['bad_inputs'])} more bad rows")
 
 
 def _show_defaults() -> None:

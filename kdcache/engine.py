@@ -13,8 +13,9 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from .files import save_tensors
 from .measure import topk_metrics
 from .methods import Method, TeacherBatch
 from .progress import bar as progress_bar
@@ -242,8 +243,8 @@ def save_checkpoint(run_dir: Path, epoch: int, student: Student, method: Method,
     tmp = ckpt_root / f".epoch-{epoch:04d}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_tensors(student.model), str(tmp / "student.safetensors"))
-    save_file(_tensors(method), str(tmp / "method.safetensors"))
+    save_tensors(_tensors(student.model), tmp / "student.safetensors")
+    save_tensors(_tensors(method), tmp / "method.safetensors")
     torch.save(state, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

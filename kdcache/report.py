@@ -4,6 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .files import write_atomic
+
+# what `report` reads from each run's report.json (written by evaluate): a name, or a number
+REPORT_FIELDS = {"student": str, "method": str, "scenario": str, "run": str, "student_metrics/top1": float,
+                 "teacher_metrics/top1": float, "params": float, "macs": float, "latency_cpu_b1/median_ms": float}
+
 
 def _plots(run_dir: Path, report: dict) -> list[str]:
     import matplotlib
@@ -75,17 +81,17 @@ def metrics_csv(run_dir: Path) -> Path:
     """metrics.csv from metrics.jsonl: one row per epoch, one column per number (nested keys joined with
     '/', e.g. eval/top1, eval/groups/<domain>/top1), for spreadsheets and pandas."""
     import csv
+    import io
 
     rows = [flatten(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
     columns = list(dict.fromkeys(k for r in rows for k in r))
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
     path = run_dir / "metrics.csv"
-    tmp = path.with_name(".metrics.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    write_atomic(path, text.getvalue())
     return path
 
 
@@ -119,7 +125,7 @@ def check_tensorboard() -> None:
 
 def write_report(run_dir: Path, report: dict) -> None:
     report = dict(report, plots=_plots(run_dir, report))
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
     s, t = report["student_metrics"], report["teacher_metrics"]
     lines = [f"# {report['run']}", "",
              f"student `{report['student']}` ({report['method']}), teacher `{report['teacher']}`, "
@@ -141,18 +147,53 @@ def write_report(run_dir: Path, report: dict) -> None:
         lines.append(f"- ONNX: `{Path(report['onnx']['path']).name}`, max |onnxruntime - torch| = "
                      f"{report['onnx']['max_abs_diff']:.2e}")
     lines += [""] + [f"![{p}]({p})" for p in report["plots"]]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def read_report(run_dir: Path) -> dict | None:
+    """A run's report.json, or None when the run has not been evaluated yet; ValueError naming the folder
+    or the file when the folder is missing or the report is damaged."""
+    import shlex
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run folder {run_dir} does not exist" + (" (it is a file)" if run_dir.exists() else ""))
+    p = run_dir / "report.json"
+    if not p.is_file():
+        return None
+    redo = f"run `python cli.py evaluate --run {shlex.quote(str(run_dir))}` again to rewrite it"
+    try:
+        r = json.loads(p.read_bytes())
+    except (ValueError, OSError) as e:  # truncated, not UTF-8, not JSON, unreadable
+        raise ValueError(f"{p} cannot be read ({e}); {redo}") from None
+    lost = _missing_field(r)
+    if lost:
+        raise ValueError(f"{p} is not a report evaluate wrote ({lost} is missing or not a "
+                         f"{'name' if REPORT_FIELDS[lost] is str else 'number'}); {redo}")
+    return r
+
+
+def _missing_field(report) -> str | None:
+    """The first of REPORT_FIELDS that `report` lacks or holds with the wrong kind of value."""
+    for name, kind in REPORT_FIELDS.items():
+        value = report
+        for key in name.split("/"):
+            value = value.get(key) if isinstance(value, dict) else None
+        number = isinstance(value, float) or isinstance(value, int) and not isinstance(value, bool) \
+            and value.bit_length() < 1000  # a float can hold it (the table divides it)
+        if not (isinstance(value, str) if kind is str else number):
+            return name
+    return None
 
 
 def table(run_dirs: list[Path]) -> tuple[str, list[str]]:
     """One markdown table across runs; returns (table, runs that have no report yet)."""
     rows, missing = [], []
     for d in run_dirs:
-        p = Path(d) / "report.json"
-        if not p.is_file():
+        r = read_report(d)
+        if r is None:
             missing.append(str(d))
             continue
-        r = json.loads(p.read_text())
         rows.append((r["student"], r["method"], r["scenario"], r["student_metrics"]["top1"],
                      r["teacher_metrics"]["top1"], r["params"], r["macs"], r["latency_cpu_b1"]["median_ms"], r["run"]))
     rows.sort(key=lambda x: (x[2], x[0], -x[3]))

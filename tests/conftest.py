@@ -15,6 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying an unreachable hub
 
+try:  # generated cases (hypothesis): a few per property by default, many under HYPOTHESIS_PROFILE=slow (make test-slow)
+    from hypothesis import settings
+
+    settings.register_profile("quick", max_examples=25, deadline=None)
+    settings.register_profile("slow", max_examples=500, deadline=None)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
+except ImportError:  # the test-only packages are not installed: the tests that use them say so
+    pass
+
 
 def write_image(path: Path, value: int, size=(24, 20), fmt=None) -> Path:
     """An image whose colour encodes `value` (recoverable from the pixels)."""

@@ -69,7 +69,8 @@ def test_cli_extract_then_info_on_a_domainnet_tree(tmp_path):
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["info", "--cache", str(out), "--verify"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 0 and res.stderr == "", res.output  # no progress bar off a terminal
+    assert runner.invoke(app, ["info", "--cache", str(out), "--verify", "--no-progress"]).stdout == res.stdout
     assert "domainnet: N=12, 2 classes, domains clipart, real" in res.output
     assert "3/3 shards" in res.output and "(complete)" in res.output and "verify    ok" in res.output
     # the same command again resumes (nothing to do) and keeps the cache

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,7 +112,16 @@ def test_cli_extract_distill_evaluate_report(tmp_path):
         res = runner.invoke(app, args)
         assert res.exit_code == 0, (args[0], res.output)
     assert "student top-1" in res.output
-    res = runner.invoke(app, ["report", run, str(tmp_path / "missing")])
+    res = runner.invoke(app, ["report", run])
     assert res.exit_code == 0 and "| test_efficientnet | customkd | ssl 2 labels/class" in res.output
+    res = runner.invoke(app, ["report", run, str(tmp_path / "missing")])
+    assert res.exit_code == 2 and res.stderr == f"error: run folder {tmp_path / 'missing'} does not exist\n"
+    # what others load (exports, checkpoints, reports) has the umask's mode, as any file (not safetensors' 0600)
+    from kdcache.files import umask
+
+    shared = [f for f in Path(run).rglob("*") if f.is_file() and not f.name.startswith(".")]
+    assert {"model.safetensors", "student.safetensors", "method.safetensors", "report.json"} <= {f.name for f in shared}
+    assert {f.relative_to(run).as_posix(): oct(f.stat().st_mode & 0o777) for f in shared} \
+        == {f.relative_to(run).as_posix(): oct(0o666 & ~umask()) for f in shared}
     res = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "not a finished distill run" in res.output

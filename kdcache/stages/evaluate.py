@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from kdcache.derived import scenario_teacher_head
+from kdcache.dist import device_for
 from kdcache.engine import predict
+from kdcache.files import share, writable
 from kdcache.loader import StreamConfig, make_loader, rank_shards
 from kdcache.measure import count_macs, count_params, cpu_latency_ms, export_onnx, topk_metrics
 from kdcache.report import write_report
@@ -18,19 +19,26 @@ from kdcache.store import CacheError, CacheStore
 from kdcache.students import create_student
 from .schema import EvaluateConfig  # noqa: F401  (stage.EvaluateConfig)
 
+from .config import read_config
 from .distill import DistillConfig, _scenario
 
-
+SUMMARY_KEYS = ("scenario_digest", "num_classes", "image_size")  # what evaluation reads from summary.json
 
 
 def load_run(run_dir: Path) -> tuple[DistillConfig, dict]:
+    """A finished run's config and summary; CacheError naming the file that is missing or damaged."""
     if not (run_dir / "summary.json").is_file() or not (run_dir / "student.safetensors").is_file():
         raise CacheError(f"{run_dir} is not a finished distill run (no summary.json / student.safetensors); "
                          "run `python cli.py distill ...` (or --resume it) first")
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    raw = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-           for k, v in raw.items()}
-    return DistillConfig(**raw), json.loads((run_dir / "summary.json").read_text())
+    try:
+        summary = json.loads((run_dir / "summary.json").read_bytes())
+    except ValueError as e:
+        raise CacheError(f"{run_dir / 'summary.json'} cannot be read ({e}); the run is damaged: distill it "
+                         "again") from None
+    if not isinstance(summary, dict) or any(k not in summary for k in SUMMARY_KEYS):
+        raise CacheError(f"{run_dir / 'summary.json'} lacks {', '.join(SUMMARY_KEYS)}; the run is damaged: "
+                         "distill it again")
+    return read_config(DistillConfig, run_dir / "config.yaml"), summary
 
 
 def student_logits(student, store: CacheStore, rows_mask: np.ndarray, image_size: int, cfg: EvaluateConfig,
@@ -86,6 +94,7 @@ def export_timm(model: torch.nn.Module, folder: Path, classes: list[str], size: 
                              "interpolation": interpolation, "crop_pct": 1.0})
     if onnx_file is not None and onnx_file.is_file():
         shutil.copyfile(onnx_file, folder / "model.onnx")
+    share(*(p for p in folder.iterdir() if p.is_file()))  # others load it too (save_for_hf writes 0600)
     return {"folder": str(folder), "load": f'timm.create_model("local-dir:{folder}", pretrained=True)',
             "files": sorted(p.name for p in folder.iterdir())}
 
@@ -94,12 +103,16 @@ def run(cfg: EvaluateConfig) -> Path:
     if cfg.latency_threads < 1 or cfg.latency_repeats < 1 or cfg.latency_batch < 0 or cfg.batch_size < 1:
         raise ValueError("--latency-threads, --latency-repeats and --batch-size must be >= 1, --latency-batch >= 0")
     run_dir = Path(cfg.run)
+    device = device_for(cfg.device)
     dcfg, summary = load_run(run_dir)
+    if not writable(run_dir):
+        raise CacheError(f"run folder {run_dir} is not writable: evaluate writes report.json, report.md, "
+                         "student.onnx and export/ into it; make it writable (or copy the run folder and pass the "
+                         "copy as --run)")
     store = CacheStore.open(dcfg.cache, mode="r+")
     scenario = _scenario(store, dcfg)
     if scenario.digest() != summary["scenario_digest"]:
         raise CacheError(f"the cache at {dcfg.cache} no longer gives the scenario this run was trained on")
-    device = torch.device(cfg.device)
     student = create_student(dcfg.student, summary["num_classes"])
     student.model.load_state_dict(load_file(str(run_dir / "student.safetensors")))
     size = summary["image_size"]

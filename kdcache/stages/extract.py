@@ -21,7 +21,7 @@ from kdcache.store import FEATURE_DTYPES, CacheError, CacheStore, IncompleteCrea
 from kdcache.teachers import create_teacher, zeroshot_head
 from kdcache.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION, list_policies
 
-from .config import cache_location, local_path, to_dict, write_yaml
+from .config import cache_location, env_int, local_path, to_dict, write_yaml
 from .schema import ExtractConfig  # noqa: F401  (stage.ExtractConfig)
 
 
@@ -247,10 +247,10 @@ def parse_part(text: str | None) -> tuple[int, int]:
     index_text, _, count_text = text.partition("/")
     if index_text == "auto":
         if "SLURM_ARRAY_TASK_ID" in env:
-            index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-            count_text = count_text or env.get("SLURM_ARRAY_TASK_COUNT", "")
+            index = env_int("SLURM_ARRAY_TASK_ID", "--part") - env_int("SLURM_ARRAY_TASK_MIN", "--part", 0)
+            count_text = count_text or str(env_int("SLURM_ARRAY_TASK_COUNT", "--part", ""))
         elif "JOB_COMPLETION_INDEX" in env:
-            index = int(env["JOB_COMPLETION_INDEX"])
+            index = env_int("JOB_COMPLETION_INDEX", "--part")
         else:
             raise ValueError(f"--part {text}: no job-array index in the environment (SLURM_ARRAY_TASK_ID or "
                              "JOB_COMPLETION_INDEX); give it as --part i/N")

@@ -7,13 +7,27 @@ from dataclasses import dataclass
 
 DEFAULT_METHOD = "customkd"
 
+# the kinds of the list options (config.coerce checks them): Names, a list of names (a repeated flag);
+# Pairs, (key, value) pairs (a repeated KEY=VALUE flag, a mapping in YAML)
+Names = tuple
+Pairs = tuple
+
+# every integer option is a count, a size or an index: none is negative, none needs more than 31 bits;
+# a seed may use 32 (what numpy's and torch's seeding both accept)
+INT_RANGE = (0, 2**31 - 1)
+INT_LIMITS = {"seed": (0, 2**32 - 1), "view_seed": (0, 2**32 - 1)}
+
+# repeated or negated flags and the schema field (YAML key) each one sets
+FLAG_FIELDS = {"dataset_opt": "dataset_options", "domain": "domains", "method_opt": "method_options",
+               "no_progress": "progress", "no_check_dataset": "check_dataset", "no_onnx": "onnx"}
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
     dataset: str | None = None  # required: a layout name (synthetic: generated test images)
     data_root: str | None = None
-    dataset_options: tuple = ()  # (key, value) pairs, e.g. (("n", 512),) for synthetic
-    domains: tuple = ()  # restrict to these domains (empty: all)
+    dataset_options: Pairs = ()  # (key, value) pairs, e.g. (("n", 512),) for synthetic
+    domains: Names = ()  # restrict to these domains (empty: all)
     teacher: str = "vit_large_patch14_dinov2.lvd142m"
     teacher_weights: str | None = None
     teacher_input_size: int | None = None  # default: the model's own
@@ -44,10 +58,10 @@ class DistillConfig:
     student: str = "mobilenetv3_large_100"
     student_weights: str | None = None
     method: str = DEFAULT_METHOD
-    method_options: tuple = ()  # (key, value) pairs, e.g. (("temperature", 2.0),)
+    method_options: Pairs = ()  # (key, value) pairs, e.g. (("temperature", 2.0),)
     scenario: str = "supervised"
-    source: tuple = ()
-    target: tuple = ()
+    source: Names = ()
+    target: Names = ()
     closed_set: bool = False  # uda: only target rows of the source's classes (a closed-set benchmark)
     labels_per_class: int | None = None
     labelled_ratio: float = 0.25  # at least this fraction of each epoch is labelled (0: natural mix)
@@ -97,7 +111,7 @@ class DemoConfig:
     student: str = "mobilenetv3_small_050"
     image_size: int = 32
     labels_per_class: int = 10
-    methods: tuple = ("supervised", "kd", "customkd")
+    methods: Names = ("supervised", "kd", "customkd")
     epochs: int = 8
     batch_size: int = 64
     lr: float = 3e-3
