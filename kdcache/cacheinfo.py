@@ -104,37 +104,44 @@ def damaged_shards(store: CacheStore, progress: bool = False) -> dict[int, str]:
     problems: dict[int, str] = {}
     shards = [k for k in range(lay.num_shards) if done[k]]
     for k in bar(len(shards), "shard", "verify", enabled=progress, iterable=shards):
-        r = lay.rows(k)
         try:
             data = store.read_shard(k)
         except Exception as e:  # a damaged shard file raises from the codec or the shard index
             problems[k] = f"cannot be read ({type(e).__name__}: {e})"
             continue
-        if str(checksums[k]) != store.shard_checksum(data, status[r.start:r.stop]):
-            problems[k] = "contents differ from the checksum recorded when it was written"
-            continue
-        if recorded is not None:
-            wrong = [n for n, v in dict(data, status=status[r.start:r.stop]).items()
-                     if not np.array_equal(array_digest(v), recorded[k, DIGESTED.index(n)])]
-            if wrong:
-                problems[k] = f"array digests of {', '.join(wrong)} differ from the data (array_digests damaged)"
-                continue
-        ok_rows = status[r.start:r.stop] == Status.DONE
-        for name in ("features", "logits", "tokens"):
-            if name in data and not np.isfinite(data[name][ok_rows].astype(np.float32)).all():
-                problems[k] = f"non-finite values in {name}"
-        if k not in problems:
-            why = image_problems(store, k, status, data.get("image_digests"), decode=store.checksum_version < 2)
-            if why:
-                problems[k] = why
+        why = _arrays_problem(store, k, data, status, str(checksums[k]), None if recorded is None else recorded[k])
+        why = why or image_problems(store, k, status, data.get("image_digests"), decode=store.checksum_version < 2)
+        if why:
+            problems[k] = why
     return problems
+
+
+def _arrays_problem(store: CacheStore, k: int, data: dict, status: np.ndarray, checksum: str,
+                    digests: np.ndarray | None) -> str | None:
+    """What is wrong with the arrays of done shard k (read as `data`), or None. While a probe head is not
+    fitted its logits are placeholders that the fit rewrites, and a fit that stopped half-way leaves them (and
+    the checksum covering them) changed: that is not damage, the same extract command rewrites them."""
+    r = store.layout.rows(k)
+    placeholders = {"logits"} if store.probe_pending() else set()
+    wrong = [] if digests is None else [n for n, v in dict(data, status=status[r.start:r.stop]).items()
+                                        if not np.array_equal(array_digest(v), digests[DIGESTED.index(n)])]
+    if checksum != store.shard_checksum(data, status[r.start:r.stop]):
+        if digests is None or set(wrong) - placeholders:
+            return "contents differ from the checksum recorded when it was written"
+    elif set(wrong) - placeholders:
+        return f"array digests of {', '.join(wrong)} differ from the data (array_digests damaged)"
+    ok_rows = status[r.start:r.stop] == Status.DONE
+    for name in ("features", "logits", "tokens"):
+        if name in data and name not in placeholders and not np.isfinite(data[name][ok_rows].astype(np.float32)).all():
+            return f"non-finite values in {name}"
+    return None
 
 
 def head_problems(store: CacheStore) -> list[str]:
     """The extract probe head: fitted, present, and equal to the digest recorded when it was fitted."""
     if not store.meta.head_fitted:
-        return ["head: the probe head was never fitted (its logits are empty); run the extract command again to "
-                "fit it"]
+        return ["head: the probe head was never fitted (it is fitted once every shard is done; the extraction "
+                "stopped before or while fitting it): run the same extract command again to fit it"]
     lost = store.meta.probe_missing(store.group)
     if lost:
         return [f"head: the fitted probe head's {lost} is missing; run extract with --repair to refit it"]
@@ -153,8 +160,12 @@ def head_problems(store: CacheStore) -> list[str]:
 def cache_problems(store: CacheStore, read_keys: bool = True) -> list[str]:
     """Problems of the cache as a whole (not of one shard): the head, unreadable or changed status, missing
     shard files, static arrays that differ from their recorded digests."""
-    out = head_problems(store)
     status = store.status()  # read once, for every check below
+    todo = int((~store.shard_done(status)).sum())
+    out = [f"incomplete: {todo} of {store.layout.num_shards} shard(s) are not extracted yet (an extraction "
+           "stopped, or is still running): run the same extract command again to finish it (--repair is for "
+           "damage)"] if todo else []
+    out += head_problems(store)
     if store.status_unreadable:
         out.append(f"status: shard(s) {', '.join(map(str, store.status_unreadable[:8]))} cannot be read (they count as "
                    "todo: the extract command recomputes them)")
@@ -183,4 +194,8 @@ def cache_problems(store: CacheStore, read_keys: bool = True) -> list[str]:
 
 
 def verify(store: CacheStore, progress: bool = False) -> list[str]:
-    return cache_problems(store) + [f"shard {k}: {why}" for k, why in sorted(damaged_shards(store, progress).items())]
+    """Every problem of the cache, each with what fixes it."""
+    damaged = damaged_shards(store, progress)
+    fix = [f"fix: run the extract command with --repair: it recomputes exactly the {len(damaged)} damaged "
+           "shard(s) named here"] if damaged else []
+    return cache_problems(store) + [f"shard {k}: {why}" for k, why in sorted(damaged.items())] + fix

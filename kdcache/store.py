@@ -85,6 +85,14 @@ class Layout:
         return range(k * self.shard_size, min((k + 1) * self.shard_size, self.n))
 
 
+def every_chunk(arr: zarr.Array) -> zarr.Array:
+    """`arr` set to store every chunk it is given, fill values included. Zarr by default stores no file for a
+    chunk that equals the fill value (zero here), so an all-zero shard (the logits of a degenerate head, a
+    single-domain dataset's domains) would look exactly like a deleted file; written this way, an absent
+    file always means a lost one. The values read back are the same either way."""
+    return arr.with_config({"write_empty_chunks": True})
+
+
 def _compressor(name: str):
     if name == "zstd":
         return zarr.codecs.ZstdCodec(level=3)
@@ -239,7 +247,7 @@ class CacheStore:
                            chunks=(1, len(DIGESTED), DIGEST_BYTES), dtype="uint8", fill_value=0,
                            dimension_names=DIMENSIONS["array_digests"])
         for name, values in static.items():
-            group[name][:] = encode_text(values, key_bytes, name) if name == "keys" else values
+            every_chunk(group[name])[:] = encode_text(values, key_bytes, name) if name == "keys" else values
         group.create_group("images", attributes={"about": "packed tar shards (webdataset layout), one per cache shard"})
         meta = dict(attrs)
         meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, key_bytes=key_bytes, layout=layout.__dict__,
@@ -360,9 +368,13 @@ class CacheStore:
         """A whole per-row static array (labels, domains, splits, keys) as written at creation."""
         return self.text(name) if name in TEXT_ARRAYS else self.group[name][:]
 
+    def _writer(self, name: str) -> zarr.Array:
+        """Array `name` for writing: every chunk stored (see `every_chunk`)."""
+        return every_chunk(self.group[name])
+
     def write_static(self, name: str, values: np.ndarray) -> None:
         """Rewrite a whole static array (repair)."""
-        self.group[name][:] = self._stored(name, values)
+        self._writer(name)[:] = self._stored(name, values)
 
     def write_shard(self, k: int, data: dict[str, np.ndarray], status: np.ndarray) -> None:
         """Write one shard's data arrays, its checksum, then its status (last)."""
@@ -377,10 +389,10 @@ class CacheStore:
         for name in SHARD_ARRAYS:
             if name in data:
                 self._drop_shard_file(name, k)
-                self.group[name][rows.start:rows.stop] = self._stored(name, data[name])
+                self._writer(name)[rows.start:rows.stop] = self._stored(name, data[name])
         self._record_digests(k, dict(data, status=np.asarray(status, np.uint8)))
         self._write_checksum(k, self.shard_checksum(data, status))
-        self.group["status"][rows.start:rows.stop] = status
+        self._writer("status")[rows.start:rows.stop] = status
 
     def _drop_shard_file(self, name: str, k: int) -> None:
         """Remove shard k's file of an array before rewriting it whole: zarr would otherwise merge the
@@ -396,7 +408,7 @@ class CacheStore:
         for name, values in data.items():
             if name in DIGESTED:
                 digests[DIGESTED.index(name)] = array_digest(values)
-        self.group["array_digests"][k] = digests
+        self._writer("array_digests")[k] = digests
 
     def read_checked(self, name: str, k: int) -> np.ndarray:
         """Shard k of an array, as `read` gives it, after comparing the stored bytes with the digests recorded
@@ -420,12 +432,12 @@ class CacheStore:
         rows = self.layout.rows(k)
         for name, values in data.items():
             self._drop_shard_file(name, k)
-            self.group[name][rows.start:rows.stop] = self._stored(name, values)
+            self._writer(name)[rows.start:rows.stop] = self._stored(name, values)
         self._record_digests(k, data)
         self._write_checksum(k, self.shard_checksum(self.read_shard(k), self.group["status"][rows.start:rows.stop]))
 
     def _write_checksum(self, k: int, checksum: str) -> None:
-        self.group["shard_checksums"][k] = self._stored("shard_checksums", np.array([checksum]))[0]
+        self._writer("shard_checksums")[k] = self._stored("shard_checksums", np.array([checksum]))[0]
 
     def checksums(self) -> np.ndarray:
         """Every shard's recorded checksum (hex; "" for a shard never written)."""
@@ -465,14 +477,17 @@ class CacheStore:
 
     def missing_files(self, status: np.ndarray | None = None) -> list[tuple[str, int]]:
         """Shard files that a done shard must have but that are gone (zarr would read them as zeros).
-        Cheap: one stat per file, no data read. Static arrays are checked by their digests instead (a
-        shard of fill values, e.g. every label 0, is legitimately not stored)."""
+        Cheap: one stat per file; data is read only for a file that is absent. Caches written before every
+        chunk was stored (`every_chunk`) have no file for a shard of fill values (the all-zero logits of a
+        one-class probe): such a file counts as missing only if the shard's recorded digest (or checksum)
+        is not that of fill values. While a probe head is not fitted, its logits are placeholders the fit
+        rewrites: they are not checked. Static arrays are checked by their digests instead."""
         status = self.status() if status is None else status
         done = self.shard_done(status)
         out = []
         for name in ("features", "feature_scale", "logits", "tokens", "token_scale", "views", "image_digests",
                      "status"):
-            if name not in self.group:
+            if name not in self.group or (name == "logits" and self.probe_pending()):
                 continue
             arr = self.group[name]
             for k in np.flatnonzero(done):
@@ -480,9 +495,22 @@ class CacheStore:
                 if name not in ("status", "image_digests") and not (status[r.start:r.stop] == Status.DONE).any():
                     continue  # only bad rows: nothing was computed, zeros are right
                 key = arr.metadata.encode_chunk_key((int(k),) + (0,) * (arr.ndim - 1))
-                if not (self.path / name / key).is_file():
+                if not (self.path / name / key).is_file() and not self._recorded_as_fill(name, int(k), status):
                     out.append((name, int(k)))
         return out
+
+    def probe_pending(self) -> bool:
+        """A probe head that is not fitted yet: the logits of done shards are placeholders until it is."""
+        return self.meta.head_kind == "probe" and not self.meta.head_fitted
+
+    def _recorded_as_fill(self, name: str, k: int, status: np.ndarray) -> bool:
+        """Shard k of `name` (whose file is absent, so it reads as fill values) is what was recorded when the
+        shard was written: its array digest, or (caches without them) the shard's checksum, matches."""
+        r = self.layout.rows(k)
+        if "array_digests" in self.group and name in DIGESTED:
+            fill = self._logical(name, self.group[name][r.start:r.stop])
+            return np.array_equal(array_digest(fill), self.group["array_digests"][k, DIGESTED.index(name)])
+        return str(self.checksums()[k]) == self.shard_checksum(self.read_shard(k), status[r.start:r.stop])
 
     def status_changed(self, status: np.ndarray | None = None) -> list[int]:
         """Done shards whose status differs from the digest recorded when they were written (cheap: the
