@@ -27,6 +27,14 @@ class DatasetError(ValueError):
     """A dataset cannot be read as asked; the message names the input to fix."""
 
 
+class FileTooLarge(Exception):
+    """A sample's file is larger than the limit it is read under (`size` and `limit` in bytes)."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"file is {size} bytes, larger than the {limit}-byte limit for an image file")
+        self.size, self.limit = size, limit
+
+
 @dataclass(frozen=True)
 class Sample:
     key: str  # stable id, the path relative to the dataset root
@@ -49,11 +57,19 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def read_bytes(self, index: int) -> bytes:
+    def read_bytes(self, index: int, limit: int | None = None) -> bytes:
+        """The sample's original bytes. With `limit`, a file larger than that is refused (FileTooLarge) before
+        a byte is read, and at most limit + 1 bytes are read (a file that grows meanwhile, a device)."""
         sample = self.samples[index]
         if self.reader is not None:
             return self.reader(sample)
-        return (Path(self.root) / sample.key).read_bytes()
+        with open(Path(self.root) / sample.key, "rb") as f:
+            if limit is None:
+                return f.read()
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise FileTooLarge(size, limit)
+            return f.read(limit + 1)
 
     def fingerprint(self) -> str:
         """sha256 over the ordered (key, label, domain, split, byte size) list."""

@@ -11,6 +11,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# The most bytes an original file may have: an 8-bit RGB image at Pillow's decompression-bomb pixel limit
+# (Image.MAX_IMAGE_PIXELS, 89.5 Mpx, which decode_original refuses) is 256 MiB stored raw, so no image this
+# tool can decode needs a larger file (short of raw 16-bit or alpha data). A larger file is a bad row, not read.
+MAX_FILE_BYTES = 256 * 2**20
 # PNG for small images keeps them lossless; larger ones become JPEG once, at a fixed quality.
 PNG_MAX_SIDE = 64
 JPEG_QUALITY = 92

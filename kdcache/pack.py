@@ -16,8 +16,8 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .datasets import Dataset
-from .images import BadImage, decode_original, encode_packed
+from .datasets import Dataset, FileTooLarge
+from .images import MAX_FILE_BYTES, BadImage, decode_original, encode_packed
 from .location import cache_path, is_remote
 
 PACKED_EXTENSIONS = ("jpg", "png", "bad")
@@ -35,6 +35,20 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def read_original(dataset: Dataset, i: int, limit: int | None = None) -> bytes:
+    """Row i's original file, read only if it is at most `limit` bytes (default MAX_FILE_BYTES), and never more
+    than that: a multi-gigabyte junk file is a bad row, not a multi-gigabyte read."""
+    limit = MAX_FILE_BYTES if limit is None else limit
+    try:
+        data = dataset.read_bytes(i, limit=limit)
+    except FileTooLarge as e:
+        raise BadImage(f"file too large: {e.size:,} bytes, over the limit of {limit:,} bytes for an image file; "
+                       "not read") from None
+    if len(data) > limit:  # it grew after its size was checked, or it is a device
+        raise BadImage(f"file too large: more than {limit:,} bytes, over the limit for an image file")
+    return data
+
+
 def pack_shard(dataset: Dataset, rows: range, path: Path, bound: int) -> None:
     """Decode, bound and re-encode the rows of one shard into `path` (atomically: a local file is written
     to a temporary name and renamed; an object is uploaded whole, and appears only when complete)."""
@@ -43,7 +57,7 @@ def pack_shard(dataset: Dataset, rows: range, path: Path, bound: int) -> None:
     with tarfile.open(fileobj=packed, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i in rows:
             try:
-                img = decode_original(dataset.read_bytes(i), bound)
+                img = decode_original(read_original(dataset, i), bound)
                 ext, data = encode_packed(img)
             except BadImage as e:
                 ext, data = "bad", str(e).encode()
