@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,14 @@ class ShardClaims:
             return False
         self.held[k] = lock
         return True
+
+    def wait_for(self, k: int) -> None:
+        """Block until no other process holds shard k (its holder finished it, or died), then let it go: the
+        caller looks again at what is done and claims what is not."""
+        if self.remote:
+            return
+        with filelock.FileLock(str(self.dir / f"shard-{k:05d}.lock")):
+            pass
 
     def release(self, k: int) -> None:
         lock = self.held.pop(k, None)
@@ -228,7 +237,7 @@ class ShardWriter:
 @dataclass
 class PassStats:
     """What one process's teacher pass did: images and view-images computed, shards written, seconds in the
-    pass (start-up and probe fitting excluded), and the shards it left to other processes holding them."""
+    pass (start-up and probe fitting excluded), and the shards it waited for while another process held them."""
 
     images: int = 0
     views: int = 0
@@ -245,29 +254,22 @@ def teacher_pass(store: CacheStore, dataset: Dataset, teacher, spec: StreamSpec,
                  device: torch.device, progress: bool) -> PassStats:
     """Run the teacher over `shards` (those not done yet), a few at a time: claim some that no other process
     holds or finished, compute and write them, repeat. Processes started by hand on one cache so split its
-    shards; the ones still held by another process when this one runs out are returned in `left`."""
+    shards. When every shard left is held by another process (another extract, or a rank of a killed job that
+    still runs), this one waits for each holder, then computes what it left undone: it returns only when
+    every shard of `shards` is done. `left` lists the shards it waited for."""
     lay = spec.layout
     claims = ShardClaims(spec.images_dir)
     chunk = max(2, 2 * workers)
-    left, stats = list(shards), PassStats()
+    left, stats, waited = list(shards), PassStats(), []
     bar = tqdm(total=sum(len(lay.rows(k)) for k in shards) * lay.views, unit="view",
                desc=f"extract {store.path.name}", disable=None if progress else True, dynamic_ncols=True)
     try:
         while left:
-            done = store.shard_done()
-            left = [k for k in left if not done[k]]
-            todo = []
-            for k in left:
-                if len(todo) == chunk:
-                    break
-                if claims.try_claim(k):
-                    todo.append(k)
-            done = store.shard_done()  # another process may have finished a shard before we claimed it
-            for k in [k for k in todo if done[k]]:
-                claims.release(k)
-            todo = [k for k in todo if not done[k]]
+            left, todo = _claim_some(store, claims, left, chunk)
             if not todo:
-                break  # every shard left is being written by another process
+                if left:  # every shard left is being written by another process
+                    _wait_for_holder(claims, left[0], waited)
+                continue
             left = [k for k in left if k not in todo]
             n, seconds = _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar)
             stats.images += n
@@ -276,8 +278,32 @@ def teacher_pass(store: CacheStore, dataset: Dataset, teacher, spec: StreamSpec,
             stats.seconds += seconds
     finally:
         bar.close()
-    stats.left = sorted(left)
+    stats.left = sorted(set(waited))
     return stats
+
+
+def _claim_some(store: CacheStore, claims: ShardClaims, left: list[int], chunk: int) -> tuple[list[int], list[int]]:
+    """(the shards of `left` not done yet, up to `chunk` of them claimed by this process and not done)."""
+    done = store.shard_done()
+    left = [k for k in left if not done[k]]
+    todo = []
+    for k in left:
+        if len(todo) == chunk:
+            break
+        if claims.try_claim(k):
+            todo.append(k)
+    done = store.shard_done()  # another process may have finished a shard before we claimed it
+    for k in [k for k in todo if done[k]]:
+        claims.release(k)
+    return [k for k in left if not done[k]], [k for k in todo if not done[k]]
+
+
+def _wait_for_holder(claims: ShardClaims, k: int, waited: list[int]) -> None:
+    if not waited:
+        print(f"shard {k} (and maybe more) is being written by another process on this cache; waiting for it "
+              "(a holder that dies leaves its shard to this one)", file=sys.stderr, flush=True)
+    waited.append(k)
+    claims.wait_for(k)
 
 
 def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar) -> tuple[int, float]:
@@ -330,14 +356,23 @@ def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar
 
 
 def fit_probe_once(store: CacheStore) -> CacheStore:
-    """Fit the extract probe head once every shard is done and it is not fitted yet; under a lock, so one
-    of several processes finishing one cache fits it. Returns the store as reopened."""
+    """Fit the extract probe head once every shard is done, if it is not fitted yet (or its arrays are gone);
+    under the cache's head lock, so of several processes finishing one cache (ranks, hand-started extracts, a
+    rank of a killed job that still runs) one fits it and the others wait for that fit, then read it. Returns
+    the store as reopened."""
     from .heads import fit_store_probe
 
-    if not store.shard_done().all() or store.attrs.get("head_fit", {}).get("fitted"):
+    def needs_fit(s: CacheStore) -> bool:
+        return s.meta.head_kind == "probe" and (not s.meta.head_fitted or s.meta.probe_missing(s.group) is not None)
+
+    store = CacheStore.open(store.path, mode="r+")  # the attributes as they are now, not as this run began
+    if not store.shard_done().all() or not needs_fit(store):
         return store
     with file_lock(store.images_dir / "head-fit.lock"):
         store = CacheStore.open(store.path, mode="r+")  # another process may have fitted it meanwhile
-        if not store.attrs.get("head_fit", {}).get("fitted"):
+        if needs_fit(store):
+            if store.meta.head_fitted:  # its arrays are gone: the logits are rewritten, so it is not fitted meanwhile
+                store.update_attrs(head_fit={"fitted": False})
             fit_store_probe(store, train_split=Split.TRAIN)
+            store = CacheStore.open(store.path, mode="r+")
     return store

@@ -192,10 +192,11 @@ def _shards_done(stderr: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def test_a_process_started_by_hand_skips_the_shards_another_holds(reference, tmp_path):
-    """While another process holds half the shards, an extract does the other half and says the rest is
-    held; a second extract after the holder is gone does that half: each did some, none twice, and the
-    cache equals one uninterrupted extraction."""
+def test_a_process_started_by_hand_waits_for_the_shards_another_holds(reference, tmp_path):
+    """While another process holds half the shards, an extract does the other half, then waits for the held
+    ones instead of returning with the cache unfinished (a rank of a killed job may still be writing them);
+    when the holder dies without finishing them, it computes them. It returns only with the cache complete and
+    its head fitted, equal to one uninterrupted extraction."""
     out = tmp_path / "cache"
     parts = N // S + 1  # a part that owns no shard: creates the store, extracts nothing
     run_cli("extract", *ARGS, "--workers", "0", "--out", str(out), "--part", f"{parts - 1}/{parts}")
@@ -205,16 +206,29 @@ def test_a_process_started_by_hand_skips_the_shards_another_holds(reference, tmp
         "c = ShardClaims(%r); [c.try_claim(k) for k in range(0, %d, 2)]; print('held', flush=True); "
         "time.sleep(600)") % (str(ROOT), str(out / "images"), N // S)], stdout=subprocess.PIPE, text=True,
         env=cli_env())
+    extract_proc = None
     try:
         assert holder.stdout.readline().strip() == "held"
-        first = run_cli("extract", *ARGS, "--workers", "0", "--out", str(out))
+        extract_proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "extract", *ARGS, "--workers", "0",
+                                         "--out", str(out)], env=cli_env(), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while not CacheStore.open(out).shard_done()[1::2].all():
+            assert extract_proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert extract_proc.poll() is None, "returned while another process held shards"
+        assert not CacheStore.open(out).shard_done()[0::2].any()
+    except BaseException:
+        if extract_proc is not None:
+            extract_proc.kill()
+        raise
     finally:
         holder.kill()
         holder.wait()
-    assert _shards_done(first.stderr) == N // S // 2 and "being written by another extract" in first.stderr
-    assert not CacheStore.open(out).shard_done()[0::2].any() and CacheStore.open(out).shard_done()[1::2].all()
-    second = run_cli("extract", *ARGS, "--workers", "0", "--out", str(out))
-    assert _shards_done(second.stderr) == N // S // 2
+    err = extract_proc.communicate(timeout=300)[1]
+    assert extract_proc.returncode == 0, err[-3000:]
+    assert "being written by another process" in err and _shards_done(err) == N // S
+    assert CacheStore.open(out).meta.head_fitted
     assert_same_cache(reference, out)
 
 
