@@ -5,6 +5,7 @@ import contextlib
 import datetime
 import errno
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -18,10 +19,10 @@ from kdcache.heads import resolve_head
 from kdcache.location import cache_path, file_lock, is_remote
 from kdcache.pack import remove_stale_temporaries
 from kdcache.store import FEATURE_DTYPES, CacheError, CacheStore, IncompleteCreation, Layout
-from kdcache.teachers import create_teacher, zeroshot_head
+from kdcache.teachers import TeacherError, create_teacher, zeroshot_head
 from kdcache.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION, list_policies
 
-from .config import cache_location, env_int, local_path, to_dict, write_yaml
+from .config import ConfigError, cache_location, env_int, local_path, to_dict, write_yaml
 from .schema import ExtractConfig  # noqa: F401  (stage.ExtractConfig)
 
 
@@ -38,6 +39,11 @@ def _creation_lock(out: Path):
 
 
 MIN_IMAGE_BOUND = 16
+# A view is one teacher pass over one image; a student sees one view per image per epoch, so more views than
+# epochs anyone trains buy nothing, and a number like 10**9 would only fill memory and disk.
+MAX_VIEWS = 1024
+# One shard's teacher outputs are held in memory (a few shards at once: computing, queued, being written).
+MAX_SHARD_BUFFER = 16 * 2**30
 
 
 def _check(cfg: ExtractConfig) -> None:
@@ -49,8 +55,8 @@ def _check(cfg: ExtractConfig) -> None:
     cache_location(cfg.out, "--out")
     local_path(cfg.data_root, "--data-root")
     parse_part(cfg.part)
-    if cfg.views < 1:
-        raise ValueError("--views must be >= 1 (view 0 is the clean view)")
+    if not 1 <= cfg.views <= MAX_VIEWS:
+        raise ValueError(f"--views must be between 1 (view 0 is the clean view) and {MAX_VIEWS}, got {cfg.views}")
     if cfg.shard_size < 1 or cfg.batch_size < 1:
         raise ValueError("--shard-size and --batch-size must be >= 1")
     if cfg.tokens < 0:
@@ -66,6 +72,34 @@ def _check(cfg: ExtractConfig) -> None:
         raise ValueError(f"unknown --view-policy {cfg.view_policy!r}; choose one of: {', '.join(list_policies())}")
     if cfg.feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"unknown --feature-dtype {cfg.feature_dtype!r}; choose one of: {', '.join(FEATURE_DTYPES)}")
+    _check_out(cache_path(cfg.out or f"cache/{cfg.dataset}"))
+
+
+def _check_out(out: Path) -> None:
+    """--out is a folder or does not exist yet, and the nearest of its parents that exists is a folder."""
+    if is_remote(out):
+        return
+    for p in (out, *out.parents):
+        if p.is_dir():
+            return
+        if p.exists() or p.is_symlink():
+            what = "a broken link" if not p.exists() else "a file"
+            raise ConfigError(f"--out {out}: {p} is {what}, not a folder; choose another --out (a cache is a folder; "
+                              "--overwrite replaces caches, not files)")
+
+
+def _check_classes(cfg: ExtractConfig, dataset) -> None:
+    """Distillation needs at least two classes: with one, the probe head's cross-entropy is zero whatever it
+    does, so its logits are constant zeros and a student learns nothing from them, and every accuracy is
+    trivially 100 %. A one-class dataset is almost always a --data-root that points one level too deep."""
+    if len(dataset.classes) >= 2:
+        return
+    if cfg.dataset == "synthetic":
+        flag, fix = "--dataset-opt classes=1", "pass --dataset-opt classes=N with N >= 2"
+    else:
+        flag, fix = f"--data-root {cfg.data_root}", "point --data-root at the folder whose sub-folders are the classes"
+    raise ConfigError(f"{flag}: dataset {cfg.dataset!r} has only {len(dataset.classes)} class "
+                      f"({', '.join(map(repr, dataset.classes))}); distillation needs at least 2: {fix}")
 
 
 def _clear(out: Path) -> None:
@@ -116,43 +150,15 @@ def run(cfg: ExtractConfig) -> Path:
     if cfg.domains:
         options["domains"] = list(cfg.domains)
     dataset = create_dataset(cfg.dataset, cfg.data_root, **options)
-    teacher = create_teacher(cfg.teacher, cfg.teacher_weights, cfg.random_init, cfg.feature,
-                             cfg.teacher_input_size)
-    head = resolve_head(cfg.head, teacher, dataset)
-    if head == "zeroshot":
-        teacher.set_head("zeroshot", zeroshot_head(teacher, dataset.classes))
-    elif head == "native":
-        teacher.set_head("native")
-    device = dist.device_for(cfg.device)
-    teacher.to(device)
-    dims = teacher.dims(cfg.tokens)
+    _check_classes(cfg, dataset)
+    teacher, head, device, dims = _build_teacher(cfg, dataset)
     pre = teacher.preprocess
     layout = Layout(n=len(dataset), views=cfg.views, feature_dim=dims["features"],
                     num_classes=len(dataset.classes) if head == "probe" else dims["logits"],
                     token_grid=cfg.tokens, token_dim=dims["tokens"], shard_size=cfg.shard_size, params=len(PARAMS),
                     feature_dtype=cfg.feature_dtype)
-    described = dataset.describe()
-    identity = {
-        "teacher": {"name": teacher.name, "source": teacher.source, "weights": teacher.weights_tag,
-                    "feature_point": teacher.feature_point, "feature_dim": dims["features"],
-                    "preprocess": pre.as_dict()},
-        "dataset": {k: described[k] for k in ("name", "N", "classes", "domains", "splits", "fingerprint")},
-        "views": {"V": cfg.views, "policy": cfg.view_policy, "seed": cfg.view_seed, "params": list(PARAMS),
-                  "replay": REPLAY_VERSION,
-                  "policy_params": POLICY_DEFAULTS[cfg.view_policy]},
-        "head": {"kind": head},
-        "pack": {"image_bound": cfg.image_bound, "shard_size": cfg.shard_size},
-        "tokens": {"grid": cfg.tokens, "dim": dims["tokens"]},
-        "storage": {"feature_dtype": cfg.feature_dtype},
-    }
-    attrs = dict(identity, dataset_root=described["root"], pipeline_version=__version__,
-                 dataset_layout=described["layout"],  # outside the identity: the fingerprint covers it
-                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 command=" ".join(sys.argv), config=to_dict(cfg), head_fit={"fitted": head != "probe"})
-    static = {"labels": np.array([s.label for s in dataset.samples], np.int32),
-              "domains": np.array([s.domain for s in dataset.samples], np.int16),
-              "splits": np.array([s.split for s in dataset.samples], np.int8),
-              "keys": np.array([s.key for s in dataset.samples], dtype=object).astype(str)}
+    _check_shard_buffer(layout)
+    identity, attrs, static = _describe(cfg, dataset, teacher, head, dims)
 
     error = None
     if rank == 0:
@@ -200,10 +206,87 @@ def run(cfg: ExtractConfig) -> Path:
 
     if rank == 0:
         fit_probe_once(store)
-        if stats.left:
-            print(f"{len(stats.left)} shard(s) were being written by another extract on this cache; "
-                  "it finishes them (run this command again to check).", file=sys.stderr)
     return out
+
+
+def _describe(cfg: ExtractConfig, dataset, teacher, head: str, dims: dict) -> tuple[dict, dict, dict]:
+    """(identity, attributes, static arrays) of the cache these options make."""
+    described = dataset.describe()
+    identity = {
+        "teacher": {"name": teacher.name, "source": teacher.source, "weights": teacher.weights_tag,
+                    "feature_point": teacher.feature_point, "feature_dim": dims["features"],
+                    "preprocess": teacher.preprocess.as_dict()},
+        "dataset": {k: described[k] for k in ("name", "N", "classes", "domains", "splits", "fingerprint")},
+        "views": {"V": cfg.views, "policy": cfg.view_policy, "seed": cfg.view_seed, "params": list(PARAMS),
+                  "replay": REPLAY_VERSION,
+                  "policy_params": POLICY_DEFAULTS[cfg.view_policy]},
+        "head": {"kind": head},
+        "pack": {"image_bound": cfg.image_bound, "shard_size": cfg.shard_size},
+        "tokens": {"grid": cfg.tokens, "dim": dims["tokens"]},
+        "storage": {"feature_dtype": cfg.feature_dtype},
+    }
+    attrs = dict(identity, dataset_root=described["root"], pipeline_version=__version__,
+                 dataset_layout=described["layout"],  # outside the identity: the fingerprint covers it
+                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 command=" ".join(sys.argv), config=to_dict(cfg), head_fit={"fitted": head != "probe"})
+    static = {"labels": np.array([s.label for s in dataset.samples], np.int32),
+              "domains": np.array([s.domain for s in dataset.samples], np.int16),
+              "splits": np.array([s.split for s in dataset.samples], np.int8),
+              "keys": np.array([s.key for s in dataset.samples], dtype=object).astype(str)}
+    return identity, attrs, static
+
+
+def _build_teacher(cfg: ExtractConfig, dataset):
+    """(teacher with its head, head kind, device, output sizes); a --teacher-input-size the model cannot take
+    (timm asserts or fails at build or at the first forward pass) is an error naming the flag."""
+    teacher = None
+    try:
+        teacher = create_teacher(cfg.teacher, cfg.teacher_weights, cfg.random_init, cfg.feature,
+                                 cfg.teacher_input_size)
+        head = resolve_head(cfg.head, teacher, dataset)
+        if head == "zeroshot":
+            teacher.set_head("zeroshot", zeroshot_head(teacher, dataset.classes))
+        elif head == "native":
+            teacher.set_head("native")
+        device = dist.device_for(cfg.device)
+        teacher.to(device)
+        dims = teacher.dims(cfg.tokens)
+    except (AssertionError, RuntimeError) as e:
+        size = cfg.teacher_input_size
+        if size is None:
+            raise
+        raise TeacherError(f"--teacher-input-size {size}: teacher {cfg.teacher} cannot take {size}x{size} images "
+                           f"({str(e).strip().rstrip('.')}); {_input_size_hint(cfg.teacher, teacher, size)}") from None
+    return teacher, head, device, dims
+
+
+def _input_size_hint(name: str, teacher, size: int) -> str:
+    """Which --teacher-input-size values the model takes: multiples of a ViT's patch size, else its own size."""
+    import timm
+
+    base = name.split(".")[0]
+    pretrained = timm.models.get_pretrained_cfg(base) if timm.is_model(base) else None
+    own = f"its own input size is {pretrained.input_size[-1]} (omit the flag to use it)" if pretrained else \
+        "omit the flag to use the model's own input size"
+    patch = getattr(getattr(getattr(teacher, "model", None), "patch_embed", None), "patch_size", None)
+    if patch is None and re.search(r"patch(\d+)", base):
+        patch = int(re.search(r"patch(\d+)", base).group(1))
+    if patch is not None:
+        p = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        lo = max(p, size // p * p)
+        return f"use a multiple of its patch size {p}, e.g. {lo} or {lo + p}; {own}"
+    return f"use a larger size; {own}"
+
+
+def _check_shard_buffer(layout: Layout) -> None:
+    """One shard's outputs must fit in memory; checked before the cache is created, so an absurd --views or
+    --shard-size leaves nothing behind."""
+    per_view = layout.feature_dim + layout.num_classes + layout.token_grid ** 2 * layout.token_dim
+    nbytes = layout.shard_size * layout.views * (2 * per_view + 4 * layout.params)
+    if nbytes > MAX_SHARD_BUFFER:
+        raise ConfigError(f"--views {layout.views} with --shard-size {layout.shard_size} needs "
+                          f"{nbytes / 2**30:.0f} GiB of memory per shard of teacher outputs (at most "
+                          f"{MAX_SHARD_BUFFER // 2**30} GiB); use fewer --views or a smaller --shard-size")
 
 
 def _repair(store: CacheStore, static: dict) -> None:
