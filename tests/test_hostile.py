@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -502,3 +503,271 @@ def test_scenario_options_that_would_be_ignored_are_refused(cache, tmp_path):
         with pytest.raises(ValueError, match=match):
             distill.run(_distill_cfg(cache, tmp_path / "run", **kw))
         assert not (tmp_path / "run").exists()
+
+
+# 10. junk files, one-class datasets, absurd options, interrupted extractions -------------------------
+
+EXAMPLES = 60 if os.environ.get("HYPOTHESIS_PROFILE") == "slow" else 15
+
+
+def _folder(root: Path, classes: int = 2, per_class: int = 3) -> Path:
+    from conftest import write_image
+
+    for c in range(classes):
+        for i in range(per_class):
+            write_image(root / f"c{c}" / f"{i}.png", 10 * c + i)
+    return root
+
+
+def test_a_file_over_the_size_limit_is_a_bad_row_and_is_never_read(tmp_path):
+    import tracemalloc
+
+    from kdcache.datasets import create_dataset
+    from kdcache.images import MAX_FILE_BYTES
+    from kdcache.pack import read_original
+
+    data = _folder(tmp_path / "data")
+    huge = data / "c0" / "huge.jpg"
+    huge.touch()
+    os.truncate(huge, 3 * 2**30)  # sparse: 3 GiB that cost no disk
+    dataset = create_dataset("imagefolder", data)
+    row = [s.key for s in dataset.samples].index("c0/huge.jpg")
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadImage, match=f"{3 * 2**30:,} bytes, over the limit of {MAX_FILE_BYTES:,} bytes"):
+            read_original(dataset, row)
+        assert tracemalloc.get_traced_memory()[1] < 2**20  # nothing of it was read
+    finally:
+        tracemalloc.stop()
+    out = extract.run(_extract_cfg(tmp_path / "cache", dataset="imagefolder", data_root=str(data),
+                                   dataset_options=()))
+    store = CacheStore.open(out)
+    assert store.status()[row] == 2 and (store.status() == 1).sum() == len(dataset) - 1
+    assert store.text("reasons", row, row + 1)[0].startswith(f"file too large: {3 * 2**30:,} bytes")
+    assert cacheinfo.verify(store) == []
+
+
+@pytest.mark.parametrize("size_over_limit", [-1, 0, 1, 5000])
+def test_a_file_is_read_only_up_to_the_limit(tmp_path, size_over_limit):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kdcache.datasets import Dataset, Sample
+    from kdcache.pack import read_original
+
+    limit = 4096
+
+    @settings(max_examples=EXAMPLES, deadline=None)
+    @given(st.binary(min_size=0, max_size=64))
+    def check(head):
+        path = tmp_path / "f.jpg"
+        path.write_bytes(head)
+        os.truncate(path, limit + size_over_limit)
+        ds = Dataset("x", str(tmp_path), ["a", "b"], ["d"], [Sample("f.jpg", 0, 0, 0, limit + size_over_limit)])
+        if size_over_limit <= 0:
+            assert read_original(ds, 0, limit) == path.read_bytes()
+        else:
+            with pytest.raises(BadImage, match=f"{limit + size_over_limit:,} bytes, over the limit of {limit:,}"):
+                read_original(ds, 0, limit)
+
+    check()
+
+
+def test_a_file_that_grows_while_read_is_cut_at_the_limit(tmp_path):
+    """A pipe reports size 0 and then streams on, like a file that grows after its size was checked: the read
+    stops one byte past the limit."""
+    import threading
+
+    from kdcache.datasets import Dataset, Sample
+    from kdcache.pack import read_original
+
+    limit = 2**16
+    fifo = tmp_path / "growing.jpg"
+    os.mkfifo(fifo)
+    written = []
+
+    def writer():
+        try:
+            with open(fifo, "wb") as f:
+                for _ in range(64):  # 4 MiB in all, far past the limit
+                    f.write(b"\xff" * limit)
+                    written.append(limit)
+        except BrokenPipeError:  # the reader stopped, as it should
+            pass
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    ds = Dataset("x", str(tmp_path), ["a", "b"], ["d"], [Sample("growing.jpg", 0, 0, 0, 0)])
+    with pytest.raises(BadImage, match=f"more than {limit:,} bytes"):
+        read_original(ds, 0, limit)
+    thread.join(timeout=10)
+    assert sum(written) < 64 * limit
+
+
+def test_a_one_class_dataset_is_refused_before_anything_is_made(tmp_path):
+    proc = run_cli("extract", "--dataset", "synthetic", "--dataset-opt", "classes=1", "--teacher", "test_vit",
+                   "--random-init", "--no-progress", "--out", str(tmp_path / "a"), check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--dataset-opt classes=1" in proc.stderr and "at least 2" in proc.stderr
+    data = _folder(tmp_path / "data", classes=1)
+    with pytest.raises(ConfigError, match=f"--data-root {data}: .* has only 1 class \\('c0'\\)"):
+        extract.run(_extract_cfg(tmp_path / "b", dataset="imagefolder", data_root=str(data), dataset_options=()))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_all_zero_shards_are_stored_and_older_caches_without_them_still_verify(cache, tmp_path):
+    """Zarr stores no file for a chunk of fill values unless told to; kdcache tells it, so an absent file is
+    always a lost one. A cache written before that (no file for an all-zero shard, e.g. the logits of a
+    one-class probe) still verifies, opens for training and needs no repair: the shard's recorded digest is
+    that of zeros. A lost file of a shard that was not all zeros is still named."""
+    store = CacheStore.open(cache, mode="r+")
+    store.write_arrays(3, {"logits": np.zeros((S, 2, 8), np.float16)})
+    zero_file = cache / "logits" / "c" / "3" / "0" / "0"
+    assert zero_file.is_file()  # stored, zeros and all
+    for name in ("features", "logits", "views", "status", "labels", "domains", "splits", "image_digests"):
+        arr = store.array(name)
+        for k in range(N // S):
+            key = arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
+            assert (cache / name / key).is_file(), (name, k)
+    zero_file.unlink()  # as a cache written before every chunk was stored has it
+    store = CacheStore.open(cache)
+    assert store.missing_files() == [] and cacheinfo.verify(store) == []
+    distill.open_cache(str(cache))  # trainable as is
+    (cache / "logits" / "c" / "4" / "0" / "0").unlink()  # a shard that was not zeros
+    problems = cacheinfo.verify(CacheStore.open(cache))
+    assert any("logits of shard 4" in p and "--repair" in p for p in problems), problems
+    assert not any("shard 3" in p for p in problems)
+
+
+def test_caches_without_array_digests_tell_an_all_zero_shard_by_its_checksum(cache):
+    """Checksums version 1 (no per-array digests): the shard checksum decides whether an absent file held zeros."""
+    store = CacheStore.open(cache, mode="r+")
+    del store.group["array_digests"]
+    del store.group["image_digests"]
+    attrs = dict(store.group.attrs, checksums=1)
+    store.group.attrs.put(attrs)
+    store = CacheStore.open(cache, mode="r+")
+    status = store.status()
+    for k in range(N // S):
+        r = store.layout.rows(k)
+        store._write_checksum(k, store.shard_checksum(store.read_shard(k), status[r.start:r.stop]))
+    store.write_arrays(3, {"logits": np.zeros((S, 2, 8), np.float16)})
+    (cache / "logits" / "c" / "3" / "0" / "0").unlink()
+    (cache / "logits" / "c" / "5" / "0" / "0").unlink()
+    assert CacheStore.open(cache).missing_files() == [("logits", 5)]
+
+
+def test_teacher_input_sizes_the_model_cannot_take_are_named_with_sizes_that_work(tmp_path):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kdcache.datasets import create_dataset
+    from kdcache.teachers import TeacherError
+
+    dataset = create_dataset("synthetic", None, n=8)
+
+    @settings(max_examples=EXAMPLES, deadline=None)
+    @given(st.integers(16, 200))
+    def check(size):
+        cfg = _extract_cfg(tmp_path / "c", teacher_input_size=size)
+        if size % 16 == 0:
+            assert extract._build_teacher(cfg, dataset)[3]["features"] == 64
+            return
+        with pytest.raises(TeacherError) as err:
+            extract._build_teacher(cfg, dataset)
+        msg = str(err.value)
+        assert msg.startswith(f"--teacher-input-size {size}: teacher test_vit cannot take") and "\n" not in msg
+        lo, hi = map(int, re.search(r"e\.g\. (\d+) or (\d+)", msg).groups())
+        assert lo % 16 == hi % 16 == 0 and lo <= max(size, 16) < hi
+        extract._build_teacher(_extract_cfg(tmp_path / "c", teacher_input_size=lo), dataset)  # the hint works
+
+    check()
+    proc = run_cli("extract", "--dataset", "synthetic", "--teacher", "test_vit", "--random-init", "--no-progress",
+                   "--teacher-input-size", "33", "--out", str(tmp_path / "c"), check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "--teacher-input-size 33" in proc.stderr and "multiple of its patch size 16, e.g. 32 or 48" in proc.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_and_left_alone(tmp_path):
+    victim = tmp_path / "model.safetensors"
+    victim.write_bytes(b"precious")
+    for out, extra in [(victim, []), (victim, ["--overwrite"]), (victim / "cache", [])]:
+        proc = run_cli("extract", "--dataset", "synthetic", "--teacher", "test_vit", "--random-init", "--no-progress",
+                       "--out", str(out), *extra, check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert f"--out {out}: {victim} is a file, not a folder" in proc.stderr
+    assert victim.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(views=10**9), "--views must be between 1 .* and 1024, got 1000000000"),
+    (dict(views=0), "--views must be between 1"),
+    (dict(views=1024, shard_size=10**7), "--views 1024 with --shard-size 10000000 needs .* GiB"),
+])
+def test_absurd_views_are_refused_before_anything_is_made(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        extract.run(_extract_cfg(tmp_path / "c", **kw))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_of_an_interrupted_extraction_says_run_it_again_not_repair(reference, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    for method, at in (("write_shard", 3), ("write_arrays", 4)):  # during the teacher pass, during the probe fit
+        real, calls = getattr(CacheStore, method), []
+
+        def interrupted(self, k, *args, real=real, calls=calls, at=at):
+            calls.append(k)
+            if len(calls) == at:
+                raise KeyboardInterrupt
+            return real(self, k, *args)
+
+        monkeypatch.setattr(CacheStore, method, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            extract.run(_extract_cfg(out))
+        monkeypatch.undo()
+        problems = cacheinfo.verify(CacheStore.open(out))
+        assert problems and all("run the same extract command again" in p for p in problems), problems
+        assert not any("--repair" in p.replace("--repair is for damage", "") for p in problems), problems
+        if method == "write_shard":
+            assert problems[0].startswith(f"incomplete: {N // S - 2} of {N // S} shard(s) are not extracted")
+    extract.run(_extract_cfg(out))
+    assert cacheinfo.verify(CacheStore.open(out)) == []
+    assert_same_cache(reference, out)
+
+
+def test_an_extract_that_finds_the_head_being_fitted_waits_and_reads_it(reference, tmp_path):
+    """Another process (a rank of a killed job that still runs) is fitting the probe head of a cache whose
+    shards are all done: an extract on it waits for that fit under the head lock, then reads it, and returns
+    only with the head fitted."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, cli_env
+
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    CacheStore.open(out, mode="r+").update_attrs(head_fit={"fitted": False})
+    code = ("import sys, time; sys.path.insert(0, %r); import filelock; from kdcache.store import CacheStore; "
+            "from kdcache.heads import fit_store_probe\n"
+            "with filelock.FileLock(%r):\n"
+            "    print('fitting', flush=True); time.sleep(3)\n"
+            "    fit_store_probe(CacheStore.open(%r, mode='r+'))\n"
+            "    print('fitted', flush=True)\n") % (str(ROOT), str(out / "images" / "head-fit.lock"), str(out))
+    fitter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        assert fitter.stdout.readline().strip() == "fitting"
+        t = time.monotonic()
+        extract.run(_extract_cfg(out))
+        waited = time.monotonic() - t
+        assert fitter.stdout.readline().strip() == "fitted"  # the other process fitted it, this one waited
+    finally:
+        fitter.kill()
+        fitter.wait()
+    head = out / "heads" / "extract"
+    mtimes = {p: p.stat().st_mtime_ns for p in head.rglob("*") if p.is_file()}
+    assert waited >= 2 and CacheStore.open(out).meta.head_fitted
+    extract.run(_extract_cfg(out))  # finds it fitted: fits nothing again
+    assert {p: p.stat().st_mtime_ns for p in head.rglob("*") if p.is_file()} == mtimes
+    assert cacheinfo.verify(CacheStore.open(out)) == []
