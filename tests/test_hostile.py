@@ -610,9 +610,14 @@ def test_a_one_class_dataset_is_refused_before_anything_is_made(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "--dataset-opt classes=1" in proc.stderr and "at least 2" in proc.stderr
     data = _folder(tmp_path / "data", classes=1)
-    with pytest.raises(ConfigError, match=f"--data-root {data}: .* has only 1 class \\('c0'\\)"):
+    with pytest.raises(ConfigError, match=f"--data-root {data}: .* has only 1 class \\('c0'\\).* --head none"):
         extract.run(_extract_cfg(tmp_path / "b", dataset="imagefolder", data_root=str(data), dataset_options=()))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # asked for explicitly, the teacher's features alone: no logits, and a cache that verifies
+    out = extract.run(_extract_cfg(tmp_path / "c", dataset="imagefolder", data_root=str(data), dataset_options=(),
+                                   head="none"))
+    store = CacheStore.open(out)
+    assert not store.has("logits") and (store.status() == 1).all() and cacheinfo.verify(store) == []
 
 
 def test_all_zero_shards_are_stored_and_older_caches_without_them_still_verify(cache, tmp_path):

@@ -176,8 +176,8 @@ def test_cli_reads_an_empty_domain_folder_as_no_domain_and_records_the_layout(tm
     _item_one_tree(tmp_path / "data", stray=False)
     out = tmp_path / "cache"
     run_cli("extract", "--dataset", "imagefolder", "--data-root", tmp_path / "data", "--teacher", "test_vit",
-            "--random-init", "--no-progress", "--views", "1", "--workers", "0", "--out", out)
-    store = CacheStore.open(out)
+            "--random-init", "--no-progress", "--views", "1", "--workers", "0", "--head", "none", "--out", out)
+    store = CacheStore.open(out)  # (one class: extract takes it for features alone, --head none)
     assert store.attrs["dataset"]["domains"] == ["dA", "dB"] and store.attrs["dataset"]["classes"] == ["c0"]
     assert store.attrs["dataset_layout"] == "domain/class/img"
     assert np.array_equal(store.array("domains")[:], [0, 1]) and np.array_equal(store.array("labels")[:], [0, 0])

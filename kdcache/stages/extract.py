@@ -89,17 +89,19 @@ def _check_out(out: Path) -> None:
 
 
 def _check_classes(cfg: ExtractConfig, dataset) -> None:
-    """Distillation needs at least two classes: with one, the probe head's cross-entropy is zero whatever it
-    does, so its logits are constant zeros and a student learns nothing from them, and every accuracy is
-    trivially 100 %. A one-class dataset is almost always a --data-root that points one level too deep."""
-    if len(dataset.classes) >= 2:
+    """Distillation needs at least two classes: with one, a probe head's cross-entropy is zero whatever it
+    does, so its logits are constant zeros and a student learns nothing from them. A one-class dataset is
+    almost always a --data-root that points one level too deep, so it is refused, unless --head none asks for
+    the teacher's features alone."""
+    if len(dataset.classes) >= 2 or cfg.head == "none":
         return
     if cfg.dataset == "synthetic":
         flag, fix = "--dataset-opt classes=1", "pass --dataset-opt classes=N with N >= 2"
     else:
         flag, fix = f"--data-root {cfg.data_root}", "point --data-root at the folder whose sub-folders are the classes"
     raise ConfigError(f"{flag}: dataset {cfg.dataset!r} has only {len(dataset.classes)} class "
-                      f"({', '.join(map(repr, dataset.classes))}); distillation needs at least 2: {fix}")
+                      f"({', '.join(map(repr, dataset.classes))}); distillation needs at least 2: {fix}, or pass "
+                      "--head none to cache the teacher's features alone")
 
 
 def _clear(out: Path) -> None:
