@@ -81,9 +81,17 @@ def _survivors(out: Path) -> list[int]:
     return pids
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's parent is whatever reaps it, which may be slow to)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _wait_gone(pids: list[int], timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while any(Path(f"/proc/{p}").exists() for p in pids):
+    while any(_running(p) for p in pids):
         assert time.monotonic() < deadline, f"processes {pids} still run"
         time.sleep(0.05)
 

@@ -507,6 +507,7 @@ def test_scenario_options_that_would_be_ignored_are_refused(cache, tmp_path):
 
 # 10. junk files, one-class datasets, absurd options, interrupted extractions -------------------------
 
+# each example builds a teacher or writes a file: fewer than the profile's default, more under make test-slow
 EXAMPLES = 60 if os.environ.get("HYPOTHESIS_PROFILE") == "slow" else 15
 
 
@@ -547,6 +548,7 @@ def test_a_file_over_the_size_limit_is_a_bad_row_and_is_never_read(tmp_path):
     assert cacheinfo.verify(store) == []
 
 
+@pytest.mark.hypothesis
 @pytest.mark.parametrize("size_over_limit", [-1, 0, 1, 5000])
 def test_a_file_is_read_only_up_to_the_limit(tmp_path, size_over_limit):
     from hypothesis import given, settings
@@ -662,6 +664,7 @@ def test_caches_without_array_digests_tell_an_all_zero_shard_by_its_checksum(cac
     assert CacheStore.open(cache).missing_files() == [("logits", 5)]
 
 
+@pytest.mark.hypothesis
 def test_teacher_input_sizes_the_model_cannot_take_are_named_with_sizes_that_work(tmp_path):
     from hypothesis import given, settings
     from hypothesis import strategies as st
@@ -697,11 +700,13 @@ def test_teacher_input_sizes_the_model_cannot_take_are_named_with_sizes_that_wor
 def test_an_out_that_is_a_file_is_refused_and_left_alone(tmp_path):
     victim = tmp_path / "model.safetensors"
     victim.write_bytes(b"precious")
-    for out, extra in [(victim, []), (victim, ["--overwrite"]), (victim / "cache", [])]:
+    for out, extra, said in [(victim, [], f"--out {victim} is a file"),
+                             (victim, ["--overwrite"], f"--out {victim} is a file"),
+                             (victim / "cache", [], f"--out {victim / 'cache'}: {victim} is a file, not a folder")]:
         proc = run_cli("extract", "--dataset", "synthetic", "--teacher", "test_vit", "--random-init", "--no-progress",
                        "--out", str(out), *extra, check=False)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert f"--out {out}: {victim} is a file, not a folder" in proc.stderr
+        assert said in proc.stderr, proc.stderr
     assert victim.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 

@@ -76,16 +76,15 @@ def _check(cfg: ExtractConfig) -> None:
 
 
 def _check_out(out: Path) -> None:
-    """--out is a folder or does not exist yet, and the nearest of its parents that exists is a folder."""
+    """The nearest existing folder above --out is a folder (cache_location refuses an --out that is a file)."""
     if is_remote(out):
         return
-    for p in (out, *out.parents):
+    for p in out.parents:
         if p.is_dir():
             return
         if p.exists() or p.is_symlink():
             what = "a broken link" if not p.exists() else "a file"
-            raise ConfigError(f"--out {out}: {p} is {what}, not a folder; choose another --out (a cache is a folder; "
-                              "--overwrite replaces caches, not files)")
+            raise ConfigError(f"--out {out}: {p} is {what}, not a folder; give a folder (a new or an existing one)")
 
 
 def _check_classes(cfg: ExtractConfig, dataset) -> None:
