@@ -502,3 +502,50 @@ def test_scenario_options_that_would_be_ignored_are_refused(cache, tmp_path):
         with pytest.raises(ValueError, match=match):
             distill.run(_distill_cfg(cache, tmp_path / "run", **kw))
         assert not (tmp_path / "run").exists()
+
+
+# 10. training: a last batch of one, --batch-size 1, KDEP on few rows, resume with fewer epochs ---------------
+
+def test_an_epoch_that_leaves_one_sample_trains_a_batchnorm_student(cache, tmp_path):
+    """At 32 px the last BatchNorm layers of mobilenetv3_small_050 see 1x1 maps: a batch of one image cannot
+    train. An epoch whose samples leave one for a last batch gives it to the batch before."""
+    from kdcache.students import create_student
+
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        create_student("mobilenetv3_small_050", 8).train()(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    store = CacheStore.open(cache)
+    train = int((store.array("splits")[:] == 0).sum())
+    batch = min(d for d in range(2, train) if (train - 1) % d == 0 and (train - 1) // d <= 8)  # train = k * batch + 1
+    out = distill.run(_distill_cfg(cache, tmp_path / "run", student="mobilenetv3_small_050", scenario="supervised",
+                                   labels_per_class=None, batch_size=batch))
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["images"] == train and rec["steps"] == (train - 1) // batch and np.isfinite(rec["loss"])
+
+
+def test_kdep_trains_on_fewer_train_rows_than_feature_dims_and_a_stale_group_is_recomputed(tmp_path):
+    from kdcache.derived import derived_group, read_group, write_group
+
+    small = extract.run(_extract_cfg(tmp_path / "small", dataset_options=(("n", 40),), views=1))
+    store = CacheStore.open(small, mode="r+")
+    d = store.layout.feature_dim
+    train = int(((store.array("splits")[:] == 0) & (store.status() == 1)).sum())
+    assert train < d
+    # as a run of an earlier version left it: the statistics of `train` rows, shaped (train, d)
+    path = f"derived/svd-k{d}"
+    write_group(store, path, {"mean": np.zeros(d, np.float32), "components": np.ones((train, d), np.float32),
+                              "singular_values": np.ones(train, np.float32)}, {"rows": train})
+    cfg = _distill_cfg(small, tmp_path / "run", method="kdep", student="mobilenetv3_small_050", scenario="supervised",
+                       labels_per_class=None)
+    assert distill._student_and_method(cfg, store)[1].k == d
+    out = distill.run(cfg)
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(rec["kdep"]) and rec["images"] > 0
+    comps = CacheStore.open(small).group[path]["components"][:]
+    assert comps.shape == (d, d)
+    rank = train - 1  # the centred train features
+    assert np.allclose(comps[:rank] @ comps[:rank].T, np.eye(rank), atol=1e-4)
+    assert not comps[train:].any()  # no direction beyond the train rows: a zero target there
+    # computed, checked, then written: statistics of the wrong shape are never kept
+    with pytest.raises(RuntimeError, match="wrong shape"):
+        derived_group(store, "derived/other", lambda: ({"a": np.zeros(3)}, {}), {"a": (4,)})
+    assert read_group(store, "derived/other") is None and "derived/other" not in store.group
