@@ -549,3 +549,34 @@ def test_kdep_trains_on_fewer_train_rows_than_feature_dims_and_a_stale_group_is_
     with pytest.raises(RuntimeError, match="wrong shape"):
         derived_group(store, "derived/other", lambda: ({"a": np.zeros(3)}, {}), {"a": (4,)})
     assert read_group(store, "derived/other") is None and "derived/other" not in store.group
+
+
+def test_a_run_resumed_with_other_workers_ends_where_an_uninterrupted_one_does(cache, tmp_path, monkeypatch):
+    """--workers may change on --resume (machines differ): a run stopped after its first epoch and resumed with
+    another worker count ends bit-identical to one that ran through without workers."""
+    from safetensors.torch import load_file
+
+    def cfg(out, workers, **kw):
+        return _distill_cfg(cache, tmp_path / out, epochs=2, workers=workers, **kw)
+
+    distill.run(cfg("ref", 0))
+    save = distill.save_checkpoint
+
+    def stop_after_the_first_epoch(run_dir, epoch, *args):
+        path = save(run_dir, epoch, *args)
+        if epoch == 0:
+            raise KeyboardInterrupt  # as a kill right after the checkpoint
+        return path
+
+    monkeypatch.setattr(distill, "save_checkpoint", stop_after_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        distill.run(cfg("run", 2))
+    monkeypatch.undo()
+    distill.run(cfg("run", 1, resume=True))
+    records = {out: [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+               for out in ("ref", "run")}
+    assert [r["epoch"] for r in records["run"]] == [0, 1]
+    assert [r["loss"] for r in records["run"]] == [r["loss"] for r in records["ref"]]
+    for name in ("student.safetensors", "method.safetensors"):
+        a, b = load_file(str(tmp_path / "ref" / name)), load_file(str(tmp_path / "run" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

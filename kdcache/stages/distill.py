@@ -29,7 +29,7 @@ from kdcache.engine import (
     truncate_metrics,
 )
 from kdcache.location import is_url
-from kdcache.loader import StreamConfig, labelled_repeats, make_loader, rank_shards, samples_in
+from kdcache.loader import StreamConfig, labelled_repeats, make_loader, num_batches, rank_shards, samples_in
 from kdcache.methods import create_method
 from kdcache.methods.base import Dims, MethodContext
 from kdcache.report import TensorBoardLog, check_tensorboard, metrics_csv
@@ -334,7 +334,7 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
     lay = store.layout
     per_rank = [samples_in(rank_shards(repeats, lay.shard_size, cfg.seed, 0, r, world), repeats, lay.shard_size)
                 for r in range(world)]
-    steps_per_epoch = max(1, (min(per_rank) // cfg.batch_size) if world > 1 else -(-per_rank[0] // cfg.batch_size))
+    steps_per_epoch = max(1, min(per_rank) // cfg.batch_size if world > 1 else num_batches(per_rank[0], cfg.batch_size))
     optimizer = make_optimizer(cfg.optimizer, module, cfg.lr, cfg.weight_decay, cfg.decay_norm_bias)
     scheduler = cosine_schedule(optimizer, steps_per_epoch * cfg.epochs, int(steps_per_epoch * cfg.warmup_epochs))
 
