@@ -522,6 +522,20 @@ def test_an_epoch_that_leaves_one_sample_trains_a_batchnorm_student(cache, tmp_p
     assert rec["images"] == train and rec["steps"] == (train - 1) // batch and np.isfinite(rec["loss"])
 
 
+def test_batch_size_one_is_refused_for_a_batchnorm_student_and_trains_one_without(cache, tmp_path):
+    proc = run_cli("distill", "--cache", str(cache), "--student", "mobilenetv3_small_050", "--image-size", "32",
+                   "--method", "kd", "--batch-size", "1", "--epochs", "1", "--workers", "0", "--out",
+                   str(tmp_path / "bn"), "--no-check-dataset", "--no-progress", check=False)
+    error = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and error.startswith("error: --batch-size 1: student mobilenetv3_small_050 has "
+                                                     "BatchNorm layers") and "--batch-size 2" in error, proc.stderr
+    assert not (tmp_path / "bn").exists()
+    out = distill.run(_distill_cfg(cache, tmp_path / "vit", student="test_vit", batch_size=1, scenario="supervised",
+                                   labels_per_class=None, eval_every=0))
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["steps"] == rec["images"] > 0 and np.isfinite(rec["loss"])  # LayerNorm trains on single images
+
+
 def test_kdep_trains_on_fewer_train_rows_than_feature_dims_and_a_stale_group_is_recomputed(tmp_path):
     from kdcache.derived import derived_group, read_group, write_group
 
