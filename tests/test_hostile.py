@@ -565,6 +565,28 @@ def test_kdep_trains_on_fewer_train_rows_than_feature_dims_and_a_stale_group_is_
     assert read_group(store, "derived/other") is None and "derived/other" not in store.group
 
 
+def test_resume_with_fewer_epochs_than_done_is_refused_and_changes_nothing(cache, tmp_path):
+    run = tmp_path / "run"
+    distill.run(_distill_cfg(cache, run, epochs=2))
+
+    def files():  # what the run holds (the lock's owner note is rewritten by each process that takes the folder)
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name not in distill.LOCK_FILES}
+
+    before = files()
+    args = ["distill", "--cache", str(cache), "--student", "test_efficientnet", "--image-size", "32", "--method", "kd",
+            "--scenario", "ssl", "--labels-per-class", "2", "--batch-size", "16", "--workers", "0", "--out", str(run),
+            "--no-check-dataset", "--no-progress", "--resume"]
+    proc = run_cli(*args, "--epochs", "1", check=False)
+    error = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and error.startswith("error: --epochs 1: run "), proc.stderr
+    assert "already trained 2 epochs" in error and "--epochs 2 or more" in error
+    assert files() == before  # config.yaml included
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2
+    run_cli(*args, "--epochs", "3")
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 3
+
+
 def test_a_run_resumed_with_other_workers_ends_where_an_uninterrupted_one_does(cache, tmp_path, monkeypatch):
     """--workers may change on --resume (machines differ): a run stopped after its first epoch and resumed with
     another worker count ends bit-identical to one that ran through without workers."""

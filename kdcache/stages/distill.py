@@ -455,6 +455,10 @@ def _prepare_run_dir(out: Path, cfg: DistillConfig, rank: int, module, optimizer
         raise CacheError("--resume with another config: " + ", ".join(f"{k} was {saved.get(k)!r}, now "
                                                                        f"{now.get(k)!r}" for k in changed)
                          + "; use the original flags or a new --out")
+    done = state["epoch"] + 1
+    if cfg.epochs < done:  # checked before anything in the run folder changes
+        raise ConfigError(f"--epochs {cfg.epochs}: run {out} has already trained {done} epochs; resume it with "
+                          f"--epochs {done} or more, or start a new run with another --out")
     restore(path, module.student, module.method)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
