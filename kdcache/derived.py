@@ -1,9 +1,12 @@
-"""Derived data kept in sub-groups of the cache: scenario probe heads (and, through write_group and
-read_group, what a method derives, e.g. KDEP's SVD statistics).
+"""Derived data kept in sub-groups of the cache: scenario probe heads (and, through derived_group, what a
+method derives, e.g. KDEP's SVD statistics).
 
-Written once, reused by every later run; the base arrays are never touched.
+Written once, reused by every later run; the base arrays are never touched. A group is computed, checked,
+then written, and marked complete last; a group of the wrong shape is computed again.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -21,6 +24,8 @@ def write_group(store: CacheStore, path: str, arrays: dict[str, np.ndarray], att
     group = store.derived_write_group()
     for part in path.split("/"):
         group = group.require_group(part)
+    if group.attrs.get("complete"):  # rewriting a stale group: it is incomplete until its arrays are all written
+        group.attrs.update(complete=False)
     for name, value in arrays.items():
         group.create_array(name, shape=value.shape, dtype=value.dtype, overwrite=True)[...] = value
     group.attrs.update(dict(attrs, complete=True))  # written last: a half-written group is recomputed
@@ -37,16 +42,50 @@ def derived_lock(store: CacheStore, path: str):
     return file_lock(lock)
 
 
-def read_group(store: CacheStore, path: str):
-    """A complete derived group, wherever it was written; None when there is none yet."""
+Shapes = dict[str, tuple[int, ...]]
+
+
+def read_group(store: CacheStore, path: str, shapes: Shapes | None = None):
+    """A complete derived group, wherever it was written; None when there is none yet. With `shapes`, a group
+    whose arrays have other shapes (one written by an earlier version, or for another cache) counts as none."""
     for root in store.derived_read_groups():
         try:
             group = root[path]
         except KeyError:
             continue
-        if group.attrs.get("complete"):
+        if group.attrs.get("complete") and _shape_problem(group, shapes) is None:
             return group
     return None
+
+
+def _shape_problem(arrays, shapes: Shapes | None) -> str | None:
+    for name, shape in (shapes or {}).items():
+        got = tuple(arrays[name].shape) if name in arrays else None
+        if got != tuple(shape):
+            return f"{name} has shape {got}, expected {tuple(shape)}"
+    return None
+
+
+def derived_group(store: CacheStore, path: str, compute: Callable[[], tuple[dict[str, np.ndarray], dict]],
+                  shapes: Shapes | None = None, write: bool = True):
+    """The derived group at `path`, computed first if there is none (or only one of other `shapes`).
+
+    `compute()` returns (arrays, attrs); they are checked against `shapes` before anything is written, under
+    a lock, so runs started together compute it once. `write=False` (a rank that only reads) expects it."""
+    group = read_group(store, path, shapes)
+    if group is not None:
+        return group
+    if not write:
+        raise RuntimeError(f"derived data {path} is missing")
+    with derived_lock(store, path):
+        group = read_group(store, path, shapes)  # another run may have written it meanwhile
+        if group is None:
+            arrays, attrs = compute()
+            problem = _shape_problem(arrays, shapes)
+            if problem:
+                raise RuntimeError(f"derived data {path} computed with the wrong shape ({problem}); not written")
+            group = write_group(store, path, arrays, attrs)
+    return group
 
 
 def head_fitted_on(store: CacheStore) -> np.ndarray | None:
@@ -81,20 +120,15 @@ def _scenario_head(store: CacheStore, scenario: Scenario, write: bool):
         return None, {"teacher_head": kind, "refit": False}
     leaked = int((seen & ~scenario.labelled).sum()) if seen is not None else 0
     path = f"heads/{scenario.digest()}"
-    group = read_group(store, path)
-    if group is None:
-        if not write:
-            raise RuntimeError(f"scenario probe {path} is missing")
-        with derived_lock(store, path):
-            group = read_group(store, path)  # another run may have fitted it meanwhile
-            if group is None:
-                labels = store.array("labels")[:]
-                w, b = fit_probe(store.clean_view(scenario.labelled), labels[scenario.labelled],
-                                 len(store.attrs["dataset"]["classes"]))
-                group = write_group(store, path, {"weight": w, "bias": b,
-                                                  "fitted_on": scenario.labelled.astype(np.uint8)},
-                                    {"kind": "probe", "scenario": scenario.description,
-                                     "samples": int(scenario.labelled.sum())})
+
+    def fit():
+        labels = store.array("labels")[:]
+        w, b = fit_probe(store.clean_view(scenario.labelled), labels[scenario.labelled],
+                         len(store.attrs["dataset"]["classes"]))
+        return ({"weight": w, "bias": b, "fitted_on": scenario.labelled.astype(np.uint8)},
+                {"kind": "probe", "scenario": scenario.description, "samples": int(scenario.labelled.sum())})
+
+    group = derived_group(store, path, fit, write=write)
     head = LinearHead(torch.from_numpy(group["weight"][:]), torch.from_numpy(group["bias"][:]))
     why = f"stored {kind} head saw labels of {leaked} rows outside this scenario's labelled set" if leaked \
         else "the cache has no teacher logits"
@@ -121,22 +155,20 @@ def teacher_adaptation(store: CacheStore, scenario: Scenario, head, info: dict, 
     (evaluation labels are read for that report only).
     """
     path = f"heads/{scenario.digest()}-adapt{rounds}"
-    labels = store.array("labels")[:]
-    group = read_group(store, path)
-    if group is None:
-        if not write:
-            raise RuntimeError(f"adapted teacher head {path} is missing")
+
+    def adapt():
+        labels = store.array("labels")[:]
         num_classes = len(store.attrs["dataset"]["classes"])
         w, b = self_train_head(store.masked(scenario.labelled), labels[scenario.labelled],
                                store.masked(scenario.unlabelled), teacher_logits(store, head, scenario.unlabelled),
                                num_classes, rounds=rounds)
         ev = scenario.evaluation
-        f_e = store.clean_view(ev)
         before = _top1(teacher_logits(store, head, ev, view=0), labels[ev])
-        after = _top1(f_e @ w.T + b, labels[ev])
-        group = write_group(store, path, {"weight": w, "bias": b},
-                            {"kind": "self-trained probe", "rounds": rounds, "eval_top1_before": before,
-                             "eval_top1_after": after})
+        after = _top1(store.clean_view(ev) @ w.T + b, labels[ev])
+        return ({"weight": w, "bias": b}, {"kind": "self-trained probe", "rounds": rounds,
+                                           "eval_top1_before": before, "eval_top1_after": after})
+
+    group = derived_group(store, path, adapt, write=write)
     adapted = LinearHead(torch.from_numpy(group["weight"][:]), torch.from_numpy(group["bias"][:]))
     a = group.attrs
     return adapted, dict(info, adapted=True, group=path, rounds=rounds,

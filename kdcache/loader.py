@@ -1,14 +1,20 @@
 """The stage-two stream: tar shard k and cache rows of shard k, read together, in order.
 
-    shard order (shuffled per epoch) -> this rank's shards -> this worker's shards
-    -> read tar k sequentially + cache rows of k (one chunk-aligned slice per array)
-    -> pick a view per sample per epoch -> replay.replay_shard -> shuffle buffer -> batches
+    shard order (shuffled per epoch) -> this rank's shards -> each shard's draws (rows x repeats, in a
+    seeded order, one view each) -> chunks of draws -> workers replay chunks (replay.replay_shard)
+    -> chunks put back in order -> shuffle buffer -> batches (never a last batch of one)
+
+A rank's batches in an epoch depend only on (seed, epoch, the rank's shards), never on the number of
+workers: the draws and their views are seeded per shard and epoch, workers only replay chunks, and the
+main process puts the chunks back in order before it mixes and batches them. A run resumed with
+another --workers ends where an uninterrupted one does.
 
 The cache is only read here; the teacher never runs.
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +24,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .pack import member_digest, read_members, shard_name
 from .replay import Unreadable, replay_shard, stored_views
 from .store import CacheError, CacheStore
+
+CHUNK_BYTES = 32 << 20  # the replayed images of one chunk (what a worker hands over at a time), about
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class StreamConfig:
     features: bool = True  # False: images and labels only (supervised training, evaluation)
     teacher_size: int = 0  # > 0: also the same view replayed at the teacher's input size (online teacher)
     teacher_interpolation: str = "bicubic"
+    chunk_size: int = 0  # draws a worker replays at a time (0: about CHUNK_BYTES of images); the stream is the same
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
@@ -52,61 +61,144 @@ def samples_in(shards: list[int], repeats: np.ndarray, shard_size: int) -> int:
     return int(sum(repeats[k * shard_size:(k + 1) * shard_size].sum() for k in shards))
 
 
-class CacheStream(IterableDataset):
-    """Yields one dict per (sample, repeat): image (uint8, replayed view), cached teacher rows, label."""
+def num_batches(samples: int, batch_size: int) -> int:
+    """Batches of an epoch of `samples`: a last single sample joins the batch before it (see `batched`)."""
+    full, rest = divmod(samples, batch_size)
+    return full if rest == 1 and full and batch_size > 1 else full + (rest > 0)
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive groups of `size` items. A last group of one joins the group before it (which then holds
+    size + 1): BatchNorm cannot train on a batch of one image."""
+    buf: list = []
+    for item in items:
+        buf.append(item)
+        if len(buf) == 2 * size:
+            yield buf[:size]
+            buf = buf[size:]
+    if len(buf) == size + 1 and size > 1:
+        yield buf
+    elif buf:
+        yield buf[:size]
+        if buf[size:]:
+            yield buf[size:]
+
+
+def shard_draws(cfg: StreamConfig, repeats: np.ndarray, rows: range, epoch: int, k: int,
+                num_views: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shard k's draws in an epoch, (row, view) as two arrays: a row repeated r times is drawn r times.
+    Training visits the draws in a seeded random order (so repeats never arrive back to back), each with a
+    random view; evaluation visits every row's view 0 (the clean one) in row order."""
+    reps = np.maximum(repeats[rows.start:rows.stop], 0)
+    draws = np.repeat(np.arange(rows.start, rows.stop, dtype=np.int64), reps)
+    if cfg.clean_only:
+        return draws, np.zeros(len(draws), np.int64)
+    rng = np.random.default_rng([cfg.seed, epoch, 3, k])
+    draws = draws[rng.permutation(len(draws))]
+    return draws, rng.integers(num_views, size=len(draws))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Draws [start, stop) of shard `shard`'s draws: what a worker replays at a time. `index` is the
+    chunk's place in the epoch's stream."""
+
+    index: int
+    shard: int
+    start: int
+    stop: int
+
+
+def plan_chunks(shards: list[int], repeats: np.ndarray, shard_size: int, size: int) -> list[Chunk]:
+    chunks: list[Chunk] = []
+    for k in shards:
+        draws = int(np.maximum(repeats[k * shard_size:(k + 1) * shard_size], 0).sum())
+        for start in range(0, draws, size):
+            chunks.append(Chunk(len(chunks), k, start, min(start + size, draws)))
+    return chunks
+
+
+@dataclass
+class _Shard:
+    """What a worker reads of shard k once, for all the chunks of it that it replays."""
+
+    k: int
+    rows: range
+    draws: np.ndarray  # the epoch's draws (rows), in order
+    views: np.ndarray  # the view of each draw
+    first: dict[int, int]  # row -> its first draw: a row's problems are reported by the chunk holding it
+    members: dict[int, tuple[str, bytes]]
+    problems: list[str]  # of the tar file as a whole (reported by the shard's first chunk)
+    digests: np.ndarray | None
+    arrays: dict[str, np.ndarray]  # view parameters, and the teacher rows asked for
+
+
+class CacheStream:
+    """One rank's stream for an epoch: one dict per draw (image (uint8, replayed view), cached teacher rows,
+    label, row, view), in an order that (seed, epoch, shards) alone decide."""
 
     def __init__(self, cfg: StreamConfig, shards: list[int], repeats: np.ndarray, labels: np.ndarray, epoch: int):
         self.cfg, self.shards, self.repeats, self.labels, self.epoch = cfg, list(shards), repeats, labels, epoch
+        size = cfg.chunk_size or max(64, CHUNK_BYTES // (3 * (cfg.image_size ** 2 + cfg.teacher_size ** 2)))
+        self.chunks = plan_chunks(self.shards, repeats, CacheStore.open(cfg.cache).layout.shard_size, size)
 
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
-        if info is not None:
-            torch.set_num_threads(1)
-        store = CacheStore.open(self.cfg.cache)
-        samples = (s for k in self.shards[wid::nw] for s in self._shard(store, k))
+    def __iter__(self) -> Iterator[dict]:
+        return self.mix(s for _, samples in self.replay(self.chunks) for s in samples)
+
+    def mix(self, items: Iterable) -> Iterator:
+        """The shuffle buffer (training): mixes the draws of neighbouring shards."""
         if self.cfg.clean_only or self.cfg.shuffle_buffer <= 1:
-            yield from samples
-        else:
-            yield from _shuffled(samples, self.cfg.shuffle_buffer,
-                                 np.random.default_rng([self.cfg.seed, self.epoch, 2, wid]))
+            return iter(items)
+        return _shuffled(items, self.cfg.shuffle_buffer, np.random.default_rng([self.cfg.seed, self.epoch, 2, 0]))
 
-    def _shard(self, store: CacheStore, k: int):
+    def replay(self, chunks: list[Chunk]) -> Iterator[tuple[Chunk, list[dict]]]:
+        """Each chunk with its samples (a draw whose image is damaged is skipped, and reported)."""
+        store = CacheStore.open(self.cfg.cache)
+        shard = None
+        for chunk in chunks:
+            if shard is None or shard.k != chunk.shard:
+                shard = self._read(store, chunk.shard)
+            yield chunk, list(self._replay(store, shard, chunk))
+
+    def _arrays(self) -> list[str]:
         cfg = self.cfg
+        wanted = (("features", cfg.features), ("views", True), ("logits", cfg.logits), ("tokens", cfg.tokens))
+        return [name for name, read in wanted if read]
+
+    def _read(self, store: CacheStore, k: int) -> _Shard:
+        """Shard k's arrays (one chunk-aligned slice each, never a per-sample Zarr read, each compared with its
+        recorded digest) and its tar, read sequentially once."""
         rows = store.layout.rows(k)
-        reps = self.repeats[rows.start:rows.stop]
-        if not reps.any():
-            return
-        # one slice per array: chunk-aligned, never a per-sample Zarr read
         try:
-            # each array read is compared with its recorded digest (cheap next to decoding the images)
-            feats = store.read_checked("features", k) if cfg.features else None
-            views = store.read_checked("views", k)
-            logits = store.read_checked("logits", k) if cfg.logits else None
-            tokens = store.read_checked("tokens", k) if cfg.tokens else None
-            # the tar is read sequentially once, its members checked against their digests
-            packed = self._packed(store, k, reps)
+            arrays = {name: store.read_checked(name, k) for name in self._arrays()}
+            members, problems = read_members(store.images_dir / shard_name(k), rows)
+            digests = store.read_checked("image_digests", k) if store.has("image_digests") else None
         except CacheError:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged shard file raises from its codec or index
-            raise CacheError(f"shard {k} of cache {cfg.cache} cannot be read ({type(e).__name__}: {e}); check it with "
-                             "`info --verify` and fix it with `extract --repair`") from None
-        rng = np.random.default_rng([cfg.seed, self.epoch, 3, k])
-        num_views = views.shape[1]
-        # the shard's draws (a row repeated r times gives r draws) are visited in a random order, so
-        # repeats never arrive back to back
-        draws = np.repeat(np.fromiter(packed, dtype=np.int64, count=len(packed)),
-                          [int(reps[r - rows.start]) for r in packed])
-        if not cfg.clean_only:
-            draws = draws[rng.permutation(len(draws))]
-        # one view per draw, drawn in the draws' order (view 0, the clean one, for evaluation)
-        picks = [(row, 0 if cfg.clean_only else int(rng.integers(num_views))) for row in draws.tolist()]
+            raise CacheError(f"shard {k} of cache {self.cfg.cache} cannot be read ({type(e).__name__}: {e}); check "
+                             "it with `info --verify` and fix it with `extract --repair`") from None
+        draws, views = shard_draws(self.cfg, self.repeats, rows, self.epoch, k, arrays["views"].shape[1])
+        unique, first = np.unique(draws, return_index=True)
+        return _Shard(k, rows, draws, views, dict(zip(unique.tolist(), first.tolist())), members, problems, digests,
+                      arrays)
+
+    def _replay(self, store: CacheStore, shard: _Shard, chunk: Chunk) -> Iterator[dict]:
+        cfg, rows = self.cfg, shard.rows
+        draws = shard.draws[chunk.start:chunk.stop].tolist()
+        views = shard.views[chunk.start:chunk.stop].tolist()
+        own = {r for r in draws if shard.first[r] >= chunk.start}  # rows first drawn in this chunk
+        packed = self._packed(shard, sorted(set(draws)), own, chunk.start == 0)
         outputs = [(cfg.image_size, cfg.interpolation)]
         if cfg.teacher_size:
             outputs.append((cfg.teacher_size, cfg.teacher_interpolation))
-        for got in replay_shard(packed, picks, stored_views(views, rows.start), outputs, store.meta.image_bound):
+        picks = [(r, v) for r, v in zip(draws, views) if r in packed]
+        feats, logits, tokens = (shard.arrays.get(name) for name in ("features", "logits", "tokens"))
+        for got in replay_shard(packed, picks, stored_views(shard.arrays["views"], rows.start), outputs,
+                                store.meta.image_bound):
             if isinstance(got, Unreadable):
-                _report(k, [f"row {got.row}: {got.reason}"])
+                if got.row in own:
+                    _report(shard.k, [f"row {got.row}: {got.reason}"])
                 continue
             row, v, j = got.row, got.view, got.row - rows.start
             sample = {"image": got.images[0], "label": int(self.labels[row]), "row": row, "view": v}
@@ -120,45 +212,42 @@ class CacheStream(IterableDataset):
                 sample["tokens"] = torch.from_numpy(tokens[j, v].astype(np.float32))
             yield sample
 
-
-    def _packed(self, store: CacheStore, k: int, reps: np.ndarray) -> dict[int, bytes]:
-        """The packed bytes of shard k's rows to stream. Each member is checked against the digest taken
-        when it was packed; a damaged, swapped or missing member is skipped and reported, never decoded."""
-        rows = store.layout.rows(k)
-        found, problems = read_members(store.images_dir / shard_name(k), rows)
-        digests = store.read_checked("image_digests", k) if store.has("image_digests") else None
+    @staticmethod
+    def _packed(shard: _Shard, wanted: list[int], own: set[int], first_chunk: bool) -> dict[int, bytes]:
+        """The packed bytes of the `wanted` rows. Each member is checked against the digest taken when it was
+        packed; a damaged, swapped or missing member is skipped and reported (for the rows in `own`), never
+        decoded."""
         packed, wrong, missing = {}, 0, 0
-        for row in rows:
-            if reps[row - rows.start] <= 0:
+        for row in wanted:
+            if row not in shard.members:
+                missing += row in own
                 continue
-            if row not in found:
-                missing += 1
-                continue
-            ext, data = found[row]
-            if digests is not None and member_digest(ext, data) != bytes(digests[row - rows.start]):
-                wrong += 1
+            ext, data = shard.members[row]
+            if shard.digests is not None and member_digest(ext, data) != bytes(shard.digests[row - shard.rows.start]):
+                wrong += row in own
             elif ext != "bad":
                 packed[row] = data
+        problems = list(shard.problems) if first_chunk else []
         if wrong:
             problems.append(f"{wrong} member(s) differ from their recorded digest")
         if missing:
             problems.append(f"{missing} row(s) to stream have no member")
         if problems:
-            _report(k, problems)
+            _report(shard.k, problems)
         return packed
 
 
 def _report(k: int, problems: list[str]) -> None:
-    """Damaged packed images are skipped, and said so (once per shard and epoch, on stderr)."""
+    """Damaged packed images are skipped, and said so (once per problem and epoch, on stderr)."""
     print(f"warning: shard {k} packed images: {'; '.join(problems)}; those rows are skipped "
           "(check with `python cli.py info --cache CACHE --verify`, fix with `extract --repair`)",
           file=sys.stderr)
 
 
-def _shuffled(samples, size: int, rng: np.random.Generator):
-    """A bounded shuffle buffer: mixes samples across the shards a worker reads."""
+def _shuffled(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
+    """A bounded shuffle buffer."""
     buf = []
-    for s in samples:
+    for s in items:
         if len(buf) < size:
             buf.append(s)
             continue
@@ -170,12 +259,70 @@ def _shuffled(samples, size: int, rng: np.random.Generator):
         yield buf[i]
 
 
+class _Chunks(IterableDataset):
+    """A worker's share of a stream's chunks (every nw-th), each as (index, its samples stacked into tensors,
+    or None when it has none)."""
+
+    def __init__(self, stream: CacheStream):
+        self.stream = stream
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is not None:
+            torch.set_num_threads(1)
+        for chunk, samples in self.stream.replay(self.stream.chunks[wid::nw]):
+            yield chunk.index, _stack(samples) if samples else None
+
+
+def _stack(samples: list[dict]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([s[key] for s in samples]) if isinstance(value, torch.Tensor)
+            else torch.tensor([s[key] for s in samples], dtype=torch.int64) for key, value in samples[0].items()}
+
+
+def _in_order(items: Iterable[tuple[int, dict | None]]) -> Iterator[dict]:
+    """Chunks by their index, whichever worker replayed them (one that arrives early waits for its turn)."""
+    waiting: dict[int, dict | None] = {}
+    want = 0
+    for index, chunk in items:
+        waiting[index] = chunk
+        while want in waiting:
+            chunk = waiting.pop(want)
+            want += 1
+            if chunk is not None:
+                yield chunk
+
+
+def _collate(refs: list[tuple[dict, int]], pin_memory: bool) -> dict[str, torch.Tensor]:
+    """One batch from (chunk, position) references."""
+    batch = {}
+    for key in refs[0][0]:
+        values = [chunk[key][i] for chunk, i in refs]
+        out = torch.empty((len(values), *values[0].shape), dtype=values[0].dtype, pin_memory=pin_memory)
+        batch[key] = torch.stack(values, out=out)
+    return batch
+
+
+class StreamLoader:
+    """The batches of a stream. Workers replay chunks; the main process puts them back in order, mixes and
+    batches them: the batches are the same for any number of workers."""
+
+    def __init__(self, stream: CacheStream, batch_size: int, workers: int, pin_memory: bool = False):
+        self.stream, self.batch_size, self.workers, self.pin_memory = stream, batch_size, workers, pin_memory
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        workers = min(self.workers, len(self.stream.chunks))
+        # a DataLoader even without workers: each pass draws one seed from torch's generator, whatever the workers
+        chunks = DataLoader(_Chunks(self.stream), batch_size=None, num_workers=workers,
+                            prefetch_factor=2 if workers else None, persistent_workers=False)
+        refs = ((chunk, i) for chunk in _in_order(chunks) for i in range(len(chunk["row"])))
+        for group in batched(self.stream.mix(refs), self.batch_size):
+            yield _collate(group, self.pin_memory)
+
+
 def make_loader(cfg: StreamConfig, shards: list[int], repeats: np.ndarray, labels: np.ndarray, epoch: int,
-                batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
-    stream = CacheStream(cfg, shards, repeats, labels, epoch)
-    workers = min(workers, len(shards)) if shards else 0
-    return DataLoader(stream, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                batch_size: int, workers: int, pin_memory: bool = False) -> StreamLoader:
+    return StreamLoader(CacheStream(cfg, shards, repeats, labels, epoch), batch_size, workers, pin_memory)
 
 
 def labelled_repeats(labelled: np.ndarray, unlabelled: np.ndarray, ratio: float | None) -> np.ndarray:

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, cli_env, read_all, run_cli, write_image
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from tiny_teacher import train_tiny_teacher
 
@@ -390,3 +392,52 @@ def create_student_for_test():
     from kdcache.students import create_student
 
     return create_student("test_efficientnet", 5)
+
+
+# the stream is the same for any number of workers; a last batch of one joins the batch before it ------------
+
+@settings(deadline=None)
+@given(samples=st.integers(0, 300), size=st.integers(1, 40))
+def test_batches_keep_the_order_and_never_end_with_one_sample(samples, size):
+    from kdcache.loader import batched, num_batches
+
+    batches = list(batched(range(samples), size))
+    assert [x for b in batches for x in b] == list(range(samples))
+    assert len(batches) == num_batches(samples, size)
+    assert all(len(b) == size for b in batches[:-1])
+    if batches:
+        last = len(batches[-1])
+        assert last <= size + 1 and (last > 1 or samples == 1 or size == 1)
+
+
+def test_the_stream_is_the_same_for_any_number_of_workers(cache):
+    """Batches (rows, views, pixels, teacher rows) depend on (seed, epoch, shards), never on --workers or on how
+    the shards are cut into chunks for the workers; torch's generator moves alike."""
+    from kdcache.loader import make_loader
+
+    store = CacheStore.open(cache)
+    train = store.array("splits")[:] == 0
+    labels = np.where(train, store.array("labels")[:], -1)
+    reps = train.astype(np.int32) * np.where(np.arange(N) % 7 == 0, 3, 1)  # some rows drawn three times
+    batch = 30
+    reps[np.flatnonzero(reps == 1)[:(reps.sum() - 1) % batch]] = 0  # the epoch leaves one sample for a last batch
+    shards = rank_shards(reps, S, seed=4, epoch=2, rank=0, world=1)
+
+    def batches(workers: int, chunk_size: int = 0):
+        cfg = StreamConfig(str(cache), image_size=24, seed=4, shuffle_buffer=40, logits=True, chunk_size=chunk_size)
+        torch.manual_seed(0)
+        got = list(make_loader(cfg, shards, reps, labels, 2, batch, workers))
+        return got, torch.rand(3)
+
+    ref, after = batches(0)
+    rows = torch.cat([b["row"] for b in ref]).tolist()
+    assert sorted(rows) == np.repeat(np.arange(N), reps).tolist()  # every draw once
+    assert [len(b["row"]) for b in ref] == [batch] * (len(ref) - 1) + [batch + 1]
+    cfg = StreamConfig(str(cache), image_size=24, seed=4, shuffle_buffer=40, logits=True)
+    assert [s["row"] for s in CacheStream(cfg, shards, reps, labels, 2)] == rows  # iterated directly: the same
+    for workers, chunk_size in ((1, 0), (2, 0), (2, 16), (3, 7)):
+        got, moved = batches(workers, chunk_size)
+        assert torch.equal(moved, after), (workers, chunk_size)
+        assert len(got) == len(ref), (workers, chunk_size)
+        for a, b in zip(ref, got):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (workers, chunk_size)

@@ -781,3 +781,117 @@ def test_an_extract_that_finds_the_head_being_fitted_waits_and_reads_it(referenc
     extract.run(_extract_cfg(out))  # finds it fitted: fits nothing again
     assert {p: p.stat().st_mtime_ns for p in head.rglob("*") if p.is_file()} == mtimes
     assert cacheinfo.verify(CacheStore.open(out)) == []
+
+
+# 10. training: a last batch of one, --batch-size 1, KDEP on few rows, resume with fewer epochs ---------------
+
+def test_an_epoch_that_leaves_one_sample_trains_a_batchnorm_student(cache, tmp_path):
+    """At 32 px the last BatchNorm layers of mobilenetv3_small_050 see 1x1 maps: a batch of one image cannot
+    train. An epoch whose samples leave one for a last batch gives it to the batch before."""
+    from kdcache.students import create_student
+
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        create_student("mobilenetv3_small_050", 8).train()(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    store = CacheStore.open(cache)
+    train = int((store.array("splits")[:] == 0).sum())
+    batch = min(d for d in range(2, train) if (train - 1) % d == 0 and (train - 1) // d <= 8)  # train = k * batch + 1
+    out = distill.run(_distill_cfg(cache, tmp_path / "run", student="mobilenetv3_small_050", scenario="supervised",
+                                   labels_per_class=None, batch_size=batch))
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["images"] == train and rec["steps"] == (train - 1) // batch and np.isfinite(rec["loss"])
+
+
+def test_batch_size_one_is_refused_for_a_batchnorm_student_and_trains_one_without(cache, tmp_path):
+    proc = run_cli("distill", "--cache", str(cache), "--student", "mobilenetv3_small_050", "--image-size", "32",
+                   "--method", "kd", "--batch-size", "1", "--epochs", "1", "--workers", "0", "--out",
+                   str(tmp_path / "bn"), "--no-check-dataset", "--no-progress", check=False)
+    error = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and error.startswith("error: --batch-size 1: student mobilenetv3_small_050 has "
+                                                     "BatchNorm layers") and "--batch-size 2" in error, proc.stderr
+    assert not (tmp_path / "bn").exists()
+    out = distill.run(_distill_cfg(cache, tmp_path / "vit", student="test_vit", batch_size=1, scenario="supervised",
+                                   labels_per_class=None, eval_every=0))
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["steps"] == rec["images"] > 0 and np.isfinite(rec["loss"])  # LayerNorm trains on single images
+
+
+def test_kdep_trains_on_fewer_train_rows_than_feature_dims_and_a_stale_group_is_recomputed(tmp_path):
+    from kdcache.derived import derived_group, read_group, write_group
+
+    small = extract.run(_extract_cfg(tmp_path / "small", dataset_options=(("n", 40),), views=1))
+    store = CacheStore.open(small, mode="r+")
+    d = store.layout.feature_dim
+    train = int(((store.array("splits")[:] == 0) & (store.status() == 1)).sum())
+    assert train < d
+    # as a run of an earlier version left it: the statistics of `train` rows, shaped (train, d)
+    path = f"derived/svd-k{d}"
+    write_group(store, path, {"mean": np.zeros(d, np.float32), "components": np.ones((train, d), np.float32),
+                              "singular_values": np.ones(train, np.float32)}, {"rows": train})
+    cfg = _distill_cfg(small, tmp_path / "run", method="kdep", student="mobilenetv3_small_050", scenario="supervised",
+                       labels_per_class=None)
+    assert distill._student_and_method(cfg, store)[1].k == d
+    out = distill.run(cfg)
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(rec["kdep"]) and rec["images"] > 0
+    comps = CacheStore.open(small).group[path]["components"][:]
+    assert comps.shape == (d, d)
+    rank = train - 1  # the centred train features
+    assert np.allclose(comps[:rank] @ comps[:rank].T, np.eye(rank), atol=1e-4)
+    assert not comps[train:].any()  # no direction beyond the train rows: a zero target there
+    # computed, checked, then written: statistics of the wrong shape are never kept
+    with pytest.raises(RuntimeError, match="wrong shape"):
+        derived_group(store, "derived/other", lambda: ({"a": np.zeros(3)}, {}), {"a": (4,)})
+    assert read_group(store, "derived/other") is None and "derived/other" not in store.group
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused_and_changes_nothing(cache, tmp_path):
+    run = tmp_path / "run"
+    distill.run(_distill_cfg(cache, run, epochs=2))
+
+    def files():  # what the run holds (the lock's owner note is rewritten by each process that takes the folder)
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name not in distill.LOCK_FILES}
+
+    before = files()
+    args = ["distill", "--cache", str(cache), "--student", "test_efficientnet", "--image-size", "32", "--method", "kd",
+            "--scenario", "ssl", "--labels-per-class", "2", "--batch-size", "16", "--workers", "0", "--out", str(run),
+            "--no-check-dataset", "--no-progress", "--resume"]
+    proc = run_cli(*args, "--epochs", "1", check=False)
+    error = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and error.startswith("error: --epochs 1: run "), proc.stderr
+    assert "already trained 2 epochs" in error and "--epochs 2 or more" in error
+    assert files() == before  # config.yaml included
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2
+    run_cli(*args, "--epochs", "3")
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 3
+
+
+def test_a_run_resumed_with_other_workers_ends_where_an_uninterrupted_one_does(cache, tmp_path, monkeypatch):
+    """--workers may change on --resume (machines differ): a run stopped after its first epoch and resumed with
+    another worker count ends bit-identical to one that ran through without workers."""
+    from safetensors.torch import load_file
+
+    def cfg(out, workers, **kw):
+        return _distill_cfg(cache, tmp_path / out, epochs=2, workers=workers, **kw)
+
+    distill.run(cfg("ref", 0))
+    save = distill.save_checkpoint
+
+    def stop_after_the_first_epoch(run_dir, epoch, *args):
+        path = save(run_dir, epoch, *args)
+        if epoch == 0:
+            raise KeyboardInterrupt  # as a kill right after the checkpoint
+        return path
+
+    monkeypatch.setattr(distill, "save_checkpoint", stop_after_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        distill.run(cfg("run", 2))
+    monkeypatch.undo()
+    distill.run(cfg("run", 1, resume=True))
+    records = {out: [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+               for out in ("ref", "run")}
+    assert [r["epoch"] for r in records["run"]] == [0, 1]
+    assert [r["loss"] for r in records["run"]] == [r["loss"] for r in records["ref"]]
+    for name in ("student.safetensors", "method.safetensors"):
+        a, b = load_file(str(tmp_path / "ref" / name)), load_file(str(tmp_path / "run" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..derived import read_group, write_group
+from ..derived import derived_group
 from ..codes import Split, Status
 from .base import Method, MethodContext, MethodError, Opt, feature_mse, flag, register_method, temperature, weight
 
@@ -85,19 +85,24 @@ class KDEP(Method):
 
 
 def svd_statistics(store, k: int, write: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and top-k right singular vectors of the clean train-split features (KDEP)."""
-    path = f"derived/svd-k{k}"
-    group = read_group(store, path)
-    if group is None:
-        if not write:
-            raise RuntimeError(f"{path} is missing")
-        status, splits = store.status(), store.array("splits")[:]
-        f = torch.from_numpy(store.clean_view((status == Status.DONE) & (splits == Split.TRAIN))).double()
-        mean = f.mean(0)
-        _, s, vh = torch.linalg.svd(f - mean, full_matrices=False)
-        comps = vh[:k]
-        # fix each vector's sign so the statistics are reproducible
-        comps = comps * torch.sign(comps[torch.arange(len(comps)), comps.abs().argmax(1)])[:, None]
-        group = write_group(store, path, {"mean": mean.float().numpy(), "components": comps.float().numpy(),
-                                           "singular_values": s[:k].float().numpy()}, {"rows": len(f)})
+    """Mean and top-k right singular vectors of the clean train-split features (KDEP), kept with the cache.
+    A kept group of other shapes (written before fewer train rows than k were padded) is computed again."""
+    d = store.layout.feature_dim
+    shapes = {"mean": (d,), "components": (k, d), "singular_values": (k,)}
+    group = derived_group(store, f"derived/svd-k{k}", lambda: _svd(store, k), shapes, write)
     return torch.from_numpy(group["mean"][:]), torch.from_numpy(group["components"][:])
+
+
+def _svd(store, k: int) -> tuple[dict, dict]:
+    status, splits = store.status(), store.array("splits")[:]
+    f = torch.from_numpy(store.clean_view((status == Status.DONE) & (splits == Split.TRAIN))).double()
+    mean = f.mean(0)
+    _, s, vh = torch.linalg.svd(f - mean, full_matrices=False)
+    comps, s = vh[:k], s[:k]
+    # fix each vector's sign so the statistics are reproducible
+    comps = comps * torch.sign(comps[torch.arange(len(comps)), comps.abs().argmax(1)])[:, None]
+    if len(comps) < k:  # fewer train rows than k: no direction beyond them holds variance; their target is 0
+        comps = torch.cat([comps, comps.new_zeros(k - len(comps), f.shape[1])])
+        s = torch.cat([s, s.new_zeros(k - len(s))])
+    arrays = {"mean": mean.float().numpy(), "components": comps.float().numpy(), "singular_values": s.float().numpy()}
+    return arrays, {"rows": len(f)}

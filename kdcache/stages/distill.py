@@ -29,7 +29,7 @@ from kdcache.engine import (
     truncate_metrics,
 )
 from kdcache.location import is_url
-from kdcache.loader import StreamConfig, labelled_repeats, make_loader, rank_shards, samples_in
+from kdcache.loader import StreamConfig, labelled_repeats, make_loader, num_batches, rank_shards, samples_in
 from kdcache.methods import create_method
 from kdcache.methods.base import Dims, MethodContext
 from kdcache.report import TensorBoardLog, check_tensorboard, metrics_csv
@@ -38,7 +38,7 @@ from kdcache.store import CacheError, CacheStore
 from kdcache.students import create_student
 from kdcache.views import REPLAY_VERSION
 
-from .config import cache_location, local_path, to_dict, write_yaml
+from .config import ConfigError, cache_location, local_path, to_dict, write_yaml
 from .schema import DistillConfig  # noqa: F401  (stage.DistillConfig)
 
 # options that may differ when a run is resumed
@@ -285,6 +285,30 @@ def precompute(cfg: DistillConfig) -> None:
     method.precompute(ctx, cfg.epochs, progress=cfg.progress)
 
 
+def epoch_repeats(scenario, uses_unlabelled: bool, labelled_ratio: float) -> np.ndarray:
+    """How often each row is drawn in an epoch."""
+    if uses_unlabelled:
+        return labelled_repeats(scenario.labelled, scenario.unlabelled, labelled_ratio)
+    # the supervised baseline sees as many (labelled) images per epoch as the others
+    n_epoch = int(scenario.labelled.sum() + scenario.unlabelled.sum())
+    return scenario.labelled.astype(np.int32) * max(1, round(n_epoch / int(scenario.labelled.sum())))
+
+
+def check_batches(student, cfg: DistillConfig, samples: int) -> None:
+    """A student with BatchNorm layers cannot train on a batch of one image (training-mode BatchNorm normalises
+    over the batch; at small sizes its last layers see one value per channel). The stream never ends an epoch
+    with a batch of one, so only --batch-size 1, or an epoch of one sample, would give one."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.modules()):
+        return
+    if cfg.batch_size < 2:
+        raise ConfigError(f"--batch-size 1: student {cfg.student} has BatchNorm layers, which cannot train on one "
+                          "image at a time; use --batch-size 2 or more")
+    if samples < 2:
+        raise ConfigError(f"--scenario {cfg.scenario}: an epoch holds {samples} training sample(s) here, and student "
+                          f"{cfg.student} has BatchNorm layers, which need 2 or more a batch; give the scenario more "
+                          "rows, or use a --student without BatchNorm")
+
+
 def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path) -> Path:
     torch.manual_seed(cfg.seed)
     if cfg.check_dataset and rank == 0:
@@ -295,6 +319,10 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
     num_classes = len(a["dataset"]["classes"])
     image_size = cfg.image_size or student.default_size
     device = dist.device_for(cfg.device)
+    repeats, lay = epoch_repeats(scenario, method.uses_unlabelled, cfg.labelled_ratio), store.layout
+    per_rank = [samples_in(rank_shards(repeats, lay.shard_size, cfg.seed, 0, r, world), repeats, lay.shard_size)
+                for r in range(world)]
+    check_batches(student, cfg, min(per_rank))
     # derived data (probe head, method statistics) is written once by rank 0, then read by the other ranks
     head, head_info = None, {"teacher_head": a["head"]["kind"], "refit": False}
 
@@ -326,15 +354,7 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
         module.student.to(memory_format=torch.channels_last)
 
     labels = np.where(scenario.labelled, store.array("labels")[:], -1).astype(np.int64)
-    if method.uses_unlabelled:
-        repeats = labelled_repeats(scenario.labelled, scenario.unlabelled, cfg.labelled_ratio)
-    else:  # the supervised baseline sees as many (labelled) images per epoch as the others
-        n_epoch = int(scenario.labelled.sum() + scenario.unlabelled.sum())
-        repeats = scenario.labelled.astype(np.int32) * max(1, round(n_epoch / int(scenario.labelled.sum())))
-    lay = store.layout
-    per_rank = [samples_in(rank_shards(repeats, lay.shard_size, cfg.seed, 0, r, world), repeats, lay.shard_size)
-                for r in range(world)]
-    steps_per_epoch = max(1, (min(per_rank) // cfg.batch_size) if world > 1 else -(-per_rank[0] // cfg.batch_size))
+    steps_per_epoch = max(1, min(per_rank) // cfg.batch_size if world > 1 else num_batches(per_rank[0], cfg.batch_size))
     optimizer = make_optimizer(cfg.optimizer, module, cfg.lr, cfg.weight_decay, cfg.decay_norm_bias)
     scheduler = cosine_schedule(optimizer, steps_per_epoch * cfg.epochs, int(steps_per_epoch * cfg.warmup_epochs))
 
@@ -435,6 +455,10 @@ def _prepare_run_dir(out: Path, cfg: DistillConfig, rank: int, module, optimizer
         raise CacheError("--resume with another config: " + ", ".join(f"{k} was {saved.get(k)!r}, now "
                                                                        f"{now.get(k)!r}" for k in changed)
                          + "; use the original flags or a new --out")
+    done = state["epoch"] + 1
+    if cfg.epochs < done:  # checked before anything in the run folder changes
+        raise ConfigError(f"--epochs {cfg.epochs}: run {out} has already trained {done} epochs; resume it with "
+                          f"--epochs {done} or more, or start a new run with another --out")
     restore(path, module.student, module.method)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
