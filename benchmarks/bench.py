@@ -42,7 +42,7 @@ from kdcache.stages import extract  # noqa: E402
 from kdcache.views import P  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from photos import SIZES, make_photo_folder  # noqa: E402
+from photos import SIZES, make_photo_folder, photo_sources  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:
@@ -201,6 +201,7 @@ def bench_pipeline(a, tmp: Path) -> dict:
     out = {"views": a.pipeline_views, "input_size": 224, "target_views_per_s": TARGET_VIEWS_PER_S}
     try:
         sources = _pipeline_sources(a, tmp)
+        out["sources"] = ", ".join(n for n, _ in photo_sources())
         specs = {}
         for name, (ds, bound) in sources.items():
             n = min(len(ds), a.pipeline_images)
@@ -467,6 +468,8 @@ def main(argv=None):
     p.add_argument("--only", action="append", choices=SECTIONS,
                    help="run only these sections (repeatable); prints, writes no results file")
     p.add_argument("--only-teacher", help="extraction section: only this teacher of the set")
+    p.add_argument("--merge", action="store_true", help="with --only: write those sections into the machine's "
+                   "results file, keeping its other sections")
     a = p.parse_args(argv)
     if a.gpu:
         return gpu_main(a, argv)
@@ -490,13 +493,27 @@ def main(argv=None):
                 shutil.rmtree(sub, ignore_errors=True)
     results["wall_s"] = time.perf_counter() - start
     results["machine_after"] = machine_state()
-    if a.only:
+    if a.only and not a.merge:
         return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.merge:
+        results = merged(out / f"{machine}.json", results, a.only)
     (out / f"{machine}.json").write_text(json.dumps(results, indent=2))
     (out / f"{machine}.md").write_text(render(results))
     print(render(results))
+
+
+def merged(path: Path, new: dict, sections: list[str]) -> dict:
+    """The machine's results file with `sections` replaced by the ones just measured (the other sections and
+    their command kept); each merge is listed with its own command and machine load."""
+    if not path.is_file():
+        return new
+    old = json.loads(path.read_text())
+    old.update({name: new[name] for name in sections if name in new})
+    old.setdefault("merged", []).append({k: new[k] for k in ("command", "torch", "wall_s", "machine_before",
+                                                             "machine_after")} | {"sections": list(sections)})
+    return old
 
 
 def gpu_main(a, argv) -> dict:
@@ -526,6 +543,10 @@ def render(r: dict) -> str:
                   f"{m0['torch_threads']}; 1-minute load {m0['load_1min']:.2f} before, {m1.get('load_1min', 0):.2f} "
                   "after. Each ratio: median of per-repeat ratios (pairs measured back to back, interleaved), "
                   "min–max over the repeats; **noisy** where the repeats disagree on the target.", ""]
+    for m in r.get("merged", []):
+        lines += [f"Measured separately: {', '.join(m['sections'])} (`{m['command']}`, {m['wall_s'] / 60:.1f} min, "
+                  f"torch {m['torch']}; 1-minute load {m['machine_before']['load_1min']:.2f} before, "
+                  f"{m['machine_after']['load_1min']:.2f} after).", ""]
     lines += ["| pair | median | min–max (n) | target | verdict |", "| --- | --- | --- | --- | --- |"]
 
     def row(name, s, fmt="{:.3f}", target=None):
@@ -596,7 +617,7 @@ def render_pipeline(p: dict | None) -> list[str]:
     lines = ["", f"Image pipeline alone on one core ({p['views']} views an image at {p['input_size']} px, bicubic, "
              f"the default policy); a GPU extraction at 3,000 img/s needs {target:,} views/s. Per CPU-second of "
              "one thread (what a core gives, however busy the machine); median over interleaved repeats "
-             "(min–max).", "",
+             f"(min–max). Photos: {p.get('sources', '?')}.", "",
              "| source | packed image, mean px | views/s, one core | decode, ms/image | replay, ms/view "
              f"| cores for {target:,} views/s | `--decode device`: worker views/s, one core | cores |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -12,8 +12,8 @@ while the others still run:
                the image stream (the CPU pipeline's share)
   replay       decode and view replay on the device alone: views/s, and pixel differences to the CPU replay
   training     MobileNetV3-Large at 224 px from the cache against the same student on tensors already on the GPU
-  compile      DINOv2 under torch.compile (last: compiling ViT-L takes minutes)
   pipeline     the CPU image pipeline's views/s per core (the `make bench` section)
+  compile      DINOv2 under torch.compile (last: compiling ViT-L takes minutes)
 
 No network: teachers are random-init (speed does not depend on the weights), images are photos that installed
 packages ship (`photos.py`). `--device cpu --tiny` runs the same parts with tiny models (the tests do).
@@ -61,7 +61,7 @@ class Settings:
     repeats: int = 3
     images: int = 8192
     views: int = 4
-    shard_size: int = 128
+    shard_size: int = 256  # 32 shards: two claims of 2 x 14 workers, as the stage chunks them
     workers: int = 14
     extract_teachers: tuple = ("dinov2", "clip")
     student: str = "mobilenetv3_large_100"
@@ -371,11 +371,11 @@ def part_training(ctx: Context) -> dict:
                  "label": torch.randint(0, classes, (s.student_batch,), generator=g).to(dev)}
     runs = {"cache": [], "synthetic": []}
     ctx.peak_reset()
+    assert s.student_batch * need <= reps.sum(), "the epoch is shorter than the steps measured"
     for epoch in range(s.repeats):
         runs["cache"].append(_train_steps(module, opt, cache_batches(epoch), dev, s.train_warmup, s.train_steps))
         runs["synthetic"].append(_train_steps(module, opt, iter(lambda: synthetic, None), dev, s.train_warmup,
                                               s.train_steps))
-    assert s.student_batch * need <= reps.sum(), "the epoch is shorter than the steps measured"
     return {"student": s.student, "image_size": s.image_size, "batch": s.student_batch, "workers": s.workers,
             "cache_img_per_s": _median(runs["cache"]), "synthetic_img_per_s": _median(runs["synthetic"]),
             "cache_over_synthetic": _median([c / y for c, y in zip(runs["cache"], runs["synthetic"])]),
@@ -411,7 +411,7 @@ def part_pipeline(ctx: Context) -> dict:
 
 
 PARTS = {"environment": part_environment, "model_only": part_model_only, "extraction": part_extraction,
-         "replay": part_replay, "training": part_training, "compile": part_compile, "pipeline": part_pipeline}
+         "replay": part_replay, "training": part_training, "pipeline": part_pipeline, "compile": part_compile}
 
 
 def run_suite(s: Settings, device: torch.device, tmp: Path, out_json: Path, out_md: Path, command: str,

@@ -425,7 +425,8 @@ def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar
     return total, time.perf_counter() - start, waited
 
 
-def _teacher_inputs(batch: dict, spec: StreamSpec, device, late_bad: dict) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def _teacher_inputs(batch: dict, spec: StreamSpec, device, late_bad: dict
+                    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """(uint8 views on the device, row in shard and view of each): the loader's pixels, or for an encoded
     batch the views replayed on the device; rows that do not decode there are added to `late_bad`."""
     rows, view_idx = batch["rows"].numpy(), batch["view_idx"].numpy()

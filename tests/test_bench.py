@@ -85,7 +85,7 @@ def _fake_parts(out_json, sleep_s):
                                      "cache_img_per_s": {"median": 850.0, "min": 800.0, "max": 900.0, "n": 2},
                                      "synthetic_img_per_s": {"median": 1000.0, "min": 990.0, "max": 1010.0, "n": 2},
                                      "cache_over_synthetic": {"median": 0.85, "min": 0.8, "max": 0.9, "n": 2}},
-            "compile": lambda ctx: {}}
+            "pipeline": lambda ctx: {}, "compile": lambda ctx: {}}
 
 
 def test_gpu_set_writes_its_file_after_every_part_and_keeps_going_past_a_failing_or_slow_one(tmp_path, monkeypatch):
@@ -96,12 +96,12 @@ def test_gpu_set_writes_its_file_after_every_part_and_keeps_going_past_a_failing
     out_json, out_md = tmp_path / "gpu-fake.json", tmp_path / "gpu-fake.md"
     monkeypatch.setattr(gpu_suite, "PARTS", _fake_parts(out_json, sleep_s=5))
     limits = {"environment": (0, 10), "model_only": (0, 10), "extraction": (0, 10), "replay": (0, 1),
-              "training": (0, 10), "compile": (100, 200)}
+              "training": (0, 10), "pipeline": (0, 10), "compile": (100, 200)}
     s = gpu_suite.Settings(deadline_s=60, part_s=limits)
     r = gpu_suite.run_suite(s, torch.device("cpu"), tmp_path, out_json, out_md, "python benchmarks/bench.py --gpu")
     status = {k: v["status"] for k, v in r["parts"].items()}
     assert status == {"environment": "ok", "model_only": "ok", "extraction": "failed", "replay": "timed out",
-                      "training": "ok", "compile": "skipped"}
+                      "training": "ok", "pipeline": "ok", "compile": "skipped"}
     assert "nvJPEG is missing" in r["parts"]["extraction"]["error"]
     assert json.loads(out_json.read_text())["parts"] == json.loads(json.dumps(r["parts"]))
     md = out_md.read_text()
