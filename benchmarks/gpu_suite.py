@@ -144,15 +144,17 @@ class Context:
         return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
 
 
-def model_only_rate(ctx: Context, teacher, dtype=torch.bfloat16, repeats: int | None = None) -> list[float]:
+def model_only_rate(ctx: Context, teacher, dtype=torch.bfloat16, repeats: int | None = None,
+                    steps: int | None = None) -> list[float]:
     """img/s of the teacher alone on uint8 batches already on the device (its normalisation included)."""
     s, dev = ctx.s, ctx.device
     size = teacher.preprocess.input_size
+    steps = steps or s.model_steps
     x = torch.randint(0, 256, (s.batch, 3, size, size), dtype=torch.uint8, device=dev)
 
     def run():
         with _autocast(dev, dtype):
-            for _ in range(s.model_steps):
+            for _ in range(steps):
                 teacher(x)
         _sync(dev)
 
@@ -161,7 +163,7 @@ def model_only_rate(ctx: Context, teacher, dtype=torch.bfloat16, repeats: int | 
     for _ in range(repeats or s.repeats):
         t = time.perf_counter()
         run()
-        rates.append(s.model_steps * s.batch / (time.perf_counter() - t))
+        rates.append(steps * s.batch / (time.perf_counter() - t))
     return rates
 
 
@@ -198,12 +200,13 @@ def part_model_only(ctx: Context) -> dict:
     key = ctx.s.teachers[0][0]
     teacher = ctx.teacher(key)
     ladder = {}
-    ladder["fp32"] = _median(model_only_rate(ctx, teacher, dtype=None, repeats=1))
+    few = max(1, ctx.s.model_steps // 4)  # fp32 is several times slower
+    ladder["fp32"] = _median(model_only_rate(ctx, teacher, dtype=None, repeats=1, steps=few))
     if ctx.device.type == "cuda":
         saved = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
         try:
-            ladder["tf32"] = _median(model_only_rate(ctx, teacher, dtype=None, repeats=1))
+            ladder["tf32"] = _median(model_only_rate(ctx, teacher, dtype=None, repeats=1, steps=few))
         finally:
             torch.backends.cuda.matmul.allow_tf32 = saved
     ladder["bf16 autocast"] = out[key]["bf16_img_per_s"]
@@ -292,6 +295,7 @@ def part_replay(ctx: Context) -> dict:
     shards = list(range(min(ctx.s.replay_shards, lay.num_shards)))
     packed = {row: data for k in shards for row, ext, data in read_shard(store.images_dir / shard_name(k))
               if ext != "bad"}
+    out = {"device_decode": _device_decode_check(next(iter(packed.values())), ctx.device)}
     diffs, decode_diffs, views_done, seconds = [], [], 0, 0.0
     for batch in ShardImageStream(None, shards, spec):
         if not len(batch["rows"]):
@@ -314,15 +318,27 @@ def part_replay(ctx: Context) -> dict:
             if img is not None:
                 decode_diffs.append((img.cpu().int() - decode_packed(d, 384).int()).abs().flatten())
     d = torch.cat(diffs)
-    out = {"views": views_done, "device_views_per_s": views_done / seconds,
-           "views_vs_cpu_replay": {"max": int(d.max()), "mean": float(d.float().mean()),
-                                   "share_differing": float((d > 0).float().mean()),
-                                   "share_over_1": float((d > 1).float().mean())}}
+    out |= {"views": views_done, "device_views_per_s": views_done / seconds,
+            "views_vs_cpu_replay": {"max": int(d.max()), "mean": float(d.float().mean()),
+                                    "share_differing": float((d > 0).float().mean()),
+                                    "share_over_1": float((d > 1).float().mean())}}
     if decode_diffs:
         e = torch.cat(decode_diffs)
         out["decode_vs_cpu"] = {"max": int(e.max()), "mean": float(e.float().mean()),
                                 "share_differing": float((e > 0).float().mean())}
     return out
+
+
+def _device_decode_check(data: bytes, device: torch.device) -> str:
+    """'ok' where torchvision decodes a JPEG on `device` itself, else the error (decode_batch then falls back to
+    decoding on the host, and the device replay measures the host decoder)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device)
+        return "ok" if img.device.type == device.type else f"decoded on {img.device}"
+    except RuntimeError as e:
+        return f"{type(e).__name__}: {e}"
 
 
 def _train_steps(module, opt, batches, device, warmup: int, steps: int) -> float:
@@ -517,7 +533,8 @@ def _details(r: dict) -> list[str]:
     rp = r.get("replay")
     if rp:
         v = rp["views_vs_cpu_replay"]
-        lines += ["", f"Device decode + replay alone: {rp['device_views_per_s']:,.0f} views/s over {rp['views']} "
+        lines += ["", f"Device decode ({rp.get('device_decode', '?')}) + replay alone: {rp['device_views_per_s']:,.0f} "
+                  f"views/s over {rp['views']} "
                   f"views. Pixels against the CPU replay of the same views: max {v['max']} levels, "
                   f"mean {v['mean']:.4f}, "
                   f"{100 * v['share_differing']:.3f}% differ, {100 * v['share_over_1']:.4f}% by more than 1."]
