@@ -67,7 +67,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(EXTRA)
 
 # the GPU set (ViT-L/14 DINOv2 and CLIP in bf16, extraction with V=4, MobileNetV3-Large at 224 px): one results
-# file benchmarks/results/gpu-<device>.{json,md}, about 8 minutes. On a GPU machine without network or .venv:
+# file benchmarks/results/gpu-<device>.{json,md}, about 7 minutes. On a GPU machine without network or .venv:
 # bash benchmarks/gpu_wheels.sh here (wheels into .whl/), then there bash benchmarks/gpu_bench.sh OUT_DIR
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/bench.py --gpu $(EXTRA)

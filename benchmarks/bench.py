@@ -459,7 +459,7 @@ def main(argv=None):
     p.add_argument("--gpu", action="store_true", help="the GPU set (benchmarks/gpu_suite.py): ViT-L/14 DINOv2 and "
                    "CLIP at 224 px in bf16, extraction with V=4, MobileNetV3-Large at 224 px; one results file")
     p.add_argument("--tiny", action="store_true", help="--gpu with tiny models and data (a test of the set on a CPU)")
-    p.add_argument("--deadline-s", type=float, help="--gpu: seconds the whole set may take (default 450)")
+    p.add_argument("--deadline-s", type=float, help="--gpu: seconds the whole set may take (default 420)")
     p.add_argument("--part", action="append", help="--gpu: run only these parts (repeatable)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--student", default="mobilenetv3_small_050")

@@ -3,12 +3,12 @@
 # benchmarks/gpu_wheels.sh), run `bench.py --gpu` within a deadline, and copy its one results pair,
 # benchmarks/results/gpu-<device>.{json,md}, to OUT_DIR. The results are written after every part, so a run
 # cut short still leaves what it measured.
-#   usage: bash benchmarks/gpu_bench.sh [OUT_DIR] [DEADLINE_S]     e.g. bash benchmarks/gpu_bench.sh $OUT 450
+#   usage: bash benchmarks/gpu_bench.sh [OUT_DIR] [DEADLINE_S]     e.g. bash benchmarks/gpu_bench.sh $OUT 420
 #   BENCH_EXTRA="--device cpu --tiny" runs the same command on a CPU with tiny models (a check of this script)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-OUT_DIR=${1:-benchmarks/results}; DEADLINE=${2:-450}
+OUT_DIR=${1:-benchmarks/results}; DEADLINE=${2:-420}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kdcache-site \

@@ -318,11 +318,12 @@ class PassStats:
     shards: int = 0
     seconds: float = 0.0
     waited: float = 0.0  # of `seconds`, spent waiting for the image stream (the teacher had no batch)
+    starting: float = 0.0  # of `waited`, spent waiting for each loader's first batch (workers starting)
     left: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"images": self.images, "views": self.views, "shards": self.shards, "seconds": self.seconds,
-                "waited": self.waited, "left": list(self.left)}
+                "waited": self.waited, "starting": self.starting, "left": list(self.left)}
 
 
 def teacher_pass(store: CacheStore, dataset: Dataset, teacher, spec: StreamSpec, shards: list[int], *, workers: int,
@@ -353,8 +354,10 @@ def teacher_pass(store: CacheStore, dataset: Dataset, teacher, spec: StreamSpec,
             if not todo:
                 break  # every shard left is being written by another process
             left = [k for k in left if k not in todo]
-            n, seconds, waited = _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar)
+            n, seconds, waited, starting = _pass_over(store, dataset, teacher, spec, todo, claims, workers, device,
+                                                      bar)
             stats.waited += waited
+            stats.starting += starting
             stats.images += n
             stats.views += n * lay.views
             stats.shards += len(todo)
@@ -377,8 +380,9 @@ def _timed(loader):
         yield batch, time.perf_counter() - t
 
 
-def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar) -> tuple[int, float, float]:
-    """The teacher over the claimed shards `todo`; returns (images, seconds, seconds waiting for batches)."""
+def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar) -> tuple[int, float, float, float]:
+    """The teacher over the claimed shards `todo`; returns (images, seconds, seconds waiting for batches, seconds
+    waiting for the first one)."""
     lay = spec.layout
     stream = ShardImageStream(dataset, todo, spec)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
@@ -389,13 +393,14 @@ def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar
     counted: dict[int, int] = {}  # view-images of each shard shown on the bar so far
     late_bad: dict[int, dict[int, str]] = {}  # rows that did not decode on the device, per shard
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    start, waited = time.perf_counter(), 0.0
+    start, waited, starting = time.perf_counter(), 0.0, None
     # Outputs are copied to the host one batch late: batch i+1 is queued on the device before batch i's
     # copy waits for it, so an accelerator never idles while the host stores rows.
     pending = None
     try:
         for batch, wait in _timed(loader):
             waited += wait
+            starting = wait if starting is None else starting
             k = int(batch["shard"])
             buf = buffers.setdefault(k, ShardBuffer(len(lay.rows(k)), lay, keep_tokens=lay.token_grid > 0))
             queued = None
@@ -422,7 +427,7 @@ def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar
         writer.close()
     finally:
         claims.release_all()
-    return total, time.perf_counter() - start, waited
+    return total, time.perf_counter() - start, waited, starting or 0.0
 
 
 def _teacher_inputs(batch: dict, spec: StreamSpec, device, late_bad: dict
