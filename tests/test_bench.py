@@ -59,7 +59,10 @@ def test_committed_gpu_results_render_with_their_target_rows():
     _bench()
     import gpu_suite
 
-    for path in (ROOT / "benchmarks" / "results").glob("gpu-*.json"):
+    paths = sorted((ROOT / "benchmarks" / "results").glob("gpu-*.json"))
+    if not paths:
+        pytest.skip("no GPU results committed yet (benchmarks/gpu_bench.sh makes them)")
+    for path in paths:
         r = json.loads(path.read_text())
         assert gpu_suite.render_gpu(r) == path.with_suffix(".md").read_text()
 
