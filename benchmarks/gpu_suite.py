@@ -256,7 +256,8 @@ def _pass(ctx: Context, key: str, decode: str) -> dict:
     stats = teacher_pass(store, dataset, teacher, spec, list(range(store.layout.num_shards)), workers=s.workers,
                          device=ctx.device, progress=False)
     return {"img_per_s": stats.images / stats.seconds, "waited_share": stats.waited / stats.seconds,
-            "seconds": stats.seconds, "steady_img_per_s": stats.images / (stats.seconds - stats.starting)}
+            "seconds": stats.seconds, "steady_img_per_s": stats.images / (stats.seconds - stats.starting),
+            "replaying_share": stats.replaying / stats.seconds}
 
 
 def part_extraction(ctx: Context) -> dict:
@@ -277,7 +278,8 @@ def part_extraction(ctx: Context) -> dict:
                 entry[decode] = {"img_per_s": _median([x["img_per_s"] for x in r]),
                                  "over_model_only": _median([x["img_per_s"] / y for x, y in zip(r, m)]),
                                  "steady_over_model_only": _median([x["steady_img_per_s"] / y for x, y in zip(r, m)]),
-                                 "waited_share": _median([x["waited_share"] for x in r])}
+                                 "waited_share": _median([x["waited_share"] for x in r]),
+                                 "replaying_share": _median([x["replaying_share"] for x in r])}
             out[key] = entry
             ctx.results["extraction"] = out
             ctx.write()  # each repeat lands, in case the part runs out of time
@@ -502,6 +504,9 @@ def render_gpu(r: dict) -> str:
                     e[decode].get("steady_over_model_only"), TARGETS["extraction_over_model_only"], "{:.3f}")
                 row(f"share of the pass waiting for the image stream, {key}, decode in {decode}",
                     e[decode]["waited_share"], None, "{:.3f}")
+                if decode == "device":
+                    row(f"share of the pass this thread spent decoding and replaying on the device, {key}",
+                        e[decode].get("replaying_share"), None, "{:.3f}")
     t = r.get("training")
     if t:
         row(f"training img/s from the cache, {t['student']} at {t['image_size']} px", t["cache_img_per_s"])

@@ -319,11 +319,17 @@ class PassStats:
     seconds: float = 0.0
     waited: float = 0.0  # of `seconds`, spent waiting for the image stream (the teacher had no batch)
     starting: float = 0.0  # of `waited`, spent waiting for each loader's first batch (workers starting)
+    replaying: float = 0.0  # of `seconds`, this thread's time decoding and replaying views on the device
     left: list = field(default_factory=list)
 
+    COUNTS = ("images", "views", "shards", "seconds", "waited", "starting", "replaying")
+
+    def add(self, other: "PassStats") -> None:
+        for name in self.COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def as_dict(self) -> dict:
-        return {"images": self.images, "views": self.views, "shards": self.shards, "seconds": self.seconds,
-                "waited": self.waited, "starting": self.starting, "left": list(self.left)}
+        return {**{name: getattr(self, name) for name in self.COUNTS}, "left": list(self.left)}
 
 
 def teacher_pass(store: CacheStore, dataset: Dataset, teacher, spec: StreamSpec, shards: list[int], *, workers: int,
@@ -354,14 +360,7 @@ def teacher_pass(store: CacheStore, dataset: Dataset, teacher, spec: StreamSpec,
             if not todo:
                 break  # every shard left is being written by another process
             left = [k for k in left if k not in todo]
-            n, seconds, waited, starting = _pass_over(store, dataset, teacher, spec, todo, claims, workers, device,
-                                                      bar)
-            stats.waited += waited
-            stats.starting += starting
-            stats.images += n
-            stats.views += n * lay.views
-            stats.shards += len(todo)
-            stats.seconds += seconds
+            stats.add(_pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar))
     finally:
         bar.close()
     stats.left = sorted(left)
@@ -380,33 +379,33 @@ def _timed(loader):
         yield batch, time.perf_counter() - t
 
 
-def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar) -> tuple[int, float, float, float]:
-    """The teacher over the claimed shards `todo`; returns (images, seconds, seconds waiting for batches, seconds
-    waiting for the first one)."""
+def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar) -> PassStats:
+    """The teacher over the claimed shards `todo`; returns what it did."""
     lay = spec.layout
     stream = ShardImageStream(dataset, todo, spec)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
     total = sum(len(lay.rows(k)) for k in todo)
+    stats = PassStats(images=total, views=total * lay.views, shards=len(todo))
     writer = ShardWriter(store, claims)
     buffers: dict[int, ShardBuffer] = {}
     counted: dict[int, int] = {}  # view-images of each shard shown on the bar so far
     late_bad: dict[int, dict[int, str]] = {}  # rows that did not decode on the device, per shard
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    start, waited, starting = time.perf_counter(), 0.0, None
+    start, first = time.perf_counter(), True
     # Outputs are copied to the host one batch late: batch i+1 is queued on the device before batch i's
     # copy waits for it, so an accelerator never idles while the host stores rows.
     pending = None
     try:
         for batch, wait in _timed(loader):
-            waited += wait
-            starting = wait if starting is None else starting
+            stats.waited += wait
+            stats.starting, first = (wait if first else stats.starting), False
             k = int(batch["shard"])
             buf = buffers.setdefault(k, ShardBuffer(len(lay.rows(k)), lay, keep_tokens=lay.token_grid > 0))
             queued = None
             bar.update(len(batch["rows"]))  # one entry per view-image, every batch
             counted[k] = counted.get(k, 0) + len(batch["rows"])
-            images, rows, view_idx = _teacher_inputs(batch, spec, device, late_bad.setdefault(k, {}))
+            images, rows, view_idx = _teacher_inputs(batch, spec, device, late_bad.setdefault(k, {}), stats)
             if len(rows):
                 with autocast:
                     outputs = teacher(images, token_grid=lay.token_grid)
@@ -427,17 +426,20 @@ def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar
         writer.close()
     finally:
         claims.release_all()
-    return total, time.perf_counter() - start, waited, starting or 0.0
+    stats.seconds = time.perf_counter() - start
+    return stats
 
 
-def _teacher_inputs(batch: dict, spec: StreamSpec, device, late_bad: dict
+def _teacher_inputs(batch: dict, spec: StreamSpec, device, late_bad: dict, stats: PassStats
                     ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """(uint8 views on the device, row in shard and view of each): the loader's pixels, or for an encoded
     batch the views replayed on the device; rows that do not decode there are added to `late_bad`."""
     rows, view_idx = batch["rows"].numpy(), batch["view_idx"].numpy()
     if not batch.get("encoded"):
         return batch["images"].to(device, non_blocking=True), rows, view_idx
+    t = time.perf_counter()
     images, keep, bad = replay_encoded(batch, spec, device)
+    stats.replaying += time.perf_counter() - t  # host time: the device work itself is queued, not waited for
     late_bad.update(bad)
     return images, rows[keep], view_idx[keep]
 

@@ -149,11 +149,13 @@ def _extract(root, out, *extra):
 
 
 def test_device_decode_on_the_cpu_gives_the_workers_cache_within_the_tolerance(photo_folder, tmp_path):
-    a = _extract(photo_folder, tmp_path / "workers")
-    b = _extract(photo_folder, tmp_path / "device", "--decode", "device", "--workers", "1")  # batches cross processes
     from kdcache.stages.extract import LAST_PASS
 
+    a = _extract(photo_folder, tmp_path / "workers")
+    assert LAST_PASS["replaying"] == 0
+    b = _extract(photo_folder, tmp_path / "device", "--decode", "device", "--workers", "1")  # batches cross processes
     assert 0 < LAST_PASS["starting"] <= LAST_PASS["waited"] <= LAST_PASS["seconds"]  # the pass's waits, timed
+    assert 0 < LAST_PASS["replaying"] < LAST_PASS["seconds"] and LAST_PASS["images"] == 19
     for name in ("views", "status", "reasons", "image_digests", "labels", "keys"):
         assert np.array_equal(a[name], b[name]), name
     assert (a["status"] == 2).sum() == 1  # the file that is no image, in both
