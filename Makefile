@@ -67,8 +67,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(EXTRA)
 
-# the GPU set (ViT-L/14 DINOv2 and CLIP extraction in bf16, MobileNetV3-Large training at 224 px); on a GPU
-# machine without network: python3 benchmarks/bench.py --gpu
+# the GPU set (ViT-L/14 DINOv2 and CLIP in bf16, extraction with V=4, MobileNetV3-Large at 224 px): one results
+# file benchmarks/results/gpu-<device>.{json,md}, about 7 minutes. On a GPU machine without network or .venv:
+# bash benchmarks/gpu_wheels.sh here (wheels into .whl/), then there bash benchmarks/gpu_bench.sh OUT_DIR
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/bench.py --gpu $(EXTRA)
 

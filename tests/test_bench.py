@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -16,7 +18,7 @@ def _bench():
 
 def test_committed_results_render_with_every_target_row():
     bench = _bench()
-    for path in (ROOT / "benchmarks" / "results").glob("*.json"):
+    for path in (ROOT / "benchmarks" / "results").glob("cpu-*.json"):
         text = bench.render(json.loads(path.read_text()))
         for row in ("distill-from-cache epoch / supervised-only epoch", "extraction / model-only views/s",
                     "chunk-aligned cache reads", "cache bytes per view"):
@@ -51,3 +53,102 @@ def test_a_ratio_reports_its_spread_and_flags_noise_when_the_repeats_disagree():
     text = bench.render(r)
     assert "| 0.920 | 0.850–0.950 (3) | >= 0.9 | meets, **noisy** |" in text
     assert "2 usable cores of 2" in text and "load 1.50 before, 1.90 after" in text
+
+
+def test_committed_gpu_results_render_with_their_target_rows():
+    _bench()
+    import gpu_suite
+
+    paths = sorted((ROOT / "benchmarks" / "results").glob("gpu-*.json"))
+    if not paths:
+        pytest.skip("no GPU results committed yet (benchmarks/gpu_bench.sh makes them)")
+    for path in paths:
+        r = json.loads(path.read_text())
+        assert gpu_suite.render_gpu(r) == path.with_suffix(".md").read_text()
+
+
+def _fake_parts(out_json, sleep_s):
+    import time
+
+    def model_only(ctx):
+        assert json.loads(out_json.read_text())["parts"]["environment"]["status"] == "ok"  # written already
+        return {"dinov2": {"teacher": "vit_large_patch14_dinov2@224", "input_size": 224, "batch": 256,
+                           "bf16_img_per_s": {"median": 3100.0, "min": 3000.0, "max": 3200.0, "n": 3},
+                           "peak_memory_gib": 9.5}}
+
+    def extraction(ctx):
+        raise RuntimeError("nvJPEG is missing")
+
+    def replay(ctx):
+        time.sleep(sleep_s)
+
+    return {"environment": lambda ctx: {"gpu": "Fake GPU", "torch": "t", "cuda": "c", "cores": 16},
+            "model_only": model_only, "extraction": extraction, "replay": replay,
+            "training": lambda ctx: {"student": "s", "image_size": 224, "batch": 256,
+                                     "cache_img_per_s": {"median": 850.0, "min": 800.0, "max": 900.0, "n": 2},
+                                     "synthetic_img_per_s": {"median": 1000.0, "min": 990.0, "max": 1010.0, "n": 2},
+                                     "cache_over_synthetic": {"median": 0.85, "min": 0.8, "max": 0.9, "n": 2}},
+            "pipeline": lambda ctx: {}, "compile": lambda ctx: {}}
+
+
+def test_gpu_set_writes_its_file_after_every_part_and_keeps_going_past_a_failing_or_slow_one(tmp_path, monkeypatch):
+    _bench()
+    import torch
+    import gpu_suite
+
+    out_json, out_md = tmp_path / "gpu-fake.json", tmp_path / "gpu-fake.md"
+    monkeypatch.setattr(gpu_suite, "PARTS", _fake_parts(out_json, sleep_s=5))
+    limits = {"environment": (0, 10), "model_only": (0, 10), "extraction": (0, 10), "replay": (0, 1),
+              "training": (0, 10), "pipeline": (0, 10), "compile": (100, 200)}
+    s = gpu_suite.Settings(deadline_s=60, part_s=limits)
+    r = gpu_suite.run_suite(s, torch.device("cpu"), tmp_path, out_json, out_md, "python benchmarks/bench.py --gpu")
+    status = {k: v["status"] for k, v in r["parts"].items()}
+    assert status == {"environment": "ok", "model_only": "ok", "extraction": "failed", "replay": "timed out",
+                      "training": "ok", "pipeline": "ok", "compile": "skipped"}
+    assert "nvJPEG is missing" in r["parts"]["extraction"]["error"]
+    assert json.loads(out_json.read_text())["parts"] == json.loads(json.dumps(r["parts"]))
+    md = out_md.read_text()
+    assert md.startswith("# GPU set: Fake GPU")
+    assert ("| model-only img/s, vit_large_patch14_dinov2@224 bf16, batch 256 | 3,100 | 3,000–3,200 (3) | >= 3000 "
+            "| meets |") in md
+    assert "| training from the cache / synthetic | 0.850 | 0.800–0.900 (2) | >= 0.9 | misses |" in md
+    assert "| extraction | failed |" in md and "Peak GPU memory (GiB): dinov2 9.5" in md
+
+
+def test_gpu_set_on_the_cpu_with_tiny_models(tmp_path):
+    """The real parts that need no cache, end to end through the command line (the rest: test-slow)."""
+    bench = _bench()
+    r = bench.main(["--gpu", "--device", "cpu", "--tiny", "--out", str(tmp_path), "--part", "environment",
+                    "--part", "model_only"])
+    assert {k: v["status"] for k, v in r["parts"].items()} == {"environment": "ok", "model_only": "ok"}
+    assert r["environment"]["attention"]["dinov2"]["fused"] > 0
+    ladder = r["model_only"]["ladder"]["img_per_s"]
+    assert set(ladder) == {"fp32", "bf16 autocast", "bf16 autocast + channels_last"}
+    assert all(v["median"] > 0 for v in ladder.values())
+    (md,) = tmp_path.glob("gpu-*.md")
+    assert "model-only img/s, test_vit@32" in md.read_text()
+
+
+@pytest.mark.slow
+def test_gpu_set_on_the_cpu_runs_every_part(tmp_path):
+    bench = _bench()
+    r = bench.main(["--gpu", "--device", "cpu", "--tiny", "--out", str(tmp_path), "--deadline-s", "3000"])
+    assert all(p["status"] == "ok" for p in r["parts"].values()), r["parts"]
+    assert r["replay"]["views_vs_cpu_replay"]["max"] <= 1  # on the CPU: the recorded tolerance
+    assert r["extraction"]["dinov2"]["device"]["img_per_s"]["median"] > 0
+
+
+def test_pipeline_section_gives_views_per_core_for_real_photos(tmp_path):
+    bench = _bench()
+    a = type("Args", (), {"pipeline_images": 6, "pipeline_views": 2, "repeats": 1})()
+    r = bench.bench_pipeline(a, tmp_path)
+    photos = [k for k in r if k.startswith("photos")]
+    assert len(photos) == 2
+    for k in photos + ["MNIST digits 28x28 (demo)"]:
+        e = r[k]
+        assert e["views_per_s_one_core"]["median"] > 0 and e["decode_ms_per_image"] > 0
+        assert e["cores_for_target"] == pytest.approx(12000 / e["views_per_s_one_core"]["median"])
+    # the photos packed at 1024 px are larger than at the default bound of 384
+    small, large = (r[k]["mean_packed_pixels"] for k in sorted(photos, key=lambda k: "1024" in k))
+    assert large > small and max(r[photos[0]]["image_bound"], r[photos[1]]["image_bound"]) == 1024
+    assert "| MNIST digits 28x28 (demo) | 784 (~28²) |" in "\n".join(bench.render_pipeline(r))

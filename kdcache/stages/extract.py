@@ -14,12 +14,12 @@ import numpy as np
 
 from kdcache import __version__, dist
 from kdcache.datasets import create_dataset
-from kdcache.extraction import StreamSpec, fit_probe_once, teacher_pass
+from kdcache.extraction import DECODE_PLACES, StreamSpec, fit_probe_once, teacher_pass
 from kdcache.heads import resolve_head
 from kdcache.location import cache_path, file_lock, is_remote
 from kdcache.pack import remove_stale_temporaries
 from kdcache.store import FEATURE_DTYPES, CacheError, CacheStore, IncompleteCreation, Layout
-from kdcache.teachers import TeacherError, create_teacher, zeroshot_head
+from kdcache.teachers import COMPILE_MODES, TeacherError, attention_kernels, create_teacher, zeroshot_head
 from kdcache.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION, list_policies
 
 from .config import ConfigError, cache_location, env_int, local_path, to_dict, write_yaml
@@ -72,6 +72,10 @@ def _check(cfg: ExtractConfig) -> None:
         raise ValueError(f"unknown --view-policy {cfg.view_policy!r}; choose one of: {', '.join(list_policies())}")
     if cfg.feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"unknown --feature-dtype {cfg.feature_dtype!r}; choose one of: {', '.join(FEATURE_DTYPES)}")
+    if cfg.decode not in DECODE_PLACES:
+        raise ValueError(f"unknown --decode {cfg.decode!r}; choose one of: {', '.join(DECODE_PLACES)}")
+    if cfg.compile not in COMPILE_MODES:
+        raise ValueError(f"unknown --compile {cfg.compile!r}; choose one of: {', '.join(COMPILE_MODES)}")
     _check_out(cache_path(cfg.out or f"cache/{cfg.dataset}"))
 
 
@@ -153,6 +157,11 @@ def run(cfg: ExtractConfig) -> Path:
     dataset = create_dataset(cfg.dataset, cfg.data_root, **options)
     _check_classes(cfg, dataset)
     teacher, head, device, dims = _build_teacher(cfg, dataset)
+    teacher.tune(channels_last=cfg.channels_last, compile_mode=cfg.compile, batch_size=cfg.batch_size)
+    unfused = attention_kernels(teacher)["unfused"]
+    if unfused and rank == 0:
+        print(f"warning: {unfused} attention block(s) of {teacher.name} do not use F.scaled_dot_product_attention "
+              "(timm: unset TIMM_FUSED_ATTN=0); extraction is slower on a GPU", file=sys.stderr)
     pre = teacher.preprocess
     layout = Layout(n=len(dataset), views=cfg.views, feature_dim=dims["features"],
                     num_classes=len(dataset.classes) if head == "probe" else dims["logits"],
@@ -189,7 +198,7 @@ def run(cfg: ExtractConfig) -> Path:
     done = store.shard_done()
     mine = [k for k in my_shards(layout.num_shards, part, parts, rank, world) if not done[k]]
     spec = StreamSpec(str(store.images_dir), layout, cfg.image_bound, pre.input_size, pre.interpolation,
-                      pre.crop_pct, cfg.view_policy, cfg.view_seed, cfg.batch_size)
+                      pre.crop_pct, cfg.view_policy, cfg.view_seed, cfg.batch_size, cfg.decode)
     try:
         stats = teacher_pass(store, dataset, teacher, spec, mine, workers=cfg.workers, device=device,
                              progress=cfg.progress and rank == 0)
@@ -220,7 +229,9 @@ def _describe(cfg: ExtractConfig, dataset, teacher, head: str, dims: dict) -> tu
         "dataset": {k: described[k] for k in ("name", "N", "classes", "domains", "splits", "fingerprint")},
         "views": {"V": cfg.views, "policy": cfg.view_policy, "seed": cfg.view_seed, "params": list(PARAMS),
                   "replay": REPLAY_VERSION,
-                  "policy_params": POLICY_DEFAULTS[cfg.view_policy]},
+                  "policy_params": POLICY_DEFAULTS[cfg.view_policy],
+                  # views replayed on the device match the workers' within a pixel level (device_views)
+                  **({"decode": cfg.decode} if cfg.decode != "workers" else {})},
         "head": {"kind": head},
         "pack": {"image_bound": cfg.image_bound, "shard_size": cfg.shard_size},
         "tokens": {"grid": cfg.tokens, "dim": dims["tokens"]},

@@ -45,6 +45,9 @@ class ExtractConfig:
     compression: str = "zstd"
     feature_dtype: str = "float16"  # or int8: a quarter of the bytes less for features and tokens
     device: str = "auto"
+    decode: str = "workers"  # where views are decoded and replayed: workers (the loader) or device (nvJPEG on a GPU)
+    channels_last: bool = False  # the teacher's convolutions in channels-last memory format
+    compile: str = "off"  # torch.compile the teacher: off, default, reduce-overhead (CUDA graphs), max-autotune
     out: str | None = None
     overwrite: bool = False
     repair: bool = False  # re-check every done shard against its checksum and recompute damaged ones
