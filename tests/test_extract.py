@@ -172,7 +172,9 @@ def test_elastic_torchrun_restarts_after_a_rank_is_killed_and_finishes_the_same_
 def test_second_extract_on_same_cache_cooperates(reference, tmp_path):
     out = tmp_path / "cache"
     args = [sys.executable, str(ROOT / "cli.py"), "extract", *ARGS, "--workers", "0", "--out", str(out)]
-    run_cli("extract", *ARGS, "--workers", "0", "--out", str(out), "--dataset-opt", "n=8", "--overwrite")
+    small = [f"n={N // 20}" if a == f"n={N}" else a for a in ARGS]  # a key given twice is refused
+    assert small != ARGS
+    run_cli("extract", *small, "--workers", "0", "--out", str(out), "--overwrite")
     run_cli("extract", *ARGS, "--workers", "0", "--out", str(out), "--overwrite")  # recreate, full size
     # start two at once on a fresh cache: each takes the shards the other has not claimed
     fresh = tmp_path / "fresh"
@@ -280,16 +282,16 @@ def test_claims_are_exclusive_between_processes(tmp_path):
 
 def test_other_teacher_at_out_is_refused_unless_overwrite(reference, tmp_path):
     out = tmp_path / "cache"
-    small = ["--dataset-opt", "n=16"]
-    run_cli("extract", *ARGS, *small, "--workers", "0", "--out", str(out))
+    small = [a if a != f"n={N}" else "n=16" for a in ARGS]
+    run_cli("extract", *small, "--workers", "0", "--out", str(out))
     before = read_all(out)
-    other = [a if a != "test_vit" else "test_efficientnet" for a in ARGS]
-    proc = run_cli("extract", *other, *small, "--workers", "0", "--out", str(out), check=False)
+    other = [a if a != "test_vit" else "test_efficientnet" for a in small]
+    proc = run_cli("extract", *other, "--workers", "0", "--out", str(out), check=False)
     assert proc.returncode == 2
     assert "another teacher" in proc.stderr and "teacher.name" in proc.stderr and "--overwrite" in proc.stderr
     after = read_all(out)
     assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing lost
-    run_cli("extract", *other, *small, "--workers", "0", "--out", str(out), "--overwrite")
+    run_cli("extract", *other, "--workers", "0", "--out", str(out), "--overwrite")
     assert zarr.open_group(str(out), mode="r").attrs["teacher"]["name"] == "test_efficientnet"
 
 
