@@ -182,7 +182,14 @@ def run_config(suite: Suite, pair: tuple, budget: str, row: Row, seed: int, devi
         closed_set=suite.closed_set and scenario == "uda",
         epochs=suite.budgets[budget], batch_size=suite.batch_size, lr=suite.lr, image_size=suite.image_size,
         workers=workers, seed=seed, device=device, out=str(ROOT / "runs" / "study" / suite.name / key), resume=True,
-        eval_every=suite.budgets[budget], progress=False, check_dataset=False, **overrides)
+        eval_every=1 if has_teacher_curve(row) else suite.budgets[budget], progress=False, check_dataset=False,
+        **overrides)
+
+
+def has_teacher_curve(row: Row) -> bool:
+    """Rows whose teacher is customised (customkd) or adapted (--teacher-adapt): their runs evaluate the
+    student every epoch, so its curve is reported beside that teacher's."""
+    return row.method == "customkd" or dict(row.distill).get("teacher_adapt", 0) > 0
 
 
 def train(suite: Suite, pair: tuple, budget: str, row: Row, seed: int, device: str, workers: int) -> dict:
@@ -199,11 +206,30 @@ def train(suite: Suite, pair: tuple, budget: str, row: Row, seed: int, device: s
     out = distill.run(cfg)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
+    head = json.loads((out / "summary.json").read_text())["head"]
     return {"key": key, "suite": suite.name, "pair": pair_name(pair), "budget": budget, "epochs": cfg.epochs,
             "row": row.label, "method": row.method, "options": [list(o) for o in row.options],
             "seed": seed, "top1": last["eval"]["top1"], "student": student,
             "custom": {k: v for k, v in last.items() if k.startswith("custom")},
+            "curve": curve(records, head) if has_teacher_curve(row) else None,
+            "train_seconds": sum(r["seconds"] + r.get("custom_seconds", 0.0) for r in records),
             "seconds": time.perf_counter() - start, "device": device}
+
+
+CURVE_KEYS = ("custom_teacher_eval_top1", "student_record_eval_top1", "student_record_confident")
+
+
+def curve(records: list[dict], head: dict) -> list[dict]:
+    """Per epoch: the student's evaluation top-1 and its teacher's (the customised classifier of that epoch,
+    or the adapted head, which stays fixed)."""
+    out = []
+    for r in records:
+        point = {"epoch": r["epoch"], "top1": r.get("eval", {}).get("top1")}
+        point.update({k: r[k] for k in CURVE_KEYS if k in r})
+        if head.get("adapted"):
+            point["teacher_eval_top1"] = head["eval_top1_after"]
+        out.append(point)
+    return out
 
 
 def teacher_ceiling(suite: Suite, pair: tuple, seed: int) -> dict:
@@ -343,6 +369,7 @@ def report(suite: Suite, seeds: int) -> str:
                 cells += [f"{m:.1f} ± {s:.1f} (n={n})", f"{m / c['probe'][0]:.2f}"]
             if any(cells):
                 lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+        lines += teacher_table(suite, results, name)
         devices = {b: sorted({r["device"] for r in results if r["pair"] == name and r["budget"] == b})
                    for b in suite.budgets}
         lines += ["", "Devices: " + "; ".join(f"{b} {', '.join(d) or '-'}" for b, d in devices.items())
@@ -350,6 +377,47 @@ def report(suite: Suite, seeds: int) -> str:
         lines.append("")
     lines += verdict(suite, results)
     return "\n".join(lines)
+
+
+def teacher_top1(r: dict, which: int) -> float | None:
+    """The run's customised (or adapted) teacher's evaluation top-1 at its first (0) or last (-1) epoch that
+    has one; None where the run did not record it (the first only in runs with a per-epoch curve)."""
+    points = [p.get("custom_teacher_eval_top1", p.get("teacher_eval_top1")) for p in (r.get("curve") or [])]
+    points = [p for p in points if p is not None]
+    if points:
+        return points[which]
+    return r.get("custom", {}).get("custom_teacher_eval_top1") if which == -1 else None
+
+
+def cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m, s, n = summarise(values)
+    return f"{m:.1f}" + (f" ± {s:.1f}" if n > 1 else "") + f" (n={n})"
+
+
+def teacher_table(suite: Suite, results: list[dict], name: str) -> list[str]:
+    """Each row with a customised or adapted teacher: that teacher's evaluation top-1 at the first and the
+    last epoch beside the student's, and the student's margin over the first."""
+    out = []
+    for row in suite.rows:
+        for budget in suite.budgets:
+            runs = [r for r in results if r["pair"] == name and r["budget"] == budget and r["row"] == row.label]
+            firsts = [teacher_top1(r, 0) for r in runs]
+            lasts = [teacher_top1(r, -1) for r in runs]
+            if not runs or all(x is None for x in lasts):
+                continue
+            margin = [r["top1"] - f for r, f in zip(runs, firsts) if f is not None]
+            out.append(f"| {row.label} | {budget} ({suite.budgets[budget]} ep) | {cell([r['top1'] for r in runs])} | "
+                       f"{cell([f for f in firsts if f is not None])} | {cell([x for x in lasts if x is not None])} | "
+                       f"{cell(margin)} |")
+    if not out:
+        return []
+    return ["", "The customised (or adapted) teacher on the evaluation rows, top-1 %: at the first epoch's "
+            "customisation and at the last; the student's margin over the first, per seed (- : not recorded "
+            "by those runs).", "",
+            "| row | budget | student | teacher, first epoch | teacher, last epoch | student − first |",
+            "| --- | --- | --- | --- | --- | --- |", *out]
 
 
 def verdict(suite: Suite, results: list[dict]) -> list[str]:
@@ -377,15 +445,27 @@ def verdict(suite: Suite, results: list[dict]) -> list[str]:
 
 
 def chart(suite: Suite, path: Path) -> None:
+    """Bars: the core rows at both budgets. Below, for the long budget, per pair: the student's top-1 per
+    epoch beside its customised or adapted teacher's (mean over seeds), for every row that records both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results = load_results(suite)
-    rows = [r.label for r in suite.rows if r.core]
     groups = [(pair_name(p), b) for b in suite.budgets for p in suite.pairs]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 3.6))
+    fig = plt.figure(figsize=(max(6, 1.6 * len(groups)), 7.6))
+    bars(fig.add_subplot(2, 1, 1), suite, results, groups)
+    long = list(suite.budgets)[-1]
+    for i, pair in enumerate(suite.pairs):
+        curves(fig.add_subplot(2, len(suite.pairs), len(suite.pairs) + i + 1), suite, results, pair_name(pair), long)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bars(ax, suite: Suite, results: list[dict], groups: list[tuple]) -> None:
+    rows = [r.label for r in suite.rows if r.core]
     width = 0.8 / len(rows)
     for i, label in enumerate(rows):
         means, stds = [], []
@@ -399,10 +479,36 @@ def chart(suite: Suite, path: Path) -> None:
     ax.set_xticklabels([f"{n}\n{b} ({suite.budgets[b]} ep)" for n, b in groups], fontsize=8)
     ax.set_ylabel("top-1 %")
     ax.set_title(f"{suite.name}: mean ± std over seeds")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax.legend(fontsize=6)
+
+
+def curves(ax, suite: Suite, results: list[dict], name: str, budget: str) -> None:
+    """Student (solid) and its teacher (dashed) per epoch, mean over seeds, one colour per row."""
+    drawn = 0
+    for row in suite.rows:
+        runs = [r for r in results if r["pair"] == name and r["budget"] == budget and r["row"] == row.label
+                and r.get("curve")]
+        if not runs:
+            continue
+        epochs = np.arange(1, suite.budgets[budget] + 1)
+
+        def mean(key):
+            a = np.array([[np.nan if p.get(key) is None else p[key] for p in r["curve"]] for r in runs], float)
+            return np.nanmean(a, 0) * 100 if np.isfinite(a).any() else None
+
+        student = mean("top1")
+        teacher = mean("custom_teacher_eval_top1")
+        teacher = teacher if teacher is not None else mean("teacher_eval_top1")
+        line, = ax.plot(epochs[:len(student)], student, lw=1.2, label=f"{row.label} (n={len(runs)})")
+        if teacher is not None:
+            ax.plot(epochs[:len(teacher)], teacher, lw=1.0, ls="--", color=line.get_color())
+        drawn += 1
+    ax.set_title(f"{name}, {budget}: student (—) and teacher (--)", fontsize=8)
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.set_ylabel("top-1 %", fontsize=8)
+    ax.tick_params(labelsize=7)
+    if drawn:
+        ax.legend(fontsize=5)
 
 
 def main(argv=None) -> None:

@@ -28,7 +28,7 @@ def pseudo_targets(logits: np.ndarray, sharpen: float, balance: bool, prior: np.
 
 def fit_customised_head(feats_l: np.ndarray, labels_l: np.ndarray, feats_u: np.ndarray, targets_u: np.ndarray,
                         num_classes: int, weight_decay: float, unlabelled_weight: float = 1.0,
-                        max_iter: int = 100, device=None) -> tuple[np.ndarray, np.ndarray]:
+                        max_iter: int = 100, device=None, init=None) -> tuple[np.ndarray, np.ndarray]:
     """One fit on labelled rows (one-hot labels) and unlabelled rows (soft targets); rows may be views.
 
     The labelled and the unlabelled part each weigh in as a whole (times `unlabelled_weight`), so a few
@@ -39,7 +39,8 @@ def fit_customised_head(feats_l: np.ndarray, labels_l: np.ndarray, feats_u: np.n
     y = np.concatenate([onehot, targets_u.astype(np.float32)])
     n_l, n_u = len(feats_l), len(feats_u)
     w = np.concatenate([np.full(n_l, 1.0 / max(n_l, 1)), np.full(n_u, unlabelled_weight / max(n_u, 1))])
-    return fit_probe(x, y, num_classes, weight_decay=weight_decay, max_iter=max_iter, sample_weight=w, device=device)
+    return fit_probe(x, y, num_classes, weight_decay=weight_decay, max_iter=max_iter, sample_weight=w, device=device,
+                     init=init)
 
 
 def predict_views(flat: np.ndarray, weight: np.ndarray, bias: np.ndarray, views: int) -> np.ndarray:
@@ -51,9 +52,9 @@ def predict_views(flat: np.ndarray, weight: np.ndarray, bias: np.ndarray, views:
 def self_train_head(feats_l: np.ndarray, labels_l: np.ndarray, feats_u: np.ndarray, logits_u: np.ndarray,
                     num_classes: int, rounds: int = 3, sharpen: float = 0.5, balance: bool = True,
                     weight_decay: float = 1e-3, unlabelled_weight: float = 1.0, max_iter: int = 100,
-                    device=None) -> tuple[np.ndarray, np.ndarray]:
+                    device=None, init=None) -> tuple[np.ndarray, np.ndarray]:
     """`rounds` of self-training from `logits_u` (the current predictions on the unlabelled rows);
-    returns (weight, bias).
+    returns (weight, bias). Each round's fit starts from `init` (then from the previous round), or zero.
 
     feats_* are [n, V, D] (every view is a row of the fit, its pseudo-label shared by the views) or [n, D].
     """
@@ -68,7 +69,8 @@ def self_train_head(feats_l: np.ndarray, labels_l: np.ndarray, feats_u: np.ndarr
     for _ in range(rounds):
         q = pseudo_targets(logits, sharpen, balance) if len(flat_u) else np.zeros((0, num_classes), np.float32)
         weight, bias = fit_customised_head(flat_l, labels_rows, flat_u, np.repeat(q, views, axis=0), num_classes,
-                                           weight_decay, unlabelled_weight, max_iter, device)
+                                           weight_decay, unlabelled_weight, max_iter, device, init)
+        init = None if init is None else (weight, bias)
         if len(flat_u):
             logits = predict_views(flat_u, weight, bias, views)
     return weight, bias

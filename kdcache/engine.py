@@ -42,7 +42,7 @@ class TrainModule(nn.Module):
         return self
 
     def forward(self, images, features=None, labels=None, logits=None, tokens=None,
-                teacher_images=None) -> dict[str, torch.Tensor]:
+                teacher_images=None, rows=None) -> dict[str, torch.Tensor]:
         if self.teacher is not None:
             with torch.no_grad():
                 t = self.teacher(teacher_images, token_grid=self.token_grid)
@@ -50,7 +50,7 @@ class TrainModule(nn.Module):
         if self.teacher_head is not None:
             logits = self.teacher_head(features)
         out = self.student(images)
-        return self.method(out, TeacherBatch(features, logits, tokens), labels)
+        return self.method(out, TeacherBatch(features, logits, tokens, rows), labels)
 
 
 def cosine_schedule(optimizer, total_steps: int, warmup_steps: int, min_factor: float = 0.01):
@@ -89,7 +89,7 @@ def _to(batch: dict, device, channels_last: bool) -> dict:
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     names = {"feature": "features", "label": "labels", "logits": "logits", "tokens": "tokens",
-             "teacher_image": "teacher_images"}
+             "teacher_image": "teacher_images", "row": "rows"}
     return {"images": images, **{arg: batch[k].to(device, non_blocking=True) for k, arg in names.items() if k in batch}}
 
 
@@ -170,9 +170,9 @@ class FitPlan:
 def fit(module: TrainModule, train_module: nn.Module, optimizer, scheduler, device, plan: FitPlan,
         train_loader: Callable[[int], object], eval_loader: Callable[[], object], eval_groups: tuple,
         before_epoch: Callable[[int], dict], after_epoch: Callable[[int, dict], None],
-        barrier: Callable[[], None] = lambda: None) -> None:
-    """The epoch loop: the method's phase, one training pass, evaluation when the plan says, then
-    `after_epoch(epoch, record)` (metrics and checkpoint, by rank 0). `train_module` is `module` or its
+        barrier: Callable[[], None] = lambda: None, end_epoch: Callable[[int], dict] = lambda epoch: {}) -> None:
+    """The epoch loop: the method's phase, one training pass, the method's `end_epoch`, evaluation when the
+    plan says, then `after_epoch(epoch, record)` (metrics and checkpoint, by rank 0). `train_module` is `module` or its
     DistributedDataParallel wrapper; `eval_groups` is (domains per row, domain names)."""
     for epoch in range(plan.start_epoch, plan.epochs):
         record: dict = {"epoch": epoch}
@@ -182,6 +182,7 @@ def fit(module: TrainModule, train_module: nn.Module, optimizer, scheduler, devi
                                 channels_last=plan.channels_last, desc=f"epoch {epoch + 1}/{plan.epochs}",
                                 progress=plan.progress and plan.rank == 0, expected_steps=plan.steps_per_epoch)
         record.update(stats, lr=scheduler.get_last_lr()[0])
+        record.update(end_epoch(epoch))
         if plan.rank == 0 and plan.evaluates(epoch):
             record["eval"] = evaluate(module.student, eval_loader(), device, *eval_groups, plan.channels_last,
                                       progress=plan.progress, total=plan.eval_total)

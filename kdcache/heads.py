@@ -39,12 +39,15 @@ def resolve_head(requested: str, teacher, dataset) -> str:
 
 def fit_probe(features: np.ndarray, targets: np.ndarray, num_classes: int, weight_decay: float = 1e-3,
               max_iter: int = 200, sample_weight: np.ndarray | None = None,
-              device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+              device: torch.device | str | None = None,
+              init: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression, full batch L-BFGS on standardised features.
 
     `targets` are class indices [n], or class probabilities [n, C] (soft or pseudo-labels);
     `sample_weight` [n] weighs each row's cross-entropy. Returns (weight [C, D], bias [C]) that act
-    on raw features. Deterministic for fixed inputs and device: it starts from zero every time.
+    on raw features. Deterministic for fixed inputs and device: it starts from zero every time, or from
+    `init` (a (weight, bias) on raw features, e.g. the previous fit): the objective is strictly convex
+    (weight decay), so the start changes only how many iterations reach its one minimum.
     """
     x = torch.as_tensor(features, dtype=torch.float32, device=device)
     y = torch.as_tensor(targets, device=device)
@@ -54,8 +57,12 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, num_classes: int, weigh
     sw = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32, device=device)
     mu, sigma = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
     z = (x - mu) / sigma
-    w = torch.zeros(num_classes, x.shape[1], requires_grad=True, device=x.device)
-    b = torch.zeros(num_classes, requires_grad=True, device=x.device)
+    w = torch.zeros(num_classes, x.shape[1], device=x.device)
+    b = torch.zeros(num_classes, device=x.device)
+    if init is not None:  # the same classifier on the standardised features
+        w0 = torch.as_tensor(init[0], dtype=torch.float32, device=x.device)
+        w, b = w0 * sigma, torch.as_tensor(init[1], dtype=torch.float32, device=x.device) + w0 @ mu
+    w, b = w.requires_grad_(), b.requires_grad_()
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():

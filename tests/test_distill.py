@@ -192,12 +192,16 @@ def test_two_rank_ddp_trains(cache, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "cli.py"), "distill", "--cache", str(cache), "--student", "test_efficientnet",
            "--image-size", "32", "--scenario", "ssl", "--labels-per-class", "2", "--epochs", "2",
-           "--batch-size", "16", "--workers", "0", "--method", "customkd", "--no-progress", "--out", str(out)]
+           "--batch-size", "16", "--workers", "0", "--method", "customkd", "--no-progress", "--out", str(out),
+           "--method-opt", "student_weight=0.5", "--method-opt", "w_self=1"]  # each rank records its own rows
     proc = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [0, 1]
     assert all(r["steps"] > 0 and np.isfinite(r["loss"]) for r in recs) and recs[-1]["eval"]["n"] > 0
+    record = load_file(str(out / "method.safetensors"))["memory._extra_state"]
+    unlabelled = len(record)
+    assert record[:, -1].sum() > 0.9 * unlabelled  # rank 0's checkpoint holds the rows both ranks recorded
 
 
 def test_bad_input_stops_before_training(cache, tmp_path):
@@ -315,6 +319,42 @@ def test_customkd_phases_are_computed_once_and_shared_by_every_student(cache, tm
         for name in ("m_weight", "m_bias", "phases"):
             assert torch.equal(state[name], own[name]), name
     assert int(own["phases"]) == 2 and own["m_weight"].abs().sum() > 0
+
+
+def test_customkd_moving_customisation_resumes_exactly(cache, tmp_path, monkeypatch):
+    """A customisation that moves with the student keeps its state (the per-row record of the student's
+    predictions and the last customised classifier) in the checkpoint: a run stopped after an epoch and
+    resumed ends bit-identical to an uninterrupted one, phase by phase; only the first phase is kept with the
+    cache (the later ones depend on the student)."""
+    opts = (("student_weight", 0.5), ("w_self", 1.0), ("self_threshold", 0.5))
+    kw = dict(method="customkd", method_options=opts, epochs=3, workers=0, seed=3, image_size=32)
+    distill.run(_cfg(cache, tmp_path / "ref", **kw))
+
+    class Stop(Exception):
+        pass
+
+    real = distill.save_checkpoint
+
+    def save_then_stop(run_dir, epoch, *a, **k):
+        path = real(run_dir, epoch, *a, **k)
+        if epoch == 1:
+            raise Stop
+        return path
+
+    monkeypatch.setattr(distill, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        distill.run(_cfg(cache, tmp_path / "run", **kw))
+    monkeypatch.setattr(distill, "save_checkpoint", real)
+    distill.run(_cfg(cache, tmp_path / "run", resume=True, **kw))
+    recs = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("ref", "run")]
+    keys = ("custom_teacher_eval_top1", "custom_fit_top1", "student_record_confident", "loss", "self")
+    assert [[r.get(k) for k in keys] for r in recs[0]] == [[r.get(k) for k in keys] for r in recs[1]]
+    assert recs[0][-1]["custom_phase"] == 3 and "student_record_confident" in recs[0][-1]
+    for name in ("student.safetensors", "method.safetensors"):
+        a, b = (load_file(str(tmp_path / d / name)) for d in ("ref", "run"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    record = load_file(str(tmp_path / "ref" / "method.safetensors"))["memory._extra_state"]
+    assert record[:, -1].sum() > 0  # rows were recorded, and the checkpoint holds them
 
 
 def test_tensorboard_log_holds_the_epoch_metrics(cache, tmp_path):

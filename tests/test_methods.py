@@ -2,15 +2,20 @@
 parameters they should."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kdcache.methods import MethodContext, MethodError, TeacherBatch, create_method, list_methods
 from kdcache.methods.base import Dims
 from kdcache.methods.feature import power_temperature_scaling
+from kdcache.methods.memory import RowMemory
 from kdcache.students import StudentOutput, create_student
 
 B, DS, DT, C = 4, 6, 5, 3
@@ -333,3 +338,117 @@ def test_customkd_checkpoint_from_before_the_classifier_buffers_still_loads():
     fresh.load_state_dict(old)
     assert torch.allclose(fresh.m_weight, m.m_weight, atol=1e-4) and torch.allclose(fresh.m_bias, m.m_bias, atol=1e-4)
     assert int(fresh.phases) == 1
+
+
+# ----------------------------------------------------------------------------- CustomKD: the moving customisation
+
+
+EXAMPLES = 200 if os.environ.get("HYPOTHESIS_PROFILE") == "slow" else 25
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=6, unique=True), min_size=1, max_size=6),
+       st.floats(0.0, 1.0), st.integers(0, 2**16))
+def test_row_memory_is_an_ema_of_the_softmax_per_tracked_row(batches, momentum, seed):
+    """Any sequence of batches: a tracked row holds the EMA of its softmax (the first one as is), an
+    untracked row is never recorded, and the record survives the checkpoint's round trip."""
+    tracked = np.array([1, 4, 5, 8])
+    mem = RowMemory(C, momentum)
+    mem.track(tracked, 10)
+    g = torch.Generator().manual_seed(seed)
+    expect = {}
+    for rows in batches:
+        logits = torch.randn(len(rows), C, generator=g)
+        mem.update(torch.tensor(rows), logits)
+        for r, p in zip(rows, F.softmax(logits, 1)):
+            if r in tracked:
+                expect[r] = p if r not in expect else momentum * expect[r] + (1 - momentum) * p
+    probs, seen = mem.table()
+    for i, r in enumerate(tracked):
+        assert seen[i] == (r in expect)
+        assert np.allclose(probs[i], expect[r].numpy() if r in expect else 0, atol=1e-6)
+    got, got_seen = mem.lookup(torch.arange(10), torch.device("cpu"))
+    assert all(got_seen[r] == 0 for r in range(10) if r not in tracked)
+    again = RowMemory(C, momentum)
+    again.track(tracked, 10)
+    again.set_extra_state(mem.get_extra_state())
+    assert all(np.array_equal(a, b) for a, b in zip(again.table(), mem.table()))
+
+
+def test_row_memory_refuses_a_record_of_other_rows_and_takes_an_empty_one():
+    mem = RowMemory(C)
+    mem.track(np.arange(4), 6)
+    mem.set_extra_state(torch.zeros(0, C + 1))  # saved before anything was tracked: nothing to restore
+    assert len(mem) == 4 and not mem.table()[1].any()
+    with pytest.raises(ValueError, match="tracks 4 rows"):
+        mem.set_extra_state(torch.zeros(5, C + 1))
+
+
+def _record(m, ctx, logits_of_row):
+    """Training steps over every unlabelled row, the student predicting `logits_of_row` for each."""
+    rows = np.flatnonzero(ctx.scenario.unlabelled)
+    m.train()
+    out = StudentOutput(torch.zeros(len(rows), m.dims.student), torch.zeros(len(rows), m.dims.student),
+                        torch.from_numpy(logits_of_row[rows]).float(), None)
+    feats = torch.from_numpy(ctx.store.features[rows, 0])
+    m(out, TeacherBatch(feats, rows=torch.from_numpy(rows)), torch.full((len(rows),), -1))
+
+
+def test_customkd_moving_customisation_follows_the_student_record():
+    """From the second phase on, the refit's pseudo-labels mix the previous customised teacher with the
+    student's recorded predictions: a student that is right where the teacher is wrong pulls the customised
+    teacher towards the truth; with student_weight=0 (the teacher-only chain) nothing is recorded."""
+    ctx, dims, feats, labels = _customkd_ctx()
+    wrong = np.roll(np.eye(C)[labels], 1, axis=1) * 10  # a teacher wrong on every unlabelled row
+    ctx.teacher_logits = lambda mask, view=None: wrong[mask][:, None].repeat(feats.shape[1], 1) \
+        if view is None else wrong[mask]
+    right = np.eye(C)[labels] * 10
+    acc = {}
+    for weight in (0.0, 0.9):
+        m = create_method("customkd", dims, student_weight=weight, first_rounds=1, sharpen=1.0, balance=False)
+        m.prepare(ctx)
+        first = m.before_epoch(ctx, 0)
+        _record(m, ctx, right)
+        acc[weight] = (first, m.before_epoch(ctx, 1))
+        assert len(m.memory) == (0 if weight == 0 else int(ctx.scenario.unlabelled.sum()))
+    assert acc[0.9][0]["custom_teacher_eval_top1"] == acc[0.0][0]["custom_teacher_eval_top1"] < 0.5  # phase 1 alike
+    assert acc[0.9][1]["custom_teacher_eval_top1"] > 0.9 > acc[0.0][1]["custom_teacher_eval_top1"]
+    assert acc[0.9][1]["student_record_eval_top1"] == 1.0
+
+
+def test_customkd_moving_customisation_without_a_record_is_the_teacher_chain():
+    """A row the student has not been recorded on keeps the customised teacher's prediction: with no record
+    at all, the moving customisation's phases are the teacher-only chain's (the first one read from the same
+    place; the later refits start from the previous classifier, and reach the same minimum of the same
+    convex objective)."""
+    ctx, dims, *_ = _customkd_ctx(shift=1.0)
+    chain, moving = (create_method("customkd", dims, student_weight=w, refit_iters=100) for w in (0.0, 0.5))
+    for m in (chain, moving):
+        m.prepare(ctx)
+    for epoch in range(3):
+        chain.before_epoch(ctx, epoch)
+        moving.before_epoch(ctx, epoch)
+        assert torch.allclose(chain.m_weight, moving.m_weight, atol=1e-2)
+        assert torch.allclose(chain.m_bias, moving.m_bias, atol=1e-2)
+        assert torch.equal(chain.m_weight, moving.m_weight) == (epoch == 0)
+
+
+def test_customkd_self_training_term_targets_confident_records_of_unlabelled_rows():
+    """CE to the recorded argmax, only where the record is confident and the row unlabelled, averaged over
+    the batch's unlabelled rows; the step then folds its own prediction into the record."""
+    ctx, dims, feats, labels = _customkd_ctx()
+    m = create_method("customkd", dims, w_self=1.0, self_threshold=0.9, memory_momentum=0.0)
+    m.prepare(ctx)
+    rows = torch.from_numpy(np.flatnonzero(ctx.scenario.unlabelled)[:4])
+    m.memory.update(rows[:3], torch.tensor([[9.0, 0, 0], [0, 9.0, 0], [1.0, 1.0, 1.0]]))  # 2 confident, 1 not
+    out = StudentOutput(torch.zeros(4, dims.student), torch.zeros(4, dims.student), torch.randn(4, C, requires_grad=True),
+                        None)
+    y = torch.tensor([-1, 1, -1, -1])  # the second row is labelled: never a self-training target
+    m.train()
+    parts = m(out, TeacherBatch(torch.from_numpy(feats[rows.numpy(), 0]).float(), rows=rows), y)
+    expect = F.cross_entropy(out.logits[:1], torch.tensor([0])) / 3
+    assert torch.allclose(parts["self"], expect, atol=1e-6)
+    parts["self"].backward()
+    assert out.logits.grad[0].abs().sum() > 0 and out.logits.grad[1:].abs().sum() == 0
+    probs, seen = m.memory.lookup(rows, torch.device("cpu"))
+    assert seen.tolist() == [1, 1, 1, 1] and torch.allclose(probs, F.softmax(out.logits.detach(), 1))

@@ -22,6 +22,7 @@ class TeacherBatch:
     features: torch.Tensor  # cached pooled teacher feature f, [B, d_t]
     logits: torch.Tensor | None = None  # z_t, [B, C]
     tokens: torch.Tensor | None = None  # [B, G*G, d_t]
+    rows: torch.Tensor | None = None  # the cache rows of the batch, [B] (a method may keep per-row state)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,8 @@ class Method(nn.Module):
 
     A method that needs statistics of the cache overrides `prepare(ctx)` (called once before
     training, and again on resume); one with a phase of its own between epochs overrides
-    `before_epoch(ctx, epoch)`, which returns numbers for the epoch's metrics record. State such a
+    `before_epoch(ctx, epoch)` (and `end_epoch(ctx, epoch)` after the training pass), which return numbers
+    for the epoch's metrics record. State such a
     phase computes lives in buffers, so checkpoints carry it and a resumed run continues exactly.
     """
 
@@ -214,6 +216,10 @@ class Method(nn.Module):
         pass
 
     def before_epoch(self, ctx: MethodContext, epoch: int) -> dict[str, float]:
+        return {}
+
+    def end_epoch(self, ctx: MethodContext, epoch: int) -> dict[str, float]:
+        """After the epoch's training pass, on every rank, before evaluation and the checkpoint."""
         return {}
 
     def precompute(self, ctx: MethodContext, epochs: int, progress: bool = False) -> None:

@@ -21,16 +21,19 @@ and on the three IconShift-dev pairs it is level with w_general=0 at both budget
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import dist
 from ..adapt import predict_views, self_train_head
 from ..derived import derived_lock, read_group, write_group
 from ..progress import bar as progress_bar
 from .base import Method, MethodContext, Opt, feature_mse, flag, kd_loss, register_method, temperature, weight
+from .memory import RowMemory
 
 CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old fit are not read
 
@@ -51,6 +54,16 @@ CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old 
     custom_iters=Opt(100, int, low=1, help="L-BFGS iterations per customisation"),
     unlabelled_weight=weight(1.0, "weight of the unlabelled rows in the customisation"),
     max_rows=Opt(20000, int, low=1, help="rows (labelled and unlabelled each) the customisation reads"),
+    student_weight=Opt(0.0, float, low=0.0, high=1.0,
+                       help="weight of the student's recorded predictions in the pseudo-labels of each refit "
+                            "after the first (0: the teacher-only chain, computed once per cache)"),
+    memory_momentum=Opt(0.5, float, low=0.0, high=1.0,
+                        help="EMA momentum of the per-row record of the student's softmax over the epochs"),
+    refit_iters=Opt(20, int, low=1, help="L-BFGS iterations of each moving refit, started from the previous "
+                                         "customisation (the objective is convex: the same minimum, sooner)"),
+    w_self=weight(0.0, "self-training term: CE to the recorded prediction of another view of the row"),
+    self_threshold=Opt(0.95, float, low=0.0, high=1.0,
+                       help="confidence a recorded prediction needs to be a self-training target or to enter a refit"),
 )
 class CustomKD(Method):
     def __init__(self, dims, **params):
@@ -65,6 +78,7 @@ class CustomKD(Method):
         self.register_buffer("m_bias", torch.zeros(dims.classes))
         self.register_buffer("phases", torch.zeros((), dtype=torch.long))
         self.needs_logits = True  # w_kd, and the first customisation starts from the teacher's logits
+        self.memory = RowMemory(dims.classes, self.params["memory_momentum"])  # the student's softmax per row
         self._data = None
         self._customised = False  # mirrors phases > 0 without a device sync per step
 
@@ -83,6 +97,8 @@ class CustomKD(Method):
 
         lab, unl = subsample(sc.labelled), subsample(sc.unlabelled)
         labels = store.array("labels")[:]
+        if self._moving() or self.params["w_self"] > 0:  # the rows whose student predictions are recorded
+            self.memory.track(np.flatnonzero(unl), len(labels))
         f_l, f_u = store.masked(lab), store.masked(unl)
         if ctx.teacher_logits is None:
             raise ValueError("customkd needs teacher logits (a cache head or a scenario probe)")
@@ -91,7 +107,12 @@ class CustomKD(Method):
                       "z_u": ctx.teacher_logits(unl)}
         # report-only: how well the customised teacher classifies the evaluation rows
         ev = subsample(sc.evaluation)
-        self._data.update(f_e=store.clean_view(ev), y_e=labels[ev].astype(np.int64))
+        self._data.update(f_e=store.clean_view(ev), y_e=labels[ev].astype(np.int64),
+                          y_ue=np.where(ev[unl], labels[unl], -1).astype(np.int64))
+
+    def _moving(self) -> bool:
+        """Whether the customisation moves with the student (else it is the teacher-only chain)."""
+        return self.params["student_weight"] > 0
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A checkpoint written before (M, c) were kept in buffers of their own: rebuild them from what
@@ -101,6 +122,8 @@ class CustomKD(Method):
             state_dict[prefix + "m_weight"] = (w_h @ w_t).float()
             state_dict[prefix + "m_bias"] = (w_h @ state_dict[prefix + "p_t_bias"].double()
                                              + state_dict[prefix + "head_bias"].double()).float()
+        # a checkpoint written before the per-row record of the student's predictions: an empty record
+        state_dict.setdefault(prefix + "memory._extra_state", torch.zeros(0, self.dims.classes + 1))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _student_head(self, ctx: MethodContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,9 +186,32 @@ class CustomKD(Method):
             return self._fit_phase(phase, ctx.device)
         return torch.from_numpy(group["weight"][:]), torch.from_numpy(group["bias"][:])
 
+    def _fit_with_student(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A refit whose pseudo-labels on the unlabelled rows mix the previous customised teacher's predictions
+        with the student's recorded ones (geometric mean, weight `student_weight`) where that record is
+        confident (>= `self_threshold`); any other row keeps the teacher's."""
+        d, p = self._data, self.params
+        views = d["f_u"].shape[1]
+        teacher = torch.from_numpy(predict_views(d["f_u"].reshape(-1, d["f_u"].shape[-1]),
+                                                 self.m_weight.cpu().numpy(), self.m_bias.cpu().numpy(), views))
+        probs, seen = (torch.from_numpy(a) for a in self.memory.table())
+        confident = (probs.max(1).values >= p["self_threshold"]).float()  # a flat or unseen record leaves the row alone
+        lam = p["student_weight"] * (seen * confident)[:, None]
+        # (1 - lam) log q_t + lam log p_s, plus a per-row constant (softmax ignores it): the teacher's logits
+        # exactly where lam is 0
+        mixed = teacher + lam * (torch.log(probs.clamp_min(1e-6)) - F.log_softmax(teacher, 1))
+        start = (self.m_weight.cpu().numpy(), self.m_bias.cpu().numpy())  # same minimum as from zero, reached sooner
+        weight_m, bias_m = self_train_head(d["f_l"], d["y_l"], d["f_u"], mixed.numpy(), self.dims.classes, 1,
+                                           p["sharpen"], p["balance"], p["custom_wd"], p["unlabelled_weight"],
+                                           p["refit_iters"], device, init=start)
+        m, c = dist.broadcast((torch.from_numpy(weight_m), torch.from_numpy(bias_m)))  # one fit for every rank
+        return m, c
+
     def precompute(self, ctx: MethodContext, epochs: int, progress: bool = False) -> None:
-        """Fit and keep the customisations of a run of `epochs` epochs (e.g. before many runs start at once)."""
+        """Fit and keep the customisations of a run of `epochs` epochs (e.g. before many runs start at once);
+        with a customisation that moves with the student, only the first (it does not depend on the student)."""
         phases = max(0, epochs - self.params["warmup_epochs"])
+        phases = min(phases, 1) if self._moving() else phases
         with progress_bar(phases, "phase", "customisation", progress) as bar:
             for phase in range(phases):
                 m, c = self._phase(ctx, phase)
@@ -175,13 +221,21 @@ class CustomKD(Method):
         self.m_weight.zero_()  # the run's own state starts where a run without precompute starts
         self.m_bias.zero_()
 
+    def end_epoch(self, ctx: MethodContext, epoch: int) -> dict[str, float]:
+        self.memory.sync()  # every rank's record complete before the checkpoint and the next phase
+        return {}
+
     @torch.no_grad()
     def before_epoch(self, ctx: MethodContext, epoch: int) -> dict[str, float]:
         self._customised = int(self.phases) > 0  # also right after a resume restored the buffers
         if epoch < self.params["warmup_epochs"]:
             return {}
-        d = self._data
-        m, c = self._phase(ctx, int(self.phases))
+        start = time.perf_counter()
+        phase = int(self.phases)
+        if self._moving() and phase > 0:
+            m, c = self._fit_with_student(ctx.device)
+        else:
+            m, c = self._phase(ctx, phase)
         self.m_weight.copy_(m)
         self.m_bias.copy_(c)
         w_h, b_h = self._student_head(ctx)
@@ -192,12 +246,27 @@ class CustomKD(Method):
         self.head_bias.copy_(b_h)
         self.phases += 1
         self._customised = True
-        record = {"custom_phase": int(self.phases),
-                  "custom_fit_top1": float(((torch.from_numpy(d["f_l"][:, 0]) @ m.T + c).argmax(1).numpy()
-                                            == d["y_l"]).mean()) if len(d["y_l"]) else float("nan")}
+        return {"custom_phase": int(self.phases), **self._report(m, c), "custom_seconds": time.perf_counter() - start}
+
+    def _report(self, m: torch.Tensor, c: torch.Tensor) -> dict[str, float]:
+        """How well the customised classifier fits the labelled rows and classifies the evaluation rows, and
+        the student's recorded predictions on unlabelled rows that are also evaluation rows (labels read for
+        this report only)."""
+        d = self._data
+
+        def top1(f, y):
+            return float(((torch.from_numpy(f) @ m.T + c).argmax(1).numpy() == y).mean()) if len(y) else float("nan")
+
+        record = {"custom_fit_top1": top1(d["f_l"][:, 0], d["y_l"])}
         if len(d["y_e"]):
-            record["custom_teacher_eval_top1"] = float(
-                ((torch.from_numpy(d["f_e"]) @ m.T + c).argmax(1).numpy() == d["y_e"]).mean())
+            record["custom_teacher_eval_top1"] = top1(d["f_e"], d["y_e"])
+        if len(self.memory):
+            probs, seen = self.memory.table()
+            known = (seen > 0) & (d["y_ue"] >= 0)
+            if known.any():
+                record["student_record_eval_top1"] = float((probs[known].argmax(1) == d["y_ue"][known]).mean())
+            if seen.any():
+                record["student_record_confident"] = float((probs[seen > 0].max(1) >= self.params["self_threshold"]).mean())
         return record
 
     # ------------------------------------------------------------------ (B) distillation
@@ -213,4 +282,19 @@ class CustomKD(Method):
             parts["custom"] = kd_loss(out.logits, self.customised_logits(teacher.features), p["custom_temperature"])
         if p["w_kd"] > 0:
             parts["kd"] = kd_loss(out.logits, teacher.logits, p["temperature"])
+        if teacher.rows is not None and len(self.memory):
+            if p["w_self"] > 0:
+                parts["self"] = self._self_training(out.logits, teacher.rows, labels)
+            if self.training:
+                self.memory.update(teacher.rows, out.logits)  # after the term read the other views' record
         return parts
+
+    def _self_training(self, logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """FixMatch's unlabelled term with the record of the row's other views (earlier epochs) as the
+        confident prediction: CE to its argmax where its confidence reaches `self_threshold`, averaged over
+        the batch's unlabelled rows."""
+        probs, seen = self.memory.lookup(rows, logits.device)
+        conf, target = probs.max(1)
+        mask = ((seen > 0) & (conf >= self.params["self_threshold"]) & (labels < 0)).float()
+        ce = F.cross_entropy(logits.float(), target, reduction="none")
+        return (ce * mask).sum() / (labels < 0).sum().clamp_min(1)

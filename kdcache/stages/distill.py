@@ -414,7 +414,7 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
 
     fit(module, train_module, optimizer, scheduler, device, plan, train_loader, eval_loader, (domains, domain_names),
         before_epoch=lambda epoch: method.before_epoch(ctx, epoch),  # the method's own phase, if it has one
-        after_epoch=after_epoch, barrier=dist.barrier)
+        after_epoch=after_epoch, barrier=dist.barrier, end_epoch=lambda epoch: method.end_epoch(ctx, epoch))
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(
             {"name": out.name, "student": cfg.student, "method": cfg.method, "scenario": scenario.description,
