@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from .files import save_tensors
+from .files import save_tensors, write_atomic
 from .measure import topk_metrics
 from .methods import Method, TeacherBatch
 from .progress import bar as progress_bar
@@ -224,14 +224,6 @@ def evaluate(student: Student, loader, device, domains: np.ndarray, domain_names
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
@@ -249,9 +241,9 @@ def save_checkpoint(run_dir: Path, epoch: int, student: Student, method: Method,
     torch.save(state, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _atomic_write(ckpt_root / "latest", lambda p: p.write_text(final.name))
+    write_atomic(ckpt_root / "latest", lambda p: p.write_text(final.name))
     for name in ("student.safetensors", "method.safetensors"):  # the run's current artifacts
-        _atomic_write(run_dir / name, lambda p, n=name: shutil.copyfile(final / n, p))
+        write_atomic(run_dir / name, lambda p, n=name: shutil.copyfile(final / n, p))
     for old in sorted(ckpt_root.glob("epoch-*"))[:-2]:  # keep the last two
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -287,4 +279,4 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
-    _atomic_write(path, lambda p: p.write_text("".join(x + "\n" for x in keep)))
+    write_atomic(path, lambda p: p.write_text("".join(x + "\n" for x in keep)))

@@ -37,14 +37,18 @@ def save_tensors(tensors: dict, path: str | os.PathLike) -> None:
     share(path)
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+def write_atomic(path: str | os.PathLike, data) -> None:
     """Write a file under a temporary name, then rename it: a reader sees the old file or the new one,
-    never half of one, and an interrupted write leaves only a hidden temporary file."""
+    never half of one, and an interrupted write leaves only a hidden temporary file. `data` is the text or
+    bytes to write, or a function that writes the temporary path it is given."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w" if isinstance(data, str) else "wb") as f:
-        f.write(data)
-        f.flush()
+    if callable(data):
+        data(tmp)
+    else:
+        with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+            f.write(data)
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
