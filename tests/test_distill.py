@@ -326,7 +326,7 @@ def test_customkd_moving_customisation_resumes_exactly(cache, tmp_path, monkeypa
     predictions and the last customised classifier) in the checkpoint: a run stopped after an epoch and
     resumed ends bit-identical to an uninterrupted one, phase by phase; only the first phase is kept with the
     cache (the later ones depend on the student)."""
-    opts = (("student_weight", 0.5), ("w_self", 1.0), ("self_threshold", 0.5))
+    opts = (("student_weight", 0.5), ("w_self", 1.0), ("self_threshold", 0.5), ("refit_threshold", 0.5), ("anchor", True))
     kw = dict(method="customkd", method_options=opts, epochs=3, workers=0, seed=3, image_size=32)
     distill.run(_cfg(cache, tmp_path / "ref", **kw))
 

@@ -452,3 +452,35 @@ def test_customkd_self_training_term_targets_confident_records_of_unlabelled_row
     assert out.logits.grad[0].abs().sum() > 0 and out.logits.grad[1:].abs().sum() == 0
     probs, seen = m.memory.lookup(rows, torch.device("cpu"))
     assert seen.tolist() == [1, 1, 1, 1] and torch.allclose(probs, F.softmax(out.logits.detach(), 1))
+
+
+def test_customkd_anchored_refit_mixes_the_record_with_the_first_customisation_only():
+    """With `anchor`, every moving refit takes its teacher side from the first customisation, so a fixed
+    record gives the same pseudo-labels phase after phase (the phases settle: nothing compounds), and the
+    refit equals one fit from those pseudo-labels; without it, each phase mixes the record into the
+    previous phase's predictions again."""
+    from kdcache.adapt import predict_views, self_train_head
+
+    ctx, dims, feats, labels = _customkd_ctx(shift=1.0)
+    noisy = np.eye(C)[labels] * 3 + np.random.default_rng(1).normal(size=(len(labels), C)) * 2
+    phases = {}
+    for anchor in (False, True):
+        m = create_method("customkd", dims, student_weight=0.5, refit_threshold=0.0, anchor=anchor,
+                          refit_iters=100, memory_momentum=0.0)
+        m.prepare(ctx)
+        m.before_epoch(ctx, 0)
+        first = (m.m_weight.clone(), m.m_bias.clone())
+        _record(m, ctx, noisy)
+        phases[anchor] = []
+        for epoch in range(1, 4):
+            m.before_epoch(ctx, epoch)
+            phases[anchor].append((m.m_weight.clone(), m.m_bias.clone()))
+        if anchor:  # the second and later anchored refits: one fit from the same pseudo-labels
+            d = m._data
+            z = torch.from_numpy(predict_views(d["f_u"].reshape(-1, DT), first[0].numpy(), first[1].numpy(), 2))
+            probs, seen = (torch.from_numpy(a) for a in m.memory.table())
+            mixed = z + 0.5 * (seen * probs.max(1).values)[:, None] * (torch.log(probs.clamp_min(1e-6)) - torch.log_softmax(z, 1))
+            w, b = self_train_head(d["f_l"], d["y_l"], d["f_u"], mixed.numpy(), C, 1, 0.5, True, 1e-3, 1.0, 100)
+            assert torch.allclose(phases[True][-1][0], torch.from_numpy(w), atol=2e-2)
+    step = {a: float((phases[a][-1][0] - phases[a][-2][0]).abs().max()) for a in phases}
+    assert step[True] < 0.02 < step[False], step

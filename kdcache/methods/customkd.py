@@ -63,7 +63,11 @@ CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old 
                                          "customisation (the objective is convex: the same minimum, sooner)"),
     w_self=weight(0.0, "self-training term: CE to the recorded prediction of another view of the row"),
     self_threshold=Opt(0.95, float, low=0.0, high=1.0,
-                       help="confidence a recorded prediction needs to be a self-training target or to enter a refit"),
+                       help="confidence a recorded prediction needs to be a self-training target"),
+    refit_threshold=Opt(0.95, float, low=0.0, high=1.0,
+                        help="confidence a recorded prediction needs to enter a moving refit"),
+    anchor=flag(False, "each moving refit mixes the student's record with the first customisation's predictions "
+                       "(fixed) instead of the previous customisation's (which compound from phase to phase)"),
 )
 class CustomKD(Method):
     def __init__(self, dims, **params):
@@ -186,24 +190,26 @@ class CustomKD(Method):
             return self._fit_phase(phase, ctx.device)
         return torch.from_numpy(group["weight"][:]), torch.from_numpy(group["bias"][:])
 
-    def _fit_with_student(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fit_with_student(self, ctx: MethodContext) -> tuple[torch.Tensor, torch.Tensor]:
         """A refit whose pseudo-labels on the unlabelled rows mix the previous customised teacher's predictions
-        with the student's recorded ones (geometric mean, weight `student_weight`) where that record is
-        confident (>= `self_threshold`); any other row keeps the teacher's."""
+        with the student's recorded ones (geometric mean, weight `student_weight` times the record's confidence)
+        where that record is confident (>= `refit_threshold`); any other row keeps the teacher's."""
         d, p = self._data, self.params
         views = d["f_u"].shape[1]
+        source = self._phase(ctx, 0) if p["anchor"] else (self.m_weight.cpu(), self.m_bias.cpu())
         teacher = torch.from_numpy(predict_views(d["f_u"].reshape(-1, d["f_u"].shape[-1]),
-                                                 self.m_weight.cpu().numpy(), self.m_bias.cpu().numpy(), views))
+                                                 source[0].numpy(), source[1].numpy(), views))
         probs, seen = (torch.from_numpy(a) for a in self.memory.table())
-        confident = (probs.max(1).values >= p["self_threshold"]).float()  # a flat or unseen record leaves the row alone
-        lam = p["student_weight"] * (seen * confident)[:, None]
+        conf = probs.max(1).values
+        confident = (conf >= p["refit_threshold"]).float()  # a flat or unseen record leaves the row alone
+        lam = p["student_weight"] * (seen * confident * conf)[:, None]  # and a hesitant one weighs little
         # (1 - lam) log q_t + lam log p_s, plus a per-row constant (softmax ignores it): the teacher's logits
         # exactly where lam is 0
         mixed = teacher + lam * (torch.log(probs.clamp_min(1e-6)) - F.log_softmax(teacher, 1))
         start = (self.m_weight.cpu().numpy(), self.m_bias.cpu().numpy())  # same minimum as from zero, reached sooner
         weight_m, bias_m = self_train_head(d["f_l"], d["y_l"], d["f_u"], mixed.numpy(), self.dims.classes, 1,
                                            p["sharpen"], p["balance"], p["custom_wd"], p["unlabelled_weight"],
-                                           p["refit_iters"], device, init=start)
+                                           p["refit_iters"], ctx.device, init=start)
         m, c = dist.broadcast((torch.from_numpy(weight_m), torch.from_numpy(bias_m)))  # one fit for every rank
         return m, c
 
@@ -233,7 +239,7 @@ class CustomKD(Method):
         start = time.perf_counter()
         phase = int(self.phases)
         if self._moving() and phase > 0:
-            m, c = self._fit_with_student(ctx.device)
+            m, c = self._fit_with_student(ctx)
         else:
             m, c = self._phase(ctx, phase)
         self.m_weight.copy_(m)
