@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from .files import save_tensors, write_atomic
-from .measure import topk_metrics
-from .methods import Method, TeacherBatch
-from .progress import bar as progress_bar
-from .students import Student
+from ..files import save_tensors, write_atomic
+from ..measure import topk_metrics
+from ..methods import Method, TeacherBatch
+from ..progress import bar as progress_bar
+from ..students import Student
 
 
 class TrainModule(nn.Module):
