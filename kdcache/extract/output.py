@@ -21,6 +21,7 @@ def creation_lock(out: Path):
     with file_lock(out.parent / f".{out.name}.create.lock"):
         yield
 
+
 def check_out(out: Path) -> None:
     """The nearest existing folder above --out is a folder (cache_location refuses an --out that is a file)."""
     if is_remote(out):
@@ -31,6 +32,7 @@ def check_out(out: Path) -> None:
         if p.exists() or p.is_symlink():
             what = "a broken link" if not p.exists() else "a file"
             raise ConfigError(f"--out {out}: {p} is {what}, not a folder; give a folder (a new or an existing one)")
+
 
 def clear_cache(out: Path) -> None:
     """Remove a cache folder for --overwrite; a symlinked --out keeps its link and loses its contents."""
@@ -44,7 +46,10 @@ def clear_cache(out: Path) -> None:
         return
     shutil.rmtree(out)
 
+
 def open_or_create(out: Path, cfg, layout: Layout, identity: dict, attrs: dict, static: dict) -> CacheStore:
+    """The cache at `out` as these options describe it: opened when it matches, created when absent or left
+    half-created, replaced with --overwrite; otherwise an error listing what differs."""
     if (out / "zarr.json").is_file():
         try:
             store = CacheStore.open(out, mode="r+")
@@ -68,6 +73,7 @@ def open_or_create(out: Path, cfg, layout: Layout, identity: dict, attrs: dict, 
         clear_cache(out)
     store = CacheStore.create(out, layout, attrs, static, compression=cfg.compression)
     return store
+
 
 def repair(store: CacheStore, static: dict) -> None:
     """Recompute exactly what is damaged: shards whose arrays or packed images differ from their checksums

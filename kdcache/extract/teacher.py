@@ -34,6 +34,7 @@ def check_classes(cfg, dataset) -> None:
                       f"({', '.join(map(repr, dataset.classes))}); distillation needs at least 2: {fix}, or pass "
                       "--head none to cache the teacher's features alone")
 
+
 def build_teacher(cfg, dataset):
     """(teacher with its head, head kind, device, output sizes); a --teacher-input-size the model cannot take
     (timm asserts or fails at build or at the first forward pass) is an error naming the flag."""
@@ -57,6 +58,7 @@ def build_teacher(cfg, dataset):
                            f"({str(e).strip().rstrip('.')}); {input_size_hint(cfg.teacher, teacher, size)}") from None
     return teacher, head, device, dims
 
+
 def input_size_hint(name: str, teacher, size: int) -> str:
     """Which --teacher-input-size values the model takes: multiples of a ViT's patch size, else its own size."""
     import timm
@@ -74,6 +76,7 @@ def input_size_hint(name: str, teacher, size: int) -> str:
         return f"use a multiple of its patch size {p}, e.g. {lo} or {lo + p}; {own}"
     return f"use a larger size; {own}"
 
+
 def check_shard_buffer(layout: Layout) -> None:
     """One shard's outputs must fit in memory; checked before the cache is created, so an absurd --views or
     --shard-size leaves nothing behind."""
@@ -83,6 +86,7 @@ def check_shard_buffer(layout: Layout) -> None:
         raise ConfigError(f"--views {layout.views} with --shard-size {layout.shard_size} needs "
                           f"{nbytes / 2**30:.0f} GiB of memory per shard of teacher outputs (at most "
                           f"{MAX_SHARD_BUFFER // 2**30} GiB); use fewer --views or a smaller --shard-size")
+
 
 def describe(cfg, dataset, teacher, head: str, dims: dict) -> tuple[dict, dict, dict]:
     """(identity, attributes, static arrays) of the cache these options make."""

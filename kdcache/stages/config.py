@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,13 +12,14 @@ from kdcache.options import (  # noqa: F401  (the typing of one value lives ther
     TRUE_WORDS,
     ConfigError,
     coerce,
+    env_int,
     label,
     meta,
     parse_bool,
-    env_int,
     to_dict,
     write_yaml,
 )
+from kdcache.registry import did_you_mean
 
 from .schema import FLAG_FIELDS
 
@@ -33,8 +33,7 @@ def flag_of(field: str) -> str:
 
 
 def nearest(name: str, names) -> str:
-    close = difflib.get_close_matches(name, sorted(names), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean(name, names)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -93,7 +93,7 @@ class DistillConfig:
     batch_size: int = option(64, "Images per step.", low=1)
     lr: float = option(1e-3, "Peak learning rate (cosine schedule with warm-up).", positive=True)
     weight_decay: float = option(0.05, "Decoupled weight decay (AdamW) or L2 (SGD).", low=0)
-    optimizer: str = option("adamw", "adamw or sgd.", choices=("adamw", "sgd"))
+    optimizer: str = option("adamw", "adamw or sgd.", choices="kdcache.train.engine:OPTIMIZERS")
     decay_norm_bias: bool = option(False, "Weight decay on norm weights and biases too. Off exempts them (timm's "
                                    "parameter groups, as timm trains); --decay-norm-bias decays every parameter, as "
                                    "runs made before that default did.", both=True)
