@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from kdcache.derived import scenario_teacher_head
 from kdcache.dist import device_for
-from kdcache.files import share, writable
-from kdcache.measure import count_macs, count_params, cpu_latency_ms, export_onnx, topk_metrics
+from kdcache.files import writable
+from kdcache.measure import count_macs, count_params, cpu_latency_ms, export_onnx, export_timm, topk_metrics
 from kdcache.options import check_fields
 from kdcache.report import write_report
 from kdcache.store import CacheError, CacheStore
@@ -75,30 +75,6 @@ def _groups(rows, domains, splits, domain_names) -> dict[str, np.ndarray]:
         for si in np.unique(s[d == di]):
             groups[f"{domain_names[int(di)]}/{SPLIT_NAMES[int(si)]}"] = (d == di) & (s == si)
     return groups
-
-
-def export_timm(model: torch.nn.Module, folder: Path, classes: list[str], size: int, mean: list[float],
-                std: list[float], interpolation: str, onnx_file: Path | None = None) -> dict:
-    """The student as a folder timm loads by itself: model.safetensors + config.json (architecture,
-    num_classes, label names, mean/std, input size, interpolation), written by timm's own `save_for_hf`,
-    plus the ONNX file when there is one.
-
-        timm.create_model("local-dir:" + folder, pretrained=True)
-    """
-    import shutil
-
-    from timm.models import save_for_hf
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_for_hf(model.eval().cpu(), str(folder), model_config={"label_names": list(classes)},
-                safe_serialization=True,
-                data_config={"input_size": (3, size, size), "mean": tuple(mean), "std": tuple(std),
-                             "interpolation": interpolation, "crop_pct": 1.0})
-    if onnx_file is not None and onnx_file.is_file():
-        shutil.copyfile(onnx_file, folder / "model.onnx")
-    share(*(p for p in folder.iterdir() if p.is_file()))  # others load it too (save_for_hf writes 0600)
-    return {"folder": str(folder), "load": f'timm.create_model("local-dir:{folder}", pretrained=True)',
-            "files": sorted(p.name for p in folder.iterdir())}
 
 
 def run(cfg: EvaluateConfig) -> Path:
