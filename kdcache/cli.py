@@ -211,8 +211,8 @@ _stage_command("extract", """Stage one: run the teacher once over every image in
     """, lambda path: f"cache: {path}  (inspect: python cli.py info --cache {shlex.quote(str(path))})", True)
 _stage_command("distill", "Stage two: train a student from the cached teacher outputs (the teacher never runs).",
                lambda path: f"run: {path}", True)
-_stage_command("evaluate", """Stage three: top-1/top-5 per domain and split (student and teacher), params, MACs, CPU latency
-    (fixed threads, warm-up, median and IQR), a folder timm loads by itself (export/),
+_stage_command("evaluate", """Stage three: top-1/top-5 per domain and split (student and teacher), params, MACs, CPU
+    latency (fixed threads, warm-up, median and IQR), a folder timm loads by itself (export/),
     ONNX export checked with onnxruntime; writes report.json, report.md and plots into the run.""",
                lambda path: (path / "report.md").read_text())
 
@@ -230,8 +230,8 @@ def report(runs: List[str] = typer.Argument(..., help="Run folders, e.g. runs/*"
         typer.echo(f"(no report in {m}: run `python cli.py evaluate --run {shlex.quote(str(m))}`)", err=True)
 
 
-_stage_command("demo", """The offline default end to end: ImageNet EfficientNet-Lite0 teacher over MNIST digits, 10 labels per
-    class; supervised, kd and customkd students; one table. Re-running reuses finished work.""")
+_stage_command("demo", """The offline default end to end: ImageNet EfficientNet-Lite0 teacher over MNIST digits, 10
+    labels per class; supervised, kd and customkd students; one table. Re-running reuses finished work.""")
 
 
 @app.command()

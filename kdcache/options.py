@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from pathlib import Path
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -159,8 +160,6 @@ def write_yaml(cfg, path: str | Path) -> None:
 def env_int(name: str, flag: str, default=None):
     """An integer from the environment variable `name` (`default` when unset), or a ValueError naming the
     variable and the flag that reads it."""
-    import os
-
     text = os.environ.get(name)
     if text is None:
         return default
@@ -175,11 +174,11 @@ class Option:
     """What one config field declares besides its type and default.
 
     `low`/`high`: the accepted range (checked by `check_fields`, the error naming the flag); `positive`: a
-    number above 0; `choices`: the accepted words, or "module:name" of a tuple or a function giving them (imported
-    when a value is checked);
-    `flag`: the flag when it is not the field name (`--dataset-opt`), `negate`: the flag turns a default-on
-    field off (`--no-progress`), `both`: an on and an off flag; `limits`: the integer type's own range;
-    `shown`: how --help names a default of None; `unit` and `note` complete a range error."""
+    number above 0; `choices`: the accepted words, or "module:name" of a tuple or a function giving them
+    (imported when a value is checked); `flag`: the flag when it is not the field name (`--dataset-opt`);
+    `negate`: the flag turns a default-on field off (`--no-progress`); `both`: an on and an off flag;
+    `required`: the command needs the flag; `limits`: the integer type's own range; `shown`: how --help
+    names a default of None; `unit` and `note` complete a range error."""
 
     help: str
     low: float | None = None
@@ -225,7 +224,7 @@ def shown_default(f: dataclasses.Field) -> str:
 
 
 def choices_of(m: Option) -> tuple:
-    if isinstance(m.choices, str):  # "module:function", imported only when a value is checked
+    if isinstance(m.choices, str):  # "module:name", imported only when a value is checked
         module, _, name = m.choices.partition(":")
         found = getattr(importlib.import_module(module), name)
         return tuple(found() if callable(found) else found)

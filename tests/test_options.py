@@ -106,7 +106,8 @@ def test_the_registry_names_the_choices_and_the_closest():
     reg.register("sharp", colour="red")(object)
     reg.add("round", int)
     assert reg.names() == ["round", "sharp"] and reg.get("round") is int and reg.meta("sharp") == {"colour": "red"}
-    with pytest.raises(KeyError, match=r"unknown widget 'shrap'; choose one of: round, sharp \(did you mean 'sharp'\?\)"):
+    with pytest.raises(KeyError, match=r"unknown widget 'shrap'; choose one of: round, sharp "
+                                        r"\(did you mean 'sharp'\?\)"):
         reg.get("shrap")
 
 

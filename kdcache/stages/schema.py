@@ -160,8 +160,8 @@ class DemoConfig:
 STAGES = {"extract": ExtractConfig, "distill": DistillConfig, "evaluate": EvaluateConfig, "demo": DemoConfig}
 
 # the parameter (flag without --, - as _) of each field whose flag is not its name, and the field it sets
-FLAG_FIELDS = {flag_name(f)[2:].replace("-", "_"): f.name
-               for cls in STAGES.values() for f in dataclasses.fields(cls) if flag_name(f)[2:] != f.name.replace("_", "-")}
+FLAG_FIELDS = {flag_name(f)[2:].replace("-", "_"): f.name for cls in STAGES.values() for f in dataclasses.fields(cls)
+               if flag_name(f)[2:] != f.name.replace("_", "-")}
 # the integer range of each field whose type allows more than INT_RANGE (seeds)
 INT_LIMITS = {f.name: meta(f).limits for cls in STAGES.values() for f in dataclasses.fields(cls)
               if meta(f).limits != INT_RANGE}

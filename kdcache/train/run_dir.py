@@ -112,8 +112,8 @@ def _resume_problem(out: Path, cfg, state: dict, fingerprint: str) -> str | None
     now = to_dict(cfg)
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if changed:
-        return ("--resume with another config: " + ", ".join(f"{k} was {saved.get(k)!r}, now {now.get(k)!r}"
-                                                              for k in changed) + "; use the original flags or a new --out")
+        differences = ", ".join(f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
+        return f"--resume with another config: {differences}; use the original flags or a new --out"
     return None
 
 
