@@ -40,7 +40,6 @@ class Dims:
 # ----------------------------------------------------------------------------- typed options
 
 
-
 @dataclass(frozen=True)
 class Opt:
     """One method option: its default, type and range. `low_open` excludes the lower bound."""
