@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kdcache.datasets import create_dataset  # noqa: E402
-from kdcache.engine import TrainModule, make_optimizer, train_one_epoch  # noqa: E402
+from kdcache.train.engine import TrainModule, make_optimizer, train_one_epoch  # noqa: E402
 from kdcache.extraction import ShardImageStream, StreamSpec, ensure_packed  # noqa: E402
 from kdcache.images import decode_packed  # noqa: E402
-from kdcache.loader import StreamConfig, labelled_repeats, make_loader, rank_shards  # noqa: E402
+from kdcache.train.loader import StreamConfig, labelled_repeats, make_loader, rank_shards  # noqa: E402
 from kdcache.methods import create_method  # noqa: E402
 from kdcache.methods.base import Dims  # noqa: E402
 from kdcache.pack import read_shard, shard_name  # noqa: E402
@@ -122,9 +122,9 @@ def bench_extraction(a, tmp: Path) -> dict:
             for k in range(store.layout.num_shards):
                 store.mark_todo(k)  # recompute every shard over the packed images
             t = time.perf_counter()
-            extract.run(cfg)
+            stats = extract.extract(cfg).stats
             t_extract.append(time.perf_counter() - t)
-            t_pass.append(extract.LAST_PASS["seconds"])
+            t_pass.append(stats.seconds)
         views_done = n * a.views
         model_vps = [steps * a.batch / m for m in t_model]
         ratios = [views_done / p / m for p, m in zip(t_pass, model_vps)]

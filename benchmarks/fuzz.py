@@ -44,8 +44,8 @@ def stream_all(cache: str) -> dict:
 
     import numpy as np
 
-    from kdcache.loader import CacheStream, StreamConfig
-    from kdcache.stages.distill import open_cache
+    from kdcache.train.loader import CacheStream, StreamConfig
+    from kdcache.train.inputs import open_cache
 
     store = open_cache(cache)
     reps = np.ones(store.layout.n, np.int32)

@@ -35,10 +35,10 @@ import torch
 
 from kdcache.datasets import create_dataset
 from kdcache.device_views import decode_batch
-from kdcache.engine import TrainModule, _to, make_optimizer
+from kdcache.train.engine import TrainModule, _to, make_optimizer
 from kdcache.extraction import ShardImageStream, StreamSpec, replay_encoded, teacher_pass
 from kdcache.images import decode_packed
-from kdcache.loader import StreamConfig, labelled_repeats, make_loader, rank_shards
+from kdcache.train.loader import StreamConfig, labelled_repeats, make_loader, rank_shards
 from kdcache.methods import create_method
 from kdcache.methods.base import Dims
 from kdcache.pack import read_shard, shard_name

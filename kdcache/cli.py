@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import inspect
 import json
 import os
 import shlex
@@ -13,7 +15,8 @@ from typing import List, Optional
 import typer
 from typer.core import TyperGroup
 
-from kdcache.stages.schema import FLAG_FIELDS
+from kdcache.options import flag_name, meta, shown_default
+from kdcache.stages.schema import FLAG_FIELDS, STAGES  # noqa: F401  (FLAG_FIELDS: the tests read it here)
 
 # click's exceptions, from the click that this typer uses (its own copy in newer versions)
 ClickError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -140,172 +143,78 @@ def _parse_options(pairs: List[str], flag: str) -> tuple:
     return tuple(out)
 
 
-@app.command()
-def extract(
-    dataset: Optional[str] = typer.Option(None, help="Dataset layout: domainnet, officehome, cifar100, imagenet, "
-                                          "imagefolder, synthetic, mnist5k (the offline demo digits)."),
-    data_root: Optional[str] = typer.Option(None, help="Folder holding the dataset in its on-disk layout."),
-    dataset_opt: List[str] = typer.Option([], help="Dataset option KEY=VALUE (e.g. n=512 for synthetic)."),
-    domain: List[str] = typer.Option([], help="Only these domains (repeat the flag)."),
-    teacher: Optional[str] = typer.Option(None, help="timm name, or open_clip:ARCH/TAG "
-                                          "(default vit_large_patch14_dinov2.lvd142m)."),
-    teacher_weights: Optional[str] = typer.Option(None, help="Local weights (safetensors or state dict) for "
-                                                  "machines without a model hub."),
-    teacher_input_size: Optional[int] = typer.Option(None, help="Teacher input size in pixels (default: the "
-                                                     "model's own; ViTs resize their position embeddings)."),
-    random_init: Optional[bool] = typer.Option(None, "--random-init", help="Random teacher weights (tests and "
-                                               "benchmarks only)."),
-    feature: Optional[str] = typer.Option(None, help="open_clip only: pre_projection (default) or embedding."),
-    views: Optional[int] = typer.Option(None, help="Views per image; view 0 is the clean eval view (default 4)."),
-    view_policy: Optional[str] = typer.Option(None, help="Augmentation policy for views 1..V-1: default, light."),
-    view_seed: Optional[int] = typer.Option(None, help="Seed the view parameters are drawn with."),
-    tokens: Optional[int] = typer.Option(None, help="Also cache patch tokens pooled to a GxG grid (0: off)."),
-    head: Optional[str] = typer.Option(None, help="auto, native, zeroshot, probe or none."),
-    batch_size: Optional[int] = typer.Option(None, help="View-images per teacher forward pass."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes that pack and decode."),
-    shard_size: Optional[int] = typer.Option(None, help="Samples per shard (unit of work and of resume)."),
-    image_bound: Optional[int] = typer.Option(None, help="Longer side of the packed images, in pixels."),
-    compression: Optional[str] = typer.Option(None, help="zstd, blosc or none."),
-    feature_dtype: Optional[str] = typer.Option(None, help="float16 (default) or int8: features and tokens as int8 "
-                                                "with one float32 scale per vector (about half the bytes)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
-    decode: Optional[str] = typer.Option(None, help="Where views are decoded and replayed: workers (default) or "
-                                         "device (JPEGs by nvJPEG on a GPU; pixels within one level of the workers')."),
-    channels_last: Optional[bool] = typer.Option(None, "--channels-last", help="Teacher in channels-last format."),
-    compile: Optional[str] = typer.Option(None, help="torch.compile the teacher: off (default), default, "
-                                          "reduce-overhead (CUDA graphs) or max-autotune."),
-    out: Optional[str] = typer.Option(None, help="Cache folder (default cache/<dataset>)."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a cache made with other settings."),
-    part: Optional[str] = typer.Option(None, help="i/N: work only on shards k with k % N == i (a job-array "
-                                       "task's share; N tasks together fill the cache). auto/N or auto: i (and N) "
-                                       "from SLURM_ARRAY_TASK_ID/_MIN/_COUNT or JOB_COMPLETION_INDEX."),
-    repair: Optional[bool] = typer.Option(None, "--repair", help="Re-check every done shard against its recorded "
-                                          "checksum and recompute only the damaged ones."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
-    config: Optional[str] = typer.Option(None, help="YAML file of options (flags win over it)."),
-):
-    """Stage one: run the teacher once over every image into a sharded, resumable Zarr cache.
+def _flag_parameter(f: dataclasses.Field) -> inspect.Parameter:
+    """The typer parameter of one schema field, from its declaration (flag, help, default shown)."""
+    m = meta(f)
+    flag, kind = flag_name(f), str(f.type).replace("| None", "").strip()
+    name, text = flag[2:].replace("-", "_"), f"{m.help} (default: {shown_default(f)})"
+    if m.required:
+        return _param(name, str, typer.Option(..., flag, help=m.help))
+    if kind in ("Names", "Pairs"):
+        return _param(name, List[str], typer.Option([], flag, help=text))
+    if kind == "bool" and m.negate:
+        return _param(name, bool, typer.Option(False, flag, help=text))
+    if kind == "bool":
+        return _param(name, Optional[bool], typer.Option(None, f"{flag}/--no-{flag[2:]}" if m.both else flag,
+                                                         help=text))
+    return _param(name, Optional[{"int": int, "float": float}.get(kind, str)], typer.Option(None, flag, help=text))
+
+
+def _param(name: str, annotation, default) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _field_values(cls, given: dict) -> dict:
+    """Flag values -> field values: None where a flag was not given (the YAML or the default decides)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        flag = flag_name(f)
+        value, kind = given[flag[2:].replace("-", "_")], str(f.type)
+        if kind == "Pairs":
+            value = _parse_options(value, flag) or None
+        elif kind == "Names":
+            value = tuple(value) or None
+        elif meta(f).negate:
+            value = False if value else None
+        values[f.name] = value
+    return values
+
+
+CONFIG = _param("config", Optional[str], typer.Option(None, help="YAML file of options (flags win over it)."))
+
+
+def _stage_command(name: str, doc: str, done=None, yaml_file: bool = False) -> None:
+    """Register `kdcache <name>`: one flag per field of the stage's schema, then stage.run(cfg)."""
+    cls = STAGES[name]
+    params = [_flag_parameter(f) for f in dataclasses.fields(cls)] + ([CONFIG] if yaml_file else [])
+
+    def command(**given):
+        import importlib
+
+        from kdcache.stages.config import resolve
+
+        stage = importlib.import_module(f"kdcache.stages.{name}")
+        path = stage.run(resolve(cls, given.pop("config", None), **_field_values(cls, given)))
+        if done is not None:
+            typer.echo(done(path))
+
+    command.__name__, command.__doc__ = name, doc
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    app.command(name=name)(command)
+
+
+_stage_command("extract", """Stage one: run the teacher once over every image into a sharded, resumable Zarr cache.
 
     Re-running the same command resumes: finished shards are kept, the rest are computed.
     Under torchrun, ranks take disjoint shards.
-    """
-    from kdcache.stages import extract as stage
-    from kdcache.stages.config import resolve
-
-    cfg = resolve(stage.ExtractConfig, config, dataset=dataset, data_root=data_root,
-                  dataset_options=_parse_options(dataset_opt, "--dataset-opt") or None, domains=tuple(domain) or None,
-                  teacher=teacher, teacher_weights=teacher_weights,
-                  teacher_input_size=teacher_input_size, random_init=random_init, feature=feature,
-                  views=views, view_policy=view_policy, view_seed=view_seed, tokens=tokens, head=head,
-                  batch_size=batch_size, workers=workers, shard_size=shard_size, image_bound=image_bound,
-                  compression=compression, feature_dtype=feature_dtype, device=device, out=out, overwrite=overwrite,
-                  repair=repair, part=part, progress=False if no_progress else None, decode=decode,
-                  channels_last=channels_last, compile=compile)
-    path = stage.run(cfg)
-    typer.echo(f"cache: {path}  (inspect: python cli.py info --cache {shlex.quote(str(path))})")
-
-
-@app.command()
-def distill(
-    cache: Optional[str] = typer.Option(None, help="Cache folder written by extract."),
-    student: Optional[str] = typer.Option(None, help="Any timm model name (default mobilenetv3_large_100)."),
-    student_weights: Optional[str] = typer.Option(None, help="Backbone weights for the student (safetensors or "
-                                                  "state dict); its classifier is always new."),
-    method: Optional[str] = typer.Option(None, help="customkd (default), supervised, kd, fitnet, dkd, kdep, scalekd."),
-    method_opt: List[str] = typer.Option([], help="Method option KEY=VALUE (e.g. temperature=2)."),
-    scenario: Optional[str] = typer.Option(None, help="uda, ssl or supervised (default)."),
-    source: List[str] = typer.Option([], help="uda: labelled source domain (repeat the flag)."),
-    target: List[str] = typer.Option([], help="uda: unlabelled target domain, also evaluated (repeat)."),
-    closed_set: Optional[bool] = typer.Option(None, "--closed-set", help="uda: keep only the target rows of "
-                                              "classes the source has (a closed-set benchmark from domains whose "
-                                              "class sets differ)."),
-    labels_per_class: Optional[int] = typer.Option(None, help="ssl: labelled samples per class (seeded)."),
-    online_teacher: Optional[bool] = typer.Option(None, "--online-teacher", help="Run the cache's teacher on the "
-                                                  "same replayed views every step instead of reading the cache "
-                                                  "(a reference that measures what caching costs; slow)."),
-    teacher_weights: Optional[str] = typer.Option(None, help="--online-teacher: the teacher's weights (default: "
-                                                  "the file the cache was extracted with)."),
-    teacher_adapt: Optional[int] = typer.Option(None, help="Rounds of self-training of the teacher head on the "
-                                                "unlabelled rows' cached features before distilling (0: off; "
-                                                "never reads their labels)."),
-    labelled_ratio: Optional[float] = typer.Option(None, help="Least fraction of labelled samples per epoch "
-                                                   "(labelled rows are repeated to reach it; default 0.25, "
-                                                   "0 keeps the natural mix)."),
-    epochs: Optional[int] = typer.Option(None, help="Distillation epochs (default 10)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per step (default 64)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (cosine schedule with warm-up)."),
-    optimizer: Optional[str] = typer.Option(None, help="adamw (default) or sgd."),
-    weight_decay: Optional[float] = typer.Option(None, help="Decoupled weight decay (AdamW) or L2 (SGD)."),
-    decay_norm_bias: Optional[bool] = typer.Option(None, "--decay-norm-bias/--no-decay-norm-bias",
-                                                   help="Weight decay on norm weights and biases too. The "
-                                                   "default exempts them (timm's parameter groups, as timm "
-                                                   "trains); --decay-norm-bias decays every parameter, as runs "
-                                                   "made before that default did."),
-    warmup_epochs: Optional[float] = typer.Option(None, help="Epochs of linear learning-rate warm-up before the "
-                                                  "cosine decay (fractions allowed)."),
-    shuffle_buffer: Optional[int] = typer.Option(None, help="Samples in the stream's shuffle buffer (rows)."),
-    image_size: Optional[int] = typer.Option(None, help="Student input size (default: the student's own)."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N epochs (and after the last)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for labels-per-class, shard order and views."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
-    out: Optional[str] = typer.Option(None, help="Run folder (default runs/<UTC time>-<method>-<student>-<hash of the settings>; with --resume "
-                                     "and no --out: the newest run of the same settings)."),
-    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the run's last checkpoint."),
-    no_check_dataset: bool = typer.Option(False, "--no-check-dataset", help="Do not re-scan the original "
-                                          "dataset to compare its fingerprint."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
-    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard", help="Also log the epoch metrics to "
-                                               "<run>/tensorboard (needs: pip install tensorboard)."),
-    config: Optional[str] = typer.Option(None, help="YAML file of options (flags win over it)."),
-):
-    """Stage two: train a student from the cached teacher outputs (the teacher never runs)."""
-    from kdcache.stages import distill as stage
-    from kdcache.stages.config import resolve
-
-    cfg = resolve(stage.DistillConfig, config, cache=cache, student=student, student_weights=student_weights,
-                  method=method, method_options=_parse_options(method_opt, "--method-opt") or None,
-                  scenario=scenario,
-                  source=tuple(source) or None, target=tuple(target) or None, closed_set=closed_set,
-                  labels_per_class=labels_per_class, teacher_adapt=teacher_adapt, online_teacher=online_teacher,
-                  teacher_weights=teacher_weights, labelled_ratio=labelled_ratio,
-                  epochs=epochs,
-                  batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                  decay_norm_bias=decay_norm_bias,
-                  warmup_epochs=warmup_epochs, shuffle_buffer=shuffle_buffer, image_size=image_size, workers=workers,
-                  eval_every=eval_every, seed=seed, device=device, out=out, resume=resume,
-                  check_dataset=False if no_check_dataset else None, progress=False if no_progress else None,
-                  tensorboard=tensorboard)
-    path = stage.run(cfg)
-    typer.echo(f"run: {path}")
-
-
-@app.command()
-def evaluate(
-    run: str = typer.Option(..., help="Run folder written by distill (runs/<name>)."),
-    batch_size: Optional[int] = typer.Option(None, help="Evaluation batch size."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-    latency_repeats: Optional[int] = typer.Option(None, help="Timed CPU forward passes per latency figure "
-                                                  "(default 50, after 10 warm-up passes)."),
-    latency_threads: Optional[int] = typer.Option(None, help="CPU threads for the latency figures (default 1)."),
-    latency_batch: Optional[int] = typer.Option(None, help="Batch size of the second latency figure (default 8; "
-                                                "0: batch 1 only)."),
-    no_onnx: bool = typer.Option(False, "--no-onnx", help="Skip the ONNX export and its onnxruntime check."),
-    device: Optional[str] = typer.Option(None, help="Device for the accuracy pass (latency is always CPU)."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
-):
-    """Stage three: top-1/top-5 per domain and split (student and teacher), params, MACs, CPU latency
-    (fixed threads, warm-up, median and IQR), a folder timm loads by itself (export/),
-    ONNX export checked with onnxruntime; writes report.json, report.md and plots into the run."""
-    from kdcache.stages import evaluate as stage
-    from kdcache.stages.config import resolve
-
-    cfg = resolve(stage.EvaluateConfig, None, run=run, batch_size=batch_size, workers=workers,
-                  latency_repeats=latency_repeats, latency_threads=latency_threads,
-                  latency_batch=latency_batch, onnx=False if no_onnx else None, device=device,
-                  progress=False if no_progress else None)
-    path = stage.run(cfg)
-    typer.echo((path / "report.md").read_text())
+    """, lambda path: f"cache: {path}  (inspect: python cli.py info --cache {shlex.quote(str(path))})", True)
+_stage_command("distill", "Stage two: train a student from the cached teacher outputs (the teacher never runs).",
+               lambda path: f"run: {path}", True)
+_stage_command("evaluate", """Stage three: top-1/top-5 per domain and split (student and teacher), params, MACs, CPU
+    latency (fixed threads, warm-up, median and IQR), a folder timm loads by itself (export/),
+    ONNX export checked with onnxruntime; writes report.json, report.md and plots into the run.""",
+               lambda path: (path / "report.md").read_text())
 
 
 @app.command()
@@ -321,19 +230,8 @@ def report(runs: List[str] = typer.Argument(..., help="Run folders, e.g. runs/*"
         typer.echo(f"(no report in {m}: run `python cli.py evaluate --run {shlex.quote(str(m))}`)", err=True)
 
 
-@app.command()
-def demo(
-    epochs: Optional[int] = typer.Option(None, help="Distillation epochs per student (default 8)."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
-):
-    """The offline default end to end: ImageNet EfficientNet-Lite0 teacher over MNIST digits, 10 labels per
-    class; supervised, kd and customkd students; one table. Re-running reuses finished work."""
-    from kdcache.stages import demo as stage
-    from kdcache.stages.config import resolve
-
-    stage.run(resolve(stage.DemoConfig, None, epochs=epochs, workers=workers,
-                      progress=False if no_progress else None))
+_stage_command("demo", """The offline default end to end: ImageNet EfficientNet-Lite0 teacher over MNIST digits, 10
+    labels per class; supervised, kd and customkd students; one table. Re-running reuses finished work.""")
 
 
 @app.command()
@@ -380,36 +278,6 @@ def _print_summary(s: dict) -> None:
         typer.echo(f"  bad row {b['row']} {b['key']}: {b['reason']}")
     if s["rows"]["bad"] > len(s["bad_inputs"]):
         typer.echo(f"  ... and {s['rows']['bad'] - len(s['bad_inputs'])} more bad rows")
-
-
-def _show_defaults() -> None:
-    """Append each stage option's default, read from the stage's schema, to its --help text."""
-    import dataclasses
-    import inspect
-
-    from typer.models import OptionInfo
-
-    from kdcache.stages import schema
-
-    schemas = {"extract": schema.ExtractConfig, "distill": schema.DistillConfig,
-               "evaluate": schema.EvaluateConfig, "demo": schema.DemoConfig}
-    for command in app.registered_commands:
-        cls = schemas.get(command.callback.__name__)
-        if cls is None:
-            continue
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        for name, param in inspect.signature(command.callback).parameters.items():
-            info, key = param.default, FLAG_FIELDS.get(name, name)
-            if not isinstance(info, OptionInfo) or key not in defaults or name.startswith("no_"):
-                continue
-            value = defaults[key]
-            if value is None or value == () or "default" in (info.help or "").lower():
-                continue
-            shown = ("on" if value else "off") if isinstance(value, bool) else value
-            info.help = f"{(info.help or '').rstrip()} (default: {shown})"
-
-
-_show_defaults()
 
 
 def run() -> None:

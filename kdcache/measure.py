@@ -1,4 +1,5 @@
-"""What a student costs and whether its export is faithful: accuracy, params, MACs, latency, ONNX."""
+"""What a student costs and whether its export is faithful: accuracy, params, MACs, latency, ONNX, and the
+folder timm loads by itself."""
 from __future__ import annotations
 
 import time
@@ -7,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .files import share
 
 
 def topk_metrics(logits: np.ndarray, labels: np.ndarray, groups: dict[str, np.ndarray] | None = None) -> dict:
@@ -86,3 +89,27 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict:
     theirs = session.run(None, {"images": check.numpy()})[0]
     return {"path": str(path), "max_abs_diff": float(np.abs(ours - theirs).max()),
             "bytes": path.stat().st_size, "input": "float32 [B, 3, H, W], normalised with the student's mean/std"}
+
+
+def export_timm(model: torch.nn.Module, folder: Path, classes: list[str], size: int, mean: list[float],
+                std: list[float], interpolation: str, onnx_file: Path | None = None) -> dict:
+    """The student as a folder timm loads by itself: model.safetensors + config.json (architecture,
+    num_classes, label names, mean/std, input size, interpolation), written by timm's own `save_for_hf`,
+    plus the ONNX file when there is one.
+
+        timm.create_model("local-dir:" + folder, pretrained=True)
+    """
+    import shutil
+
+    from timm.models import save_for_hf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_for_hf(model.eval().cpu(), str(folder), model_config={"label_names": list(classes)},
+                safe_serialization=True,
+                data_config={"input_size": (3, size, size), "mean": tuple(mean), "std": tuple(std),
+                             "interpolation": interpolation, "crop_pct": 1.0})
+    if onnx_file is not None and onnx_file.is_file():
+        shutil.copyfile(onnx_file, folder / "model.onnx")
+    share(*(p for p in folder.iterdir() if p.is_file()))  # others load it too (save_for_hf writes 0600)
+    return {"folder": str(folder), "load": f'timm.create_model("local-dir:{folder}", pretrained=True)',
+            "files": sorted(p.name for p in folder.iterdir())}

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .registry import Registry
 from .weights import WeightsError, file_sha256, load_state_dict_file, load_weights_into
 
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -305,18 +306,36 @@ def create_teacher(name: str, weights: str | None = None, random_init: bool = Fa
     """
     if weights and not Path(weights).is_file():
         raise TeacherError(f"--teacher-weights {weights} does not exist")
-    if name.startswith(OPEN_CLIP_PREFIX):
-        if input_size:
-            raise TeacherError("--teacher-input-size applies to timm teachers only")
-        teacher = _create_open_clip(name, weights, random_init)
-        teacher.feature_point = "embedding" if feature == "embedding" else "pre_projection"
-    else:
-        if feature not in ("auto", "pre_logits"):
-            raise TeacherError(f"--feature {feature} applies to open_clip teachers only")
-        teacher = _create_timm(name, weights, random_init, input_size)
+    teacher = TEACHERS.get(teacher_source(name))(name, weights, random_init, feature, input_size)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def _open_clip_source(name: str, weights, random_init: bool, feature: str, input_size) -> Teacher:
+    if input_size:
+        raise TeacherError("--teacher-input-size applies to timm teachers only")
+    teacher = _create_open_clip(name, weights, random_init)
+    teacher.feature_point = "embedding" if feature == "embedding" else "pre_projection"
+    return teacher
+
+
+def _timm_source(name: str, weights, random_init: bool, feature: str, input_size) -> Teacher:
+    if feature not in ("auto", "pre_logits"):
+        raise TeacherError(f"--feature {feature} applies to open_clip teachers only")
+    return _create_timm(name, weights, random_init, input_size)
+
+
+# where a teacher comes from, chosen by the prefix of its name (timm: no prefix)
+TEACHERS = Registry("teacher source", TeacherError)
+TEACHERS.add("open_clip", _open_clip_source, prefix=OPEN_CLIP_PREFIX)
+TEACHERS.add("timm", _timm_source, prefix="")
+
+
+def teacher_source(name: str) -> str:
+    """The registered source whose prefix the name carries (the longest), e.g. `open_clip:ViT-B-32/openai`."""
+    return max((s for s in TEACHERS if name.startswith(TEACHERS.meta(s)["prefix"])),
+               key=lambda s: len(TEACHERS.meta(s)["prefix"]))
 
 
 @torch.no_grad()

@@ -8,32 +8,29 @@ are stored in the cache, so replay never depends on an RNG implementation.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
+from .registry import Registry
+
 PARAMS = ("x0", "y0", "x1", "y1", "flip", "brightness", "contrast", "saturation", "hue", "gray")
 P = len(PARAMS)
 IDENTITY_TAIL = np.array([0, 1, 1, 1, 0, 0], np.float32)  # flip .. gray for an untouched view
 
-_POLICIES: dict[str, Callable[..., np.ndarray]] = {}
-POLICY_DEFAULTS: dict[str, dict] = {}
+POLICIES = Registry("view policy")
+POLICY_DEFAULTS: dict[str, dict] = {}  # each policy's parameters (recorded in the cache)
 
 
 def register_policy(name: str, **defaults):
-    def deco(fn):
-        _POLICIES[name] = fn
-        POLICY_DEFAULTS[name] = defaults
-        return fn
-
-    return deco
+    POLICY_DEFAULTS[name] = defaults
+    return POLICIES.register(name, **defaults)
 
 
 def list_policies() -> list[str]:
-    return sorted(_POLICIES)
+    return POLICIES.names()
 
 
 def clean_view(width: int, height: int, crop_pct: float) -> np.ndarray:
@@ -97,12 +94,11 @@ def _noflip_policy(rng, width, height, scale, ratio, jitter) -> np.ndarray:
 def sample_views(row: int, width: int, height: int, num_views: int, policy: str, seed: int,
                  crop_pct: float) -> np.ndarray:
     """[V, P] view parameters for one image; view 0 is the clean view."""
-    if policy not in _POLICIES:
-        raise ValueError(f"unknown view policy {policy!r}; choose one of: {', '.join(list_policies())}")
+    draw = POLICIES.get(policy)
     rng = np.random.default_rng([seed, row])
     views = [clean_view(width, height, crop_pct)]
     for _ in range(1, num_views):
-        views.append(_POLICIES[policy](rng, width, height, **POLICY_DEFAULTS[policy]))
+        views.append(draw(rng, width, height, **POLICY_DEFAULTS[policy]))
     return np.stack(views)
 
 

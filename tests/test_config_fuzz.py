@@ -440,7 +440,7 @@ def test_tensors_and_exports_get_the_umask_mode_not_0600(tmp_path, mask):
     import torch
 
     from kdcache.files import save_tensors, umask
-    from kdcache.stages.evaluate import export_timm
+    from kdcache.measure import export_timm
     from kdcache.students import create_student
 
     old = os.umask(mask)

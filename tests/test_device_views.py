@@ -148,12 +148,21 @@ def _extract(root, out, *extra):
     return read_all(out)
 
 
-def test_device_decode_on_the_cpu_gives_the_workers_cache_within_the_tolerance(photo_folder, tmp_path):
-    from kdcache.stages.extract import LAST_PASS
+def _extract_with_stats(root, out, **options):
+    """The same extraction as `_extract`, through the stage's API: (arrays, the teacher pass's statistics)."""
+    from kdcache.stages.extract import ExtractConfig, extract
 
-    a = _extract(photo_folder, tmp_path / "workers")
+    cfg = ExtractConfig(teacher="test_vit", random_init=True, progress=False, dataset="imagefolder", views=3,
+                        shard_size=8, teacher_input_size=48, data_root=str(root), batch_size=7, out=str(out),
+                        **{"workers": 0} | options)
+    stats = extract(cfg).stats.as_dict()
+    return read_all(out), stats
+
+
+def test_device_decode_on_the_cpu_gives_the_workers_cache_within_the_tolerance(photo_folder, tmp_path):
+    a, LAST_PASS = _extract_with_stats(photo_folder, tmp_path / "workers")
     assert LAST_PASS["replaying"] == 0
-    b = _extract(photo_folder, tmp_path / "device", "--decode", "device", "--workers", "1")  # batches cross processes
+    b, LAST_PASS = _extract_with_stats(photo_folder, tmp_path / "device", decode="device", workers=1)  # batches cross processes
     assert 0 < LAST_PASS["starting"] <= LAST_PASS["waited"] <= LAST_PASS["seconds"]  # the pass's waits, timed
     assert 0 < LAST_PASS["replaying"] < LAST_PASS["seconds"] and LAST_PASS["images"] == 19
     for name in ("views", "status", "reasons", "image_digests", "labels", "keys"):

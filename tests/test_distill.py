@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tiny_teacher import train_tiny_teacher
 
 from kdcache.images import decode_packed
-from kdcache.loader import CacheStream, StreamConfig, labelled_repeats, rank_shards
+from kdcache.train.loader import CacheStream, StreamConfig, labelled_repeats, rank_shards
 from kdcache.methods import MethodError
 from kdcache.pack import read_shard, shard_name
 from kdcache.scenarios import ScenarioError, make_scenario
@@ -30,6 +30,7 @@ from kdcache.store import CacheError, CacheStore
 from kdcache.students import StudentError
 from kdcache.views import apply
 from kdcache.stages import distill, extract
+from kdcache.train import inputs, run_dir
 
 N, CLASSES, S, V = 500, 10, 64, 4
 
@@ -249,7 +250,7 @@ def test_dataset_changed_since_extraction_is_refused(tmp_path):
 def test_online_teacher_sees_the_cached_views_and_trains(cache, tmp_path):
     """The --online-teacher reference runs the cache's own teacher on the same replayed views."""
     store = CacheStore.open(cache)
-    teacher, head = distill.online_teacher(store, None, None)
+    teacher, head = inputs.online_teacher(store, None, None)
     size = teacher.preprocess.input_size
     train = store.array("splits")[:] == 0
     reps = train.astype(np.int32)
@@ -333,7 +334,7 @@ def test_customkd_moving_customisation_resumes_exactly(cache, tmp_path, monkeypa
     class Stop(Exception):
         pass
 
-    real = distill.save_checkpoint
+    real = run_dir.save_checkpoint
 
     def save_then_stop(run_dir, epoch, *a, **k):
         path = real(run_dir, epoch, *a, **k)
@@ -341,10 +342,10 @@ def test_customkd_moving_customisation_resumes_exactly(cache, tmp_path, monkeypa
             raise Stop
         return path
 
-    monkeypatch.setattr(distill, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(run_dir, "save_checkpoint", save_then_stop)
     with pytest.raises(Stop):
         distill.run(_cfg(cache, tmp_path / "run", **kw))
-    monkeypatch.setattr(distill, "save_checkpoint", real)
+    monkeypatch.setattr(run_dir, "save_checkpoint", real)
     distill.run(_cfg(cache, tmp_path / "run", resume=True, **kw))
     recs = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("ref", "run")]
     keys = ("custom_teacher_eval_top1", "custom_fit_top1", "student_record_confident", "loss", "self")
@@ -388,7 +389,7 @@ def test_tensorboard_without_the_package_is_a_clear_error(cache, tmp_path, monke
 
 
 def test_the_default_optimiser_is_timms_with_no_decay_on_norms_and_biases():
-    from kdcache.engine import make_optimizer
+    from kdcache.train.engine import make_optimizer
 
     model = create_student_for_test()
     names = {id(p): n for n, p in model.named_parameters()}
@@ -412,7 +413,7 @@ def test_the_default_optimiser_is_timms_with_no_decay_on_norms_and_biases():
 def test_a_run_saved_before_the_optimiser_default_changed_resumes_only_with_its_own_setting(cache, tmp_path):
     """A run whose saved config predates `decay_norm_bias` decayed every parameter: a resume that would
     change that is refused by name, and `--decay-norm-bias` resumes it."""
-    from kdcache.engine import load_checkpoint
+    from kdcache.train.engine import load_checkpoint
 
     out = tmp_path / "run"
     old = _cfg(cache, out, method="kd", epochs=2, workers=0, decay_norm_bias=True)
@@ -425,7 +426,7 @@ def test_a_run_saved_before_the_optimiser_default_changed_resumes_only_with_its_
     distill.run(dataclasses.replace(old, resume=True))
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     store = CacheStore.open(cache)
-    assert distill.config_hash(old, store) != distill.config_hash(dataclasses.replace(old, decay_norm_bias=False), store)
+    assert run_dir.config_hash(old, store) != run_dir.config_hash(dataclasses.replace(old, decay_norm_bias=False), store)
 
 
 def create_student_for_test():
@@ -439,7 +440,7 @@ def create_student_for_test():
 @settings(deadline=None)
 @given(samples=st.integers(0, 300), size=st.integers(1, 40))
 def test_batches_keep_the_order_and_never_end_with_one_sample(samples, size):
-    from kdcache.loader import batched, num_batches
+    from kdcache.train.loader import batched, num_batches
 
     batches = list(batched(range(samples), size))
     assert [x for b in batches for x in b] == list(range(samples))
@@ -453,7 +454,7 @@ def test_batches_keep_the_order_and_never_end_with_one_sample(samples, size):
 def test_the_stream_is_the_same_for_any_number_of_workers(cache):
     """Batches (rows, views, pixels, teacher rows) depend on (seed, epoch, shards), never on --workers or on how
     the shards are cut into chunks for the workers; torch's generator moves alike."""
-    from kdcache.loader import make_loader
+    from kdcache.train.loader import make_loader
 
     store = CacheStore.open(cache)
     train = store.array("splits")[:] == 0

@@ -125,3 +125,26 @@ def test_cli_extract_distill_evaluate_report(tmp_path):
         == {f.relative_to(run).as_posix(): oct(0o666 & ~umask()) for f in shared}
     res = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "not a finished distill run" in res.output
+
+
+def test_evaluate_reads_the_run_config_typed_and_the_cache_through_its_checks(run_dir, tmp_path):
+    """The run's config.yaml goes through the typed loader (an unknown key is named, with the closest), and the
+    cache through distill's gatekeeping: an incomplete cache is refused with the command that completes it."""
+    import shutil
+
+    import yaml
+
+    from kdcache.stages.config import ConfigError
+    from kdcache.store import CacheError, CacheStore
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    shutil.copytree(run_dir, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    shutil.copytree(config["cache"], cache)
+    (run / "config.yaml").write_text(yaml.safe_dump(dict(config, epoch=3)))
+    with pytest.raises(ConfigError, match=r"config.yaml: unknown option 'epoch' \(did you mean 'epochs'\?\)"):
+        evaluate.run(evaluate.EvaluateConfig(run=str(run), workers=0, progress=False, onnx=False))
+    (run / "config.yaml").write_text(yaml.safe_dump(dict(config, cache=str(cache))))
+    CacheStore.open(cache, mode="r+").mark_todo(0)
+    with pytest.raises(CacheError, match=r"is incomplete: 1 of 4 shards are not extracted; resume with"):
+        evaluate.run(evaluate.EvaluateConfig(run=str(run), workers=0, progress=False, onnx=False))

@@ -19,7 +19,7 @@ from conftest import ROOT, TINY, assert_same_cache, cli_env, read_all, run_cli
 
 from kdcache.cacheinfo import verify
 from kdcache.extraction import ShardClaims
-from kdcache.loader import CacheStream, StreamConfig
+from kdcache.train.loader import CacheStream, StreamConfig
 from kdcache.pack import read_shard, shard_name
 from kdcache.replay import replay_shard, stored_views
 from kdcache.store import CacheStore, dequantize_int8, quantize_int8

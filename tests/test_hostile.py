@@ -22,12 +22,14 @@ from conftest import assert_same_cache, read_all, run_cli
 from PIL import Image
 
 from kdcache import cacheinfo
-from kdcache.engine import TrainingDiverged
+from kdcache.train.engine import TrainingDiverged
 from kdcache.images import BadImage, decode_packed
-from kdcache.loader import CacheStream, StreamConfig
+from kdcache.train.loader import CacheStream, StreamConfig
 from kdcache.pack import member_digest, read_members, shard_name
 from kdcache.store import CacheError, CacheStore
+from kdcache.extract.teacher import build_teacher
 from kdcache.stages import distill, extract
+from kdcache.train import inputs, run_dir
 from kdcache.stages.config import ConfigError, resolve
 
 N, S = 96, 8
@@ -238,7 +240,7 @@ def test_random_byte_flips_in_packed_images_never_crash_the_decoder(reference):
 # 3. non-finite training ------------------------------------------------------------------------------
 
 def test_a_non_finite_loss_stops_training_naming_the_step(cache, tmp_path, monkeypatch):
-    from kdcache.engine import TrainModule
+    from kdcache.train.engine import TrainModule
 
     real = TrainModule.forward
     calls = []
@@ -373,15 +375,15 @@ def test_a_missing_group_is_an_error_not_a_keyerror(cache):
 
 def test_a_second_distill_on_a_locked_run_folder_fails_fast_naming_the_first(cache, tmp_path):
     run = tmp_path / "run"
-    lock = distill._lock_run_dir(run)  # this process holds the folder, as a running distill would
+    lock = run_dir.lock_run_dir(run)  # this process holds the folder, as a running distill would
     try:
         proc = run_cli("distill", "--cache", str(cache), "--student", "test_efficientnet", "--image-size", "32",
                        "--method", "kd", "--epochs", "1", "--workers", "0", "--out", str(run), "--no-check-dataset",
                        "--no-progress", check=False)
         assert proc.returncode == 2 and f"in use by distill pid {os.getpid()}" in proc.stderr
-        assert {p.name for p in run.iterdir()} <= distill.LOCK_FILES  # the second run wrote nothing
+        assert {p.name for p in run.iterdir()} <= run_dir.LOCK_FILES  # the second run wrote nothing
     finally:
-        distill._unlock_run_dir(run, lock)
+        run_dir.unlock_run_dir(run, lock)
     assert not run.exists()  # nothing was started in it: no empty run folder is left
 
 
@@ -639,7 +641,7 @@ def test_all_zero_shards_are_stored_and_older_caches_without_them_still_verify(c
     zero_file.unlink()  # as a cache written before every chunk was stored has it
     store = CacheStore.open(cache)
     assert store.missing_files() == [] and cacheinfo.verify(store) == []
-    distill.open_cache(str(cache))  # trainable as is
+    inputs.open_cache(str(cache))  # trainable as is
     (cache / "logits" / "c" / "4" / "0" / "0").unlink()  # a shard that was not zeros
     problems = cacheinfo.verify(CacheStore.open(cache))
     assert any("logits of shard 4" in p and "--repair" in p for p in problems), problems
@@ -679,15 +681,15 @@ def test_teacher_input_sizes_the_model_cannot_take_are_named_with_sizes_that_wor
     def check(size):
         cfg = _extract_cfg(tmp_path / "c", teacher_input_size=size)
         if size % 16 == 0:
-            assert extract._build_teacher(cfg, dataset)[3]["features"] == 64
+            assert build_teacher(cfg, dataset)[3]["features"] == 64
             return
         with pytest.raises(TeacherError) as err:
-            extract._build_teacher(cfg, dataset)
+            build_teacher(cfg, dataset)
         msg = str(err.value)
         assert msg.startswith(f"--teacher-input-size {size}: teacher test_vit cannot take") and "\n" not in msg
         lo, hi = map(int, re.search(r"e\.g\. (\d+) or (\d+)", msg).groups())
         assert lo % 16 == hi % 16 == 0 and lo <= max(size, 16) < hi
-        extract._build_teacher(_extract_cfg(tmp_path / "c", teacher_input_size=lo), dataset)  # the hint works
+        build_teacher(_extract_cfg(tmp_path / "c", teacher_input_size=lo), dataset)  # the hint works
 
     check()
     proc = run_cli("extract", "--dataset", "synthetic", "--teacher", "test_vit", "--random-init", "--no-progress",
@@ -829,7 +831,7 @@ def test_kdep_trains_on_fewer_train_rows_than_feature_dims_and_a_stale_group_is_
                               "singular_values": np.ones(train, np.float32)}, {"rows": train})
     cfg = _distill_cfg(small, tmp_path / "run", method="kdep", student="mobilenetv3_small_050", scenario="supervised",
                        labels_per_class=None)
-    assert distill._student_and_method(cfg, store)[1].k == d
+    assert inputs.student_and_method(cfg, store)[1].k == d
     out = distill.run(cfg)
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(rec["kdep"]) and rec["images"] > 0
@@ -849,7 +851,7 @@ def test_resume_with_fewer_epochs_than_done_is_refused_and_changes_nothing(cache
     distill.run(_distill_cfg(cache, run, epochs=2))
 
     def files():  # what the run holds (the lock's owner note is rewritten by each process that takes the folder)
-        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name not in distill.LOCK_FILES}
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name not in run_dir.LOCK_FILES}
 
     before = files()
     args = ["distill", "--cache", str(cache), "--student", "test_efficientnet", "--image-size", "32", "--method", "kd",
@@ -875,7 +877,7 @@ def test_a_run_resumed_with_other_workers_ends_where_an_uninterrupted_one_does(c
         return _distill_cfg(cache, tmp_path / out, epochs=2, workers=workers, **kw)
 
     distill.run(cfg("ref", 0))
-    save = distill.save_checkpoint
+    save = run_dir.save_checkpoint
 
     def stop_after_the_first_epoch(run_dir, epoch, *args):
         path = save(run_dir, epoch, *args)
@@ -883,7 +885,7 @@ def test_a_run_resumed_with_other_workers_ends_where_an_uninterrupted_one_does(c
             raise KeyboardInterrupt  # as a kill right after the checkpoint
         return path
 
-    monkeypatch.setattr(distill, "save_checkpoint", stop_after_the_first_epoch)
+    monkeypatch.setattr(run_dir, "save_checkpoint", stop_after_the_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         distill.run(cfg("run", 2))
     monkeypatch.undo()

@@ -9,6 +9,7 @@ from . import customkd, feature, logit, scalekd  # noqa: F401,E402  (registratio
 from .base import (
            METHOD_DEFAULTS,
            METHOD_OPTIONS,
+           METHODS,
            Method,
            MethodContext,
            MethodError,
@@ -19,7 +20,5 @@ from .base import (
            register_method,
 )
 
-from ..stages.schema import DEFAULT_METHOD  # noqa: E402  (one place)
-
-__all__ = ["DEFAULT_METHOD", "Method", "MethodContext", "MethodError", "TeacherBatch", "create_method",
-           "list_methods", "parse_method_options", "register_method", "METHOD_DEFAULTS", "METHOD_OPTIONS"]
+__all__ = ["Method", "MethodContext", "MethodError", "TeacherBatch", "create_method",
+           "list_methods", "parse_method_options", "register_method", "METHOD_DEFAULTS", "METHOD_OPTIONS", "METHODS"]

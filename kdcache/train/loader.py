@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .pack import member_digest, read_members, shard_name
-from .replay import Unreadable, replay_shard, stored_views
-from .store import CacheError, CacheStore
+from ..pack import member_digest, read_members, shard_name
+from ..replay import Unreadable, replay_shard, stored_views
+from ..store import CacheError, CacheStore
 
 CHUNK_BYTES = 32 << 20  # the replayed images of one chunk (what a worker hands over at a time), about
 

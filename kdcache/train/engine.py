@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from .files import save_tensors, write_atomic
-from .measure import topk_metrics
-from .methods import Method, TeacherBatch
-from .progress import bar as progress_bar
-from .students import Student
+from ..files import save_tensors, write_atomic
+from ..measure import topk_metrics
+from ..methods import Method, TeacherBatch
+from ..progress import bar as progress_bar
+from ..students import Student
 
 
 class TrainModule(nn.Module):
@@ -63,6 +63,9 @@ def cosine_schedule(optimizer, total_steps: int, warmup_steps: int, min_factor: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float, decay_norm_bias: bool = False):
     """AdamW or SGD (Nesterov, momentum 0.9) over the trainable parameters, from timm's optimiser factory
     (`timm.optim.create_optimizer_v2`). By default norm weights and biases get no weight decay (timm's
@@ -71,8 +74,8 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float, decay_norm
     (then every one is decayed: without the module, norms and biases cannot be told apart)."""
     from timm.optim import create_optimizer_v2
 
-    if name not in ("adamw", "sgd"):
-        raise ValueError(f"unknown --optimizer {name!r}; choose adamw or sgd")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown --optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
     if isinstance(params, nn.Module) and not decay_norm_bias:
         target = params  # the factory groups the module's trainable parameters by decay
     else:

@@ -1,0 +1,117 @@
+"""The teacher of an extraction and what the cache records about it: the teacher with its head, the checks
+of the dataset and of one shard's memory, and the cache's identity, attributes and static arrays."""
+from __future__ import annotations
+
+import datetime
+import re
+import sys
+
+import numpy as np
+
+from kdcache import __version__, dist
+from kdcache.heads import resolve_head
+from kdcache.options import ConfigError, to_dict
+from kdcache.store import Layout
+from kdcache.teachers import TeacherError, create_teacher, zeroshot_head
+from kdcache.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION
+
+# One shard's teacher outputs are held in memory (a few shards at once: computing, queued, being written).
+MAX_SHARD_BUFFER = 16 * 2**30
+
+
+def check_classes(cfg, dataset) -> None:
+    """Distillation needs at least two classes: with one, a probe head's cross-entropy is zero whatever it
+    does, so its logits are constant zeros and a student learns nothing from them. A one-class dataset is
+    almost always a --data-root that points one level too deep, so it is refused, unless --head none asks for
+    the teacher's features alone."""
+    if len(dataset.classes) >= 2 or cfg.head == "none":
+        return
+    if cfg.dataset == "synthetic":
+        flag, fix = "--dataset-opt classes=1", "pass --dataset-opt classes=N with N >= 2"
+    else:
+        flag, fix = f"--data-root {cfg.data_root}", "point --data-root at the folder whose sub-folders are the classes"
+    raise ConfigError(f"{flag}: dataset {cfg.dataset!r} has only {len(dataset.classes)} class "
+                      f"({', '.join(map(repr, dataset.classes))}); distillation needs at least 2: {fix}, or pass "
+                      "--head none to cache the teacher's features alone")
+
+
+def build_teacher(cfg, dataset):
+    """(teacher with its head, head kind, device, output sizes); a --teacher-input-size the model cannot take
+    (timm asserts or fails at build or at the first forward pass) is an error naming the flag."""
+    teacher = None
+    try:
+        teacher = create_teacher(cfg.teacher, cfg.teacher_weights, cfg.random_init, cfg.feature,
+                                 cfg.teacher_input_size)
+        head = resolve_head(cfg.head, teacher, dataset)
+        if head == "zeroshot":
+            teacher.set_head("zeroshot", zeroshot_head(teacher, dataset.classes))
+        elif head == "native":
+            teacher.set_head("native")
+        device = dist.device_for(cfg.device)
+        teacher.to(device)
+        dims = teacher.dims(cfg.tokens)
+    except (AssertionError, RuntimeError) as e:
+        size = cfg.teacher_input_size
+        if size is None:
+            raise
+        raise TeacherError(f"--teacher-input-size {size}: teacher {cfg.teacher} cannot take {size}x{size} images "
+                           f"({str(e).strip().rstrip('.')}); {input_size_hint(cfg.teacher, teacher, size)}") from None
+    return teacher, head, device, dims
+
+
+def input_size_hint(name: str, teacher, size: int) -> str:
+    """Which --teacher-input-size values the model takes: multiples of a ViT's patch size, else its own size."""
+    import timm
+
+    base = name.split(".")[0]
+    pretrained = timm.models.get_pretrained_cfg(base) if timm.is_model(base) else None
+    own = f"its own input size is {pretrained.input_size[-1]} (omit the flag to use it)" if pretrained else \
+        "omit the flag to use the model's own input size"
+    patch = getattr(getattr(getattr(teacher, "model", None), "patch_embed", None), "patch_size", None)
+    if patch is None and re.search(r"patch(\d+)", base):
+        patch = int(re.search(r"patch(\d+)", base).group(1))
+    if patch is not None:
+        p = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        lo = max(p, size // p * p)
+        return f"use a multiple of its patch size {p}, e.g. {lo} or {lo + p}; {own}"
+    return f"use a larger size; {own}"
+
+
+def check_shard_buffer(layout: Layout) -> None:
+    """One shard's outputs must fit in memory; checked before the cache is created, so an absurd --views or
+    --shard-size leaves nothing behind."""
+    per_view = layout.feature_dim + layout.num_classes + layout.token_grid ** 2 * layout.token_dim
+    nbytes = layout.shard_size * layout.views * (2 * per_view + 4 * layout.params)
+    if nbytes > MAX_SHARD_BUFFER:
+        raise ConfigError(f"--views {layout.views} with --shard-size {layout.shard_size} needs "
+                          f"{nbytes / 2**30:.0f} GiB of memory per shard of teacher outputs (at most "
+                          f"{MAX_SHARD_BUFFER // 2**30} GiB); use fewer --views or a smaller --shard-size")
+
+
+def describe(cfg, dataset, teacher, head: str, dims: dict) -> tuple[dict, dict, dict]:
+    """(identity, attributes, static arrays) of the cache these options make."""
+    described = dataset.describe()
+    identity = {
+        "teacher": {"name": teacher.name, "source": teacher.source, "weights": teacher.weights_tag,
+                    "feature_point": teacher.feature_point, "feature_dim": dims["features"],
+                    "preprocess": teacher.preprocess.as_dict()},
+        "dataset": {k: described[k] for k in ("name", "N", "classes", "domains", "splits", "fingerprint")},
+        "views": {"V": cfg.views, "policy": cfg.view_policy, "seed": cfg.view_seed, "params": list(PARAMS),
+                  "replay": REPLAY_VERSION,
+                  "policy_params": POLICY_DEFAULTS[cfg.view_policy],
+                  # views replayed on the device match the workers' within a pixel level (device_views)
+                  **({"decode": cfg.decode} if cfg.decode != "workers" else {})},
+        "head": {"kind": head},
+        "pack": {"image_bound": cfg.image_bound, "shard_size": cfg.shard_size},
+        "tokens": {"grid": cfg.tokens, "dim": dims["tokens"]},
+        "storage": {"feature_dtype": cfg.feature_dtype},
+    }
+    attrs = dict(identity, dataset_root=described["root"], pipeline_version=__version__,
+                 dataset_layout=described["layout"],  # outside the identity: the fingerprint covers it
+                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 command=" ".join(sys.argv), config=to_dict(cfg), head_fit={"fitted": head != "probe"})
+    static = {"labels": np.array([s.label for s in dataset.samples], np.int32),
+              "domains": np.array([s.domain for s in dataset.samples], np.int16),
+              "splits": np.array([s.split for s in dataset.samples], np.int8),
+              "keys": np.array([s.key for s in dataset.samples], dtype=object).astype(str)}
+    return identity, attrs, static

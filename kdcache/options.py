@@ -1,0 +1,259 @@
+"""Declaring and typing one option: a field's metadata (help, range, choices, flag) and the coercion of a
+value from YAML or a flag to the field's type. Torch-free; used by the stage schemas and by method options.
+Imports nothing from kdcache but `location` (where a config is written)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# every integer option is a count, a size or an index: none is negative, none needs more than 31 bits;
+# a seed may use 32 (what numpy's and torch's seeding both accept)
+INT_RANGE = (0, 2**31 - 1)
+SEED_RANGE = (0, 2**32 - 1)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+SCALARS = (str, int, float)  # what the value of a KEY=VALUE option may be (bool is an int)
+
+
+def label(name: str) -> str:
+    """How an error names an option: a flag (`--seed`) as it is, a YAML key as `option 'seed'`."""
+    return name if name.startswith("--") else f"option {name!r}"
+
+
+def parse_bool(value: Any, name: str) -> bool:
+    """A boolean from a bool, 0/1, or one of the words true/false, yes/no, on/off (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise ConfigError(f"{label(name)} must be true or false (or yes/no, on/off, 1/0), got {value!r}")
+
+
+def _span(low: int, high: int) -> str:
+    power = (high + 1).bit_length() - 1
+    return f"between {low} and {high}" + (f" (2**{power} - 1)" if high + 1 == 2 ** power else "")
+
+
+def _int(name: str, value: Any, limits: tuple[int, int] = INT_RANGE) -> int:
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            pass
+    if number is None:
+        raise ConfigError(f"{label(name)} must be an integer, got {value!r}")
+    low, high = limits
+    if not low <= number <= high:
+        raise ConfigError(f"{label(name)} must be {_span(low, high)}, got {number}")
+    return number
+
+
+def _float(name: str, value: Any) -> float:
+    number = None
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except (ValueError, OverflowError):  # not a number; an integer beyond any float
+            pass
+    if number is None or not math.isfinite(number):
+        raise ConfigError(f"{label(name)} must be a finite number, got {value!r}")
+    return number
+
+
+def _str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{label(name)} must be a string, got {value!r}")
+    if "\x00" in value or any("\ud800" <= c <= "\udfff" for c in value):  # no file name can hold them
+        raise ConfigError(f"{label(name)} holds a NUL or an unpaired surrogate character: {value!r}")
+    return value
+
+
+def _names(name: str, value: Any) -> tuple:
+    """A repeated flag (--domain a --domain b) or a YAML list of names; numbers become names."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{label(name)} must be a list of names, e.g. [a, b], got {value!r}")
+    out = []
+    for x in value:
+        if isinstance(x, bool) or not isinstance(x, SCALARS):
+            raise ConfigError(f"{label(name)} must be a list of names, got the item {x!r}")
+        out.append(_str(name, str(x)))
+    return tuple(out)
+
+
+def _pairs(name: str, value: Any) -> tuple:
+    """KEY=VALUE flags, or in YAML a mapping {key: value} (or the list of [key, value] pairs a saved config
+    holds); keys are names, values scalars, and no key is given twice."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        pairs = [tuple(p) for p in value]
+    else:
+        raise ConfigError(f"{label(name)} must be a mapping of key: value (e.g. {{n: 512}}), got {value!r}")
+    seen = set()
+    for key, v in pairs:
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigError(f"{label(name)}: the key {key!r} is not a name (key: value, e.g. {{n: 512}})")
+        if not isinstance(v, SCALARS) or isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{label(name)}: {key} must be a number, a string or a boolean, got {v!r}")
+        if key in seen:
+            raise ConfigError(f"{label(name)}: the key {key!r} is given twice")
+        seen.add(key)
+        _str(name, key)
+    return tuple((k, _str(name, v) if isinstance(v, str) else v) for k, v in pairs)
+
+
+def _list(name: str, value: Any) -> tuple:
+    """A plain `tuple` field: any list (inner lists become tuples)."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{label(name)} must be a list, got {value!r}")
+    return tuple(tuple(x) if isinstance(x, list) else x for x in value)
+
+
+KINDS = {"float": _float, "str": _str, "Names": _names, "Pairs": _pairs, "tuple": _list,
+         "bool": lambda name, value: parse_bool(value, name)}
+
+
+def coerce(name: str, value: Any, annotation: str, limits: tuple[int, int] = INT_RANGE) -> Any:
+    """`value` as the field's declared type (annotations are strings: int, float, bool, str, Names, Pairs,
+    tuple and `X | None`), or a ConfigError naming the option (`name`: a YAML key, or a flag such as --seed).
+    Strings that spell a number or a boolean are converted (YAML reads `1e-3` as a string); anything
+    else of the wrong type, and integers outside `limits`, are refused."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ConfigError(f"{label(name)} needs a value")
+    kind = next(k for k in kinds if k != "None")
+    return _int(name, value, limits) if kind == "int" else KINDS[kind](name, value)
+
+
+def to_dict(cfg) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def write_yaml(cfg, path: str | Path) -> None:
+    from kdcache.location import cache_path
+
+    cache_path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def env_int(name: str, flag: str, default=None):
+    """An integer from the environment variable `name` (`default` when unset), or a ValueError naming the
+    variable and the flag that reads it."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"{flag}: the environment variable {name}={text!r} is not an integer") from None
+
+
+@dataclass(frozen=True)
+class Option:
+    """What one config field declares besides its type and default.
+
+    `low`/`high`: the accepted range (checked by `check_fields`, the error naming the flag); `positive`: a
+    number above 0; `choices`: the accepted words, or "module:name" of a tuple or a function giving them
+    (imported when a value is checked); `flag`: the flag when it is not the field name (`--dataset-opt`);
+    `negate`: the flag turns a default-on field off (`--no-progress`); `both`: an on and an off flag;
+    `required`: the command needs the flag; `limits`: the integer type's own range; `shown`: how --help
+    names a default of None; `unit` and `note` complete a range error."""
+
+    help: str
+    low: float | None = None
+    high: float | None = None
+    positive: bool = False
+    choices: tuple | str = ()
+    flag: str | None = None
+    negate: bool = False
+    both: bool = False
+    required: bool = False
+    limits: tuple[int, int] = INT_RANGE
+    shown: str = "none"
+    unit: str = ""
+    note: str = ""
+
+
+def option(default: Any, help: str, **meta: Any):
+    """A dataclass field with its `Option` metadata."""
+    return field(default=default, metadata={"option": Option(help, **meta)})
+
+
+def meta(f: dataclasses.Field) -> Option:
+    return f.metadata.get("option") or Option("")
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The flag of a field: its own (`--dataset-opt`), `--no-<name>` for a negated one, else `--<name>`."""
+    m = meta(f)
+    return m.flag or "--" + ("no-" if m.negate else "") + f.name.replace("_", "-")
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """The default as --help shows it: on/off for a switch (of the flag itself when it negates), words for
+    lists, `shown` for None."""
+    m, value = meta(f), f.default
+    if isinstance(value, bool):
+        return "on" if value != m.negate else "off"
+    if value is None or value == ():
+        return m.shown
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def choices_of(m: Option) -> tuple:
+    if isinstance(m.choices, str):  # "module:name", imported only when a value is checked
+        module, _, name = m.choices.partition(":")
+        found = getattr(importlib.import_module(module), name)
+        return tuple(found() if callable(found) else found)
+    return tuple(m.choices)
+
+
+def _bound(m: Option, flag: str, value) -> str | None:
+    """The range error of one value, or None."""
+    if m.positive and not (value > 0 and math.isfinite(value)):
+        return f"{flag} must be a positive number, got {value}"
+    too_low = m.low is not None and value < m.low
+    if too_low or m.high is not None and value > m.high:
+        unit = f" {m.unit}" if m.unit else ""
+        bound = f"between {m.low:g}{m.note} and {m.high:g}{unit}" if m.high is not None else f">= {m.low:g}"
+        return f"{flag} must be {bound}, got {value}"
+    return None
+
+
+def check_fields(cfg) -> None:
+    """Every declared range and choice of a config; a ValueError naming the flag."""
+    for f in dataclasses.fields(cfg):
+        m, value = meta(f), getattr(cfg, f.name)
+        if value is None or isinstance(value, (bool, tuple, list)):
+            continue
+        flag = flag_name(f)
+        if m.choices and value not in choices_of(m):
+            raise ValueError(f"unknown {flag} {value!r}; choose one of: {', '.join(choices_of(m))}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            problem = _bound(m, flag, value)
+            if problem:
+                raise ValueError(problem)
+

@@ -1,0 +1,119 @@
+"""What a training run reads before it trains: the cache (complete, intact, replayable), the dataset it was
+made from, the scenario a config names, the student and its method, and the online teacher."""
+from __future__ import annotations
+
+import os
+import shlex
+import warnings
+from pathlib import Path
+
+import torch
+
+from kdcache.datasets import create_dataset, needs_root
+from kdcache.derived import teacher_logits
+from kdcache.location import is_url
+from kdcache.methods import create_method
+from kdcache.methods.base import Dims, MethodContext
+from kdcache.scenarios import make_scenario
+from kdcache.store import CacheError, CacheStore
+from kdcache.students import create_student
+from kdcache.views import REPLAY_VERSION
+
+
+def open_cache(path: str) -> CacheStore:
+    """Open a complete, intact cache, or stop with what is wrong and the command that fixes it.
+
+    Cheap checks only (no data array is read): every shard done, the head fitted, no shard file of a
+    done shard missing, labels / domains / splits equal to their recorded digests. `info --verify`
+    reads everything back."""
+    from kdcache.cacheinfo import cache_problems
+
+    store = CacheStore.open(path, mode="r+" if is_url(path) or os.access(path, os.W_OK) else "r")
+    done = store.shard_done()
+    extract_cmd = store.attrs.get("command") or "python cli.py extract ... --out " + shlex.quote(str(path))
+    if not done.all():
+        missing = int((~done).sum())
+        raise CacheError(f"cache {path} is incomplete: {missing} of {len(done)} shards are not extracted; "
+                         f"resume with: {extract_cmd}")
+    problems = cache_problems(store, read_keys=False)
+    if problems:
+        raise CacheError(f"cache {path} cannot be trained on: " + "; ".join(problems)
+                         + f" (extract command: {extract_cmd})")
+    replay = store.attrs["views"].get("replay", 1)
+    if replay != REPLAY_VERSION:
+        raise CacheError(f"cache {path} was extracted with view replay v{replay}; this kdcache replays views as "
+                         f"v{REPLAY_VERSION}, so the student would not see what the teacher saw: re-extract with "
+                         "--overwrite")
+    return store
+
+
+def check_dataset(store: CacheStore) -> None:
+    """If the original dataset is reachable, it must still be the one the cache was made from."""
+    ext = store.attrs.get("config", {})
+    name, root = ext.get("dataset"), ext.get("data_root")
+    if needs_root(name) and (not root or not Path(root).is_dir()):
+        warnings.warn(f"dataset root {root!r} not found: streaming the packed shards of the cache without "
+                      "re-checking the dataset fingerprint")
+        return
+    options = dict(ext.get("dataset_options") or [])
+    if ext.get("domains"):
+        options["domains"] = list(ext["domains"])
+    current = create_dataset(name, root, **options).fingerprint()
+    recorded = store.attrs["dataset"]["fingerprint"]
+    if current != recorded:
+        raise CacheError(f"dataset {name} at {root} changed since extraction (fingerprint {current[:12]} != "
+                         f"{recorded[:12]}): re-run extract with --overwrite, or pass --no-check-dataset to "
+                         "train on the images packed in the cache")
+
+
+def scenario_of(store: CacheStore, cfg):
+    """The label scenario a distill config names on this cache (its seed draws the labelled rows)."""
+    a = store.attrs
+    return make_scenario(cfg.scenario, store.array("labels")[:], store.array("domains")[:],
+                         store.array("splits")[:], store.status(), a["dataset"]["domains"], cfg.source, cfg.target,
+                         cfg.labels_per_class, cfg.seed, cfg.closed_set)
+
+
+def student_and_method(cfg, store: CacheStore):
+    """The student a distill config names, and its method sized to the student and the cache."""
+    a = store.attrs
+    num_classes = len(a["dataset"]["classes"])
+    student = create_student(cfg.student, num_classes, cfg.student_weights)
+    sdims = student.dims(cfg.image_size or student.default_size)
+    dims = Dims(sdims["feature"], a["teacher"]["feature_dim"], num_classes, sdims["map"], a["tokens"]["grid"],
+                a["tokens"]["dim"])
+    return student, create_method(cfg.method, dims, **dict(cfg.method_options))
+
+
+def method_context(store, scenario, student, method, head, device, seed: int, write: bool) -> MethodContext:
+    logits = (lambda mask, view=None: teacher_logits(store, head, mask, view)) if method.needs_logits else None
+    return MethodContext(store, scenario, student, device, seed, write, logits)
+
+
+def online_teacher(store: CacheStore, weights: str | None, head):
+    """The cache's own teacher, rebuilt to run on every step (the `--online-teacher` reference).
+
+    Its weights must be the ones the cache was made from (compared by sha256), so the cached and the
+    online runs learn from the same teacher. Returns (teacher, head): the head that turns its features
+    into the scenario's logits.
+    """
+    from kdcache.teachers import LinearHead, create_teacher, zeroshot_head
+
+    ext, recorded = store.attrs.get("config", {}), store.attrs["teacher"]
+    weights = weights or ext.get("teacher_weights")
+    if weights and not Path(weights).is_file():
+        raise CacheError(f"--online-teacher: teacher weights {weights} not found; pass --teacher-weights FILE")
+    teacher = create_teacher(ext.get("teacher", recorded["name"]), weights, bool(ext.get("random_init")),
+                             ext.get("feature", "auto"), ext.get("teacher_input_size"))
+    if teacher.weights_tag != recorded["weights"]:
+        raise CacheError(f"--online-teacher: weights {teacher.weights_tag} are not the cache's teacher "
+                         f"({recorded['weights']}); pass the file it was extracted with as --teacher-weights")
+    kind = store.attrs["head"]["kind"]
+    if head is None and kind == "probe":
+        g = store.group["heads/extract"]
+        head = LinearHead(torch.from_numpy(g["weight"][:]), torch.from_numpy(g["bias"][:]))
+    elif head is None and kind == "native":
+        teacher.set_head("native")
+    elif head is None and kind == "zeroshot":
+        teacher.set_head("zeroshot", zeroshot_head(teacher, store.attrs["dataset"]["classes"]))
+    return teacher, head
