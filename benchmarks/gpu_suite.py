@@ -43,7 +43,7 @@ from kdcache.methods import create_method
 from kdcache.methods.base import Dims
 from kdcache.pack import read_shard, shard_name
 from kdcache.stages import extract
-from kdcache.store import CacheStore
+from kdcache.cache.store import CacheStore
 from kdcache.students import create_student
 from kdcache.teachers import attention_kernels, create_teacher
 from kdcache.views import apply

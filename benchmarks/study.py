@@ -234,9 +234,9 @@ def curve(records: list[dict], head: dict) -> list[dict]:
 
 def teacher_ceiling(suite: Suite, pair: tuple, seed: int) -> dict:
     """The teacher's top-1 on the evaluation rows: a probe on the scenario's labels, and self-trained."""
-    from kdcache.derived import scenario_teacher_head, teacher_adaptation, teacher_logits
+    from kdcache.scenario_heads import scenario_teacher_head, teacher_adaptation, teacher_logits
     from kdcache.scenarios import make_scenario
-    from kdcache.store import CacheStore
+    from kdcache.cache.store import CacheStore
 
     store = CacheStore.open(ROOT / suite.cache, mode="r+")
     sc = make_scenario(suite.scenario, store.array("labels")[:], store.array("domains")[:],

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .pack import member_digest, read_members, shard_name
 from .replay import Unreadable, replay_shard, stored_views
-from .store import CacheError, CacheStore
+from .cache.format import CacheError
+from .cache.store import CacheStore
 
 CHUNK_BYTES = 32 << 20  # the replayed images of one chunk (what a worker hands over at a time), about
 

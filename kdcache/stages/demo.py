@@ -16,7 +16,8 @@ import torch
 from safetensors.numpy import load_file
 
 from kdcache.measure import cpu_latency_ms
-from kdcache.store import CacheStore, shard_digest
+from kdcache.cache.integrity import shard_digest
+from kdcache.cache.store import CacheStore
 from .schema import DemoConfig  # noqa: F401  (stage.DemoConfig)
 from kdcache.teachers import create_teacher
 

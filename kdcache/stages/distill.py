@@ -15,7 +15,7 @@ import torch
 
 from kdcache import dist
 from kdcache.datasets import create_dataset
-from kdcache.derived import scenario_teacher_head, teacher_logits
+from kdcache.scenario_heads import scenario_teacher_head, teacher_logits
 from kdcache.engine import (
     FitPlan,
     TrainModule,
@@ -28,13 +28,14 @@ from kdcache.engine import (
     save_checkpoint,
     truncate_metrics,
 )
-from kdcache.location import is_url
+from kdcache.cache.backend import open_mode
 from kdcache.loader import StreamConfig, labelled_repeats, make_loader, num_batches, rank_shards, samples_in
 from kdcache.methods import create_method
 from kdcache.methods.base import Dims, MethodContext
 from kdcache.report import TensorBoardLog, check_tensorboard, metrics_csv
 from kdcache.scenarios import make_scenario
-from kdcache.store import CacheError, CacheStore
+from kdcache.cache.format import CacheError
+from kdcache.cache.store import CacheStore
 from kdcache.students import create_student
 from kdcache.views import REPLAY_VERSION
 
@@ -55,7 +56,7 @@ def open_cache(path: str) -> CacheStore:
     reads everything back."""
     from kdcache.cacheinfo import cache_problems
 
-    store = CacheStore.open(path, mode="r+" if is_url(path) or os.access(path, os.W_OK) else "r")
+    store = CacheStore.open(path, mode=open_mode(path))
     done = store.shard_done()
     extract_cmd = store.attrs.get("command") or "python cli.py extract ... --out " + shlex.quote(str(path))
     if not done.all():

@@ -8,14 +8,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from kdcache.derived import scenario_teacher_head
+from kdcache.scenario_heads import scenario_teacher_head
 from kdcache.dist import device_for
 from kdcache.engine import predict
 from kdcache.files import share, writable
 from kdcache.loader import StreamConfig, make_loader, rank_shards
 from kdcache.measure import count_macs, count_params, cpu_latency_ms, export_onnx, topk_metrics
 from kdcache.report import write_report
-from kdcache.store import CacheError, CacheStore
+from kdcache.cache.format import CacheError
+from kdcache.cache.store import CacheStore
 from kdcache.students import create_student
 from .schema import EvaluateConfig  # noqa: F401  (stage.EvaluateConfig)
 

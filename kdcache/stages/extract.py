@@ -6,7 +6,6 @@ import datetime
 import errno
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,9 +15,10 @@ from kdcache import __version__, dist
 from kdcache.datasets import create_dataset
 from kdcache.extraction import DECODE_PLACES, StreamSpec, fit_probe_once, teacher_pass
 from kdcache.heads import resolve_head
-from kdcache.location import cache_path, file_lock, is_remote
 from kdcache.pack import remove_stale_temporaries
-from kdcache.store import FEATURE_DTYPES, CacheError, CacheStore, IncompleteCreation, Layout
+from kdcache.cache.backend import backend, cache_path, lock
+from kdcache.cache.format import FEATURE_DTYPES, CacheError, IncompleteCreation, Layout
+from kdcache.cache.store import CacheStore
 from kdcache.teachers import COMPILE_MODES, TeacherError, attention_kernels, create_teacher, zeroshot_head
 from kdcache.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION, list_policies
 
@@ -32,9 +32,8 @@ from .schema import ExtractConfig  # noqa: F401  (stage.ExtractConfig)
 def _creation_lock(out: Path):
     """Serialise opening/creating one cache, so two extracts started together agree on one store (on
     object storage only rank 0 of one job creates it: there is no lock there)."""
-    if not is_remote(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out.parent / f".{out.name}.create.lock"):
+    backend(out).make_parent(out)
+    with lock(out.parent / f".{out.name}.create.lock"):
         yield
 
 
@@ -81,9 +80,7 @@ def _check(cfg: ExtractConfig) -> None:
 
 def _check_out(out: Path) -> None:
     """The nearest existing folder above --out is a folder (cache_location refuses an --out that is a file)."""
-    if is_remote(out):
-        return
-    for p in out.parents:
+    for p in backend(out).parents(out):
         if p.is_dir():
             return
         if p.exists() or p.is_symlink():
@@ -109,15 +106,7 @@ def _check_classes(cfg: ExtractConfig, dataset) -> None:
 
 def _clear(out: Path) -> None:
     """Remove a cache folder for --overwrite; a symlinked --out keeps its link and loses its contents."""
-    if is_remote(out):
-        out.fs.rm(out.path, recursive=True)
-        return
-    if out.is_symlink():
-        target = out.resolve()
-        for child in target.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        return
-    shutil.rmtree(out)
+    backend(out).remove_tree(out)
 
 
 def _open_or_create(out: Path, cfg, layout: Layout, identity: dict, attrs: dict, static: dict) -> CacheStore:
@@ -189,7 +178,7 @@ def run(cfg: ExtractConfig) -> Path:
         remove_stale_temporaries(store.images_dir)
     if cfg.repair and rank == 0:
         _repair(store, static)
-    if rank == 0 and head == "probe" and store.attrs["head_fit"].get("fitted") and not store.shard_done().all():
+    if rank == 0 and head == "probe" and store.meta.head_fitted and not store.shard_done().all():
         # shards to (re)compute carry no probe logits yet: fit again (deterministically) once all are done
         store.update_attrs(head_fit={"fitted": False})
     dist.barrier()
@@ -306,18 +295,13 @@ def _repair(store: CacheStore, static: dict) -> None:
     (a damaged tar is packed again from the dataset), and static arrays that differ from the dataset."""
     from kdcache.cacheinfo import IMAGES, damaged_shards, head_problems
     from kdcache.pack import shard_name
-    from kdcache.store import static_digests
+    from kdcache.cache.integrity import repair_static
 
     if head_problems(store):
         print("repair: the probe head is missing or damaged; refitting it", file=sys.stderr)
         store.update_attrs(head_fit={"fitted": False})
-    fresh = static_digests(static)
-    stored = static_digests({n: store.static(n) for n in static})
-    for name in sorted(n for n in static if stored[n] != fresh[n]):
-        print(f"repair: array {name} differs from the dataset; rewriting it", file=sys.stderr)
-        store.write_static(name, static[name])
-    if store.checksum_version >= 2 and store.attrs.get("static_digests") != fresh:
-        store.update_attrs(static_digests=fresh)
+    repair_static(store, static, lambda name: print(f"repair: array {name} differs from the dataset; rewriting it",
+                                                    file=sys.stderr))
     damaged = damaged_shards(store)
     for k, why in sorted(damaged.items()):
         print(f"repair: shard {k} {why}; recomputing it", file=sys.stderr)
