@@ -195,6 +195,11 @@ class CacheMeta:
         return self.section("config") or {}
 
     @property
+    def token_dim(self) -> int:
+        """The width of a cached token, as recorded (tokens.dim)."""
+        return self.attrs["tokens"]["dim"]
+
+    @property
     def command(self) -> str | None:
         return self.attrs.get("command")
 

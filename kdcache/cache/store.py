@@ -197,6 +197,10 @@ class CacheStore:
         """A probe head that is not fitted yet: the logits of done shards are placeholders until it is."""
         return self.meta.head_kind == "probe" and not self.meta.head_fitted
 
+    @property
+    def images_dir(self) -> Path:
+        return self.path / "images"
+
     # ------------------------------------------------------------------ status
 
     def status_report(self) -> tuple[np.ndarray, list[int]]:

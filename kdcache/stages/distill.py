@@ -58,7 +58,7 @@ def open_cache(path: str) -> CacheStore:
 
     store = CacheStore.open(path, mode=open_mode(path))
     done = store.shard_done()
-    extract_cmd = store.attrs.get("command") or "python cli.py extract ... --out " + shlex.quote(str(path))
+    extract_cmd = store.meta.command or "python cli.py extract ... --out " + shlex.quote(str(path))
     if not done.all():
         missing = int((~done).sum())
         raise CacheError(f"cache {path} is incomplete: {missing} of {len(done)} shards are not extracted; "
@@ -67,7 +67,7 @@ def open_cache(path: str) -> CacheStore:
     if problems:
         raise CacheError(f"cache {path} cannot be trained on: " + "; ".join(problems)
                          + f" (extract command: {extract_cmd})")
-    replay = store.attrs["views"].get("replay", 1)
+    replay = store.meta.replay
     if replay != REPLAY_VERSION:
         raise CacheError(f"cache {path} was extracted with view replay v{replay}; this kdcache replays views as "
                          f"v{REPLAY_VERSION}, so the student would not see what the teacher saw: re-extract with "
@@ -84,29 +84,29 @@ def online_teacher(store: CacheStore, weights: str | None, head):
     """
     from kdcache.teachers import LinearHead, create_teacher, zeroshot_head
 
-    ext, recorded = store.attrs.get("config", {}), store.attrs["teacher"]
+    ext = store.meta.extract_config
     weights = weights or ext.get("teacher_weights")
     if weights and not Path(weights).is_file():
         raise CacheError(f"--online-teacher: teacher weights {weights} not found; pass --teacher-weights FILE")
-    teacher = create_teacher(ext.get("teacher", recorded["name"]), weights, bool(ext.get("random_init")),
+    teacher = create_teacher(ext.get("teacher", store.meta.teacher), weights, bool(ext.get("random_init")),
                              ext.get("feature", "auto"), ext.get("teacher_input_size"))
-    if teacher.weights_tag != recorded["weights"]:
+    if teacher.weights_tag != store.meta.teacher_weights:
         raise CacheError(f"--online-teacher: weights {teacher.weights_tag} are not the cache's teacher "
-                         f"({recorded['weights']}); pass the file it was extracted with as --teacher-weights")
-    kind = store.attrs["head"]["kind"]
+                         f"({store.meta.teacher_weights}); pass the file it was extracted with as --teacher-weights")
+    kind = store.meta.head_kind
     if head is None and kind == "probe":
         g = store.group["heads/extract"]
         head = LinearHead(torch.from_numpy(g["weight"][:]), torch.from_numpy(g["bias"][:]))
     elif head is None and kind == "native":
         teacher.set_head("native")
     elif head is None and kind == "zeroshot":
-        teacher.set_head("zeroshot", zeroshot_head(teacher, store.attrs["dataset"]["classes"]))
+        teacher.set_head("zeroshot", zeroshot_head(teacher, list(store.meta.classes)))
     return teacher, head
 
 
 def check_dataset(store: CacheStore) -> None:
     """If the original dataset is reachable, it must still be the one the cache was made from."""
-    ext = store.attrs.get("config", {})
+    ext = store.meta.extract_config
     name, root = ext.get("dataset"), ext.get("data_root")
     if name not in ("synthetic", "mnist5k") and (not root or not Path(root).is_dir()):
         warnings.warn(f"dataset root {root!r} not found: streaming the packed shards of the cache without "
@@ -116,7 +116,7 @@ def check_dataset(store: CacheStore) -> None:
     if ext.get("domains"):
         options["domains"] = list(ext["domains"])
     current = create_dataset(name, root, **options).fingerprint()
-    recorded = store.attrs["dataset"]["fingerprint"]
+    recorded = store.meta.dataset_fingerprint
     if current != recorded:
         raise CacheError(f"dataset {name} at {root} changed since extraction (fingerprint {current[:12]} != "
                          f"{recorded[:12]}): re-run extract with --overwrite, or pass --no-check-dataset to "
@@ -124,9 +124,8 @@ def check_dataset(store: CacheStore) -> None:
 
 
 def _scenario(store: CacheStore, cfg: DistillConfig):
-    a = store.attrs
     return make_scenario(cfg.scenario, store.array("labels")[:], store.array("domains")[:],
-                         store.array("splits")[:], store.status(), a["dataset"]["domains"], cfg.source, cfg.target,
+                         store.array("splits")[:], store.status(), list(store.meta.domains), cfg.source, cfg.target,
                          cfg.labels_per_class, cfg.seed, cfg.closed_set)
 
 
@@ -256,12 +255,11 @@ def run(cfg: DistillConfig) -> Path:
 
 
 def _student_and_method(cfg: DistillConfig, store: CacheStore):
-    a = store.attrs
-    num_classes = len(a["dataset"]["classes"])
+    meta = store.meta
+    num_classes = len(meta.classes)
     student = create_student(cfg.student, num_classes, cfg.student_weights)
     sdims = student.dims(cfg.image_size or student.default_size)
-    dims = Dims(sdims["feature"], a["teacher"]["feature_dim"], num_classes, sdims["map"], a["tokens"]["grid"],
-                a["tokens"]["dim"])
+    dims = Dims(sdims["feature"], meta.feature_dim, num_classes, sdims["map"], meta.layout.token_grid, meta.token_dim)
     return student, create_method(cfg.method, dims, **dict(cfg.method_options))
 
 
@@ -315,9 +313,9 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
     if cfg.check_dataset and rank == 0:
         check_dataset(store)
     scenario = _scenario(store, cfg)
-    a = store.attrs
+    meta = store.meta
     student, method = _student_and_method(cfg, store)
-    num_classes = len(a["dataset"]["classes"])
+    num_classes = len(meta.classes)
     image_size = cfg.image_size or student.default_size
     device = dist.device_for(cfg.device)
     repeats, lay = epoch_repeats(scenario, method.uses_unlabelled, cfg.labelled_ratio), store.layout
@@ -325,7 +323,7 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
                 for r in range(world)]
     check_batches(student, cfg, min(per_rank))
     # derived data (probe head, method statistics) is written once by rank 0, then read by the other ranks
-    head, head_info = None, {"teacher_head": a["head"]["kind"], "refit": False}
+    head, head_info = None, {"teacher_head": meta.head_kind, "refit": False}
 
     def context(write: bool) -> MethodContext:
         return _context(store, scenario, student, method, head, device, cfg.seed, write)
@@ -350,7 +348,7 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
     teacher = None
     if cfg.online_teacher:
         teacher, head = online_teacher(store, cfg.teacher_weights, head)
-    module = TrainModule(student, method, head, teacher, a["tokens"]["grid"] if method.needs_tokens else 0).to(device)
+    module = TrainModule(student, method, head, teacher, meta.layout.token_grid if method.needs_tokens else 0).to(device)
     if channels_last:
         module.student.to(memory_format=torch.channels_last)
 
@@ -375,7 +373,7 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
                                features=False)
     eval_labels = store.array("labels")[:].astype(np.int64)
     eval_reps = scenario.evaluation.astype(np.int32)
-    domains, domain_names = store.array("domains")[:], a["dataset"]["domains"]
+    domains, domain_names = store.array("domains")[:], list(meta.domains)
     if rank == 0:
         print(f"{out.name}: {scenario.description}, {scenario.counts()}, teacher head "
               f"{head_info['teacher_head']}{' (refit: ' + head_info['reason'] + ')' if head_info['refit'] else ''}",
@@ -419,7 +417,7 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(
             {"name": out.name, "student": cfg.student, "method": cfg.method, "scenario": scenario.description,
-             "cache": str(store.path), "teacher": a["teacher"]["name"], "num_classes": num_classes,
+             "cache": str(store.path), "teacher": meta.teacher, "num_classes": num_classes,
              "image_size": image_size, "head": head_info, "counts": scenario.counts(),
              "scenario_digest": scenario.digest()}, indent=2))
     return out
