@@ -123,8 +123,13 @@ ARRAYS: list[ArraySpec] = [
 ]
 
 
+def arrays() -> list[ArraySpec]:
+    """The table (read at each call, so a table extended at run time is seen everywhere)."""
+    return ARRAYS
+
+
 def spec(name: str) -> ArraySpec:
-    for a in ARRAYS:
+    for a in arrays():
         if a.name == name:
             return a
     raise KeyError(f"{name!r} is not a cache array")
@@ -132,36 +137,36 @@ def spec(name: str) -> ArraySpec:
 
 def shard_arrays() -> tuple[str, ...]:
     """Written per shard, before the status (the order is the one they are written in)."""
-    return tuple(a.name for a in ARRAYS if a.sharded)
+    return tuple(a.name for a in arrays() if a.sharded)
 
 
 def digested() -> tuple[str, ...]:
     """The arrays with a digest per shard; `array_digests[k, i]` is the digest of the i-th."""
-    sharded = [a.name for a in ARRAYS if a.sharded and a.digested]
-    return tuple(sharded + [a.name for a in ARRAYS if a.digested and not a.sharded])
+    sharded = [a.name for a in arrays() if a.sharded and a.digested]
+    return tuple(sharded + [a.name for a in arrays() if a.digested and not a.sharded])
 
 
 def static_arrays() -> tuple[str, ...]:
-    return tuple(a.name for a in ARRAYS if a.role == "static")
+    return tuple(a.name for a in arrays() if a.role == "static")
 
 
 def text_arrays() -> tuple[str, ...]:
-    return tuple(a.name for a in ARRAYS if a.text)
+    return tuple(a.name for a in arrays() if a.text)
 
 
 def outputs() -> tuple[str, ...]:
     """The teacher's outputs per view, as the extraction computes them and the loader streams them."""
-    return tuple(a.name for a in ARRAYS if a.role == "output")
+    return tuple(a.name for a in arrays() if a.role == "output")
 
 
 def quantised() -> dict[str, str]:
     """int8 array -> its per-vector scale array."""
-    return {a.scale_of: a.name for a in ARRAYS if a.scale_of}
+    return {a.scale_of: a.name for a in arrays() if a.scale_of}
 
 
 def dimensions() -> dict[str, tuple[str, ...]]:
     """Named dimensions (Zarr v3 dimension_names), so xarray.open_zarr reads the cache as one dataset."""
-    return {a.name: tuple(DIMS[s][0] for s in a.shape) for a in ARRAYS}
+    return {a.name: tuple(DIMS[s][0] for s in a.shape) for a in arrays()}
 
 
 def present(a: ArraySpec, lay: Layout, checksums: int = CHECKSUM_VERSION) -> bool:

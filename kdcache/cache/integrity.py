@@ -13,7 +13,7 @@ import numpy as np
 
 from ..codes import Status
 from .backend import chunk_path
-from .format import ARRAYS, DIGEST_BYTES, CacheError, digested, shard_arrays, static_arrays
+from .format import DIGEST_BYTES, CacheError, arrays, digested, shard_arrays, static_arrays
 
 
 def shard_digest(data: dict[str, np.ndarray]) -> str:
@@ -101,7 +101,7 @@ def missing_files(store, status: np.ndarray | None = None) -> list[tuple[str, in
     status = store.status() if status is None else status
     done = store.shard_done(status)
     out = []
-    for a in ARRAYS:
+    for a in arrays():
         if not (a.sharded and not a.text or a.role == "status") or not store.has(a.name) \
                 or (a.name == "logits" and store.probe_pending()):
             continue

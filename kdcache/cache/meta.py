@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import (ARRAYS, FEATURE_DTYPES, FORMAT_NAME, IDENTITY_SECTIONS, READABLE_VERSIONS, CacheError,
-                     IncompleteCreation, Layout, dtype, present, shape)
+from .format import (FEATURE_DTYPES, FORMAT_NAME, IDENTITY_SECTIONS, READABLE_VERSIONS, CacheError,
+                     IncompleteCreation, Layout, arrays, dtype, present, shape)
 
 HEAD_KINDS = ("probe", "native", "zeroshot", "none")
 
@@ -133,7 +133,7 @@ class CacheMeta:
         """name -> (shape, dtype) of every base array of a cache with this layout (from ARRAYS)."""
         as_bytes = self.format_version >= 2  # text as fixed-width UTF-8 bytes
         return {a.name: (shape(a, self.layout, self.key_bytes, as_bytes), dtype(a, self.layout, as_bytes))
-                for a in ARRAYS if present(a, self.layout, self.checksums)}
+                for a in arrays() if present(a, self.layout, self.checksums)}
 
     def check_arrays(self, group, path: Path) -> None:
         """Every expected array exists with the expected shape and dtype (metadata only, no data read)."""

@@ -21,8 +21,8 @@ import zarr
 from ..codes import Status
 from . import integrity
 from .backend import backend, cache_path, chunk_path, lock
-from .format import (ARRAYS, CHECKSUM_VERSION, FEATURE_DTYPES, FORMAT_NAME, FORMAT_VERSION, CacheError, Layout, dimensions, dtype, present, quantised, shape,
-                     shard_arrays, text_arrays)
+from .format import (CHECKSUM_VERSION, FEATURE_DTYPES, FORMAT_NAME, FORMAT_VERSION, CacheError, Layout, arrays,
+                     dimensions, dtype, present, quantised, shape, shard_arrays, text_arrays)
 from .meta import CacheMeta
 
 # The images/ and heads/ groups carry non-Zarr files (tar shards, locks); listing them is expected.
@@ -60,7 +60,7 @@ def allocate(group: zarr.Group, layout: Layout, key_bytes: int, compression: str
     chunks dividing them, compressed), per-shard records one chunk per shard."""
     inner, comp = _inner_chunk(layout.shard_size), _compressor(compression)
     dims = dimensions()
-    for a in ARRAYS:
+    for a in arrays():
         if not present(a, layout):
             continue
         full = shape(a, layout, key_bytes)
