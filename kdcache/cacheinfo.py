@@ -8,7 +8,8 @@ from .images import BadImage, decode_packed
 from .pack import member_digest, read_members, shard_name
 from .progress import bar
 from .cache.format import outputs, quantised
-from .cache.integrity import digest_problems, shard_digest, static_changed
+from .cache.integrity import (digest_problems, missing_files, shard_checksum, shard_digest, static_changed,
+                              status_changed)
 from .cache.store import CacheStore
 
 IMAGES = "packed images: "  # prefix of a problem in a shard's tar file (repair re-packs it)
@@ -117,7 +118,7 @@ def _arrays_problem(store: CacheStore, k: int, data: dict, status: np.ndarray, c
     r = store.layout.rows(k)
     placeholders = {"logits"} if store.probe_pending() else set()
     wrong = [] if digests is None else digest_problems(dict(data, status=status[r.start:r.stop]), digests)
-    if checksum != store.shard_checksum(data, status[r.start:r.stop]):
+    if checksum != shard_checksum(store, data, status[r.start:r.stop]):
         if digests is None or set(wrong) - placeholders:
             return "contents differ from the checksum recorded when it was written"
     elif set(wrong) - placeholders:
@@ -161,11 +162,11 @@ def cache_problems(store: CacheStore, read_keys: bool = True) -> list[str]:
     if unreadable:
         out.append(f"status: shard(s) {', '.join(map(str, unreadable[:8]))} cannot be read (they count as "
                    "todo: the extract command recomputes them)")
-    changed = store.status_changed(status)
+    changed = status_changed(store, status)
     if changed:
         out.append(f"status: shard(s) {', '.join(map(str, changed[:8]))} differ from the status recorded when written; "
                    "run extract with --repair")
-    missing = store.missing_files(status)
+    missing = missing_files(store, status)
     if missing:
         out.append(f"files: {len(missing)} shard file(s) of done shards are missing (first: {missing[0][0]} of shard {missing[0][1]}); "
                    "run extract with --repair")

@@ -8,7 +8,7 @@ import torch
 
 import kdcache.cache.format as fmt
 from kdcache.cache.format import ArraySpec, CacheError
-from kdcache.cache.integrity import array_digest
+from kdcache.cache.integrity import array_digest, missing_files
 from kdcache.cache.store import CacheStore
 from kdcache.cacheinfo import verify
 from kdcache.engine import TrainModule, _to
@@ -66,7 +66,7 @@ def test_a_row_of_arrays_is_created_written_digested_verified_repaired_and_strea
     with pytest.raises(CacheError, match="shard 1 of centred"):
         store.read_checked("centred", 1)
     (tmp_path / "cache" / "centred" / "c" / "2" / "0" / "0").unlink()
-    assert ("centred", 2) in store.missing_files()
+    assert ("centred", 2) in missing_files(store)
     extract.run(_cfg(tmp_path / "cache", repair=True))
     store = CacheStore.open(tmp_path / "cache")
     assert verify(store) == [] and np.array_equal(store.array("centred")[:].astype(np.float32), centred)

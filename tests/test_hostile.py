@@ -27,7 +27,7 @@ from kdcache.images import BadImage, decode_packed
 from kdcache.loader import CacheStream, StreamConfig
 from kdcache.pack import member_digest, read_members, shard_name
 from kdcache.cache.format import CacheError
-from kdcache.cache.integrity import record_digests
+from kdcache.cache.integrity import missing_files, record_digests, shard_checksum
 from kdcache.cache.store import CacheStore
 from kdcache.stages import distill, extract
 from kdcache.stages.config import ConfigError, resolve
@@ -640,7 +640,7 @@ def test_all_zero_shards_are_stored_and_older_caches_without_them_still_verify(c
             assert (cache / name / key).is_file(), (name, k)
     zero_file.unlink()  # as a cache written before every chunk was stored has it
     store = CacheStore.open(cache)
-    assert store.missing_files() == [] and cacheinfo.verify(store) == []
+    assert missing_files(store) == [] and cacheinfo.verify(store) == []
     distill.open_cache(str(cache))  # trainable as is
     (cache / "logits" / "c" / "4" / "0" / "0").unlink()  # a shard that was not zeros
     problems = cacheinfo.verify(CacheStore.open(cache))
@@ -659,11 +659,11 @@ def test_caches_without_array_digests_tell_an_all_zero_shard_by_its_checksum(cac
     status = store.status()
     for k in range(N // S):
         r = store.layout.rows(k)
-        store.write_checksum(k, store.shard_checksum(store.read_shard(k), status[r.start:r.stop]))
+        store.write_checksum(k, shard_checksum(store, store.read_shard(k), status[r.start:r.stop]))
     store.write_arrays(3, {"logits": np.zeros((S, 2, 8), np.float16)})
     (cache / "logits" / "c" / "3" / "0" / "0").unlink()
     (cache / "logits" / "c" / "5" / "0" / "0").unlink()
-    assert CacheStore.open(cache).missing_files() == [("logits", 5)]
+    assert missing_files(CacheStore.open(cache)) == [("logits", 5)]
 
 
 @pytest.mark.hypothesis

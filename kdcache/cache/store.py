@@ -127,6 +127,47 @@ def side_path(fingerprint: str) -> Path:
     return Path(base) / fingerprint[:24]
 
 
+class DerivedPlaces:
+    """Where a cache's derived groups are kept: in the cache, or in a side store (one folder per cache
+    fingerprint) when the cache is read-only. CacheStore's derived_* methods (cache.derived uses them)."""
+
+    def __init__(self, path: Path, group: zarr.Group, fingerprint):
+        self.path, self.group, self.fingerprint = path, group, fingerprint
+        self._side: zarr.Group | None = None
+
+    def writable(self) -> bool:
+        b = backend(self.path)
+        return b.writable(self.path) and b.writable(self.path / "zarr.json")
+
+    def _side_group(self, create: bool) -> zarr.Group | None:
+        if self._side is None:
+            path = side_path(self.fingerprint())
+            if not create and not (path / "zarr.json").is_file():
+                return None
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                self._side = zarr.open_group(str(path), mode="a", zarr_format=3)
+            except OSError as e:
+                raise CacheError(f"cache {self.path} is read-only and derived data cannot be written to {path} "
+                                 f"({e.strerror}); set KDCACHE_DERIVED_DIR to a writable folder") from None
+        return self._side
+
+    def write_group(self) -> zarr.Group:
+        """Where derived data is written: the cache, or the side store when the cache is read-only."""
+        return self.group if self.writable() else self._side_group(create=True)
+
+    def read_groups(self) -> list[zarr.Group]:
+        """Where derived data is looked up, in order: the cache, then the side store if there is one."""
+        side = None if self.writable() else self._side_group(create=False)
+        return [self.group] + ([side] if side is not None else [])
+
+    def lock(self, path: str):
+        """An inter-process lock for computing derived group `path`, beside where it is written (runs started
+        together compute it once); a no-op on object storage."""
+        root = self.path if self.writable() else side_path(self.fingerprint())
+        return lock(root / "derived" / "locks" / (path.replace("/", "__") + ".lock"), parents=True)
+
+
 class CacheStore:
     def __init__(self, path: str | Path, group: zarr.Group):
         self.path = cache_path(path)
@@ -134,7 +175,7 @@ class CacheStore:
         self.meta = CacheMeta.from_attrs(dict(group.attrs), self.path)  # every field checked once, here
         self.layout = self.meta.layout
         self.meta.check_arrays(group, self.path)
-        self._side: zarr.Group | None = None
+        self._derived = DerivedPlaces(self.path, group, self.fingerprint)
 
     @classmethod
     def create(cls, path: str | Path, layout: Layout, attrs: dict, static: dict[str, np.ndarray],
@@ -352,52 +393,19 @@ class CacheStore:
     def write_checksum(self, k: int, checksum: str) -> None:
         self.writer("shard_checksums")[k] = self._stored("shard_checksums", np.array([checksum]))[0]
 
-    # ------------------------------------------------------------------ integrity (cache.integrity)
-
-    def shard_checksum(self, data: dict[str, np.ndarray], status: np.ndarray) -> str:
-        return integrity.shard_checksum(self, data, status)
-
-    def missing_files(self, status: np.ndarray | None = None) -> list[tuple[str, int]]:
-        return integrity.missing_files(self, status)
-
-    def status_changed(self, status: np.ndarray | None = None) -> list[int]:
-        return integrity.status_changed(self, status)
-
     def fingerprint(self) -> str:
         return integrity.fingerprint(self)
 
     # ------------------------------------------------------------------ derived data (cache.derived)
 
-    def writable(self) -> bool:
-        b = backend(self.path)
-        return b.writable(self.path) and b.writable(self.path / "zarr.json")
-
-    def _side_group(self, create: bool) -> zarr.Group | None:
-        if self._side is None:
-            path = side_path(self.fingerprint())
-            if not create and not (path / "zarr.json").is_file():
-                return None
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-                self._side = zarr.open_group(str(path), mode="a", zarr_format=3)
-            except OSError as e:
-                raise CacheError(f"cache {self.path} is read-only and derived data cannot be written to {path} "
-                                 f"({e.strerror}); set KDCACHE_DERIVED_DIR to a writable folder") from None
-        return self._side
+    def derived_read_groups(self) -> list[zarr.Group]:
+        return self._derived.read_groups()
 
     def derived_write_group(self) -> zarr.Group:
-        """Where derived data is written: the cache, or the side store when the cache is read-only."""
-        return self.group if self.writable() else self._side_group(create=True)
-
-    def derived_read_groups(self) -> list[zarr.Group]:
-        """Where derived data is looked up, in order: the cache, then the side store if there is one."""
-        side = None if self.writable() else self._side_group(create=False)
-        return [self.group] + ([side] if side is not None else [])
+        return self._derived.write_group()
 
     def derived_lock(self, path: str):
-        """An inter-process lock for computing derived group `path`, beside where it is written."""
-        root = self.path if self.writable() else side_path(self.fingerprint())
-        return lock(root / "derived" / "locks" / (path.replace("/", "__") + ".lock"), parents=True)
+        return self._derived.lock(path)
 
     def nbytes_on_disk(self, name: str) -> int:
         return backend(self.path).size(self.path / name)

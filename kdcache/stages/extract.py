@@ -295,7 +295,7 @@ def _repair(store: CacheStore, static: dict) -> None:
     (a damaged tar is packed again from the dataset), and static arrays that differ from the dataset."""
     from kdcache.cacheinfo import IMAGES, damaged_shards, head_problems
     from kdcache.pack import shard_name
-    from kdcache.cache.integrity import repair_static
+    from kdcache.cache.integrity import missing_files, repair_static
 
     if head_problems(store):
         print("repair: the probe head is missing or damaged; refitting it", file=sys.stderr)
@@ -308,7 +308,7 @@ def _repair(store: CacheStore, static: dict) -> None:
         if why.startswith(IMAGES):
             (store.images_dir / shard_name(k)).unlink(missing_ok=True)
         store.mark_todo(k)
-    missing = {k for _, k in store.missing_files()}
+    missing = {k for _, k in missing_files(store)}
     for k in sorted(missing - set(damaged)):
         print(f"repair: shard {k} has missing files; recomputing it", file=sys.stderr)
         store.mark_todo(k)
