@@ -402,7 +402,9 @@ def test_resume_refuses_a_cache_that_was_replaced(cache, tmp_path):
 # 8. a read-only cache --------------------------------------------------------------------------------
 
 def test_a_read_only_cache_works_for_a_method_that_derives_data(cache, tmp_path, monkeypatch):
-    monkeypatch.setattr(CacheStore, "writable", lambda self: False)  # as on a read-only mount (root ignores chmod)
+    from kdcache.cache.store import DerivedPlaces
+
+    monkeypatch.setattr(DerivedPlaces, "writable", lambda self: False)  # as on a read-only mount (root ignores chmod)
     monkeypatch.setenv("KDCACHE_DERIVED_DIR", str(tmp_path / "derived"))
     before = read_all(cache)
     files = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
