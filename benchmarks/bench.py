@@ -371,7 +371,7 @@ def bench_distill(a, tmp: Path) -> dict:
     train = store.array("splits")[:] == 0
     reps = labelled_repeats(train, np.zeros_like(train), None)
     device = torch.device(a.device)
-    student = create_student(a.student, len(store.attrs["dataset"]["classes"])).to(device)
+    student = create_student(a.student, len(store.meta.classes)).to(device)
     cuda = device.type == "cuda"
     if cuda:
         student.to(memory_format=torch.channels_last)

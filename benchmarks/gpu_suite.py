@@ -368,7 +368,7 @@ def part_training(ctx: Context) -> dict:
     store = CacheStore.open(_extraction_cache(ctx, key))
     lay = store.layout
     labels = store.array("labels")[:].astype(np.int64)
-    classes = len(store.attrs["dataset"]["classes"])
+    classes = len(store.meta.classes)
     student = create_student(s.student, classes).to(dev).to(memory_format=torch.channels_last)
     dims = Dims(student.dims(s.image_size)["feature"], lay.feature_dim, classes)
     module = TrainModule(student, create_method("fitnet", dims)).to(dev)

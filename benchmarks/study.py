@@ -240,7 +240,7 @@ def teacher_ceiling(suite: Suite, pair: tuple, seed: int) -> dict:
 
     store = CacheStore.open(ROOT / suite.cache, mode="r+")
     sc = make_scenario(suite.scenario, store.array("labels")[:], store.array("domains")[:],
-                       store.array("splits")[:], store.status(), store.attrs["dataset"]["domains"], pair[:1],
+                       store.array("splits")[:], store.status(), list(store.meta.domains), pair[:1],
                        pair[1:], suite.labels_per_class, seed, suite.closed_set)
     head, info = scenario_teacher_head(store, sc)
     labels = store.array("labels")[:]

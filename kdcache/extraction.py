@@ -251,6 +251,13 @@ class ShardBuffer:
                      if a.role == "output" and present(a, lay)}
 
     @staticmethod
+    def nbytes(n: int, lay: Layout) -> int:
+        """Memory of `n` rows' buffered outputs and their view parameters (float32)."""
+        per_row = sum(int(np.prod(shape(a, lay)[1:])) * np.dtype(buffer_dtype(a)).itemsize for a in arrays()
+                      if a.role == "output" and present(a, lay))
+        return n * (per_row + 4 * lay.views * lay.params)
+
+    @staticmethod
     def stage(outputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], object]:
         """Start the copy of a batch's outputs to the host (fp16); returns (host tensors, a CUDA event
         or None). On an accelerator the copy is queued behind the forward pass and nothing waits yet."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from kdcache import __version__, dist
 from kdcache.datasets import create_dataset
-from kdcache.extraction import DECODE_PLACES, StreamSpec, fit_probe_once, teacher_pass
+from kdcache.extraction import DECODE_PLACES, ShardBuffer, StreamSpec, fit_probe_once, teacher_pass
 from kdcache.heads import resolve_head
 from kdcache.pack import remove_stale_temporaries
 from kdcache.cache.backend import backend, cache_path, lock
@@ -282,8 +282,7 @@ def _input_size_hint(name: str, teacher, size: int) -> str:
 def _check_shard_buffer(layout: Layout) -> None:
     """One shard's outputs must fit in memory; checked before the cache is created, so an absurd --views or
     --shard-size leaves nothing behind."""
-    per_view = layout.feature_dim + layout.num_classes + layout.token_grid ** 2 * layout.token_dim
-    nbytes = layout.shard_size * layout.views * (2 * per_view + 4 * layout.params)
+    nbytes = ShardBuffer.nbytes(layout.shard_size, layout)
     if nbytes > MAX_SHARD_BUFFER:
         raise ConfigError(f"--views {layout.views} with --shard-size {layout.shard_size} needs "
                           f"{nbytes / 2**30:.0f} GiB of memory per shard of teacher outputs (at most "
