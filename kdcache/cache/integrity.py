@@ -57,7 +57,7 @@ def record_digests(store, k: int, data: dict[str, np.ndarray]) -> None:
     if not store.has("array_digests"):
         return
     names = digested()
-    digests = store.array("array_digests")[k]
+    digests = store.group["array_digests"][k]
     for name, values in data.items():
         if name in names:
             digests[names.index(name)] = array_digest(values)
@@ -68,7 +68,7 @@ def check_digests(store, k: int, raw: dict[str, np.ndarray]) -> None:
     """A CacheError when a shard's slices `raw` (as read) differ from the digests recorded when written."""
     if not store.has("array_digests"):
         return
-    recorded, names = store.array("array_digests")[k], digested()
+    recorded, names = store.group["array_digests"][k], digested()
     for n, values in raw.items():
         if not np.array_equal(array_digest(values), recorded[names.index(n)]):
             raise CacheError(f"cache {store.path}: shard {k} of {n} differs from the digest recorded when it "
@@ -105,7 +105,7 @@ def missing_files(store, status: np.ndarray | None = None) -> list[tuple[str, in
         if not (a.sharded and not a.text or a.role == "status") or not store.has(a.name) \
                 or (a.name == "logits" and store.probe_pending()):
             continue
-        arr = store.array(a.name)
+        arr = store.group[a.name]
         for k in np.flatnonzero(done):
             r = store.layout.rows(int(k))
             if a.zero_when_bad and not (status[r.start:r.stop] == Status.DONE).any():
@@ -122,7 +122,7 @@ def _recorded_as_fill(store, name: str, k: int, status: np.ndarray) -> bool:
     r = store.layout.rows(k)
     if store.has("array_digests") and name in digested():
         fill = store.read_shard(k, (name,))[name]
-        return np.array_equal(array_digest(fill), store.array("array_digests")[k, digested().index(name)])
+        return np.array_equal(array_digest(fill), store.group["array_digests"][k, digested().index(name)])
     return str(store.checksums()[k]) == shard_checksum(store, store.read_shard(k), status[r.start:r.stop])
 
 
@@ -134,7 +134,7 @@ def status_changed(store, status: np.ndarray | None = None) -> list[int]:
         return []
     status = store.status() if status is None else status
     try:
-        recorded = store.array("array_digests")[:, digested().index("status")]
+        recorded = store.group["array_digests"][:, digested().index("status")]
     except Exception:  # noqa: BLE001 - a damaged digest file: every done shard is suspect
         return [int(k) for k in np.flatnonzero(store.shard_done(status))]
     out = []

@@ -348,7 +348,7 @@ def _run(cfg: DistillConfig, rank: int, world: int, store: CacheStore, out: Path
     teacher = None
     if cfg.online_teacher:
         teacher, head = online_teacher(store, cfg.teacher_weights, head)
-    module = TrainModule(student, method, head, teacher, meta.layout.token_grid if method.needs_tokens else 0).to(device)
+    module = TrainModule(student, method, head, teacher, lay.token_grid if method.needs_tokens else 0).to(device)
     if channels_last:
         module.student.to(memory_format=torch.channels_last)
 
