@@ -92,3 +92,26 @@ def test_a_row_of_arrays_is_created_written_digested_verified_repaired_and_strea
     module = TrainModule(student, Probe(Dims(student.dims(32)["feature"], lay.feature_dim, classes)))
     module(**_to(batch, torch.device("cpu"), False))
     assert torch.equal(seen["centred"], batch["centred"])
+
+
+def test_the_cache_package_imports_only_the_layers_below_it_and_storage_is_decided_in_backend():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "kdcache"
+    below = {"format": set(), "backend": set(), "meta": {"format"}, "integrity": {"format", "backend"},
+             "store": {"format", "backend", "meta", "integrity"}, "derived": set()}
+    for name, allowed in below.items():
+        for node in ast.walk(ast.parse((root / "cache" / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                used = {node.module} if node.module else {a.name for a in node.names}
+                assert used <= allowed, (name, used)
+            elif isinstance(node, ast.ImportFrom) and node.level > 1:
+                assert (node.level, node.module) == (2, "codes"), (name, node.module)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                assert not any(n.split(".")[0] == "kdcache" for n in names), (name, names)
+    for path in root.rglob("*.py"):
+        if path != root / "cache" / "backend.py":
+            text = path.read_text()
+            assert "is_remote" not in text and "is_url" not in text, path

@@ -169,6 +169,9 @@ class DerivedPlaces:
 
 
 class CacheStore:
+    """An open cache: creation and opening (format and metadata checked), shard and static reads and writes
+    (text codec, int8), status and the hooks of cache.integrity and cache.derived."""
+
     def __init__(self, path: str | Path, group: zarr.Group):
         self.path = cache_path(path)
         self.group = group
