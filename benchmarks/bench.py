@@ -35,7 +35,8 @@ from kdcache.methods import create_method  # noqa: E402
 from kdcache.methods.base import Dims  # noqa: E402
 from kdcache.pack import read_shard, shard_name  # noqa: E402
 from kdcache.replay import Replayed, replay_shard, stored_views  # noqa: E402
-from kdcache.store import CacheStore, Layout  # noqa: E402
+from kdcache.cache.format import Layout  # noqa: E402
+from kdcache.cache.store import CacheStore  # noqa: E402
 from kdcache.students import create_student  # noqa: E402
 from kdcache.teachers import create_teacher  # noqa: E402
 from kdcache.stages import extract  # noqa: E402
@@ -370,7 +371,7 @@ def bench_distill(a, tmp: Path) -> dict:
     train = store.array("splits")[:] == 0
     reps = labelled_repeats(train, np.zeros_like(train), None)
     device = torch.device(a.device)
-    student = create_student(a.student, len(store.attrs["dataset"]["classes"])).to(device)
+    student = create_student(a.student, len(store.meta.classes)).to(device)
     cuda = device.type == "cuda"
     if cuda:
         student.to(memory_format=torch.channels_last)

@@ -60,7 +60,7 @@ def stream_all(cache: str) -> dict:
 
 def _reader(cache: str) -> None:
     """Subprocess entry: prints one JSON line {refused: msg} or {rows: {row: digest}}."""
-    from kdcache.store import CacheError
+    from kdcache.cache.format import CacheError
 
     try:
         rows = stream_all(cache)

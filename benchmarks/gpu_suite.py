@@ -43,7 +43,7 @@ from kdcache.methods import create_method
 from kdcache.methods.base import Dims
 from kdcache.pack import read_shard, shard_name
 from kdcache.stages import extract
-from kdcache.store import CacheStore
+from kdcache.cache.store import CacheStore
 from kdcache.students import create_student
 from kdcache.teachers import attention_kernels, create_teacher
 from kdcache.views import apply
@@ -368,7 +368,7 @@ def part_training(ctx: Context) -> dict:
     store = CacheStore.open(_extraction_cache(ctx, key))
     lay = store.layout
     labels = store.array("labels")[:].astype(np.int64)
-    classes = len(store.attrs["dataset"]["classes"])
+    classes = len(store.meta.classes)
     student = create_student(s.student, classes).to(dev).to(memory_format=torch.channels_last)
     dims = Dims(student.dims(s.image_size)["feature"], lay.feature_dim, classes)
     module = TrainModule(student, create_method("fitnet", dims)).to(dev)

@@ -234,13 +234,13 @@ def curve(records: list[dict], head: dict) -> list[dict]:
 
 def teacher_ceiling(suite: Suite, pair: tuple, seed: int) -> dict:
     """The teacher's top-1 on the evaluation rows: a probe on the scenario's labels, and self-trained."""
-    from kdcache.derived import scenario_teacher_head, teacher_adaptation, teacher_logits
+    from kdcache.scenario_heads import scenario_teacher_head, teacher_adaptation, teacher_logits
     from kdcache.scenarios import make_scenario
-    from kdcache.store import CacheStore
+    from kdcache.cache.store import CacheStore
 
     store = CacheStore.open(ROOT / suite.cache, mode="r+")
     sc = make_scenario(suite.scenario, store.array("labels")[:], store.array("domains")[:],
-                       store.array("splits")[:], store.status(), store.attrs["dataset"]["domains"], pair[:1],
+                       store.array("splits")[:], store.status(), list(store.meta.domains), pair[:1],
                        pair[1:], suite.labels_per_class, seed, suite.closed_set)
     head, info = scenario_teacher_head(store, sc)
     labels = store.array("labels")[:]

@@ -7,22 +7,16 @@ from .codes import Status
 from .images import BadImage, decode_packed
 from .pack import member_digest, read_members, shard_name
 from .progress import bar
-from .store import (
-    DIGESTED,
-    QUANTISED,
-    STATIC_ARRAYS,
-    CacheStore,
-    array_digest,
-    shard_digest,
-    static_digests,
-)
+from .cache.format import outputs, quantised
+from .cache.integrity import (digest_problems, missing_files, shard_checksum, shard_digest, static_changed,
+                              status_changed)
+from .cache.store import CacheStore
 
 IMAGES = "packed images: "  # prefix of a problem in a shard's tar file (repair re-packs it)
 
 
 def summarize(store: CacheStore, max_bad: int = 20) -> dict:
-    lay = store.layout
-    a = store.attrs
+    lay, meta = store.layout, store.meta
     status = store.status()
     shard_done = store.shard_done(status)
     bad_rows = np.flatnonzero(status == Status.BAD)
@@ -37,21 +31,21 @@ def summarize(store: CacheStore, max_bad: int = 20) -> dict:
         bad.append(entry)
     done_rows = int((status == Status.DONE).sum())
     per_view = {}
-    for name in ("features", "logits", "tokens"):
+    for name in outputs():
         if store.has(name):
-            scale = QUANTISED.get(name)
+            scale = quantised().get(name)
             size = store.nbytes_on_disk(name) + (store.nbytes_on_disk(scale) if scale else 0)
             per_view[name] = size / max(done_rows * lay.views, 1)
     raw = 2 * (lay.feature_dim + lay.num_classes)
     return {
         "path": str(store.path),
-        "teacher": a["teacher"],
-        "dataset": {k: a["dataset"][k] for k in ("name", "N", "fingerprint")}
-        | {"classes": len(a["dataset"]["classes"]), "domains": a["dataset"]["domains"], "root": a.get("dataset_root")},
-        "views": a["views"],
-        "head": a["head"] | a.get("head_fit", {}),
-        "tokens": a["tokens"],
-        "storage": a.get("storage") or {"feature_dtype": lay.feature_dtype},
+        "teacher": meta.section("teacher"),
+        "dataset": {k: meta.section("dataset")[k] for k in ("name", "N", "fingerprint")}
+        | {"classes": len(meta.classes), "domains": list(meta.domains), "root": meta.section("dataset_root")},
+        "views": meta.section("views"),
+        "head": meta.section("head") | (meta.section("head_fit") or {}),
+        "tokens": meta.section("tokens"),
+        "storage": meta.section("storage") or {"feature_dtype": lay.feature_dtype},
         "shards": {"total": lay.num_shards, "done": int(shard_done.sum()), "shard_size": lay.shard_size},
         "rows": {"done": done_rows, "bad": len(bad_rows), "todo": int((status == 0).sum())},
         "complete": bool(shard_done.all()) and store.meta.head_fitted,
@@ -123,15 +117,14 @@ def _arrays_problem(store: CacheStore, k: int, data: dict, status: np.ndarray, c
     the checksum covering them) changed: that is not damage, the same extract command rewrites them."""
     r = store.layout.rows(k)
     placeholders = {"logits"} if store.probe_pending() else set()
-    wrong = [] if digests is None else [n for n, v in dict(data, status=status[r.start:r.stop]).items()
-                                        if not np.array_equal(array_digest(v), digests[DIGESTED.index(n)])]
-    if checksum != store.shard_checksum(data, status[r.start:r.stop]):
+    wrong = [] if digests is None else digest_problems(dict(data, status=status[r.start:r.stop]), digests)
+    if checksum != shard_checksum(store, data, status[r.start:r.stop]):
         if digests is None or set(wrong) - placeholders:
             return "contents differ from the checksum recorded when it was written"
     elif set(wrong) - placeholders:
         return f"array digests of {', '.join(wrong)} differ from the data (array_digests damaged)"
     ok_rows = status[r.start:r.stop] == Status.DONE
-    for name in ("features", "logits", "tokens"):
+    for name in outputs():
         if name in data and name not in placeholders and not np.isfinite(data[name][ok_rows].astype(np.float32)).all():
             return f"non-finite values in {name}"
     return None
@@ -145,13 +138,13 @@ def head_problems(store: CacheStore) -> list[str]:
     lost = store.meta.probe_missing(store.group)
     if lost:
         return [f"head: the fitted probe head's {lost} is missing; run extract with --repair to refit it"]
-    if store.attrs.get("head_fit", {}).get("digest"):
+    if store.meta.head_digest:
         try:
             g = store.group["heads/extract"]
             now = shard_digest({n: g[n][:] for n in ("weight", "bias", "fitted_on")})
         except Exception as e:  # noqa: BLE001 - damaged files of the head
             now = f"unreadable ({type(e).__name__})"
-        if now != store.attrs["head_fit"]["digest"]:
+        if now != store.meta.head_digest:
             return ["head: the probe head (heads/extract) differs from the digest recorded when it was fitted; "
                     "run extract with --repair to refit it"]
     return []
@@ -160,36 +153,27 @@ def head_problems(store: CacheStore) -> list[str]:
 def cache_problems(store: CacheStore, read_keys: bool = True) -> list[str]:
     """Problems of the cache as a whole (not of one shard): the head, unreadable or changed status, missing
     shard files, static arrays that differ from their recorded digests."""
-    status = store.status()  # read once, for every check below
+    status, unreadable = store.status_report()  # read once, for every check below
     todo = int((~store.shard_done(status)).sum())
     out = [f"incomplete: {todo} of {store.layout.num_shards} shard(s) are not extracted yet (an extraction "
            "stopped, or is still running): run the same extract command again to finish it (--repair is for "
            "damage)"] if todo else []
     out += head_problems(store)
-    if store.status_unreadable:
-        out.append(f"status: shard(s) {', '.join(map(str, store.status_unreadable[:8]))} cannot be read (they count as "
+    if unreadable:
+        out.append(f"status: shard(s) {', '.join(map(str, unreadable[:8]))} cannot be read (they count as "
                    "todo: the extract command recomputes them)")
-    changed = store.status_changed(status)
+    changed = status_changed(store, status)
     if changed:
         out.append(f"status: shard(s) {', '.join(map(str, changed[:8]))} differ from the status recorded when written; "
                    "run extract with --repair")
-    missing = store.missing_files(status)
+    missing = missing_files(store, status)
     if missing:
         out.append(f"files: {len(missing)} shard file(s) of done shards are missing (first: {missing[0][0]} of shard {missing[0][1]}); "
                    "run extract with --repair")
-    recorded = store.attrs.get("static_digests")
-    if recorded:
-        names = [n for n in STATIC_ARRAYS if read_keys or n != "keys"]
-        now = {}
-        for n in names:
-            try:
-                now.update(static_digests({n: store.static(n)}))
-            except Exception as e:  # noqa: BLE001 - a damaged shard file of the array
-                now[n] = f"unreadable ({type(e).__name__})"
-        changed = [n for n in names if recorded.get(n) != now[n]]
-        if changed:
-            out.append(f"static arrays: {', '.join(changed)} differ from the digest recorded at creation; run "
-                       "extract with --repair (it rewrites them from the dataset)")
+    changed = static_changed(store, read_keys)
+    if changed:
+        out.append(f"static arrays: {', '.join(changed)} differ from the digest recorded at creation; run "
+                   "extract with --repair (it rewrites them from the dataset)")
     return out
 
 

@@ -113,7 +113,7 @@ def _is_user_error(err: Exception) -> bool:
     from kdcache.heads import HeadError
     from kdcache.methods import MethodError
     from kdcache.scenarios import ScenarioError
-    from kdcache.store import CacheError
+    from kdcache.cache.format import CacheError
     from kdcache.students import StudentError
     from kdcache.teachers import TeacherError
     from kdcache.stages.config import ConfigError
@@ -244,7 +244,7 @@ def info(
     """Describe a cache: teacher, dataset, views, completion, bad inputs, bytes per view."""
     from kdcache.cacheinfo import summarize
     from kdcache.cacheinfo import verify as verify_cache
-    from kdcache.store import CacheStore
+    from kdcache.cache.store import CacheStore
 
     store = CacheStore.open(cache)
     s = summarize(store)

@@ -25,10 +25,11 @@ from .codes import Split, Status
 from .datasets import Dataset
 from .device_views import colour_maps, decode_batch, replay_views
 from .images import BadImage, decode_packed, packed_header
-from .location import cache_path, file_lock, is_remote
 from .pack import member_digest, pack_shard, read_members, shard_name
 from .replay import Unreadable, replay_shard
-from .store import DIGEST_BYTES, CacheStore, Layout
+from .cache.backend import cache_path, lock
+from .cache.format import DIGEST_BYTES, Layout, arrays, buffer_dtype, present, shape
+from .cache.store import CacheStore
 from .views import P, sample_views
 
 
@@ -54,26 +55,22 @@ class ShardClaims:
 
     def __init__(self, images_dir: Path):
         self.dir = cache_path(images_dir)
-        self.remote = is_remote(self.dir)
         self.held: dict[int, filelock.FileLock] = {}
 
     def try_claim(self, k: int) -> bool:
-        if self.remote:  # object storage has no locks: ranks and --part split the shards there
-            return True
-        lock = filelock.FileLock(str(self.dir / f"shard-{k:05d}.lock"))
+        """Object storage has no locks (every claim succeeds): ranks and --part split the shards there."""
+        claim = lock(self.dir / f"shard-{k:05d}.lock")
         try:
-            lock.acquire(timeout=0)
+            claim.acquire(timeout=0)
         except filelock.Timeout:
             return False
-        self.held[k] = lock
+        self.held[k] = claim
         return True
 
     def wait_for(self, k: int) -> None:
         """Block until no other process holds shard k (its holder finished it, or died), then let it go: the
         caller looks again at what is done and claims what is not."""
-        if self.remote:
-            return
-        with filelock.FileLock(str(self.dir / f"shard-{k:05d}.lock")):
+        with lock(self.dir / f"shard-{k:05d}.lock"):
             pass
 
     def release(self, k: int) -> None:
@@ -248,12 +245,17 @@ def encoded_batch(shard: _ShardRecords, group: list, views: int, final: bool) ->
 class ShardBuffer:
     """One shard's outputs, filled batch by batch, indexed by (row in shard, view)."""
 
-    def __init__(self, n: int, lay: Layout, keep_tokens: bool):
-        self.data = {"features": np.zeros((n, lay.views, lay.feature_dim), np.float16)}
-        if lay.num_classes:
-            self.data["logits"] = np.zeros((n, lay.views, lay.num_classes), np.float16)
-        if keep_tokens:
-            self.data["tokens"] = np.zeros((n, lay.views, lay.token_grid ** 2, lay.token_dim), np.float16)
+    def __init__(self, n: int, lay: Layout):
+        """Every teacher output of ARRAYS that a cache of `lay` holds."""
+        self.data = {a.name: np.zeros((n, *shape(a, lay)[1:]), buffer_dtype(a)) for a in arrays()
+                     if a.role == "output" and present(a, lay)}
+
+    @staticmethod
+    def nbytes(n: int, lay: Layout) -> int:
+        """Memory of `n` rows' buffered outputs and their view parameters (float32)."""
+        per_row = sum(int(np.prod(shape(a, lay)[1:])) * np.dtype(buffer_dtype(a)).itemsize for a in arrays()
+                      if a.role == "output" and present(a, lay))
+        return n * (per_row + 4 * lay.views * lay.params)
 
     @staticmethod
     def stage(outputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], object]:
@@ -427,7 +429,7 @@ def _pass_over(store, dataset, teacher, spec, todo, claims, workers, device, bar
             stats.waited += wait
             stats.starting, first = (wait if first else stats.starting), False
             k = int(batch["shard"])
-            buf = buffers.setdefault(k, ShardBuffer(len(lay.rows(k)), lay, keep_tokens=lay.token_grid > 0))
+            buf = buffers.setdefault(k, ShardBuffer(len(lay.rows(k)), lay))
             queued = None
             bar.update(len(batch["rows"]))  # one entry per view-image, every batch
             counted[k] = counted.get(k, 0) + len(batch["rows"])
@@ -529,7 +531,7 @@ def fit_probe_once(store: CacheStore) -> CacheStore:
     store = CacheStore.open(store.path, mode="r+")  # the attributes as they are now, not as this run began
     if not store.shard_done().all() or not needs_fit(store):
         return store
-    with file_lock(store.images_dir / "head-fit.lock"):
+    with lock(store.images_dir / "head-fit.lock"):
         store = CacheStore.open(store.path, mode="r+")  # another process may have fitted it meanwhile
         if needs_fit(store):
             if store.meta.head_fitted:  # its arrays are gone: the logits are rewritten, so it is not fitted meanwhile

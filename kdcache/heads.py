@@ -101,7 +101,7 @@ def fit_store_probe(store, train_split: int = 0) -> None:
         logits = (feats @ weight.T + bias).astype(np.float16)
         logits[status[r.start:r.stop] != 1] = 0
         store.write_arrays(k, {"logits": logits})
-    from .store import shard_digest
+    from .cache.integrity import shard_digest
 
     digest = shard_digest({"weight": weight, "bias": bias, "fitted_on": fitted_on.astype(np.uint8)})
     store.update_attrs(head_fit={"fitted": True, "kind": "probe", "group": "heads/extract", "digest": digest,

@@ -1,6 +1,6 @@
 """Declaring and typing one option: a field's metadata (help, range, choices, flag) and the coercion of a
 value from YAML or a flag to the field's type. Torch-free; used by the stage schemas and by method options.
-Imports nothing from kdcache but `location` (where a config is written)."""
+Imports nothing from kdcache but `cache.backend` (where a config is written)."""
 from __future__ import annotations
 
 import dataclasses
@@ -152,7 +152,7 @@ def to_dict(cfg) -> dict:
 
 
 def write_yaml(cfg, path: str | Path) -> None:
-    from kdcache.location import cache_path
+    from kdcache.cache.backend import cache_path
 
     cache_path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

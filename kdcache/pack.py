@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .datasets import Dataset, FileTooLarge
 from .images import MAX_FILE_BYTES, BadImage, decode_original, encode_packed
-from .location import cache_path, is_remote
+from .cache.backend import backend, cache_path
 
 PACKED_EXTENSIONS = ("jpg", "png", "bad")
 
@@ -64,15 +64,7 @@ def pack_shard(dataset: Dataset, rows: range, path: Path, bound: int) -> None:
             except OSError as e:  # unreadable file: permissions, vanished, I/O error
                 ext, data = "bad", f"cannot read file: {e}".encode()
             _add_member(tar, f"{i:09d}.{ext}", data)
-    if is_remote(path):
-        path.write_bytes(packed.getvalue())
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(packed.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    backend(path).put(path, packed.getvalue())
 
 
 def member_digest(ext: str, data: bytes) -> bytes:
@@ -83,9 +75,7 @@ def member_digest(ext: str, data: bytes) -> bytes:
 def remove_stale_temporaries(images_dir: Path) -> int:
     """Delete half-written `.shard-*.tmp` files whose writer process is gone; returns how many."""
     removed = 0
-    if is_remote(images_dir):
-        return 0  # objects are uploaded whole: there are no temporaries
-    for tmp in Path(images_dir).glob(".shard-*.tar.*.tmp"):
+    for tmp in backend(images_dir).temporaries(images_dir, ".shard-*.tar.*.tmp"):
         try:
             pid = int(tmp.name.split(".")[-2])
             os.kill(pid, 0)
@@ -107,12 +97,8 @@ class ShardReadError(Exception):
 def _open_tar(path):
     """A tar shard read as a stream, from a local file or an object (read whole: shards are small)."""
     path = cache_path(path)
-    if is_remote(path):
-        with tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r|") as tar:
-            yield tar
-    else:
-        with tarfile.open(path, "r|") as tar:
-            yield tar
+    with backend(path).reader(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        yield tar
 
 
 def read_members(path: Path, rows: range) -> tuple[dict[int, tuple[str, bytes]], list[str]]:

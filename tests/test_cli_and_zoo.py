@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from kdcache.cli import app
 from kdcache.images import decode_packed
 from kdcache.pack import read_shard, shard_name
-from kdcache.store import CacheStore
+from kdcache.cache.store import CacheStore
 from kdcache.teachers import create_teacher
 from kdcache.views import apply
 from kdcache.stages.extract import ExtractConfig, run

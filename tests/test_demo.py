@@ -9,7 +9,7 @@ import pytest
 
 from kdcache.stages import distill, extract
 from kdcache.stages.demo import render_digests, stage_digests
-from kdcache.store import CacheStore
+from kdcache.cache.store import CacheStore
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from kdcache.device_views import axis_weights, colour_maps, crop_boxes, decode_batch, replay_views
 from kdcache.images import BadImage, decode_packed, packed_header
-from kdcache.store import CacheStore
+from kdcache.cache.store import CacheStore
 from kdcache.views import apply, list_policies, sample_views
 
 EXAMPLES = 200 if os.environ.get("HYPOTHESIS_PROFILE") == "slow" else 25

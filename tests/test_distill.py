@@ -26,7 +26,8 @@ from kdcache.train.loader import CacheStream, StreamConfig, labelled_repeats, ra
 from kdcache.methods import MethodError
 from kdcache.pack import read_shard, shard_name
 from kdcache.scenarios import ScenarioError, make_scenario
-from kdcache.store import CacheError, CacheStore
+from kdcache.cache.format import CacheError
+from kdcache.cache.store import CacheStore
 from kdcache.students import StudentError
 from kdcache.views import apply
 from kdcache.stages import distill, extract
@@ -141,7 +142,7 @@ def test_every_method_trains_one_epoch_and_cache_base_arrays_never_change(cache,
 
 def test_leaky_head_is_refused_and_refit_on_scenario_labels(cache):
     store = CacheStore.open(cache, mode="r+")
-    from kdcache.derived import scenario_teacher_head
+    from kdcache.scenario_heads import scenario_teacher_head
 
     sup = make_scenario("supervised", store.array("labels")[:], store.array("domains")[:],
                         store.array("splits")[:], store.status(), ["domain0", "domain1"])

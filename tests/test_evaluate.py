@@ -135,7 +135,8 @@ def test_evaluate_reads_the_run_config_typed_and_the_cache_through_its_checks(ru
     import yaml
 
     from kdcache.stages.config import ConfigError
-    from kdcache.store import CacheError, CacheStore
+    from kdcache.cache.format import CacheError
+    from kdcache.cache.store import CacheStore
 
     run, cache = tmp_path / "run", tmp_path / "cache"
     shutil.copytree(run_dir, run)

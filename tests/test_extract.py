@@ -22,7 +22,7 @@ from kdcache.extraction import ShardClaims
 from kdcache.train.loader import CacheStream, StreamConfig
 from kdcache.pack import read_shard, shard_name
 from kdcache.replay import replay_shard, stored_views
-from kdcache.store import CacheStore, dequantize_int8, quantize_int8
+from kdcache.cache.store import CacheStore, dequantize_int8, quantize_int8
 from kdcache.teachers import create_teacher
 
 N, S, V, G = 160, 8, 2, 2
@@ -433,7 +433,7 @@ def test_extraction_progress_moves_every_batch_and_ends_at_every_view(tmp_path, 
 
 def _as_format_1(path: Path) -> None:
     """Rewrite a cache's text arrays the way format 1 stored them (Zarr strings), as an older kdcache left it."""
-    from kdcache.store import _compressor, _inner_chunk, decode_text
+    from kdcache.cache.store import _compressor, _inner_chunk, decode_text
 
     g = zarr.open_group(str(path), mode="r+")
     lay = dict(g.attrs)["layout"]

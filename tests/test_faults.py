@@ -21,7 +21,8 @@ from conftest import ROOT, TINY, assert_same_cache, cli_env, read_all, run_cli
 from safetensors.torch import load_file
 
 from kdcache.cacheinfo import verify
-from kdcache.store import CacheError, CacheStore
+from kdcache.cache.format import CacheError
+from kdcache.cache.store import CacheStore
 from kdcache.stages import extract
 
 N, S = 96, 8

@@ -26,7 +26,9 @@ from kdcache.train.engine import TrainingDiverged
 from kdcache.images import BadImage, decode_packed
 from kdcache.train.loader import CacheStream, StreamConfig
 from kdcache.pack import member_digest, read_members, shard_name
-from kdcache.store import CacheError, CacheStore
+from kdcache.cache.format import CacheError
+from kdcache.cache.integrity import missing_files, record_digests, shard_checksum
+from kdcache.cache.store import CacheStore
 from kdcache.extract.teacher import build_teacher
 from kdcache.stages import distill, extract
 from kdcache.train import inputs, run_dir
@@ -210,7 +212,7 @@ def test_a_pixel_bomb_member_is_refused_from_its_header(cache):
     digests = store.array("image_digests")[:]
     digests[row] = np.frombuffer(member_digest("png", bomb), np.uint8)
     store.array("image_digests")[:] = digests
-    store._record_digests(k, {"image_digests": digests[k * S:(k + 1) * S]})  # the forgery updates its digest too
+    record_digests(store, k, {"image_digests": digests[k * S:(k + 1) * S]})  # the forgery updates its digest too
     reps = np.zeros(N, np.int32)
     reps[k * S:(k + 1) * S] = 1
     rows = [s["row"] for s in CacheStream(StreamConfig(str(cache), 32, clean_only=True, features=False), [k], reps,
@@ -402,7 +404,9 @@ def test_resume_refuses_a_cache_that_was_replaced(cache, tmp_path):
 # 8. a read-only cache --------------------------------------------------------------------------------
 
 def test_a_read_only_cache_works_for_a_method_that_derives_data(cache, tmp_path, monkeypatch):
-    monkeypatch.setattr(CacheStore, "writable", lambda self: False)  # as on a read-only mount (root ignores chmod)
+    from kdcache.cache.store import DerivedPlaces
+
+    monkeypatch.setattr(DerivedPlaces, "writable", lambda self: False)  # as on a read-only mount (root ignores chmod)
     monkeypatch.setenv("KDCACHE_DERIVED_DIR", str(tmp_path / "derived"))
     before = read_all(cache)
     files = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
@@ -640,7 +644,7 @@ def test_all_zero_shards_are_stored_and_older_caches_without_them_still_verify(c
             assert (cache / name / key).is_file(), (name, k)
     zero_file.unlink()  # as a cache written before every chunk was stored has it
     store = CacheStore.open(cache)
-    assert store.missing_files() == [] and cacheinfo.verify(store) == []
+    assert missing_files(store) == [] and cacheinfo.verify(store) == []
     inputs.open_cache(str(cache))  # trainable as is
     (cache / "logits" / "c" / "4" / "0" / "0").unlink()  # a shard that was not zeros
     problems = cacheinfo.verify(CacheStore.open(cache))
@@ -659,11 +663,11 @@ def test_caches_without_array_digests_tell_an_all_zero_shard_by_its_checksum(cac
     status = store.status()
     for k in range(N // S):
         r = store.layout.rows(k)
-        store._write_checksum(k, store.shard_checksum(store.read_shard(k), status[r.start:r.stop]))
+        store.write_checksum(k, shard_checksum(store, store.read_shard(k), status[r.start:r.stop]))
     store.write_arrays(3, {"logits": np.zeros((S, 2, 8), np.float16)})
     (cache / "logits" / "c" / "3" / "0" / "0").unlink()
     (cache / "logits" / "c" / "5" / "0" / "0").unlink()
-    assert CacheStore.open(cache).missing_files() == [("logits", 5)]
+    assert missing_files(CacheStore.open(cache)) == [("logits", 5)]
 
 
 @pytest.mark.hypothesis
@@ -761,7 +765,7 @@ def test_an_extract_that_finds_the_head_being_fitted_waits_and_reads_it(referenc
     out = tmp_path / "cache"
     shutil.copytree(reference, out)
     CacheStore.open(out, mode="r+").update_attrs(head_fit={"fitted": False})
-    code = ("import sys, time; sys.path.insert(0, %r); import filelock; from kdcache.store import CacheStore; "
+    code = ("import sys, time; sys.path.insert(0, %r); import filelock; from kdcache.cache.store import CacheStore; "
             "from kdcache.heads import fit_store_probe\n"
             "with filelock.FileLock(%r):\n"
             "    print('fitting', flush=True); time.sleep(3)\n"
@@ -818,7 +822,7 @@ def test_batch_size_one_is_refused_for_a_batchnorm_student_and_trains_one_withou
 
 
 def test_kdep_trains_on_fewer_train_rows_than_feature_dims_and_a_stale_group_is_recomputed(tmp_path):
-    from kdcache.derived import derived_group, read_group, write_group
+    from kdcache.cache.derived import derived_group, read_group, write_group
 
     small = extract.run(_extract_cfg(tmp_path / "small", dataset_options=(("n", 40),), views=1))
     store = CacheStore.open(small, mode="r+")

@@ -171,7 +171,7 @@ def test_cli_refuses_a_stray_image_among_domains_in_one_line_with_exit_2(tmp_pat
 
 
 def test_cli_reads_an_empty_domain_folder_as_no_domain_and_records_the_layout(tmp_path):
-    from kdcache.store import CacheStore
+    from kdcache.cache.store import CacheStore
 
     _item_one_tree(tmp_path / "data", stray=False)
     out = tmp_path / "cache"

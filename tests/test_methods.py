@@ -2,6 +2,7 @@
 parameters they should."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import numpy as np
+import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -194,10 +196,21 @@ def test_method_options_parse_strings_and_booleans():
 
 
 class _Store:
-    """The few CacheStore reads CustomKD makes, over arrays in memory."""
+    """The few CacheStore reads CustomKD makes, over arrays in memory, and the derived-data interface
+    (cache.derived) over a Zarr group in memory."""
 
     def __init__(self, features, labels):
         self.features, self.labels = features, labels
+        self.group = zarr.open_group(store=zarr.storage.MemoryStore(), mode="w", zarr_format=3)
+
+    def derived_read_groups(self):
+        return [self.group]
+
+    def derived_write_group(self):
+        return self.group
+
+    def derived_lock(self, path):
+        return contextlib.nullcontext()
 
     def masked(self, mask, name="features", view=None):
         x = self.features[mask]
@@ -240,10 +253,12 @@ def test_customkd_customisation_is_deterministic_and_expressed_through_the_stude
     ctx, dims, feats, labels = _customkd_ctx()
     fitted = []
     for _ in range(2):
+        ctx.store = _Store(feats.astype(np.float32), labels)  # each with an empty store: both fit the customisation
         m = create_method("customkd", dims, warmup_epochs=0)
         m.prepare(ctx)
         record = m.before_epoch(ctx, 0)
         fitted.append(m.p_t_weight.clone())
+        assert len(list(ctx.store.group["derived"].group_keys())) == 1  # the phase is kept with the store
     assert torch.equal(fitted[0], fitted[1])  # same seed and inputs: bit-identical P_t
     assert record["custom_phase"] == 1 and record["custom_fit_top1"] == 1.0
     # h_s(P_t f) through the student's own head is the fitted classifier

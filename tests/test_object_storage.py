@@ -132,7 +132,7 @@ def test_memory_url_cache_equals_a_local_one(tmp_path):
     uploads, no locks. The cache equals a local one and verifies."""
     from kdcache.cacheinfo import verify
     from kdcache.stages import extract
-    from kdcache.store import CacheStore
+    from kdcache.cache.store import CacheStore
 
     def cfg(out):
         return extract.ExtractConfig(dataset="synthetic", dataset_options=(("n", 24),), teacher="test_vit",

@@ -20,7 +20,7 @@ def test_wheel_holds_one_package_and_the_console_script(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"kdcache"}, top  # no generic top-level names (pipeline, stages, cli) on sys.path
-    for module in ("kdcache/cli.py", "kdcache/store.py", "kdcache/methods/customkd.py", "kdcache/stages/distill.py",
+    for module in ("kdcache/cli.py", "kdcache/cache/store.py", "kdcache/methods/customkd.py", "kdcache/stages/distill.py",
                    "kdcache/train/session.py", "kdcache/extract/work.py"):
         assert module in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))

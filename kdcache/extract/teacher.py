@@ -11,7 +11,8 @@ import numpy as np
 from kdcache import __version__, dist
 from kdcache.heads import resolve_head
 from kdcache.options import ConfigError, to_dict
-from kdcache.store import Layout
+from kdcache.cache.format import Layout
+from kdcache.extraction import ShardBuffer
 from kdcache.teachers import TeacherError, create_teacher, zeroshot_head
 from kdcache.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION
 
@@ -80,8 +81,7 @@ def input_size_hint(name: str, teacher, size: int) -> str:
 def check_shard_buffer(layout: Layout) -> None:
     """One shard's outputs must fit in memory; checked before the cache is created, so an absurd --views or
     --shard-size leaves nothing behind."""
-    per_view = layout.feature_dim + layout.num_classes + layout.token_grid ** 2 * layout.token_dim
-    nbytes = layout.shard_size * layout.views * (2 * per_view + 4 * layout.params)
+    nbytes = ShardBuffer.nbytes(layout.shard_size, layout)
     if nbytes > MAX_SHARD_BUFFER:
         raise ConfigError(f"--views {layout.views} with --shard-size {layout.shard_size} needs "
                           f"{nbytes / 2**30:.0f} GiB of memory per shard of teacher outputs (at most "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -25,6 +25,7 @@ class TeacherBatch:
     logits: torch.Tensor | None = None  # z_t, [B, C]
     tokens: torch.Tensor | None = None  # [B, G*G, d_t]
     rows: torch.Tensor | None = None  # the cache rows of the batch, [B] (a method may keep per-row state)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # any other cached teacher output, by array name
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .. import dist
 from ..adapt import predict_views, self_train_head
-from ..derived import derived_lock, read_group, write_group
+from ..cache.derived import derived_group
 from ..progress import bar as progress_bar
 from .base import Method, MethodContext, Opt, feature_mse, flag, kd_loss, register_method, temperature, weight
 from .memory import RowMemory
@@ -174,20 +174,13 @@ class CustomKD(Method):
         """(M, c) of `phase`, computed once per cache, scenario and options and kept with the cache's
         derived data: every student and seed trained on the same scenario reads the same sequence
         (each phase is a deterministic function of the previous one), so only the first run pays for it."""
-        store = ctx.store
-        if not hasattr(store, "derived_read_groups"):  # an in-memory store (tests): nothing to keep
-            return self._fit_phase(phase, ctx.device)
         path = f"derived/customkd-{self._chain_key(ctx.device)}/phase-{phase:04d}"
-        group = read_group(store, path)
-        if group is None and ctx.write:
-            with derived_lock(store, path):
-                group = read_group(store, path)  # another process may have written it meanwhile
-                if group is None:
-                    m, c = self._fit_phase(phase, ctx.device)
-                    write_group(store, path, {"weight": m.numpy(), "bias": c.numpy()}, {"phase": phase})
-                    return m, c
-        if group is None:
-            return self._fit_phase(phase, ctx.device)
+
+        def fit():
+            m, c = self._fit_phase(phase, ctx.device)
+            return {"weight": m.numpy(), "bias": c.numpy()}, {"phase": phase}
+
+        group = derived_group(ctx.store, path, fit, write=ctx.write, missing="compute")
         return torch.from_numpy(group["weight"][:]), torch.from_numpy(group["bias"][:])
 
     def _fit_with_student(self, ctx: MethodContext) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..derived import derived_group
+from ..cache.derived import derived_group
 from ..codes import Split, Status
 from .base import Method, MethodContext, MethodError, Opt, feature_mse, flag, register_method, temperature, weight
 

@@ -131,30 +131,19 @@ def resolve(cls: type[T], yaml_path: str | Path | None = None, **flags: Any) -> 
 def cache_location(value: str | None, flag: str) -> None:
     """A cache may live on a local path or on any fsspec URL whose filesystem is installed (s3:// needs
     s3fs: `pip install kdcache[s3]`); anything else is refused by name."""
-    from kdcache.location import cache_path, is_remote, is_url
+    from kdcache.cache.backend import check_url
 
-    if not value or not is_url(value):
+    if not check_url(value, flag):
         _not_a_file(value, flag)
-        return
-    try:
-        path = cache_path(value)  # an unknown protocol fails here
-        if is_remote(path):
-            path.fs  # a missing filesystem package fails here
-    except (ValueError, ImportError) as e:
-        raise ValueError(f"{flag} {value}: no filesystem for this URL is installed ({e})") from None
-    if not str(value).split("://", 1)[1].strip("/"):
-        raise ValueError(f"{flag} {value}: give a bucket and a path, e.g. s3://bucket/caches/name")
 
 
 def local_path(value: str | None, flag: str) -> None:
     """Runs (and dataset folders) live on a local or shared file system; a URL (s3://, gs://, ...) is refused
     by name instead of becoming a local folder called `s3:`."""
-    from kdcache.location import is_url
+    from kdcache.cache.backend import refuse_url
 
-    if value and is_url(value):
-        raise ValueError(f"{flag} {value}: runs and datasets on object storage (URLs) are not supported; give a "
-                         "local path or a shared file system mounted as one (caches may be URLs: --out of extract, "
-                         "--cache)")
+    refuse_url(value, f"{flag} {value}: runs and datasets on object storage (URLs) are not supported; give a "
+               "local path or a shared file system mounted as one (caches may be URLs: --out of extract, --cache)")
     _not_a_file(value, flag)
 
 

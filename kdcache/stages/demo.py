@@ -16,8 +16,9 @@ import torch
 from safetensors.numpy import load_file
 
 from kdcache.measure import cpu_latency_ms
+from kdcache.cache.integrity import shard_digest
+from kdcache.cache.store import CacheStore
 from kdcache.options import check_fields
-from kdcache.store import CacheStore, shard_digest
 from .schema import DemoConfig  # noqa: F401  (stage.DemoConfig)
 from kdcache.teachers import create_teacher
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdcache import dist
-from kdcache.derived import scenario_teacher_head
 from kdcache.options import check_fields
 from kdcache.report import check_tensorboard
-from kdcache.store import CacheStore
+from kdcache.cache.store import CacheStore
+from kdcache.scenario_heads import scenario_teacher_head
 from kdcache.train.inputs import method_context, open_cache, scenario_of, student_and_method
 from kdcache.train.run_dir import lock_run_dir, shared_default_out, unlock_run_dir
 from kdcache.train.session import train

@@ -8,13 +8,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from kdcache.derived import scenario_teacher_head
+from kdcache.scenario_heads import scenario_teacher_head
 from kdcache.dist import device_for
 from kdcache.files import writable
 from kdcache.measure import count_macs, count_params, cpu_latency_ms, export_onnx, export_timm, topk_metrics
 from kdcache.options import check_fields
 from kdcache.report import write_report
-from kdcache.store import CacheError, CacheStore
+from kdcache.cache.format import CacheError
+from kdcache.cache.store import CacheStore
 from kdcache.students import create_student
 from kdcache.train.engine import predict
 from kdcache.train.inputs import open_cache, scenario_of
@@ -96,14 +97,14 @@ def run(cfg: EvaluateConfig) -> Path:
 
     logits, rows = student_logits(student, store, scenario.evaluation, size, cfg, device)
     labels = store.array("labels")[:][rows]
-    groups = _groups(rows, store.array("domains")[:], store.array("splits")[:], store.attrs["dataset"]["domains"])
+    groups = _groups(rows, store.array("domains")[:], store.array("splits")[:], list(store.meta.domains))
     t_logits, head_info = teacher_logits(store, scenario, rows)
 
     plain = student.model.eval().cpu()
     example = torch.randn(1, 3, size, size)
     report = {
         "run": run_dir.name, "student": dcfg.student, "method": dcfg.method, "scenario": scenario.description,
-        "scenario_kind": dcfg.scenario, "teacher": store.attrs["teacher"]["name"], "image_size": size,
+        "scenario_kind": dcfg.scenario, "teacher": store.meta.teacher, "image_size": size,
         "student_metrics": topk_metrics(logits, labels, groups),
         "teacher_metrics": topk_metrics(t_logits, labels, groups) | {"head": head_info},
         "params": count_params(plain), "macs": count_macs(plain, example),
@@ -117,7 +118,7 @@ def run(cfg: EvaluateConfig) -> Path:
     if cfg.onnx:
         report["onnx"] = export_onnx(plain, example, run_dir / "student.onnx")
     pre = report["preprocess"]
-    report["export"] = export_timm(plain, run_dir / "export", list(store.attrs["dataset"]["classes"]), size,
+    report["export"] = export_timm(plain, run_dir / "export", list(store.meta.classes), size,
                                    pre["mean"], pre["std"], pre["interpolation"],
                                    run_dir / "student.onnx" if cfg.onnx else None)
     write_report(run_dir, report)

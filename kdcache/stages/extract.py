@@ -15,10 +15,11 @@ from kdcache.extract.output import check_out, creation_lock, open_or_create, rep
 from kdcache.extract.teacher import build_teacher, check_classes, check_shard_buffer, describe
 from kdcache.extract.work import my_shards, parse_part
 from kdcache.extraction import PassStats, StreamSpec, fit_probe_once, teacher_pass
-from kdcache.location import cache_path
+from kdcache.cache.backend import cache_path
 from kdcache.options import check_fields
 from kdcache.pack import remove_stale_temporaries
-from kdcache.store import CacheError, CacheStore, Layout
+from kdcache.cache.format import CacheError, Layout
+from kdcache.cache.store import CacheStore
 from kdcache.teachers import attention_kernels
 from kdcache.views import PARAMS
 
@@ -94,7 +95,7 @@ def extract(cfg: ExtractConfig) -> Extracted:
         remove_stale_temporaries(store.images_dir)
     if cfg.repair and rank == 0:
         repair(store, static)
-    if rank == 0 and head == "probe" and store.attrs["head_fit"].get("fitted") and not store.shard_done().all():
+    if rank == 0 and head == "probe" and store.meta.head_fitted and not store.shard_done().all():
         # shards to (re)compute carry no probe logits yet: fit again (deterministically) once all are done
         store.update_attrs(head_fit={"fitted": False})
     dist.barrier()

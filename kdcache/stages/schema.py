@@ -54,7 +54,7 @@ class ExtractConfig:
                               unit="pixels")
     compression: str = option("zstd", "zstd, blosc or none.")
     feature_dtype: str = option("float16", "float16 or int8: features and tokens as int8 with one float32 scale "
-                                "per vector (about half the bytes).", choices="kdcache.store:FEATURE_DTYPES")
+                                "per vector (about half the bytes).", choices="kdcache.cache.format:FEATURE_DTYPES")
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
     decode: str = option("workers", "Where views are decoded and replayed: workers or device (JPEGs by nvJPEG on "
                          "a GPU; pixels within one level of the workers').",

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from ..cache.format import outputs
 from ..files import save_tensors, write_atomic
 from ..measure import topk_metrics
 from ..methods import Method, TeacherBatch
@@ -42,7 +43,7 @@ class TrainModule(nn.Module):
         return self
 
     def forward(self, images, features=None, labels=None, logits=None, tokens=None,
-                teacher_images=None, rows=None) -> dict[str, torch.Tensor]:
+                teacher_images=None, rows=None, extra=None) -> dict[str, torch.Tensor]:
         if self.teacher is not None:
             with torch.no_grad():
                 t = self.teacher(teacher_images, token_grid=self.token_grid)
@@ -50,7 +51,7 @@ class TrainModule(nn.Module):
         if self.teacher_head is not None:
             logits = self.teacher_head(features)
         out = self.student(images)
-        return self.method(out, TeacherBatch(features, logits, tokens, rows), labels)
+        return self.method(out, TeacherBatch(features, logits, tokens, rows, extra or {}), labels)
 
 
 def cosine_schedule(optimizer, total_steps: int, warmup_steps: int, min_factor: float = 0.01):
@@ -93,7 +94,9 @@ def _to(batch: dict, device, channels_last: bool) -> dict:
         images = images.contiguous(memory_format=torch.channels_last)
     names = {"feature": "features", "label": "labels", "logits": "logits", "tokens": "tokens",
              "teacher_image": "teacher_images", "row": "rows"}
-    return {"images": images, **{arg: batch[k].to(device, non_blocking=True) for k, arg in names.items() if k in batch}}
+    out = {"images": images, **{arg: batch[k].to(device, non_blocking=True) for k, arg in names.items() if k in batch}}
+    extra = {k: batch[k].to(device, non_blocking=True) for k in outputs() if k in batch and k not in names}
+    return dict(out, extra=extra) if extra else out
 
 
 class TrainingDiverged(ValueError):

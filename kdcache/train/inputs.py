@@ -2,7 +2,6 @@
 made from, the scenario a config names, the student and its method, and the online teacher."""
 from __future__ import annotations
 
-import os
 import shlex
 import warnings
 from pathlib import Path
@@ -10,12 +9,13 @@ from pathlib import Path
 import torch
 
 from kdcache.datasets import create_dataset, needs_root
-from kdcache.derived import teacher_logits
-from kdcache.location import is_url
+from kdcache.cache.backend import open_mode
+from kdcache.cache.format import CacheError
+from kdcache.cache.store import CacheStore
 from kdcache.methods import create_method
 from kdcache.methods.base import Dims, MethodContext
+from kdcache.scenario_heads import teacher_logits
 from kdcache.scenarios import make_scenario
-from kdcache.store import CacheError, CacheStore
 from kdcache.students import create_student
 from kdcache.views import REPLAY_VERSION
 
@@ -28,9 +28,9 @@ def open_cache(path: str) -> CacheStore:
     reads everything back."""
     from kdcache.cacheinfo import cache_problems
 
-    store = CacheStore.open(path, mode="r+" if is_url(path) or os.access(path, os.W_OK) else "r")
+    store = CacheStore.open(path, mode=open_mode(path))
     done = store.shard_done()
-    extract_cmd = store.attrs.get("command") or "python cli.py extract ... --out " + shlex.quote(str(path))
+    extract_cmd = store.meta.command or "python cli.py extract ... --out " + shlex.quote(str(path))
     if not done.all():
         missing = int((~done).sum())
         raise CacheError(f"cache {path} is incomplete: {missing} of {len(done)} shards are not extracted; "
@@ -39,7 +39,7 @@ def open_cache(path: str) -> CacheStore:
     if problems:
         raise CacheError(f"cache {path} cannot be trained on: " + "; ".join(problems)
                          + f" (extract command: {extract_cmd})")
-    replay = store.attrs["views"].get("replay", 1)
+    replay = store.meta.replay
     if replay != REPLAY_VERSION:
         raise CacheError(f"cache {path} was extracted with view replay v{replay}; this kdcache replays views as "
                          f"v{REPLAY_VERSION}, so the student would not see what the teacher saw: re-extract with "
@@ -49,7 +49,7 @@ def open_cache(path: str) -> CacheStore:
 
 def check_dataset(store: CacheStore) -> None:
     """If the original dataset is reachable, it must still be the one the cache was made from."""
-    ext = store.attrs.get("config", {})
+    ext = store.meta.extract_config
     name, root = ext.get("dataset"), ext.get("data_root")
     if needs_root(name) and (not root or not Path(root).is_dir()):
         warnings.warn(f"dataset root {root!r} not found: streaming the packed shards of the cache without "
@@ -59,7 +59,7 @@ def check_dataset(store: CacheStore) -> None:
     if ext.get("domains"):
         options["domains"] = list(ext["domains"])
     current = create_dataset(name, root, **options).fingerprint()
-    recorded = store.attrs["dataset"]["fingerprint"]
+    recorded = store.meta.dataset_fingerprint
     if current != recorded:
         raise CacheError(f"dataset {name} at {root} changed since extraction (fingerprint {current[:12]} != "
                          f"{recorded[:12]}): re-run extract with --overwrite, or pass --no-check-dataset to "
@@ -68,20 +68,18 @@ def check_dataset(store: CacheStore) -> None:
 
 def scenario_of(store: CacheStore, cfg):
     """The label scenario a distill config names on this cache (its seed draws the labelled rows)."""
-    a = store.attrs
     return make_scenario(cfg.scenario, store.array("labels")[:], store.array("domains")[:],
-                         store.array("splits")[:], store.status(), a["dataset"]["domains"], cfg.source, cfg.target,
+                         store.array("splits")[:], store.status(), list(store.meta.domains), cfg.source, cfg.target,
                          cfg.labels_per_class, cfg.seed, cfg.closed_set)
 
 
 def student_and_method(cfg, store: CacheStore):
     """The student a distill config names, and its method sized to the student and the cache."""
-    a = store.attrs
-    num_classes = len(a["dataset"]["classes"])
+    meta = store.meta
+    num_classes = len(meta.classes)
     student = create_student(cfg.student, num_classes, cfg.student_weights)
     sdims = student.dims(cfg.image_size or student.default_size)
-    dims = Dims(sdims["feature"], a["teacher"]["feature_dim"], num_classes, sdims["map"], a["tokens"]["grid"],
-                a["tokens"]["dim"])
+    dims = Dims(sdims["feature"], meta.feature_dim, num_classes, sdims["map"], meta.layout.token_grid, meta.token_dim)
     return student, create_method(cfg.method, dims, **dict(cfg.method_options))
 
 
@@ -99,21 +97,21 @@ def online_teacher(store: CacheStore, weights: str | None, head):
     """
     from kdcache.teachers import LinearHead, create_teacher, zeroshot_head
 
-    ext, recorded = store.attrs.get("config", {}), store.attrs["teacher"]
+    ext = store.meta.extract_config
     weights = weights or ext.get("teacher_weights")
     if weights and not Path(weights).is_file():
         raise CacheError(f"--online-teacher: teacher weights {weights} not found; pass --teacher-weights FILE")
-    teacher = create_teacher(ext.get("teacher", recorded["name"]), weights, bool(ext.get("random_init")),
+    teacher = create_teacher(ext.get("teacher", store.meta.teacher), weights, bool(ext.get("random_init")),
                              ext.get("feature", "auto"), ext.get("teacher_input_size"))
-    if teacher.weights_tag != recorded["weights"]:
+    if teacher.weights_tag != store.meta.teacher_weights:
         raise CacheError(f"--online-teacher: weights {teacher.weights_tag} are not the cache's teacher "
-                         f"({recorded['weights']}); pass the file it was extracted with as --teacher-weights")
-    kind = store.attrs["head"]["kind"]
+                         f"({store.meta.teacher_weights}); pass the file it was extracted with as --teacher-weights")
+    kind = store.meta.head_kind
     if head is None and kind == "probe":
         g = store.group["heads/extract"]
         head = LinearHead(torch.from_numpy(g["weight"][:]), torch.from_numpy(g["bias"][:]))
     elif head is None and kind == "native":
         teacher.set_head("native")
     elif head is None and kind == "zeroshot":
-        teacher.set_head("zeroshot", zeroshot_head(teacher, store.attrs["dataset"]["classes"]))
+        teacher.set_head("zeroshot", zeroshot_head(teacher, list(store.meta.classes)))
     return teacher, head

@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..cache.format import CacheError, outputs
+from ..cache.store import CacheStore
 from ..pack import member_digest, read_members, shard_name
 from ..replay import Unreadable, replay_shard, stored_views
-from ..store import CacheError, CacheStore
 
 CHUNK_BYTES = 32 << 20  # the replayed images of one chunk (what a worker hands over at a time), about
+SAMPLE_KEYS = {"features": "feature"}  # a teacher output's key in a sample (and a batch): its array name otherwise
 
 
 @dataclass(frozen=True)
@@ -161,9 +163,13 @@ class CacheStream:
             yield chunk, list(self._replay(store, shard, chunk))
 
     def _arrays(self) -> list[str]:
+        """The view parameters, and the teacher outputs (ARRAYS) asked for: one with a StreamConfig flag of its
+        name (features, logits, tokens) when that flag is set, any other with the features."""
+        return ["views"] + self._outputs()
+
+    def _outputs(self) -> list[str]:
         cfg = self.cfg
-        wanted = (("features", cfg.features), ("views", True), ("logits", cfg.logits), ("tokens", cfg.tokens))
-        return [name for name, read in wanted if read]
+        return [name for name in outputs() if getattr(cfg, name, cfg.features)]
 
     def _read(self, store: CacheStore, k: int) -> _Shard:
         """Shard k's arrays (one chunk-aligned slice each, never a per-sample Zarr read, each compared with its
@@ -193,7 +199,7 @@ class CacheStream:
         if cfg.teacher_size:
             outputs.append((cfg.teacher_size, cfg.teacher_interpolation))
         picks = [(r, v) for r, v in zip(draws, views) if r in packed]
-        feats, logits, tokens = (shard.arrays.get(name) for name in ("features", "logits", "tokens"))
+        teacher = {SAMPLE_KEYS.get(name, name): shard.arrays[name] for name in self._outputs()}
         for got in replay_shard(packed, picks, stored_views(shard.arrays["views"], rows.start), outputs,
                                 store.meta.image_bound):
             if isinstance(got, Unreadable):
@@ -204,12 +210,8 @@ class CacheStream:
             sample = {"image": got.images[0], "label": int(self.labels[row]), "row": row, "view": v}
             if cfg.teacher_size:
                 sample["teacher_image"] = got.images[1]
-            if feats is not None:
-                sample["feature"] = torch.from_numpy(feats[j, v].astype(np.float32))
-            if logits is not None:
-                sample["logits"] = torch.from_numpy(logits[j, v].astype(np.float32))
-            if tokens is not None:
-                sample["tokens"] = torch.from_numpy(tokens[j, v].astype(np.float32))
+            for key, values in teacher.items():
+                sample[key] = torch.from_numpy(values[j, v].astype(np.float32))
             yield sample
 
     @staticmethod

@@ -15,7 +15,8 @@ import torch
 from kdcache import dist
 from kdcache.report import metrics_csv
 from kdcache.options import ConfigError, to_dict, write_yaml
-from kdcache.store import CacheError, CacheStore
+from kdcache.cache.format import CacheError
+from kdcache.cache.store import CacheStore
 
 from .engine import append_metrics, load_checkpoint, restore, save_checkpoint, truncate_metrics
 

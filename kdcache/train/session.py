@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from kdcache import dist
-from kdcache.derived import scenario_teacher_head
 from kdcache.options import ConfigError, to_dict
 from kdcache.report import TensorBoardLog
-from kdcache.store import CacheStore
+from kdcache.cache.store import CacheStore
+from kdcache.scenario_heads import scenario_teacher_head
 
 from .engine import FitPlan, TrainModule, cosine_schedule, fit, make_optimizer
 from .inputs import check_dataset, method_context, online_teacher, scenario_of, student_and_method
@@ -102,7 +102,7 @@ def open_session(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Se
     student, method = student_and_method(cfg, store)
     repeats, shard_size = epoch_repeats(scenario, method.uses_unlabelled, cfg.labelled_ratio), store.layout.shard_size
     s = Session(cfg, store, out, rank, world, scenario, student, method, dist.device_for(cfg.device), repeats,
-                head_info={"teacher_head": store.attrs["head"]["kind"], "refit": False})
+                head_info={"teacher_head": store.meta.head_kind, "refit": False})
     per_rank = [samples_in(rank_shards(repeats, shard_size, cfg.seed, 0, r, world), repeats, shard_size)
                 for r in range(world)]
     check_batches(student, cfg, min(per_rank))
@@ -123,7 +123,7 @@ def train(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Path:
     teacher = None
     if cfg.online_teacher:
         teacher, s.head = online_teacher(store, cfg.teacher_weights, s.head)
-    grid = store.attrs["tokens"]["grid"] if method.needs_tokens else 0
+    grid = store.layout.token_grid if method.needs_tokens else 0
     module = TrainModule(student, method, s.head, teacher, grid).to(device)
     if device.type == "cuda":
         module.student.to(memory_format=torch.channels_last)
@@ -152,7 +152,7 @@ def train(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Path:
     plan = FitPlan(cfg.epochs, start_epoch, s.steps_per_epoch, cfg.eval_every, rank, world, device.type == "cuda",
                    device.type == "cuda", cfg.progress, int(eval_reps.sum()))
     train_loader, eval_loader = _loaders(s, teacher, image_size, eval_reps)
-    domains = (store.array("domains")[:], store.attrs["dataset"]["domains"])
+    domains = (store.array("domains")[:], list(store.meta.domains))
     fit(module, train_module, optimizer, scheduler, device, plan, train_loader, eval_loader, domains,
         before_epoch=lambda epoch: method.before_epoch(ctx, epoch),  # the method's own phase, if it has one
         after_epoch=after_epoch, barrier=dist.barrier, end_epoch=lambda epoch: method.end_epoch(ctx, epoch))
@@ -182,9 +182,9 @@ def _loaders(s: Session, teacher, image_size: int, eval_reps: np.ndarray):
 
 def write_summary(s: Session, image_size: int) -> None:
     """summary.json: what evaluation and reports read about the finished run."""
-    cfg, a = s.cfg, s.store.attrs
+    cfg, meta = s.cfg, s.store.meta
     (s.out / "summary.json").write_text(json.dumps(
         {"name": s.out.name, "student": cfg.student, "method": cfg.method, "scenario": s.scenario.description,
-         "cache": str(s.store.path), "teacher": a["teacher"]["name"], "num_classes": len(a["dataset"]["classes"]),
+         "cache": str(s.store.path), "teacher": meta.teacher, "num_classes": len(meta.classes),
          "image_size": image_size, "head": s.head_info, "counts": s.scenario.counts(),
          "scenario_digest": s.scenario.digest()}, indent=2))

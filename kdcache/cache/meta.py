@@ -1,25 +1,28 @@
-"""The cache's metadata, read and validated in one place.
+"""The cache's metadata, read and validated in one place: the only reader of the root attributes.
 
 `CacheMeta.from_attrs` turns the root group's attributes into typed fields and refuses a missing,
 mistyped or inconsistent field with one error naming it; `check_arrays` compares every array's
-shape and dtype (from its zarr.json) with what the layout says it must be. Both run whenever a
-cache is opened, so a hand-edited or damaged zarr.json is an error before any data is read.
+shape and dtype (from its zarr.json) with what ARRAYS and the layout say it must be. Both run whenever
+a cache is opened, so a hand-edited or damaged zarr.json is an error before any data is read.
+Imports only cache.format.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .format import (FEATURE_DTYPES, FORMAT_NAME, IDENTITY_SECTIONS, READABLE_VERSIONS, CacheError,
+                     IncompleteCreation, Layout, arrays, dtype, present, shape)
 
 HEAD_KINDS = ("probe", "native", "zeroshot", "none")
 
 
 def _error(path: Path, field: str, problem: str):
-    from .store import CacheError
-
     return CacheError(f"cache {path}: metadata field {field!r} {problem}; its zarr.json was edited or damaged "
                       f"(check with `python cli.py info --cache {shlex.quote(str(path))} --verify`, or re-extract with --overwrite)")
 
@@ -40,7 +43,7 @@ def _get(d: dict, dotted: str, kind, path: Path, *, low: int | None = None):
 
 @dataclass(frozen=True)
 class CacheMeta:
-    layout: Layout  # noqa: F821
+    layout: Layout
     teacher: str
     feature_dim: int
     input_size: int
@@ -53,11 +56,22 @@ class CacheMeta:
     replay: int
     format_version: int = 1
     key_bytes: int = 0  # format 2: the width of the keys array
+    attrs: dict = field(default_factory=dict, repr=False, compare=False)  # as read; use the accessors below
+
+    @staticmethod
+    def check_format(a: dict, path: Path) -> None:
+        """The attributes are those of a finished cache in a format this kdcache reads."""
+        if a.get("kdcache_creating"):
+            raise IncompleteCreation(f"{path}: the cache's creation was interrupted; run extract again")
+        if a.get("format") != FORMAT_NAME:
+            raise CacheError(f"{path} is a Zarr store but not a {FORMAT_NAME} cache")
+        if a.get("format_version") not in READABLE_VERSIONS:
+            raise CacheError(f"{path}: cache format version {a.get('format_version')} is not one this "
+                             f"kdcache reads ({', '.join(map(str, READABLE_VERSIONS))}); re-extract with --overwrite, "
+                             "or use the kdcache that wrote it")
 
     @classmethod
     def from_attrs(cls, a: dict, path: Path) -> CacheMeta:
-        from .store import FEATURE_DTYPES, Layout
-
         lay_raw = a.get("layout")
         if not isinstance(lay_raw, dict):
             raise _error(path, "layout", "is missing")
@@ -113,40 +127,16 @@ class CacheMeta:
         if len(domains) < 1 or len(classes) < 1:
             raise _error(path, "dataset.classes" if not classes else "dataset.domains", "is empty")
         return cls(lay, teacher, feature_dim, input_size, tuple(classes), tuple(domains), head, fitted, bound,
-                   int(checksums), int(replay), version, key_bytes)
+                   int(checksums), int(replay), version, key_bytes, json.loads(json.dumps(a)))
 
     def expected_arrays(self) -> dict[str, tuple[tuple, str]]:
-        """name -> (shape, dtype) of every base array of a cache with this layout."""
-        lay = self.layout
-        N, V, D = lay.n, lay.views, lay.feature_dim
-        out = {"features": ((N, V, D), lay.feature_dtype), "views": ((N, V, lay.params), "float32"),
-               "labels": ((N,), "int32"), "domains": ((N,), "int16"), "splits": ((N,), "int8"),
-               "status": ((N,), "uint8"), "shard_checksums": ((lay.num_shards,), "str"), "keys": ((N,), "str"),
-               "reasons": ((N,), "str")}
-        if self.format_version >= 2:  # text as fixed-width UTF-8 bytes
-            from .store import CHECKSUM_CHARS, REASON_BYTES
-
-            out.update(shard_checksums=((lay.num_shards, CHECKSUM_CHARS), "uint8"), keys=((N, self.key_bytes), "uint8"),
-                       reasons=((N, REASON_BYTES), "uint8"))
-        if lay.feature_dtype == "int8":
-            out["feature_scale"] = ((N, V), "float32")
-        if lay.num_classes:
-            out["logits"] = ((N, V, lay.num_classes), "float16")
-        if lay.token_grid:
-            out["tokens"] = ((N, V, lay.token_grid ** 2, lay.token_dim), lay.feature_dtype)
-            if lay.feature_dtype == "int8":
-                out["token_scale"] = ((N, V, lay.token_grid ** 2), "float32")
-        if self.checksums >= 2:
-            from .store import DIGEST_BYTES, DIGESTED
-
-            out["image_digests"] = ((N, DIGEST_BYTES), "uint8")
-            out["array_digests"] = ((lay.num_shards, len(DIGESTED), DIGEST_BYTES), "uint8")
-        return out
+        """name -> (shape, dtype) of every base array of a cache with this layout (from ARRAYS)."""
+        as_bytes = self.format_version >= 2  # text as fixed-width UTF-8 bytes
+        return {a.name: (shape(a, self.layout, self.key_bytes, as_bytes), dtype(a, self.layout, as_bytes))
+                for a in arrays() if present(a, self.layout, self.checksums)}
 
     def check_arrays(self, group, path: Path) -> None:
         """Every expected array exists with the expected shape and dtype (metadata only, no data read)."""
-        from .store import CacheError
-
         for name, (shape, dtype) in self.expected_arrays().items():
             try:
                 arr = group[name]
@@ -173,3 +163,61 @@ class CacheMeta:
             except KeyError:
                 return f"heads/extract/{name}"
         return None
+
+    # ------------------------------------------------------------------ typed accessors of the other attributes
+
+    def section(self, name: str, default=None):
+        """A copy of one recorded section (teacher, dataset, views, head, head_fit, tokens, storage, config...)."""
+        value = self.attrs.get(name, default)
+        return json.loads(json.dumps(value)) if value is not None else None
+
+    def identity(self) -> dict:
+        return {k: self.section(k) for k in IDENTITY_SECTIONS}
+
+    def mismatches(self, identity: dict) -> list[str]:
+        """Sections (and fields) where this cache differs from a requested identity."""
+        out = []
+        mine, theirs = self.identity(), json.loads(json.dumps(identity))
+        for section in IDENTITY_SECTIONS:
+            a, b = mine.get(section), theirs.get(section)
+            if a == b:
+                continue
+            if isinstance(a, dict) and isinstance(b, dict):
+                fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                out += [f"{section}.{f}: cache has {a.get(f)!r}, asked for {b.get(f)!r}" for f in fields]
+            else:
+                out.append(f"{section}: cache has {a!r}, asked for {b!r}")
+        return out
+
+    @property
+    def extract_config(self) -> dict:
+        """The extract command's options as recorded ({} for caches without them)."""
+        return self.section("config") or {}
+
+    @property
+    def token_dim(self) -> int:
+        """The width of a cached token, as recorded (tokens.dim)."""
+        return self.attrs["tokens"]["dim"]
+
+    @property
+    def command(self) -> str | None:
+        return self.attrs.get("command")
+
+    @property
+    def teacher_weights(self) -> str:
+        """The tag of the weights the cache was extracted with."""
+        return self.attrs["teacher"]["weights"]
+
+    @property
+    def dataset_fingerprint(self) -> str:
+        return self.attrs["dataset"]["fingerprint"]
+
+    @property
+    def static_digests(self) -> dict | None:
+        return self.section("static_digests")
+
+    @property
+    def head_digest(self) -> str | None:
+        """The digest of the fitted probe head's arrays, recorded when it was fitted."""
+        fit = self.attrs.get("head_fit")
+        return fit.get("digest") if isinstance(fit, dict) else None
