@@ -83,6 +83,13 @@ ABLATIONS = tuple(previous_default(r) for r in (
     Row("pretrained student: customkd", "customkd", distill=(("pretrained", True),), core=False),
 ))
 PREVIOUS_CORE = tuple(previous_default(r) for r in CORE)
+# CustomKD before the self-training term became its default: the teacher-only chain and nothing else
+CHAIN_ONLY = Row("customkd [teacher-only chain: w_self=0]", "customkd", (("w_self", 0.0),))
+# the customisation moving with the student: refits anchored on the first customisation, mixed with the
+# student's record weighted by its confidence
+MOVING = Row("customkd + moving customisation (student_weight=0.5, refit_threshold=0, anchor)", "customkd",
+             (("student_weight", 0.5), ("refit_threshold", 0.0), ("anchor", True)))
+CEILING_ROWS = (Row("customkd", "customkd"), CHAIN_ONLY, MOVING, Row("kd", "kd"))
 ORACLE = previous_default(Row("target oracle (every train label)", "supervised", core=False, scenario="supervised"))
 
 SUITES = {
@@ -101,6 +108,14 @@ SUITES = {
                              "--teacher-weights weights/efficientnet_lite2.safetensors --teacher-input-size 128 "
                              "--views 4 --head none --out cache/iconshift-lite2"),
 }
+# The customised teacher's ceiling (does the student pass it?): CustomKD's default against its teacher-only chain
+# and the moving customisation, from caches extracted on this machine, every customised row with its teacher's
+# curve. Results in study-<name>.md beside the main suites'.
+for _name in ("demo", "iconshift"):
+    _s = SUITES[_name]
+    SUITES[_name + "-ceiling"] = Suite(_name + "-ceiling", _s.cache, _s.scenario, _s.student, _s.image_size, _s.budgets,
+                                       _s.pairs, _s.labels_per_class, _s.lr, _s.batch_size, _s.extract, CEILING_ROWS,
+                                       _s.pretrained_student, _s.closed_set, _s.setup)
 
 
 ICON_DOMAINS = ("tango", "faenza", "papirus", "paper", "mint-y", "breeze")
@@ -111,7 +126,7 @@ def ensure_cache(suite: Suite) -> None:
     """Build the suite's cache if it is missing (resumable: extraction resumes shard by shard)."""
     from kdcache.stages import demo, extract
 
-    if suite.name == "demo":
+    if suite.name.startswith("demo"):
         cfg = demo.DemoConfig()
         extract.run(extract.ExtractConfig(
             dataset="mnist5k", teacher=cfg.teacher, teacher_weights=demo.lite0_weights(),

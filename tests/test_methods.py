@@ -345,11 +345,11 @@ def test_customkd_checkpoint_from_before_the_classifier_buffers_still_loads():
     """A method state saved without m_weight / m_bias (older runs) loads, with (M, c) rebuilt from the head
     and P_t it holds."""
     ctx, dims, feats, labels = _customkd_ctx()
-    m = create_method("customkd", dims, warmup_epochs=0)
+    m = create_method("customkd", dims, warmup_epochs=0, w_self=0.0)
     m.prepare(ctx)
     m.before_epoch(ctx, 0)
     old = {k: v for k, v in m.state_dict().items() if k not in ("m_weight", "m_bias")}
-    fresh = create_method("customkd", dims, warmup_epochs=0)
+    fresh = create_method("customkd", dims, warmup_epochs=0, w_self=0.0)
     fresh.load_state_dict(old)
     assert torch.allclose(fresh.m_weight, m.m_weight, atol=1e-4) and torch.allclose(fresh.m_bias, m.m_bias, atol=1e-4)
     assert int(fresh.phases) == 1
@@ -420,7 +420,8 @@ def test_customkd_moving_customisation_follows_the_student_record():
     right = np.eye(C)[labels] * 10
     acc = {}
     for weight in (0.0, 0.9):
-        m = create_method("customkd", dims, student_weight=weight, first_rounds=1, sharpen=1.0, balance=False)
+        m = create_method("customkd", dims, student_weight=weight, first_rounds=1, sharpen=1.0, balance=False,
+                          w_self=0.0)
         m.prepare(ctx)
         first = m.before_epoch(ctx, 0)
         _record(m, ctx, right)
