@@ -12,7 +12,18 @@ Each epoch (after `warmup_epochs`):
     and kept with the cache's derived data; every later student and seed on that scenario reads it.
 (B) distillation with P_t frozen: CE on labelled rows + w_custom * T^2 KL(softmax(h_s(P_t f)/T) ||
     softmax(z_s/T)) [customised, task-specific] + w_general * MSE(P_s(s), f) [task-general, features
-    standardised] + w_kd * T^2 KL to the teacher's logits, on labelled and unlabelled rows.
+    standardised] + w_kd * T^2 KL to the teacher's logits, on labelled and unlabelled rows
+    + w_self * CE(z_s, argmax r) on unlabelled rows whose record r is confident (>= self_threshold).
+
+Past the customised teacher. (M, c) is a linear classifier on frozen teacher features, and after its first
+phase the teacher-only chain barely moves, so a student that only imitates it stops near it. The student
+sees the images themselves: the record r of a row is an EMA of the student's softmax over the steps that
+drew it, i.e. over its cached views (methods/memory.py, kept in the checkpoint). The self-training term
+(FixMatch's, with the other views' record as the confident prediction) lets the student learn from its own
+agreement across views where it is sure, beyond what the customised target says. With `student_weight`
+> 0 the customisation also moves with the student: each refit mixes the record (weighted by its
+confidence) into the pseudo-labels, from the first customisation's predictions (`anchor`) or from the
+previous phase's; that chain depends on the student, so only its first phase is kept with the cache.
 
 Defaults are set by the seeded study (benchmarks/study.py, README "Accuracy study"). The task-general
 term is on (w_general=1): on the demo it lifts the short budget from 61.2 ± 3.6 to 67.3 ± 4.9 (3 seeds),
