@@ -66,16 +66,8 @@ PREVIOUS = " [decay on norms and biases]"
 
 
 def previous_default(row: Row) -> Row:
-    return Row(row.label + PREVIOUS, row.method, chain_only(row), row.distill + (("decay_norm_bias", True),),
+    return Row(row.label + PREVIOUS, row.method, row.options, row.distill + (("decay_norm_bias", True),),
                row.core, row.scenario)
-
-
-def chain_only(row: Row) -> tuple:
-    """A customkd row measured before the self-training term became the default keeps it off (w_self=0), so
-    that rerunning it reproduces what was measured."""
-    if row.method != "customkd" or "w_self" in dict(row.options):
-        return row.options
-    return row.options + (("w_self", 0.0),)
 
 
 ABLATIONS = tuple(previous_default(r) for r in (
@@ -103,12 +95,12 @@ ORACLE = previous_default(Row("target oracle (every train label)", "supervised",
 SUITES = {
     "demo": Suite("demo", "cache/demo-mnist5k", "ssl", "mobilenetv3_small_050", 32, {"short": 8, "long": 32},
                   labels_per_class=10,
-                  rows=CORE + (CHAIN_ONLY,) + PREVIOUS_CORE + ABLATIONS + (ORACLE,),
+                  rows=CORE + PREVIOUS_CORE + ABLATIONS + (ORACLE,),
                   setup="python cli.py demo (or its extract step) builds the cache"),
     "iconshift": Suite("iconshift", "cache/iconshift-lite2", "uda", "mobilenetv3_small_100", 64,
                        {"short": 10, "long": 40},
                        pairs=(("faenza", "tango"), ("breeze", "papirus"), ("mint-y", "breeze")), closed_set=True,
-                       rows=CORE + (CHAIN_ONLY,) + PREVIOUS_CORE + ABLATIONS,
+                       rows=CORE + PREVIOUS_CORE + ABLATIONS,
                        setup="bash ../shared/iconshift/build.sh data/iconshift-dev; "
                              "bash ../shared/weights/get_teacher.sh weights; python cli.py extract --dataset imagefolder "
                              "--data-root data/iconshift-dev --domain tango --domain faenza --domain papirus "
@@ -450,12 +442,10 @@ def verdict(suite: Suite, results: list[dict]) -> list[str]:
         for pair in suite.pairs:
             name = pair_name(pair)
             stats = {}
-            for label in ("kd", "dkd", "customkd", "supervised", CHAIN_ONLY.label):
+            for label in ("kd", "dkd", "customkd", "supervised"):
                 vals = [r["top1"] for r in results if r["pair"] == name and r["budget"] == budget and r["row"] == label]
                 if len(vals) >= 2:
                     stats[label] = summarise(vals)
-            if "customkd" not in stats and CHAIN_ONLY.label in stats:  # measured before w_self became the default
-                stats["customkd"] = stats[CHAIN_ONLY.label]
             if not {"kd", "dkd", "customkd"} <= set(stats):
                 continue
             best = max(("kd", "dkd"), key=lambda k: stats[k][0])
