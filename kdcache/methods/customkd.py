@@ -72,8 +72,8 @@ CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old 
                         help="EMA momentum of the per-row record of the student's softmax over the epochs"),
     refit_iters=Opt(20, int, low=1, help="L-BFGS iterations of each moving refit, started from the previous "
                                          "customisation (the objective is convex: the same minimum, sooner)"),
-    w_self=weight(1.0, "self-training term: CE to the recorded prediction of another view of the row"),
-    self_threshold=Opt(0.8, float, low=0.0, high=1.0,
+    w_self=weight(0.0, "self-training term: CE to the recorded prediction of another view of the row"),
+    self_threshold=Opt(0.95, float, low=0.0, high=1.0,
                        help="confidence a recorded prediction needs to be a self-training target"),
     refit_threshold=Opt(0.95, float, low=0.0, high=1.0,
                         help="confidence a recorded prediction needs to enter a moving refit"),
