@@ -60,11 +60,3 @@ def broadcast(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def all_ok(ok: bool) -> bool:
-    if not dist.is_initialized():
-        return ok
-    t = torch.tensor([0 if ok else 1])
-    dist.all_reduce(t)
-    return int(t.item()) == 0

@@ -89,10 +89,6 @@ def remove_stale_temporaries(images_dir: Path) -> int:
     return removed
 
 
-class ShardReadError(Exception):
-    """A tar shard cannot be read to its end (truncated, damaged, or a member that is not a row)."""
-
-
 @contextlib.contextmanager
 def _open_tar(path):
     """A tar shard read as a stream, from a local file or an object (read whole: shards are small)."""

@@ -160,11 +160,11 @@ def _extract_with_stats(root, out, **options):
 
 
 def test_device_decode_on_the_cpu_gives_the_workers_cache_within_the_tolerance(photo_folder, tmp_path):
-    a, LAST_PASS = _extract_with_stats(photo_folder, tmp_path / "workers")
-    assert LAST_PASS["replaying"] == 0
-    b, LAST_PASS = _extract_with_stats(photo_folder, tmp_path / "device", decode="device", workers=1)  # batches cross processes
-    assert 0 < LAST_PASS["starting"] <= LAST_PASS["waited"] <= LAST_PASS["seconds"]  # the pass's waits, timed
-    assert 0 < LAST_PASS["replaying"] < LAST_PASS["seconds"] and LAST_PASS["images"] == 19
+    a, stats = _extract_with_stats(photo_folder, tmp_path / "workers")
+    assert stats["replaying"] == 0
+    b, stats = _extract_with_stats(photo_folder, tmp_path / "device", decode="device", workers=1)  # batches cross processes
+    assert 0 < stats["starting"] <= stats["waited"] <= stats["seconds"]  # the pass's waits, timed
+    assert 0 < stats["replaying"] < stats["seconds"] and stats["images"] == 19
     for name in ("views", "status", "reasons", "image_digests", "labels", "keys"):
         assert np.array_equal(a[name], b[name]), name
     assert (a["status"] == 2).sum() == 1  # the file that is no image, in both

@@ -126,3 +126,20 @@ def test_method_options_read_the_same_true_and_false_words():
     opt = METHOD_OPTIONS[name][key]
     assert all(opt.parse(name, key, w.upper()) is True for w in TRUE_WORDS)
     assert all(opt.parse(name, key, w) is False for w in FALSE_WORDS)
+
+
+@pytest.mark.parametrize("flag", ["--compression", "--head"])
+def test_a_mistyped_choice_with_overwrite_leaves_the_existing_cache_as_it_was(tmp_path, flag):
+    """A choice is checked before the teacher is built and before --overwrite clears anything."""
+    from kdcache.stages import extract
+
+    out = tmp_path / "cache"
+    extract.run(extract.ExtractConfig(dataset="synthetic", dataset_options=(("n", 16), ("classes", 2)),
+                                      teacher="test_efficientnet", random_init=True, teacher_input_size=32,
+                                      views=2, shard_size=8, batch_size=8, workers=0, out=str(out), progress=False))
+    before = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+    res = CliRunner().invoke(app, ["extract", "--dataset", "synthetic", "--teacher", "test_efficientnet", "--random-init",
+                                   "--teacher-input-size", "32", "--views", "2", "--shard-size", "8", "--workers", "0",
+                                   "--out", str(out), "--overwrite", flag, "zstdd"])
+    assert res.exit_code == 2 and f"unknown {flag} 'zstdd'" in " ".join(res.stderr.split()), res.stderr
+    assert sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before

@@ -37,6 +37,9 @@ def every_chunk(arr: zarr.Array) -> zarr.Array:
     return arr.with_config({"write_empty_chunks": True})
 
 
+COMPRESSIONS = ("zstd", "blosc", "none")
+
+
 def _compressor(name: str):
     if name == "zstd":
         return zarr.codecs.ZstdCodec(level=3)
@@ -44,7 +47,7 @@ def _compressor(name: str):
         return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
     if name == "none":
         return None
-    raise CacheError(f"unknown compression {name!r}; choose zstd, blosc or none")
+    raise CacheError(f"unknown compression {name!r}; choose one of: {', '.join(COMPRESSIONS)}")
 
 
 def _inner_chunk(shard_size: int, target: int = 256) -> int:

@@ -8,7 +8,6 @@ from pathlib import Path
 from kdcache import dist
 from kdcache.options import check_fields
 from kdcache.report import check_tensorboard
-from kdcache.cache.store import CacheStore
 from kdcache.scenario_heads import scenario_teacher_head
 from kdcache.train.inputs import method_context, open_cache, scenario_of, student_and_method
 from kdcache.train.run_dir import lock_run_dir, shared_default_out, unlock_run_dir
@@ -46,7 +45,7 @@ def precompute(cfg: DistillConfig) -> None:
     head, the method's statistics, and its per-epoch phases for `cfg.epochs` epochs where the method
     can compute them ahead), without training: many runs started at once then read it instead of each
     computing it."""
-    store = CacheStore.open(cfg.cache, mode="r+")
+    store = open_cache(cfg.cache)  # the same checks as a run: complete, intact, replayable
     scenario = scenario_of(store, cfg)
     student, method = student_and_method(cfg, store)
     head = None

@@ -16,7 +16,7 @@ MIN_IMAGE_BOUND = 16
 # epochs anyone trains buy nothing, and a number like 10**9 would only fill memory and disk.
 MAX_VIEWS = 1024
 
-# the kinds of the list options (config.coerce checks them): Names, a list of names (a repeated flag);
+# the kinds of the list options (options.coerce checks them): Names, a list of names (a repeated flag);
 # Pairs, (key, value) pairs (a repeated KEY=VALUE flag, a mapping in YAML)
 Names = tuple
 Pairs = tuple
@@ -42,17 +42,17 @@ class ExtractConfig:
     feature: str = option("auto", "open_clip only: pre_projection or embedding (auto: pre_projection).")
     views: int = option(4, "Views per image; view 0 is the clean eval view.", low=1, high=MAX_VIEWS,
                         note=" (view 0 is the clean view)")
-    view_policy: str = option("default", "Augmentation policy for views 1..V-1: default, light.",
+    view_policy: str = option("default", "Augmentation policy for views 1..V-1: default, light or noflip.",
                               choices="kdcache.views:list_policies")
     view_seed: int = option(0, "Seed the view parameters are drawn with.", limits=SEED_RANGE)
     tokens: int = option(0, "Also cache patch tokens pooled to a GxG grid (0: off).", low=0)
-    head: str = option("auto", "auto, native, zeroshot, probe or none.")
+    head: str = option("auto", "auto, native, zeroshot, probe or none.", choices="kdcache.heads:HEAD_KINDS")
     batch_size: int = option(64, "View-images per teacher forward pass.", low=1)
     workers: int = option(4, "DataLoader worker processes that pack and decode.", low=0)
     shard_size: int = option(1024, "Samples per shard (unit of work and of resume).", low=1)
     image_bound: int = option(384, "Longer side of the packed images, in pixels.", low=MIN_IMAGE_BOUND, high=8192,
                               unit="pixels")
-    compression: str = option("zstd", "zstd, blosc or none.")
+    compression: str = option("zstd", "zstd, blosc or none.", choices="kdcache.cache.store:COMPRESSIONS")
     feature_dtype: str = option("float16", "float16 or int8: features and tokens as int8 with one float32 scale "
                                 "per vector (about half the bytes).", choices="kdcache.cache.format:FEATURE_DTYPES")
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
