@@ -11,7 +11,8 @@ whole batch of views is replayed with a fixed number of tensor operations, on a 
 
 The arithmetic is torchvision's float32 path (`apply` casts the crop to float32, resizes, clamps and rounds
 once), in another order of summation: a pixel whose float32 value lands within rounding of .5 can come out
-one level apart. On the CPU the decoded pixels are the ones `decode_packed` gives; nvJPEG's may differ
+one level apart, and rarely two where a colour gain above 1 amplifies the rounding `apply` makes between
+the resize and the jitter. On the CPU the decoded pixels are the ones `decode_packed` gives; nvJPEG's may differ
 slightly. `tests/test_device_views.py` bounds both differences on the CPU; `benchmarks/bench.py --gpu`
 measures them on a GPU.
 """

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY, read_all, run_cli
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -22,9 +22,11 @@ from kdcache.cache.store import CacheStore
 from kdcache.views import apply, list_policies, sample_views
 
 EXAMPLES = 200 if os.environ.get("HYPOTHESIS_PROFILE") == "slow" else 25
-# The recorded tolerance of the batched replay against views.apply on the same decoded image: a pixel is at
-# most one level apart (a float32 sum in another order, rounded on the other side of .5), and rarely.
-MAX_LEVELS, MAX_FRACTION = 1, 1e-3
+# The recorded tolerance of the batched replay against views.apply on the same decoded image: a pixel is
+# rarely apart (a float32 sum in another order, rounded on the other side of .5), by one level, or by two
+# where a colour gain above 1 (contrast, saturation) amplifies the rounding that views.apply makes between the
+# resize and the jitter (measured on an AVX2 CPU: 3 of 400 generated cases, at most 2.2e-4 of their pixels).
+MAX_LEVELS, MAX_FRACTION, MAX_FRACTION_TWO = 2, 1e-3, 5e-4
 
 
 def _image(rng: np.random.Generator, h: int, w: int, smooth: bool) -> torch.Tensor:
@@ -38,7 +40,8 @@ def _image(rng: np.random.Generator, h: int, w: int, smooth: bool) -> torch.Tens
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(seed=st.integers(0, 2**16), views=st.integers(1, 4), out_size=st.sampled_from([16, 33, 64]),
        policy=st.sampled_from(list_policies()), interpolation=st.sampled_from(["bicubic", "bilinear", "nearest"]))
-def test_batched_replay_equals_views_apply_within_one_level(seed, views, out_size, policy, interpolation):
+@example(seed=65535, views=2, out_size=33, policy="default", interpolation="bicubic")  # a pixel two levels apart
+def test_batched_replay_equals_views_apply_within_a_level_or_rarely_two(seed, views, out_size, policy, interpolation):
     rng = np.random.default_rng(seed)
     images = [_image(rng, int(rng.integers(8, 120)), int(rng.integers(8, 120)), bool(k % 2)) for k in range(3)]
     params = np.stack([sample_views(seed + k, img.shape[2], img.shape[1], views, policy, seed, 0.875)
@@ -51,6 +54,7 @@ def test_batched_replay_equals_views_apply_within_one_level(seed, views, out_siz
     diff = (got.int() - want.int()).abs()
     assert int(diff.max()) <= MAX_LEVELS
     assert float((diff > 0).float().mean()) <= MAX_FRACTION
+    assert float((diff > 1).float().mean()) <= MAX_FRACTION_TWO
 
 
 @settings(max_examples=EXAMPLES, deadline=None)

@@ -57,7 +57,7 @@ class ExtractConfig:
                                 "per vector (about half the bytes).", choices="kdcache.cache.format:FEATURE_DTYPES")
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
     decode: str = option("workers", "Where views are decoded and replayed: workers or device (JPEGs by nvJPEG on "
-                         "a GPU; pixels within one level of the workers').",
+                         "a GPU; pixels within one level of the workers', rarely two).",
                          choices="kdcache.extraction:DECODE_PLACES")
     channels_last: bool = option(False, "Teacher in channels-last format.")
     compile: str = option("off", "torch.compile the teacher: off, default, reduce-overhead (CUDA graphs) or "
