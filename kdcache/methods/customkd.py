@@ -201,10 +201,12 @@ class CustomKD(Method):
         with the student's recorded ones (geometric mean, weight `student_weight` times the record's confidence)
         where that record is confident (>= `refit_threshold`); any other row keeps the teacher's."""
         d, p = self._data, self.params
-        views = d["f_u"].shape[1]
-        source = self._phase(ctx, 0) if p["anchor"] else (self.m_weight.cpu(), self.m_bias.cpu())
-        teacher = torch.from_numpy(predict_views(d["f_u"].reshape(-1, d["f_u"].shape[-1]),
-                                                 source[0].numpy(), source[1].numpy(), views))
+        if p["anchor"]:  # the first customisation's predictions: read and computed once per run
+            if "anchor" not in d:
+                d["anchor"] = self._predict_unlabelled(*self._phase(ctx, 0))
+            teacher = d["anchor"]
+        else:
+            teacher = self._predict_unlabelled(self.m_weight.cpu(), self.m_bias.cpu())
         probs, seen = (torch.from_numpy(a) for a in self.memory.table())
         conf = probs.max(1).values
         confident = (conf >= p["refit_threshold"]).float()  # a flat or unseen record leaves the row alone
@@ -218,6 +220,11 @@ class CustomKD(Method):
                                            p["refit_iters"], ctx.device, init=start)
         m, c = dist.broadcast((torch.from_numpy(weight_m), torch.from_numpy(bias_m)))  # one fit for every rank
         return m, c
+
+    def _predict_unlabelled(self, m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The classifier (M, c)'s mean logits over each unlabelled row's cached views."""
+        f_u = self._data["f_u"]
+        return torch.from_numpy(predict_views(f_u.reshape(-1, f_u.shape[-1]), m.numpy(), c.numpy(), f_u.shape[1]))
 
     def precompute(self, ctx: MethodContext, epochs: int, progress: bool = False) -> None:
         """Fit and keep the customisations of a run of `epochs` epochs (e.g. before many runs start at once);
