@@ -90,7 +90,12 @@ SELF = Row("customkd + self-training term (w_self=1, self_threshold=0.8)", "cust
 # student's record weighted by its confidence
 MOVING = Row("customkd + moving customisation (student_weight=0.5, refit_threshold=0, anchor, w_self=0)", "customkd",
              (("student_weight", 0.5), ("refit_threshold", 0.0), ("anchor", True), ("w_self", 0.0)))
-CEILING_ROWS = (Row("customkd", "customkd"), SELF, MOVING, Row("kd", "kd"))
+# the same, its record taken on the clean view in evaluation mode after each epoch (not at the training steps)
+MOVING_CLEAN = Row("customkd + moving customisation on the clean record (student_weight=0.5, refit_threshold=0, "
+                   "anchor, record=clean, w_self=0)", "customkd",
+                   (("student_weight", 0.5), ("refit_threshold", 0.0), ("anchor", True), ("record", "clean"),
+                    ("w_self", 0.0)))
+CEILING_ROWS = (Row("customkd", "customkd"), SELF, MOVING, MOVING_CLEAN, Row("kd", "kd"))
 ORACLE = previous_default(Row("target oracle (every train label)", "supervised", core=False, scenario="supervised"))
 
 SUITES = {

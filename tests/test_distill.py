@@ -323,12 +323,14 @@ def test_customkd_phases_are_computed_once_and_shared_by_every_student(cache, tm
     assert int(own["phases"]) == 2 and own["m_weight"].abs().sum() > 0
 
 
-def test_customkd_moving_customisation_resumes_exactly(cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("record", ["train", "clean"])
+def test_customkd_moving_customisation_resumes_exactly(cache, tmp_path, monkeypatch, record):
     """A customisation that moves with the student keeps its state (the per-row record of the student's
     predictions and the last customised classifier) in the checkpoint: a run stopped after an epoch and
     resumed ends bit-identical to an uninterrupted one, phase by phase; only the first phase is kept with the
     cache (the later ones depend on the student)."""
-    opts = (("student_weight", 0.5), ("w_self", 1.0), ("self_threshold", 0.5), ("refit_threshold", 0.5), ("anchor", True))
+    opts = (("student_weight", 0.5), ("w_self", 1.0), ("self_threshold", 0.5), ("refit_threshold", 0.5), ("anchor", True),
+            ("record", record))
     kw = dict(method="customkd", method_options=opts, epochs=3, workers=0, seed=3, image_size=32)
     distill.run(_cfg(cache, tmp_path / "ref", **kw))
 

@@ -432,6 +432,35 @@ def test_customkd_moving_customisation_follows_the_student_record():
     assert acc[0.9][1]["student_record_eval_top1"] == 1.0
 
 
+def test_customkd_clean_record_takes_the_students_clean_view_predictions():
+    """record=clean: the training steps leave the record alone, and the end of an epoch fills it with the
+    student's predictions on the clean view of exactly the recorded (unlabelled) rows, which the next refit
+    reads; a context without those predictions is an error that names the option."""
+    ctx, dims, feats, labels = _customkd_ctx()
+    right = np.eye(C)[labels] * 10
+    asked = []
+
+    def predict_clean(mask):
+        asked.append(mask.copy())
+        rows = np.flatnonzero(mask)
+        return rows, right[rows].astype(np.float32)
+
+    m = create_method("customkd", dims, student_weight=0.9, record="clean", first_rounds=1, w_self=0.0,
+                      memory_momentum=0.0)
+    m.prepare(ctx)
+    m.before_epoch(ctx, 0)
+    _record(m, ctx, np.roll(right, 1, axis=1))  # training steps: wrong predictions, not recorded
+    assert m.memory.table()[1].sum() == 0
+    with pytest.raises(ValueError, match="record=clean"):
+        m.end_epoch(ctx, 0)
+    ctx.predict_clean = predict_clean
+    m.end_epoch(ctx, 0)
+    assert len(asked) == 1 and np.array_equal(asked[0], ctx.scenario.unlabelled)
+    probs, seen = m.memory.table()
+    assert seen.all() and (probs.argmax(1) == labels[ctx.scenario.unlabelled]).all()
+    assert m.before_epoch(ctx, 1)["student_record_eval_top1"] == 1.0
+
+
 def test_customkd_moving_customisation_without_a_record_is_the_teacher_chain():
     """A row the student has not been recorded on keeps the customised teacher's prediction: with no record
     at all, the moving customisation's phases are the teacher-only chain's (the first one read from the same

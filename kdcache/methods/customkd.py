@@ -79,6 +79,10 @@ CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old 
                        help="confidence a recorded prediction needs to be a self-training target"),
     refit_threshold=Opt(0.95, float, low=0.0, high=1.0,
                         help="confidence a recorded prediction needs to enter a moving refit"),
+    record=Opt("train", str, choices=("train", "clean"),
+               help="the student's per-row record: the EMA of its softmax at the training steps (train: its "
+                    "cached views, train mode, no extra pass) or of its prediction on the clean view after each "
+                    "epoch (clean: evaluation mode, one forward pass over the recorded rows)"),
     anchor=flag(False, "each moving refit mixes the student's record with the first customisation's predictions "
                        "(fixed) instead of the previous customisation's (which compound from phase to phase)"),
 )
@@ -97,6 +101,7 @@ class CustomKD(Method):
         self.needs_logits = True  # w_kd, and the first customisation starts from the teacher's logits
         self.memory = RowMemory(dims.classes, self.params["memory_momentum"])  # the student's softmax per row
         self._data = None
+        self._recorded = None  # mask of the rows whose student predictions are recorded
         self._customised = False  # mirrors phases > 0 without a device sync per step
 
     # ------------------------------------------------------------------ (A) customisation
@@ -114,7 +119,8 @@ class CustomKD(Method):
 
         lab, unl = subsample(sc.labelled), subsample(sc.unlabelled)
         labels = store.array("labels")[:]
-        if self._moving() or self.params["w_self"] > 0:  # the rows whose student predictions are recorded
+        self._recorded = unl if self._moving() or self.params["w_self"] > 0 else None
+        if self._recorded is not None:  # the rows whose student predictions are recorded
             self.memory.track(np.flatnonzero(unl), len(labels))
         f_l, f_u = store.masked(lab), store.masked(unl)
         if ctx.teacher_logits is None:
@@ -241,6 +247,12 @@ class CustomKD(Method):
         self.m_bias.zero_()
 
     def end_epoch(self, ctx: MethodContext, epoch: int) -> dict[str, float]:
+        if self._recorded is not None and self.params["record"] == "clean":
+            if ctx.predict_clean is None:
+                raise ValueError("customkd record=clean needs the student's predictions on clean views "
+                                 "(a training session provides them)")
+            rows, logits = ctx.predict_clean(self._recorded)
+            self.memory.update(torch.from_numpy(rows), torch.from_numpy(logits))
         self.memory.sync()  # every rank's record complete before the checkpoint and the next phase
         return {}
 
@@ -304,7 +316,7 @@ class CustomKD(Method):
         if teacher.rows is not None and len(self.memory):
             if p["w_self"] > 0:
                 parts["self"] = self._self_training(out.logits, teacher.rows, labels)
-            if self.training:
+            if self.training and p["record"] == "train":
                 self.memory.update(teacher.rows, out.logits)  # after the term read the other views' record
         return parts
 

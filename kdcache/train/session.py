@@ -16,7 +16,7 @@ from kdcache.report import TensorBoardLog
 from kdcache.cache.store import CacheStore
 from kdcache.scenario_heads import scenario_teacher_head
 
-from .engine import FitPlan, TrainModule, cosine_schedule, fit, make_optimizer
+from .engine import FitPlan, TrainModule, cosine_schedule, fit, make_optimizer, predict
 from .inputs import check_dataset, method_context, online_teacher, scenario_of, student_and_method
 from .loader import StreamConfig, labelled_repeats, make_loader, num_batches, rank_shards, samples_in
 from .run_dir import prepare_run_dir, save_epoch
@@ -152,6 +152,7 @@ def train(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Path:
     plan = FitPlan(cfg.epochs, start_epoch, s.steps_per_epoch, cfg.eval_every, rank, world, device.type == "cuda",
                    device.type == "cuda", cfg.progress, int(eval_reps.sum()))
     train_loader, eval_loader = _loaders(s, teacher, image_size, eval_reps)
+    ctx.predict_clean = _clean_predictor(s, teacher, image_size, plan.channels_last)
     domains = (store.array("domains")[:], list(store.meta.domains))
     fit(module, train_module, optimizer, scheduler, device, plan, train_loader, eval_loader, domains,
         before_epoch=lambda epoch: method.before_epoch(ctx, epoch),  # the method's own phase, if it has one
@@ -178,6 +179,22 @@ def _loaders(s: Session, teacher, image_size: int, eval_reps: np.ndarray):
         return make_loader(eval_stream, shards, eval_reps, eval_labels, 0, max(cfg.batch_size, 128), cfg.workers)
 
     return train_loader, eval_loader
+
+
+def _clean_predictor(s: Session, teacher, image_size: int, channels_last: bool):
+    """mask -> (rows, logits): the student's predictions on the clean view of the masked rows, in row order
+    (evaluation mode; every rank predicts every masked row, so each holds the same record)."""
+    _, stream = s.streams(teacher, image_size)
+    labels = s.store.array("labels")[:].astype(np.int64)
+
+    def predict_clean(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        reps = mask.astype(np.int32)
+        shards = rank_shards(reps, s.store.layout.shard_size, 0, 0, 0, 1, False)
+        loader = make_loader(stream, shards, reps, labels, 0, max(s.cfg.batch_size, 128), s.cfg.workers)
+        logits, _, rows = predict(s.student, loader, s.device, channels_last)
+        return rows, logits
+
+    return predict_clean
 
 
 def write_summary(s: Session, image_size: int) -> None:
