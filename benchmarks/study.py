@@ -147,10 +147,11 @@ def ensure_cache(suite: Suite) -> None:
         if not (weights / f"{name}.safetensors").is_file():
             subprocess.run(["bash", str(SHARED / "weights" / "get_teacher.sh"), str(weights)], check=True, env=env)
             break
-    extract.run(extract.ExtractConfig(
-        dataset="imagefolder", data_root=str(data), domains=ICON_DOMAINS, teacher="efficientnet_lite2",
-        teacher_weights=str(weights / "efficientnet_lite2.safetensors"), teacher_input_size=128, views=4,
-        head="none", batch_size=128, workers=1, shard_size=512, out=str(ROOT / suite.cache), progress=False))
+    settings = dict(dataset="imagefolder", data_root=str(data), domains=ICON_DOMAINS, teacher="efficientnet_lite2",
+                    teacher_weights=str(weights / "efficientnet_lite2.safetensors"), teacher_input_size=128, views=4,
+                    head="none", batch_size=128, workers=1, shard_size=512, out=str(ROOT / suite.cache),
+                    progress=False)
+    extract.run(extract.ExtractConfig(**{**settings, **suite.extract}))  # the suite's own settings win
 
 
 def pair_name(pair: tuple) -> str:
