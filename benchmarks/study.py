@@ -123,6 +123,19 @@ for _name in ("demo", "iconshift"):
                                        _s.pairs, _s.labels_per_class, _s.lr, _s.batch_size, _s.extract, CEILING_ROWS,
                                        _s.pretrained_student, _s.closed_set, _s.setup)
 
+# How many views, and mixed views: kd and customkd from caches of V views (faenza->tango, the long budget), each
+# cache extracted with the IconShift-dev settings and its own (`python benchmarks/study_views.py` reports them
+# together in study-views.md).
+VIEWS_ROWS = (Row("kd", "kd"), Row("customkd", "customkd"))
+VIEW_CACHES = {"views4": {"views": 4}, "views16": {"views": 16}, "views16-mix": {"views": 16, "mix": "both"}}
+for _name, _extract in VIEW_CACHES.items():
+    _s = SUITES["iconshift"]
+    _cache = "cache/iconshift-lite2" if _name == "views4" else f"cache/iconshift-lite2-{_name}"
+    SUITES["iconshift-" + _name] = Suite("iconshift-" + _name, _cache, _s.scenario, _s.student, _s.image_size,
+                                         _s.budgets, (("faenza", "tango"),), _s.labels_per_class, _s.lr,
+                                         _s.batch_size, _extract, VIEWS_ROWS, _s.pretrained_student, _s.closed_set,
+                                         _s.setup + f" (with --views {_extract['views']}"
+                                         + (f" --mix {_extract['mix']}" if "mix" in _extract else "") + ")")
 
 ICON_DOMAINS = ("tango", "faenza", "papirus", "paper", "mint-y", "breeze")
 SHARED = ROOT.parent / "shared"
