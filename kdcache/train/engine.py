@@ -19,6 +19,7 @@ from ..cache.format import outputs
 from ..files import save_tensors, write_atomic
 from ..measure import topk_metrics
 from ..methods import Method, TeacherBatch
+from ..methods.base import MIX_KEYS
 from ..progress import bar as progress_bar
 from ..students import Student
 
@@ -95,7 +96,8 @@ def _to(batch: dict, device, channels_last: bool) -> dict:
     names = {"feature": "features", "label": "labels", "logits": "logits", "tokens": "tokens",
              "teacher_image": "teacher_images", "row": "rows"}
     out = {"images": images, **{arg: batch[k].to(device, non_blocking=True) for k, arg in names.items() if k in batch}}
-    extra = {k: batch[k].to(device, non_blocking=True) for k in outputs() if k in batch and k not in names}
+    extra = {k: batch[k].to(device, non_blocking=True) for k in (*outputs(), *MIX_KEYS)
+             if k in batch and k not in names}
     return dict(out, extra=extra) if extra else out
 
 
