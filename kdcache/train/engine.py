@@ -36,6 +36,7 @@ class TrainModule(nn.Module):
         super().__init__()
         self.student, self.method, self.teacher_head = student, method, teacher_head
         self.teacher, self.token_grid = teacher, token_grid
+        self.replay = None  # a ReplayCosine: online outputs against the cached ones the stream also reads
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -48,6 +49,8 @@ class TrainModule(nn.Module):
         if self.teacher is not None:
             with torch.no_grad():
                 t = self.teacher(teacher_images, token_grid=self.token_grid)
+                if self.replay is not None:
+                    self.replay.add(t, features, logits, self.teacher_head)
             features, logits, tokens = t["features"], t.get("logits"), t.get("tokens")
         if self.teacher_head is not None:
             logits = self.teacher_head(features)
