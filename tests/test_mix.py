@@ -212,3 +212,23 @@ def test_the_online_teacher_proves_the_replay_of_every_drawn_view(mixed, tmp_pat
     assert proof["min"] >= 0.999 and proof["mean"] >= proof["min"]
     drawn = summary["counts"]["labelled"] + summary["counts"]["unlabelled"]  # one epoch: one draw per train row
     assert not summary["head"]["refit"] and proof["compared"] == 2 * drawn  # features and logits of each
+
+
+def test_info_shows_the_views_in_a_picture_and_names_it_last(mixed, tmp_path):
+    from PIL import Image
+
+    from kdcache.viewpicture import default_picture_path, picture_size
+
+    out = tmp_path / "pics" / "views.png"
+    proc = run_cli("info", "--cache", str(mixed[0]), "--show-views", "3", "--views-out", str(out))
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    with Image.open(out) as im:
+        assert im.size == picture_size(3, V)
+    plain = extract.run(_extract_cfg(tmp_path / "nohead", mix="none", views=2, head="none"))
+    proc = run_cli("info", "--cache", str(plain), "--show-views", "2")
+    assert proc.stdout.strip().splitlines()[-1] == str(default_picture_path(plain)) == str(plain) + ".views.png"
+    with Image.open(default_picture_path(plain)) as im:
+        assert im.size == picture_size(2, 2)
+    from kdcache.viewpicture import _caption
+
+    assert _caption(CacheStore.open(plain), None, 0, 1) == "view 1: no head"
