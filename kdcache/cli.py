@@ -270,6 +270,11 @@ def info(
         raise typer.Exit(1)
 
 
+def _mixed(views: dict) -> str:
+    mix = views.get("mix")
+    return f"; mixed views {mix['mode']} (prob {mix['prob']}, alpha {mix['alpha']})" if mix else ""
+
+
 def _print_summary(s: dict) -> None:
     t, d = s["teacher"], s["dataset"]
     typer.echo(f"cache     {s['path']}")
@@ -277,7 +282,7 @@ def _print_summary(s: dict) -> None:
                f"input {t['preprocess']['input_size']}px")
     typer.echo(f"dataset   {d['name']}: N={d['N']}, {d['classes']} classes, domains {', '.join(d['domains'])}")
     typer.echo(f"views     V={s['views']['V']} (policy {s['views']['policy']}, seed {s['views']['seed']}); "
-               f"tokens grid {s['tokens']['grid']}; head {s['head']['kind']}"
+               f"tokens grid {s['tokens']['grid']}; head {s['head']['kind']}" + _mixed(s['views'])
                + ("" if s["head_fitted"] else " (NOT FITTED: run the extract command again)"))
     sh, r = s["shards"], s["rows"]
     typer.echo(f"progress  {sh['done']}/{sh['total']} shards; rows done {r['done']}, bad {r['bad']}, "

@@ -232,3 +232,26 @@ def test_info_shows_the_views_in_a_picture_and_names_it_last(mixed, tmp_path):
     from kdcache.viewpicture import _caption
 
     assert _caption(CacheStore.open(plain), None, 0, 1) == "view 1: no head"
+
+
+@given(size=st.integers(8, 64), lam=st.floats(0, 1), box=st.lists(st.floats(0, 1), min_size=4, max_size=4),
+       seed=st.integers(0, 2**16))
+def test_mixing_pixels_is_a_blend_rounded_once_or_a_pasted_box(size, lam, box, seed):
+    g = torch.Generator().manual_seed(seed)
+    own = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+    other = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+    record = mixing.unmixed(1)[0]
+    assert torch.equal(mixing.mix_pixels(own, other, record), own)
+    record[:3] = [mixing.MIXUP, 0, lam]
+    blend = mixing.mix_pixels(own, other, record)
+    lam32 = float(np.float32(lam))
+    want = (own.double() * lam32 + other.double() * (1 - lam32))
+    assert (blend.double() - want).abs().max() <= 0.5 + 1e-3
+    x0, x1 = sorted(box[:2])
+    y0, y1 = sorted(box[2:])
+    record[:7] = [mixing.CUTMIX, 0, 1 - (x1 - x0) * (y1 - y0), x0, y0, x1, y1]
+    cut = mixing.mix_pixels(own, other, record)
+    px0, py0, px1, py1 = mixing.pixel_box(record, size)
+    inside = torch.zeros(size, size, dtype=torch.bool)
+    inside[py0:py1, px0:px1] = True
+    assert torch.equal(cut[:, inside], other[:, inside]) and torch.equal(cut[:, ~inside], own[:, ~inside])
