@@ -500,6 +500,8 @@ def _shard_outputs(store: CacheStore, buf: ShardBuffer, final: dict, late_bad: d
     status, reasons = np.asarray(final["status"], np.uint8).copy(), list(final["reasons"])
     for j, why in late_bad.items():
         status[j], reasons[j] = Status.BAD, why
+    for arr in buf.data.values():  # a row found bad after some of its views ran (a mix partner) keeps none
+        arr[status == Status.BAD] = 0
     data = dict(buf.data, views=np.asarray(final["views"], np.float32),
                 reasons=np.array(reasons, dtype=object).astype(str))
     if "mix" in final:

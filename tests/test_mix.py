@@ -255,3 +255,45 @@ def test_mixing_pixels_is_a_blend_rounded_once_or_a_pasted_box(size, lam, box, s
     inside = torch.zeros(size, size, dtype=torch.bool)
     inside[py0:py1, px0:px1] = True
     assert torch.equal(cut[:, inside], other[:, inside]) and torch.equal(cut[:, ~inside], own[:, ~inside])
+
+
+@given(mode=st.sampled_from(mixing.MIX_MODES), prob=st.sampled_from([0.0, 0.3, 1.0]),
+       alpha=st.floats(0.05, 8), row=st.integers(0, 40), views=st.integers(1, 6))
+def test_drawn_mixes_follow_their_settings(mode, prob, alpha, row, views):
+    first, candidates = 32, [32, 33, 35, 36, 38]
+    sizes = {r: (20 + r, 30) for r in candidates}
+    settings = mixing.MixSettings(mode, prob, alpha)
+    rec = mixing.draw_mixes(first + row % 8, first, candidates, sizes, views, settings, "default", 7)
+    again = mixing.draw_mixes(first + row % 8, first, candidates, sizes, views, settings, "default", 7)
+    assert np.array_equal(rec, again) and rec.shape == (views, mixing.M)
+    kinds = rec[:, 0].astype(int)
+    assert kinds[0] == mixing.NONE
+    if mode == "none" or prob == 0:
+        assert not kinds.any()
+    elif prob == 1:
+        assert (kinds[1:] != mixing.NONE).all()
+    if mode in ("mixup", "cutmix"):
+        assert set(kinds[1:]) <= {mixing.NONE, mixing.MIXUP if mode == "mixup" else mixing.CUTMIX}
+    for r in rec[kinds != mixing.NONE]:
+        assert mixing.partner_row(r, first) in candidates and mixing.partner_row(r, first) != first + row % 8
+        assert 0 <= r[2] <= 1
+
+
+def test_a_mixed_draw_whose_partner_does_not_decode_is_unreadable_alone():
+    from PIL import Image
+
+    from kdcache.images import encode_packed
+    from kdcache.replay import Replayed, Unreadable, replay_shard, stored_views
+
+    rng = np.random.default_rng(0)
+    packed = {r: encode_packed(Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)))[1]
+              for r in (0, 1)}
+    packed[2] = b"not an image"
+    views = np.stack([np.tile(np.array([0, 0, 1, 1, 0, 1, 1, 1, 0, 0], np.float32), (2, 1))] * 3)
+    mix = np.stack([mixing.unmixed(2)] * 3)
+    mix[0, 1, :3] = [mixing.MIXUP, 2, 0.5]  # row 0, view 1: partner row 2 is damaged
+    mix[1, 1, :3] = [mixing.MIXUP, 0, 0.5]
+    got = list(replay_shard(packed, [(0, 0), (0, 1), (1, 1)], stored_views(views), [(16, "bicubic")],
+                            mix_of=lambda r: mix[r]))
+    assert [type(g) for g in got] == [Replayed, Unreadable, Replayed]
+    assert "partner row 2" in got[1].reason
