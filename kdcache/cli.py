@@ -240,6 +240,12 @@ def info(
     verify: bool = typer.Option(False, "--verify", help="Read back every done shard and check its checksum."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar of --verify."),
+    show_views: int = typer.Option(0, "--show-views", min=0, help="Write a PNG of the first N rows' views as "
+                                   "replayed (a mixed view beside its partner, with lambda or the box), each with "
+                                   "the teacher's top class and probability from the cached logits; its path is "
+                                   "the last line printed."),
+    views_out: str = typer.Option(None, "--views-out", help="Where --show-views writes the PNG [default: "
+                                  "<cache>.views.png beside the cache folder]."),
 ):
     """Describe a cache: teacher, dataset, views, completion, bad inputs, bytes per view."""
     from kdcache.cacheinfo import summarize
@@ -256,8 +262,17 @@ def info(
         if verify:
             typer.echo("verify    ok: every done shard reads back and matches its checksum" if not problems
                        else "verify    FAILED:\n  " + "\n  ".join(problems))
+    if show_views:
+        from kdcache.viewpicture import default_picture_path, picture_views
+
+        typer.echo(str(picture_views(store, show_views, views_out or default_picture_path(cache))))
     if verify and problems:
         raise typer.Exit(1)
+
+
+def _mixed(views: dict) -> str:
+    mix = views.get("mix")
+    return f"; mixed views {mix['mode']} (prob {mix['prob']}, alpha {mix['alpha']})" if mix else ""
 
 
 def _print_summary(s: dict) -> None:
@@ -267,7 +282,7 @@ def _print_summary(s: dict) -> None:
                f"input {t['preprocess']['input_size']}px")
     typer.echo(f"dataset   {d['name']}: N={d['N']}, {d['classes']} classes, domains {', '.join(d['domains'])}")
     typer.echo(f"views     V={s['views']['V']} (policy {s['views']['policy']}, seed {s['views']['seed']}); "
-               f"tokens grid {s['tokens']['grid']}; head {s['head']['kind']}"
+               f"tokens grid {s['tokens']['grid']}; head {s['head']['kind']}" + _mixed(s['views'])
                + ("" if s["head_fitted"] else " (NOT FITTED: run the extract command again)"))
     sh, r = s["shards"], s["rows"]
     typer.echo(f"progress  {sh['done']}/{sh['total']} shards; rows done {r['done']}, bad {r['bad']}, "

@@ -25,6 +25,7 @@ from .codes import Split, Status
 from .datasets import Dataset
 from .device_views import colour_maps, decode_batch, replay_views
 from .images import BadImage, decode_packed, packed_header
+from .mixing import MixSettings, draw_mixes, unmixed
 from .pack import member_digest, pack_shard, read_members, shard_name
 from .replay import Unreadable, replay_shard
 from .cache.backend import cache_path, lock
@@ -45,6 +46,7 @@ class StreamSpec:
     seed: int
     batch_size: int  # view-images per teacher batch
     decode: str = "workers"  # workers: decode and replay in the loader; device: on the teacher's device
+    mix: MixSettings = MixSettings()  # mixed views (kdcache.mixing); replayed by the workers only
 
 
 DECODE_PLACES = ("workers", "device")
@@ -142,7 +144,7 @@ class ShardImageStream(IterableDataset):
 
         draws = [(row, v) for row in shard.packed for v in range(lay.views)]
         for got in replay_shard(shard.packed, draws, shard.sample, [(spec.input_size, spec.interpolation)],
-                                spec.image_bound):
+                                spec.image_bound, shard.mix_of if spec.mix.on else None, shard.first):
             if isinstance(got, Unreadable):
                 shard.bad(got.row, f"packed image does not decode: {got.reason}")
                 continue
@@ -183,6 +185,8 @@ class _ShardRecords:
         rows = lay.rows(k)
         self.first, n = rows.start, len(rows)
         self.views = np.zeros((n, lay.views, P), np.float32)
+        self.mix = np.stack([unmixed(lay.views)] * n) if spec.mix.on and n else None
+        self._partners: tuple[list[int], dict] | None = None  # (rows that may be partners, their sizes)
         self.status = np.full(n, Status.DONE, np.uint8)
         self.reasons = [""] * n
         self.digests = np.stack([np.frombuffer(member_digest(ext, data), np.uint8) for _, ext, data in members]) \
@@ -208,9 +212,28 @@ class _ShardRecords:
                                                     spec.crop_pct)
         return self.views[row - self.first]
 
+    def mix_of(self, row: int) -> np.ndarray:
+        """The row's mix records (`replay_shard`'s mix_of): partners among the shard's rows whose packed image
+        has a readable header, each with a view drawn from its size."""
+        if self._partners is None:
+            sizes = {}
+            for r, data in self.packed.items():
+                try:
+                    _, w, h = packed_header(data, self.spec.image_bound)
+                except BadImage:
+                    continue
+                sizes[r] = (w, h)
+            self._partners = (sorted(sizes), sizes)
+        spec = self.spec
+        candidates, sizes = self._partners
+        self.mix[row - self.first] = draw_mixes(row, self.first, candidates, sizes, self.lay.views, spec.mix,
+                                                spec.policy, spec.seed)
+        return self.mix[row - self.first]
+
     def final(self) -> dict:
-        return {"views": self.views, "status": self.status, "reasons": list(self.reasons),
-                "image_digests": self.digests}
+        out = {"views": self.views, "status": self.status, "reasons": list(self.reasons),
+               "image_digests": self.digests}
+        return out if self.mix is None else dict(out, mix=self.mix)
 
 
 def encoded_batch(shard: _ShardRecords, group: list, views: int, final: bool) -> dict:
@@ -255,7 +278,7 @@ class ShardBuffer:
         """Memory of `n` rows' buffered outputs and their view parameters (float32)."""
         per_row = sum(int(np.prod(shape(a, lay)[1:])) * np.dtype(buffer_dtype(a)).itemsize for a in arrays()
                       if a.role == "output" and present(a, lay))
-        return n * (per_row + 4 * lay.views * lay.params)
+        return n * (per_row + 4 * lay.views * (lay.params + lay.mix_params))
 
     @staticmethod
     def stage(outputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], object]:
@@ -477,8 +500,12 @@ def _shard_outputs(store: CacheStore, buf: ShardBuffer, final: dict, late_bad: d
     status, reasons = np.asarray(final["status"], np.uint8).copy(), list(final["reasons"])
     for j, why in late_bad.items():
         status[j], reasons[j] = Status.BAD, why
+    for arr in buf.data.values():  # a row found bad after some of its views ran (a mix partner) keeps none
+        arr[status == Status.BAD] = 0
     data = dict(buf.data, views=np.asarray(final["views"], np.float32),
                 reasons=np.array(reasons, dtype=object).astype(str))
+    if "mix" in final:
+        data["mix"] = np.asarray(final["mix"], np.float32)
     if store.checksum_version >= 2:
         data["image_digests"] = np.asarray(final["image_digests"], np.uint8)
     return data, status

@@ -43,6 +43,12 @@ class Layout:
     shard_size: int
     params: int  # view parameter count
     feature_dtype: str = "float16"  # features and tokens: float16, or int8 with a float32 scale per vector
+    mix_params: int = 0  # numbers per mixed-view record (kdcache.mixing); 0: views are not mixed (no `mix` array)
+
+    def as_attrs(self) -> dict:
+        """The layout as the attributes record it (a field at its "absent" default is left out, so caches
+        without the feature keep the attributes they had before it existed)."""
+        return {k: v for k, v in self.__dict__.items() if not (k == "mix_params" and v == 0)}
 
     @property
     def num_shards(self) -> int:
@@ -73,6 +79,7 @@ class ArraySpec:
     text: bool = False  # strings: `string` in format 1, fixed-width UTF-8 bytes (last dimension) in format 2
     since_checksums: int = 1  # written by caches of this checksum version on
     zero_when_bad: bool = False  # a shard of only bad rows holds fill values (no file needed in older caches)
+    optional: bool = False  # digested last, and counted in array_digests only by caches that hold it
 
     @property
     def per_row(self) -> bool:
@@ -94,11 +101,12 @@ DIMS = {
     "tokens": ("token", lambda lay, kb: lay.token_grid ** 2),
     "token_dim": ("channel", lambda lay, kb: lay.token_dim),
     "params": ("view_param", lambda lay, kb: lay.params),
+    "mix_params": ("mix_param", lambda lay, kb: lay.mix_params),
     "key_bytes": ("key_byte", lambda lay, kb: kb),
     "reason_bytes": ("reason_byte", lambda lay, kb: REASON_BYTES),
     "digest_bytes": ("digest_byte", lambda lay, kb: DIGEST_BYTES),
     "checksum_chars": ("checksum_char", lambda lay, kb: CHECKSUM_CHARS),
-    "digested": ("digested_array", lambda lay, kb: len(digested())),
+    "digested": ("digested_array", lambda lay, kb: len(digested(lay))),
 }
 
 ARRAYS: list[ArraySpec] = [
@@ -111,6 +119,9 @@ ARRAYS: list[ArraySpec] = [
     ArraySpec("token_scale", ("rows", "views", "tokens"), "float32", "scale", digested=True, scale_of="tokens",
               zero_when_bad=True),
     ArraySpec("views", ("rows", "views", "params"), "float32", "pass", digested=True, zero_when_bad=True),
+    # a mixed view's partner (row in the shard), lambda, cutmix box and the partner's view (kdcache.mixing)
+    ArraySpec("mix", ("rows", "views", "mix_params"), "float32", "pass", digested=True, zero_when_bad=True,
+              optional=True),
     ArraySpec("labels", ("rows",), "int32", "static"),
     ArraySpec("domains", ("rows",), "int16", "static"),
     ArraySpec("splits", ("rows",), "int8", "static"),
@@ -140,10 +151,12 @@ def shard_arrays() -> tuple[str, ...]:
     return tuple(a.name for a in arrays() if a.sharded)
 
 
-def digested() -> tuple[str, ...]:
-    """The arrays with a digest per shard; `array_digests[k, i]` is the digest of the i-th."""
-    sharded = [a.name for a in arrays() if a.sharded and a.digested]
-    return tuple(sharded + [a.name for a in arrays() if a.digested and not a.sharded])
+def digested(lay: Layout | None = None) -> tuple[str, ...]:
+    """The arrays with a digest per shard; `array_digests[k, i]` is the digest of the i-th. Optional arrays come
+    last, so the others keep their index; with a layout, only the optional arrays a cache of it holds."""
+    fixed = [a for a in arrays() if a.digested and not a.optional]
+    extra = [a.name for a in arrays() if a.digested and a.optional and (lay is None or present(a, lay))]
+    return tuple([a.name for a in fixed if a.sharded] + [a.name for a in fixed if not a.sharded] + extra)
 
 
 def static_arrays() -> tuple[str, ...]:

@@ -86,6 +86,8 @@ class CacheMeta:
                 if v not in FEATURE_DTYPES:
                     raise _error(path, "layout.feature_dtype", f"is {v!r}, not one of {FEATURE_DTYPES}")
                 values[name] = v
+            elif name == "mix_params" and name not in lay_raw:
+                values[name] = 0
             else:
                 low = 1 if name in ("n", "views", "feature_dim", "shard_size", "params") else 0
                 values[name] = _get(a, f"layout.{name}", int, path, low=low)

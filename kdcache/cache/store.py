@@ -199,7 +199,7 @@ class CacheStore:
             every_chunk(group[name])[:] = encode_text(values, key_bytes, name) if name in text_arrays() else values
         group.create_group("images", attributes={"about": "packed tar shards (webdataset layout), one per cache shard"})
         meta = dict(attrs)
-        meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, key_bytes=key_bytes, layout=layout.__dict__,
+        meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, key_bytes=key_bytes, layout=layout.as_attrs(),
                     checksums=CHECKSUM_VERSION, static_digests=integrity.static_digests(static))
         group.attrs.put(meta)  # replaces the creation marker
         return cls(path, group)

@@ -14,6 +14,7 @@ from kdcache.options import ConfigError, to_dict
 from kdcache.cache.format import Layout
 from kdcache.extraction import ShardBuffer
 from kdcache.teachers import TeacherError, create_teacher, zeroshot_head
+from kdcache.mixing import MAX_MIX_SHARD, MixSettings
 from kdcache.views import PARAMS, POLICY_DEFAULTS, REPLAY_VERSION
 
 # One shard's teacher outputs are held in memory (a few shards at once: computing, queued, being written).
@@ -88,6 +89,22 @@ def check_shard_buffer(layout: Layout) -> None:
                           f"{MAX_SHARD_BUFFER // 2**30} GiB); use fewer --views or a smaller --shard-size")
 
 
+def mix_settings(cfg) -> MixSettings:
+    return MixSettings(cfg.mix, float(cfg.mix_prob), float(cfg.mix_alpha))
+
+
+def check_mix(cfg) -> None:
+    """Options that mixed views cannot be made with; an error naming the flag."""
+    if cfg.mix == "none":
+        return
+    if cfg.decode != "workers":
+        raise ConfigError(f"--mix {cfg.mix} is replayed by the loader workers: it needs --decode workers, "
+                          f"not --decode {cfg.decode}")
+    if cfg.shard_size > MAX_MIX_SHARD:
+        raise ConfigError(f"--shard-size {cfg.shard_size} is too large for --mix {cfg.mix} (a partner is recorded "
+                          f"as a row of its shard: at most {MAX_MIX_SHARD})")
+
+
 def describe(cfg, dataset, teacher, head: str, dims: dict) -> tuple[dict, dict, dict]:
     """(identity, attributes, static arrays) of the cache these options make."""
     described = dataset.describe()
@@ -100,7 +117,8 @@ def describe(cfg, dataset, teacher, head: str, dims: dict) -> tuple[dict, dict, 
                   "replay": REPLAY_VERSION,
                   "policy_params": POLICY_DEFAULTS[cfg.view_policy],
                   # views replayed on the device match the workers' within a pixel level (device_views)
-                  **({"decode": cfg.decode} if cfg.decode != "workers" else {})},
+                  **({"decode": cfg.decode} if cfg.decode != "workers" else {}),
+                  **({"mix": mix_settings(cfg).identity()} if cfg.mix != "none" else {})},
         "head": {"kind": head},
         "pack": {"image_bound": cfg.image_bound, "shard_size": cfg.shard_size},
         "tokens": {"grid": cfg.tokens, "dim": dims["tokens"]},

@@ -151,6 +151,26 @@ def labelled_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[mask], labels[mask])
 
 
+MIX_KEYS = ("mix_label", "mix_lam")  # what a batch of a cache with mixed views carries for the label term
+
+
+def mixed_ce(logits: torch.Tensor, labels: torch.Tensor, mix_label: torch.Tensor | None = None,
+             mix_lam: torch.Tensor | None = None) -> torch.Tensor:
+    """The label term of a batch that may hold mixed views: over the labelled rows (label >= 0), a mixed view's
+    CE is lam * CE(own label) + (1 - lam) * CE(partner's label); a partner without a label (unlabelled in the
+    scenario) contributes none, so that row's label term is lam * CE(own label). Rows without a label carry no
+    label term, mixed or not. A batch without mixed views is `labelled_ce`, computed exactly as it is."""
+    if mix_lam is None or mix_label is None or not bool((mix_lam < 1).any()):
+        return labelled_ce(logits, labels)
+    mask = labels >= 0
+    if not mask.any():
+        return logits.sum() * 0.0
+    z, lam, other = logits[mask], mix_lam[mask].float(), mix_label[mask]
+    own = F.cross_entropy(z, labels[mask], reduction="none")
+    partner = F.cross_entropy(z, other.clamp_min(0), reduction="none") * (other >= 0)
+    return (lam * own + (1 - lam) * partner).mean()
+
+
 def feature_mse(pred: torch.Tensor, target: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """MSE between features; with `normalize`, each vector is first standardised over its channels,
     so the loss is O(1) whatever the teachers' feature scale (raw MSE on small features vanishes)."""
@@ -236,7 +256,7 @@ class Method(nn.Module):
         return float(self.params.get(f"w_{part}", 1.0))
 
     def forward(self, out: StudentOutput, teacher: TeacherBatch, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = {"ce": labelled_ce(out.logits, labels)}
+        parts = {"ce": mixed_ce(out.logits, labels, *(teacher.extra.get(k) for k in MIX_KEYS))}
         parts.update(self.extra(out, teacher, labels))
         parts["loss"] = sum(self.loss_weight(k) * v for k, v in parts.items())
         return parts

@@ -12,7 +12,8 @@ from pathlib import Path
 from kdcache import dist
 from kdcache.datasets import create_dataset, list_datasets
 from kdcache.extract.output import check_out, creation_lock, open_or_create, repair
-from kdcache.extract.teacher import build_teacher, check_classes, check_shard_buffer, describe
+from kdcache.extract.teacher import (build_teacher, check_classes, check_mix, check_shard_buffer, describe,
+                                     mix_settings)
 from kdcache.extract.work import my_shards, parse_part
 from kdcache.extraction import PassStats, StreamSpec, fit_probe_once, teacher_pass
 from kdcache.cache.backend import cache_path
@@ -21,6 +22,7 @@ from kdcache.pack import remove_stale_temporaries
 from kdcache.cache.format import CacheError, Layout
 from kdcache.cache.store import CacheStore
 from kdcache.teachers import attention_kernels
+from kdcache.mixing import M
 from kdcache.views import PARAMS
 
 from .config import cache_location, local_path, write_yaml
@@ -43,6 +45,7 @@ def _check(cfg: ExtractConfig) -> None:
     local_path(cfg.data_root, "--data-root")
     parse_part(cfg.part)
     check_fields(cfg)
+    check_mix(cfg)
     check_out(cache_path(cfg.out or f"cache/{cfg.dataset}"))
 
 
@@ -87,7 +90,7 @@ def extract(cfg: ExtractConfig) -> Extracted:
     layout = Layout(n=len(dataset), views=cfg.views, feature_dim=dims["features"],
                     num_classes=len(dataset.classes) if head == "probe" else dims["logits"],
                     token_grid=cfg.tokens, token_dim=dims["tokens"], shard_size=cfg.shard_size, params=len(PARAMS),
-                    feature_dtype=cfg.feature_dtype)
+                    feature_dtype=cfg.feature_dtype, mix_params=M if cfg.mix != "none" else 0)
     check_shard_buffer(layout)
     identity, attrs, static = describe(cfg, dataset, teacher, head, dims)
     store = _open_store(cfg, out, layout, (identity, attrs, static), rank)
@@ -104,7 +107,7 @@ def extract(cfg: ExtractConfig) -> Extracted:
     done = store.shard_done()
     mine = [k for k in my_shards(layout.num_shards, part, parts, rank, world) if not done[k]]
     spec = StreamSpec(str(store.images_dir), layout, cfg.image_bound, pre.input_size, pre.interpolation,
-                      pre.crop_pct, cfg.view_policy, cfg.view_seed, cfg.batch_size, cfg.decode)
+                      pre.crop_pct, cfg.view_policy, cfg.view_seed, cfg.batch_size, cfg.decode, mix_settings(cfg))
     try:
         stats = teacher_pass(store, dataset, teacher, spec, mine, workers=cfg.workers, device=device,
                              progress=cfg.progress and rank == 0)

@@ -45,6 +45,11 @@ class ExtractConfig:
     view_policy: str = option("default", "Augmentation policy for views 1..V-1: default, light or noflip.",
                               choices="kdcache.views:list_policies")
     view_seed: int = option(0, "Seed the view parameters are drawn with.", limits=SEED_RANGE)
+    mix: str = option("none", "Mixed views: none, mixup, cutmix or both (each mixed view picks one at even odds). A "
+                      "mixed view blends a view of another row of its shard into views 1..V-1 (view 0 never); the "
+                      "teacher sees the mix and distillation replays it.", choices="kdcache.mixing:MIX_MODES")
+    mix_prob: float = option(0.5, "With --mix: the chance that a view other than view 0 is mixed.", low=0, high=1)
+    mix_alpha: float = option(1.0, "With --mix: lambda (the row's own share) ~ Beta(alpha, alpha).", positive=True)
     tokens: int = option(0, "Also cache patch tokens pooled to a GxG grid (0: off).", low=0)
     head: str = option("auto", "auto, native, zeroshot, probe or none.", choices="kdcache.heads:HEAD_KINDS")
     batch_size: int = option(64, "View-images per teacher forward pass.", low=1)

@@ -19,6 +19,7 @@ from ..cache.format import outputs
 from ..files import save_tensors, write_atomic
 from ..measure import topk_metrics
 from ..methods import Method, TeacherBatch
+from ..methods.base import MIX_KEYS
 from ..progress import bar as progress_bar
 from ..students import Student
 
@@ -35,6 +36,7 @@ class TrainModule(nn.Module):
         super().__init__()
         self.student, self.method, self.teacher_head = student, method, teacher_head
         self.teacher, self.token_grid = teacher, token_grid
+        self.replay = None  # a ReplayCosine: online outputs against the cached ones the stream also reads
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -47,6 +49,8 @@ class TrainModule(nn.Module):
         if self.teacher is not None:
             with torch.no_grad():
                 t = self.teacher(teacher_images, token_grid=self.token_grid)
+                if self.replay is not None:
+                    self.replay.add(t, features, logits, self.teacher_head)
             features, logits, tokens = t["features"], t.get("logits"), t.get("tokens")
         if self.teacher_head is not None:
             logits = self.teacher_head(features)
@@ -95,7 +99,8 @@ def _to(batch: dict, device, channels_last: bool) -> dict:
     names = {"feature": "features", "label": "labels", "logits": "logits", "tokens": "tokens",
              "teacher_image": "teacher_images", "row": "rows"}
     out = {"images": images, **{arg: batch[k].to(device, non_blocking=True) for k, arg in names.items() if k in batch}}
-    extra = {k: batch[k].to(device, non_blocking=True) for k in outputs() if k in batch and k not in names}
+    extra = {k: batch[k].to(device, non_blocking=True) for k in (*outputs(), *MIX_KEYS)
+             if k in batch and k not in names}
     return dict(out, extra=extra) if extra else out
 
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..cache.format import CacheError, outputs
 from ..cache.store import CacheStore
+from ..mixing import is_mixed, lam_of, partner_row
 from ..pack import member_digest, read_members, shard_name
 from ..replay import Unreadable, replay_shard, stored_views
 
@@ -176,7 +177,8 @@ class CacheStream:
         recorded digest) and its tar, read sequentially once."""
         rows = store.layout.rows(k)
         try:
-            arrays = {name: store.read_checked(name, k) for name in self._arrays()}
+            names = self._arrays() + (["mix"] if store.has("mix") else [])
+            arrays = {name: store.read_checked(name, k) for name in names}
             members, problems = read_members(store.images_dir / shard_name(k), rows)
             digests = store.read_checked("image_digests", k) if store.has("image_digests") else None
         except CacheError:
@@ -194,14 +196,19 @@ class CacheStream:
         draws = shard.draws[chunk.start:chunk.stop].tolist()
         views = shard.views[chunk.start:chunk.stop].tolist()
         own = {r for r in draws if shard.first[r] >= chunk.start}  # rows first drawn in this chunk
-        packed = self._packed(shard, sorted(set(draws)), own, chunk.start == 0)
+        mix = shard.arrays.get("mix")
+        partners = set() if mix is None else \
+            {partner_row(mix[r - rows.start, v], rows.start) for r, v in zip(draws, views)
+             if is_mixed(mix[r - rows.start, v])}
+        packed = self._packed(shard, sorted(set(draws) | partners), own, chunk.start == 0)
         outputs = [(cfg.image_size, cfg.interpolation)]
         if cfg.teacher_size:
             outputs.append((cfg.teacher_size, cfg.teacher_interpolation))
         picks = [(r, v) for r, v in zip(draws, views) if r in packed]
         teacher = {SAMPLE_KEYS.get(name, name): shard.arrays[name] for name in self._outputs()}
         for got in replay_shard(packed, picks, stored_views(shard.arrays["views"], rows.start), outputs,
-                                store.meta.image_bound):
+                                store.meta.image_bound, None if mix is None else lambda r: mix[r - rows.start],
+                                rows.start):
             if isinstance(got, Unreadable):
                 if got.row in own:
                     _report(shard.k, [f"row {got.row}: {got.reason}"])
@@ -212,6 +219,8 @@ class CacheStream:
                 sample["teacher_image"] = got.images[1]
             for key, values in teacher.items():
                 sample[key] = torch.from_numpy(values[j, v].astype(np.float32))
+            if mix is not None:
+                sample.update(mix_sample(mix[j, v], self.labels, rows.start))
             yield sample
 
     @staticmethod
@@ -237,6 +246,15 @@ class CacheStream:
         if problems:
             _report(shard.k, problems)
         return packed
+
+
+def mix_sample(record: np.ndarray, labels: np.ndarray, first: int) -> dict:
+    """What a sample of a cache with mixed views carries for the label term: `mix_lam`, the weight of the row's
+    own label (1 when the view is not mixed), and `mix_label`, the partner's label (-1 when the view is not mixed
+    or the partner is unlabelled in the scenario)."""
+    mixed = is_mixed(record)
+    return {"mix_lam": torch.tensor(lam_of(record), dtype=torch.float32),
+            "mix_label": int(labels[partner_row(record, first)]) if mixed else -1}
 
 
 def _report(k: int, problems: list[str]) -> None:

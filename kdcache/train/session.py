@@ -17,6 +17,7 @@ from kdcache.cache.store import CacheStore
 from kdcache.scenario_heads import scenario_teacher_head
 
 from .engine import FitPlan, TrainModule, cosine_schedule, fit, make_optimizer, predict
+from .replay_check import ReplayCosine
 from .inputs import check_dataset, method_context, online_teacher, scenario_of, student_and_method
 from .loader import StreamConfig, labelled_repeats, make_loader, num_batches, rank_shards, samples_in
 from .run_dir import prepare_run_dir, save_epoch
@@ -79,13 +80,18 @@ class Session:
         if write:
             self.method.precompute(self.context(write), cfg.epochs, progress=cfg.progress)
 
+    def replay_logits(self) -> bool:
+        """The online teacher's logits are the cached ones: the cache has a head and no refit replaced it."""
+        return self.store.layout.num_classes > 0 and not (self.head_info or {}).get("refit")
+
     def streams(self, teacher, image_size: int) -> tuple[StreamConfig, StreamConfig]:
         """(train, eval) stream settings: the cached outputs the method reads, or the online teacher's size."""
         method, cached, path = self.method, teacher is None, str(self.store.path)
+        # online: the cached outputs are read too, for the replay proof (the teacher's own replace them)
         train = StreamConfig(path, image_size, self.student.interpolation, self.cfg.seed, self.cfg.shuffle_buffer,
-                             logits=cached and method.needs_logits and self.head is None,
+                             logits=method.needs_logits and self.head is None if cached else self.replay_logits(),
                              tokens=cached and method.needs_tokens,
-                             features=cached and (method.needs_features or self.head is not None),
+                             features=not cached or method.needs_features or self.head is not None,
                              teacher_size=0 if cached else teacher.preprocess.input_size,
                              teacher_interpolation="bicubic" if cached else teacher.preprocess.interpolation)
         return train, StreamConfig(path, image_size, self.student.interpolation, self.cfg.seed, clean_only=True,
@@ -125,6 +131,8 @@ def train(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Path:
         teacher, s.head = online_teacher(store, cfg.teacher_weights, s.head)
     grid = store.layout.token_grid if method.needs_tokens else 0
     module = TrainModule(student, method, s.head, teacher, grid).to(device)
+    if teacher is not None:
+        module.replay = ReplayCosine(logits=s.replay_logits())
     if device.type == "cuda":
         module.student.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg.optimizer, module, cfg.lr, cfg.weight_decay, cfg.decay_norm_bias)
@@ -158,7 +166,7 @@ def train(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Path:
         before_epoch=lambda epoch: method.before_epoch(ctx, epoch),  # the method's own phase, if it has one
         after_epoch=after_epoch, barrier=dist.barrier, end_epoch=lambda epoch: method.end_epoch(ctx, epoch))
     if rank == 0:
-        write_summary(s, image_size)
+        write_summary(s, image_size, module.replay.summary() if module.replay is not None else None)
     return out
 
 
@@ -197,11 +205,14 @@ def _clean_predictor(s: Session, teacher, image_size: int, channels_last: bool):
     return predict_clean
 
 
-def write_summary(s: Session, image_size: int) -> None:
-    """summary.json: what evaluation and reports read about the finished run."""
+def write_summary(s: Session, image_size: int, replay: dict | None = None) -> None:
+    """summary.json: what evaluation and reports read about the finished run (with --online-teacher, also
+    `replay_cosine`: the cached teacher outputs of the drawn views against the teacher recomputed on them)."""
     cfg, meta = s.cfg, s.store.meta
-    (s.out / "summary.json").write_text(json.dumps(
-        {"name": s.out.name, "student": cfg.student, "method": cfg.method, "scenario": s.scenario.description,
-         "cache": str(s.store.path), "teacher": meta.teacher, "num_classes": len(meta.classes),
-         "image_size": image_size, "head": s.head_info, "counts": s.scenario.counts(),
-         "scenario_digest": s.scenario.digest()}, indent=2))
+    summary = {"name": s.out.name, "student": cfg.student, "method": cfg.method, "scenario": s.scenario.description,
+               "cache": str(s.store.path), "teacher": meta.teacher, "num_classes": len(meta.classes),
+               "image_size": image_size, "head": s.head_info, "counts": s.scenario.counts(),
+               "scenario_digest": s.scenario.digest()}
+    if replay is not None:
+        summary["replay_cosine"] = replay
+    (s.out / "summary.json").write_text(json.dumps(summary, indent=2))

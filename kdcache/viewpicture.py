@@ -1,0 +1,115 @@
+"""A picture of a cache's views (`info --show-views N`): the first N readable rows, each view as replayed at the
+teacher's input size (a mixed view beside its partner's view, labelled with lambda or the box), under each
+the teacher's top class and its probability from the cached logits ('no head' without logits)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache.store import CacheStore
+from .codes import Status
+from .images import BadImage, decode_packed
+from .mixing import describe, is_mixed, partner_row, partner_view
+from .pack import read_members, shard_name
+from .replay import Replayed, replay_shard, stored_views
+from .views import apply
+
+CELL_INCHES, DPI = 1.6, 100  # one picture cell; the PNG is (2 V cells) x (N cells) of CELL_INCHES * DPI pixels
+
+
+def default_picture_path(cache: str | Path) -> Path:
+    """Beside the cache folder (`<cache>.views.png`, as `<cache>.extract.yaml`); in the current folder for a cache
+    on object storage."""
+    text = str(cache).rstrip("/")
+    if "://" in text:
+        return Path.cwd() / f"{text.rsplit('/', 1)[-1]}.views.png"
+    return Path(text).with_name(Path(text).name + ".views.png")
+
+
+def picture_size(rows: int, views: int) -> tuple[int, int]:
+    """(width, height) in pixels of the picture of `rows` rows of `views` views."""
+    return int(round(2 * views * CELL_INCHES * DPI)), int(round(rows * CELL_INCHES * DPI))
+
+
+def _caption(store: CacheStore, logits: np.ndarray | None, row: int, view: int) -> str:
+    if logits is None:
+        return f"view {view}: no head"
+    z = torch.from_numpy(logits[row, view].astype(np.float32))
+    p = torch.softmax(z, 0)
+    top = int(p.argmax())
+    return f"view {view}: {store.meta.classes[top]} {float(p[top]):.2f}"
+
+
+def _rows_shown(store: CacheStore, n: int) -> list[int]:
+    done = np.flatnonzero(store.status() == Status.DONE)
+    return [int(r) for r in done[:n]]
+
+
+def _replayed(store: CacheStore, rows: list[int], size: int, interpolation: str) -> dict:
+    """(row, view) -> (the view as replayed, the partner's view or None) at the teacher's input size."""
+    lay, out = store.layout, {}
+    has_mix = store.has("mix")
+    for k in sorted({r // lay.shard_size for r in rows}):
+        span = lay.rows(k)
+        members, _ = read_members(store.images_dir / shard_name(k), span)
+        packed = {r: data for r, (ext, data) in members.items() if ext != "bad"}
+        views = store.read("views", span.start, span.stop)
+        mix = store.read("mix", span.start, span.stop) if has_mix else None
+        draws = [(r, v) for r in rows if r in span for v in range(lay.views)]
+        mix_of = None if mix is None else (lambda r: mix[r - span.start])
+        for got in replay_shard(packed, draws, stored_views(views, span.start), [(size, interpolation)],
+                                store.meta.image_bound, mix_of, span.start):
+            if not isinstance(got, Replayed):
+                continue
+            partner = None
+            record = None if mix is None else mix[got.row - span.start, got.view]
+            if record is not None and is_mixed(record):
+                try:
+                    image = decode_packed(packed[partner_row(record, span.start)], store.meta.image_bound)
+                    partner = (apply(image, partner_view(record), size, interpolation), record)
+                except (BadImage, KeyError):
+                    partner = None
+            out[(got.row, got.view)] = (got.images[0], partner)
+    return out
+
+
+def picture_views(store: CacheStore, n: int, path: str | Path) -> Path:
+    """Write the picture of the first `n` done rows' views to `path` (PNG); returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _rows_shown(store, n)
+    if not rows:
+        raise ValueError(f"--show-views {n}: cache {store.path} has no extracted row to show")
+    pre = store.meta.section("teacher")["preprocess"]
+    shown = _replayed(store, rows, int(pre["input_size"]), pre.get("interpolation", "bicubic"))
+    logits = store.read("logits", 0, store.layout.n) if store.has("logits") else None
+    keys = store.text("keys")
+    views = store.layout.views
+    fig, axes = plt.subplots(len(rows), 2 * views, squeeze=False,
+                             figsize=(2 * views * CELL_INCHES, len(rows) * CELL_INCHES))
+    for i, row in enumerate(rows):
+        for v in range(views):
+            own, partner = axes[i, 2 * v], axes[i, 2 * v + 1]
+            for ax in (own, partner):
+                ax.set_axis_off()
+            image, mixed = shown.get((row, v), (None, None))
+            if image is not None:
+                own.imshow(image.permute(1, 2, 0).numpy())
+            title = _caption(store, logits, row, v)
+            own.set_title(f"{keys[row][-18:]}\n{title}" if v == 0 else title, fontsize=6)
+            if mixed is not None:
+                pixels, record = mixed
+                partner.imshow(pixels.permute(1, 2, 0).numpy())
+                first = store.layout.rows(row // store.layout.shard_size).start
+                partner.set_title(f"partner row {partner_row(record, first)}\n{describe(record)}", fontsize=5)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.5)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
