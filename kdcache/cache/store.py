@@ -21,9 +21,10 @@ import zarr
 from ..codes import Status
 from . import integrity
 from .backend import backend, cache_path, chunk_path, lock
-from .format import (CHECKSUM_VERSION, FEATURE_DTYPES, FORMAT_NAME, FORMAT_VERSION, CacheError, Layout, arrays,
-                     dimensions, dtype, present, quantised, shape, shard_arrays, text_arrays)
+from .format import (CHECKSUM_VERSION, FEATURE_DTYPES, FORMAT_NAME, FORMAT_VERSION, SPARSE_LOGITS, CacheError,
+                     Layout, arrays, dimensions, dtype, present, quantised, shape, shard_arrays, text_arrays)
 from .meta import CacheMeta
+from .sparse import rebuild_from, sparsify
 
 # The images/ and heads/ groups carry non-Zarr files (tar shards, locks); listing them is expected.
 warnings.filterwarnings("ignore", message=".*is not recognized as a component of a Zarr hierarchy.*")
@@ -199,7 +200,7 @@ class CacheStore:
             every_chunk(group[name])[:] = encode_text(values, key_bytes, name) if name in text_arrays() else values
         group.create_group("images", attributes={"about": "packed tar shards (webdataset layout), one per cache shard"})
         meta = dict(attrs)
-        meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, key_bytes=key_bytes, layout=layout.__dict__,
+        meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, key_bytes=key_bytes, layout=layout.as_attrs(),
                     checksums=CHECKSUM_VERSION, static_digests=integrity.static_digests(static))
         group.attrs.put(meta)  # replaces the creation marker
         return cls(path, group)
@@ -311,9 +312,17 @@ class CacheStore:
         return {n: self._logical(n, self.group[n][rows.start:rows.stop]) for n in names or shard_arrays()
                 if n in self.group}
 
+    def sparse(self, name: str) -> bool:
+        """`name` is the logits of a cache that stores them sparse (read rebuilt, written sparsified)."""
+        return name == "logits" and self.layout.logits_topk > 0
+
     def read_checked(self, name: str, k: int) -> np.ndarray:
         """Shard k of an array, as `read` gives it, after comparing the stored bytes with the digests recorded
         when they were written (caches with array digests); a mismatch is a CacheError naming the shard."""
+        if self.sparse(name):
+            raw = self.read_shard(k, SPARSE_LOGITS)
+            integrity.check_digests(self, k, raw)
+            return rebuild_from(raw, self.layout.num_classes)
         scale = quantised().get(name)
         raw = self.read_shard(k, [name] + ([scale] if scale and self.has(scale) else []))
         integrity.check_digests(self, k, raw)
@@ -322,7 +331,9 @@ class CacheStore:
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start..stop of a teacher array as stored (float16), or dequantised to float32 from int8.
-        Give whole shards for chunk-aligned reads."""
+        Give whole shards for chunk-aligned reads. Sparse logits read as the log-probabilities they rebuild."""
+        if self.sparse(name):
+            return rebuild_from({n: self.group[n][start:stop] for n in SPARSE_LOGITS}, self.layout.num_classes)
         values, scale = self.group[name][start:stop], quantised().get(name)
         return dequantize_int8(values, self.group[scale][start:stop]) if values.dtype == np.int8 and scale else values
 
@@ -338,7 +349,8 @@ class CacheStore:
                 out.append((block if view is None else block[:, view])[m].astype(np.float32))
         if out:
             return np.concatenate(out)
-        tail = self.group[name].shape[1:] if view is None else self.group[name].shape[2:]
+        tail = (lay.views, lay.num_classes) if self.sparse(name) else self.group[name].shape[1:]
+        tail = tail if view is None else tail[1:]
         return np.zeros((0, *tail), np.float32)
 
     def clean_view(self, mask: np.ndarray, name: str = "features") -> np.ndarray:
@@ -350,7 +362,12 @@ class CacheStore:
         return self.text("shard_checksums")
 
     def has(self, name: str) -> bool:
+        """Array `name` is stored (sparse logits are stored as SPARSE_LOGITS: see `readable`)."""
         return name in self.group
+
+    def readable(self, name: str) -> bool:
+        """`read` gives array `name`: it is stored, or it is logits stored sparse."""
+        return self.has(name) or self.sparse(name)
 
     def array(self, name: str) -> zarr.Array:
         return self.group[name]
@@ -369,6 +386,7 @@ class CacheStore:
         """Write one shard's data arrays, its digests and checksum, then its status (last)."""
         if "reasons" in data and self.text_as_bytes:  # checksums cover what is read back
             data = dict(data, reasons=cut_text(data["reasons"], self.group["reasons"].shape[-1]))
+        data = self._stored_logits(data)
         if self.layout.feature_dtype == "int8":
             data = dict(data)
             for name, scale_name in quantised().items():
@@ -383,10 +401,18 @@ class CacheStore:
     def write_arrays(self, k: int, data: dict[str, np.ndarray]) -> None:
         """Rewrite some data arrays of a finished shard (e.g. logits of a probe fitted later)."""
         rows = self.layout.rows(k)
+        data = self._stored_logits(data)
         self._put_rows(k, data)
         integrity.record_digests(self, k, data)
         status = self.group["status"][rows.start:rows.stop]
         self.write_checksum(k, integrity.shard_checksum(self, self.read_shard(k), status))
+
+    def _stored_logits(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`data` with dense logits replaced by their sparse form when the cache stores them sparse."""
+        if not self.sparse("logits") or "logits" not in data:
+            return data
+        data = dict(data)
+        return data | sparsify(data.pop("logits"), self.layout.logits_topk)
 
     def _put_rows(self, k: int, data: dict[str, np.ndarray]) -> None:
         """Shard k of each array, its file removed first: zarr would otherwise merge the new data into the old

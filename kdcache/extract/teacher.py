@@ -88,6 +88,16 @@ def check_shard_buffer(layout: Layout) -> None:
                           f"{MAX_SHARD_BUFFER // 2**30} GiB); use fewer --views or a smaller --shard-size")
 
 
+def check_topk(cfg, layout: Layout) -> None:
+    """--logits-topk K keeps fewer classes than there are (1 <= K <= C - 1), of a head that gives logits."""
+    k, c = cfg.logits_topk, layout.num_classes
+    if k and not c:
+        raise ConfigError(f"--logits-topk {k}: the cache has no logits (--head {cfg.head}); use 0")
+    if k and not 1 <= k <= c - 1:
+        raise ConfigError(f"--logits-topk {k}: must be between 1 and {c - 1} (the teacher's {c} classes less one; "
+                          "0 keeps dense logits)")
+
+
 def describe(cfg, dataset, teacher, head: str, dims: dict) -> tuple[dict, dict, dict]:
     """(identity, attributes, static arrays) of the cache these options make."""
     described = dataset.describe()
@@ -101,7 +111,7 @@ def describe(cfg, dataset, teacher, head: str, dims: dict) -> tuple[dict, dict, 
                   "policy_params": POLICY_DEFAULTS[cfg.view_policy],
                   # views replayed on the device match the workers' within a pixel level (device_views)
                   **({"decode": cfg.decode} if cfg.decode != "workers" else {})},
-        "head": {"kind": head},
+        "head": {"kind": head, **({"logits_topk": cfg.logits_topk} if cfg.logits_topk else {})},
         "pack": {"image_bound": cfg.image_bound, "shard_size": cfg.shard_size},
         "tokens": {"grid": cfg.tokens, "dim": dims["tokens"]},
         "storage": {"feature_dtype": cfg.feature_dtype},

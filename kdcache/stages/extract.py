@@ -12,7 +12,7 @@ from pathlib import Path
 from kdcache import dist
 from kdcache.datasets import create_dataset, list_datasets
 from kdcache.extract.output import check_out, creation_lock, open_or_create, repair
-from kdcache.extract.teacher import build_teacher, check_classes, check_shard_buffer, describe
+from kdcache.extract.teacher import build_teacher, check_classes, check_shard_buffer, check_topk, describe
 from kdcache.extract.work import my_shards, parse_part
 from kdcache.extraction import PassStats, StreamSpec, fit_probe_once, teacher_pass
 from kdcache.cache.backend import cache_path
@@ -87,7 +87,8 @@ def extract(cfg: ExtractConfig) -> Extracted:
     layout = Layout(n=len(dataset), views=cfg.views, feature_dim=dims["features"],
                     num_classes=len(dataset.classes) if head == "probe" else dims["logits"],
                     token_grid=cfg.tokens, token_dim=dims["tokens"], shard_size=cfg.shard_size, params=len(PARAMS),
-                    feature_dtype=cfg.feature_dtype)
+                    feature_dtype=cfg.feature_dtype, logits_topk=cfg.logits_topk)
+    check_topk(cfg, layout)
     check_shard_buffer(layout)
     identity, attrs, static = describe(cfg, dataset, teacher, head, dims)
     store = _open_store(cfg, out, layout, (identity, attrs, static), rank)

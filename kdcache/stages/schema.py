@@ -47,6 +47,9 @@ class ExtractConfig:
     view_seed: int = option(0, "Seed the view parameters are drawn with.", limits=SEED_RANGE)
     tokens: int = option(0, "Also cache patch tokens pooled to a GxG grid (0: off).", low=0)
     head: str = option("auto", "auto, native, zeroshot, probe or none.", choices="kdcache.heads:HEAD_KINDS")
+    logits_topk: int = option(0, "Store each view's logits sparse: the teacher's K most probable classes, their "
+                              "probabilities and the leftover mass (about 4K+2 bytes a view; readers spread the "
+                              "leftover evenly over the other classes). 0: dense float16 logits.", low=0)
     batch_size: int = option(64, "View-images per teacher forward pass.", low=1)
     workers: int = option(4, "DataLoader worker processes that pack and decode.", low=0)
     shard_size: int = option(1024, "Samples per shard (unit of work and of resume).", low=1)
