@@ -75,7 +75,7 @@ def test_bytes_per_view_of_top_10():
 
 def test_a_sparse_cache_stores_top_k_and_reads_back_the_dense_top_k(caches):
     dense, sparse = (CacheStore.open(p) for p in caches)
-    assert sparse.has("logit_index") and not sparse.has("logits") and sparse.readable("logits")
+    assert sparse.has("logit_index") and not sparse.has("logits")
     assert not dense.has("logit_index") and dense.has("logits")
     assert sparse.layout.logits_topk == K and sparse.meta.section("head")["logits_topk"] == K
     assert "logits_topk" not in dense.meta.section("head") and "logits_topk" not in dense.attrs["layout"]
@@ -105,7 +105,9 @@ def test_a_sparse_cache_verifies_and_its_damage_is_found(caches, tmp_path):
     store = CacheStore.open(caches[1])
     assert verify(store) == []
     info = summarize(store)
-    assert info["bytes_per_view"]["logits"] > 0
+    assert info["bytes_per_view"]["logits"] > 0  # on disk: with this tiny cache mostly the shard indices
+    shown = run_cli("info", "--cache", str(caches[1]), "--verify").stdout
+    assert f"logits top-{K}" in shown and "verify    ok" in shown
     copy = tmp_path / "copy"
     shutil.copytree(caches[1], copy)
     damaged = CacheStore.open(copy, mode="r+")

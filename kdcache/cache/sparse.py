@@ -11,9 +11,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import SPARSE_LOGITS, index_dtype
+from .format import SPARSE_LOGITS, Layout, index_dtype
 
 FLOOR = 1e-30  # a probability that underflowed to 0 in float16 reads as this (its logarithm stays finite)
+
+
+def is_sparse(name: str, lay: Layout) -> bool:
+    """`name` is the logits of a cache that stores them sparse (read rebuilt, written sparsified)."""
+    return name == "logits" and lay.logits_topk > 0
+
+
+def as_stored(data: dict[str, np.ndarray], lay: Layout) -> dict[str, np.ndarray]:
+    """A shard's arrays as a cache of `lay` stores them: dense logits replaced by their sparse form."""
+    if not lay.logits_topk or "logits" not in data:
+        return data
+    data = dict(data)
+    return data | sparsify(data.pop("logits"), lay.logits_topk)
 
 
 def sparsify(logits: np.ndarray, k: int) -> dict[str, np.ndarray]:
