@@ -97,7 +97,7 @@ def shard_draws(cfg: StreamConfig, repeats: np.ndarray, rows: range, epoch: int,
     if cfg.clean_only:
         return draws, np.zeros(len(draws), np.int64)
     draws = draws[np.random.default_rng([cfg.seed, epoch, 3, k]).permutation(len(draws))]
-    return draws, draw_views(cfg.seed, draws, np.maximum(repeats, 0)[draws], epoch, num_views)
+    return draws, draw_views(cfg.seed, draws, reps[draws - rows.start], epoch, num_views)
 
 
 def draw_views(seed: int, draws: np.ndarray, reps: np.ndarray, epoch: int, num_views: int) -> np.ndarray:
