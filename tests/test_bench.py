@@ -46,8 +46,6 @@ def test_views_section_runs_and_reports_bytes_and_ratios_per_view_count(tmp_path
         assert b["logits_top10_raw"] == 42 and b["logits_dense_raw"] == 200
         assert e["model_only_views_per_s"] > 0 and e["extraction_views_per_s"] > 0
         assert e["ratio"]["n"] == 2 and e["ratio"]["min"] <= e["ratio"]["median"] <= e["ratio"]["max"]
-    # with 64 views the shard indices are spread thin: the sparse logits take less than half the dense ones
-    assert result["64"]["bytes_per_view"]["logits_top10"] < result["64"]["bytes_per_view"]["logits_dense"] / 2
     text = "\n".join(bench.render_views(result))
     assert "| 64 |" in text and "top-10 logits" in text
 
