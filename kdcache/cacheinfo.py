@@ -127,7 +127,7 @@ def _arrays_problem(store: CacheStore, k: int, data: dict, status: np.ndarray, c
     elif set(wrong) - placeholders:
         return f"array digests of {', '.join(wrong)} differ from the data (array_digests damaged)"
     ok_rows = status[r.start:r.stop] == Status.DONE
-    for name in outputs():
+    for name in (*outputs(), *SPARSE_LOGITS):
         if name in data and name not in placeholders and not np.isfinite(data[name][ok_rows].astype(np.float32)).all():
             return f"non-finite values in {name}"
     return None

@@ -68,8 +68,9 @@ class ArraySpec:
     tokens not cached) is not in that cache.
     role: `output` (the teacher's output per view, filled by the extraction and streamed by the loader),
     `pass` (written per shard by the extraction besides the outputs), `scale` (the int8 scale of
-    `scale_of`, written with it), `sparse` (the stored form of the sparse logits, written in their place), `static` (per row, written at creation), `status` (written last per
-    shard), `checksums` / `digests` (the per-shard records)."""
+    `scale_of`, written with it), `sparse` (the stored form of sparse logits, written in their place),
+    `static` (per row, written at creation), `status` (written last per shard), `checksums` / `digests` (the
+    per-shard records)."""
 
     name: str
     shape: tuple[str, ...]

@@ -1,11 +1,12 @@
 """The stage-two stream: tar shard k and cache rows of shard k, read together, in order.
 
     shard order (shuffled per epoch) -> this rank's shards -> each shard's draws (rows x repeats, in a
-    seeded order, one view each, each row's views without replacement across epochs) -> chunks of draws -> workers replay chunks (replay.replay_shard)
-    -> chunks put back in order -> shuffle buffer -> batches (never a last batch of one)
+    seeded order, one view each: a row's views without replacement across epochs) -> chunks of draws
+    -> workers replay chunks (replay.replay_shard) -> chunks put back in order -> shuffle buffer -> batches
+    (never a last batch of one)
 
 A rank's batches in an epoch depend only on (seed, epoch, the rank's shards), never on the number of
-workers: the draws and their views are seeded per shard and epoch, workers only replay chunks, and the
+workers: the draws are seeded per shard and epoch, their views per row, workers only replay chunks, and the
 main process puts the chunks back in order before it mixes and batches them. A run resumed with
 another --workers ends where an uninterrupted one does.
 
