@@ -35,7 +35,8 @@ from kdcache.methods import create_method  # noqa: E402
 from kdcache.methods.base import Dims  # noqa: E402
 from kdcache.pack import read_shard, shard_name  # noqa: E402
 from kdcache.replay import Replayed, replay_shard, stored_views  # noqa: E402
-from kdcache.cache.format import Layout  # noqa: E402
+from kdcache.cache.format import SPARSE_LOGITS, Layout  # noqa: E402
+from kdcache.cache.sparse import nbytes_per_view  # noqa: E402
 from kdcache.cache.store import CacheStore  # noqa: E402
 from kdcache.students import create_student  # noqa: E402
 from kdcache.teachers import create_teacher  # noqa: E402
@@ -436,8 +437,57 @@ def bench_distill(a, tmp: Path) -> dict:
             "batch": a.student_batch, "image_size": a.image_size, "teacher": spec}
 
 
+def _views_per_s_model_only(a, teacher, size: int, views: int) -> float:
+    """The teacher's forward alone on pre-made uint8 batches of `views` view-images."""
+    x = torch.randint(0, 256, (a.batch, 3, size, size), dtype=torch.uint8, device=a.device)
+    steps = max(1, views // a.batch)
+
+    def model_only():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.device == "cuda"):
+            for _ in range(steps):
+                teacher(x)
+        _sync(a.device)
+
+    return steps * a.batch / median_time(model_only, 1)
+
+
+def bench_views(a, tmp: Path) -> dict:
+    """Many views (V of 4, 16, 64) from a tiny teacher: bytes per view on disk (features, dense logits and
+    top-10 logits) and the extraction's views/s over the teacher's alone (interleaved, per-repeat ratios).
+    An image is decoded once for all its views, so the ratio should not fall as V grows."""
+    out = {}
+    teacher = create_teacher("test_vit", random_init=True, input_size=a.views_input).to(a.device).eval()
+    for v in a.view_counts:
+        dense, sparse = tmp / f"views-{v}", tmp / f"views-{v}-top10"
+        opts = dict(dataset_options=(("n", a.views_images), ("classes", 100), ("size", 48)),
+                    teacher_input_size=a.views_input, shard_size=a.views_images)
+        cfg = _extract_cfg(a, "test_vit", a.views_images, v, dense, **opts)
+        extract.run(cfg)
+        extract.run(_extract_cfg(a, "test_vit", a.views_images, v, sparse, logits_topk=10, **opts))
+        views_done = a.views_images * v
+        _views_per_s_model_only(a, teacher, a.views_input, views_done)  # warm-up
+        store, model, passes = CacheStore.open(dense, mode="r+"), [], []
+        for _ in range(a.repeats):
+            model.append(_views_per_s_model_only(a, teacher, a.views_input, views_done))
+            for k in range(store.layout.num_shards):
+                store.mark_todo(k)
+            passes.append(views_done / extract.extract(cfg).stats.seconds)
+        ratios = [p / m for p, m in zip(passes, model)]
+        top = CacheStore.open(sparse)
+        per_view = lambda st, names: sum(st.nbytes_on_disk(n) for n in names) / views_done  # noqa: E731
+        out[str(v)] = {
+            "images": a.views_images, "views": v, "input_size": a.views_input, "classes": 100,
+            "bytes_per_view": {"features": per_view(store, ["features"]), "logits_dense": per_view(store, ["logits"]),
+                               "logits_top10": per_view(top, SPARSE_LOGITS),
+                               "logits_top10_raw": nbytes_per_view(10, 100), "logits_dense_raw": 2 * 100},
+            "model_only_views_per_s": statistics.median(model), "extraction_views_per_s": statistics.median(passes),
+            "ratio": spread(ratios, ">=", 0.90),
+        }
+    return out
+
+
 SECTIONS = {"pipeline": bench_pipeline, "extraction": bench_extraction, "storage": bench_storage,
-            "distill": bench_distill, "cache_reads": bench_cache_reads, "ranks": bench_ranks}
+            "distill": bench_distill, "cache_reads": bench_cache_reads, "ranks": bench_ranks, "views": bench_views}
 
 
 def settings(a) -> None:
@@ -451,6 +501,7 @@ def settings(a) -> None:
     a.repeats, a.storage_rows, a.token_grid = (2 if quick else 3), (128 if quick else 512), 4
     a.read_rows = 8192 if quick else 32768
     a.pipeline_images, a.pipeline_views = (64 if quick else 256), 4
+    a.view_counts, a.views_images, a.views_input = (4, 16, 64), (16 if quick else 64), (32 if quick else 64)
     a.skip = set()
 
 
@@ -595,6 +646,7 @@ def render(r: dict) -> str:
                   + ", ".join(f"{k} {v:,.0f}" for k, v in d["img_per_s"].items())
                   + f"; one student step {d['student_step_ms']:.1f} ms, one teacher step {d['teacher_step_ms']:.1f} ms"]
     lines += render_pipeline(r.get("pipeline"))
+    lines += render_views(r.get("views"))
     if "storage" in r:
         s = r["storage"]
         lines += ["", f"| cache bytes per view (tokens: {s['token_grid']}x{s['token_grid']} grid) | features | logits "
@@ -608,6 +660,22 @@ def render(r: dict) -> str:
                          f"{v['total_bytes_per_view']:.0f} | {v['raw_fp16_bytes_per_view']} | "
                          + (f"{cos['min']:.5f} / {cos['mean']:.5f} |" if cos else "|"))
     return "\n".join(lines) + "\n"
+
+
+def render_views(r: dict | None) -> list[str]:
+    """The many-views section: bytes per view on disk, and the extraction's views/s over the teacher's alone."""
+    if not r:
+        return []
+    lines = ["", "| views V | features B/view | dense logits B/view | top-10 logits B/view (raw) | model only views/s "
+             "| extraction views/s | extraction / model only, median (min–max, n) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for v, e in r.items():
+        b, q = e["bytes_per_view"], e["ratio"]
+        lines.append(f"| {v} | {b['features']:.0f} | {b['logits_dense']:.0f} | {b['logits_top10']:.0f} "
+                     f"({b['logits_top10_raw']}) | {e['model_only_views_per_s']:,.0f} | "
+                     f"{e['extraction_views_per_s']:,.0f} | {q['median']:.2f} ({q['min']:.2f}–{q['max']:.2f}, "
+                     f"{q['n']}) |")
+    return lines
 
 
 def render_pipeline(p: dict | None) -> list[str]:

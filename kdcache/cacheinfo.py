@@ -7,7 +7,7 @@ from .codes import Status
 from .images import BadImage, decode_packed
 from .pack import member_digest, read_members, shard_name
 from .progress import bar
-from .cache.format import outputs, quantised
+from .cache.format import SPARSE_LOGITS, outputs, quantised
 from .cache.integrity import (digest_problems, missing_files, shard_checksum, shard_digest, static_changed,
                               status_changed)
 from .cache.store import CacheStore
@@ -36,6 +36,8 @@ def summarize(store: CacheStore, max_bad: int = 20) -> dict:
             scale = quantised().get(name)
             size = store.nbytes_on_disk(name) + (store.nbytes_on_disk(scale) if scale else 0)
             per_view[name] = size / max(done_rows * lay.views, 1)
+    if lay.logits_topk:  # the sparse logits' arrays together
+        per_view["logits"] = sum(store.nbytes_on_disk(n) for n in SPARSE_LOGITS) / max(done_rows * lay.views, 1)
     raw = 2 * (lay.feature_dim + lay.num_classes)
     return {
         "path": str(store.path),
@@ -116,15 +118,16 @@ def _arrays_problem(store: CacheStore, k: int, data: dict, status: np.ndarray, c
     fitted its logits are placeholders that the fit rewrites, and a fit that stopped half-way leaves them (and
     the checksum covering them) changed: that is not damage, the same extract command rewrites them."""
     r = store.layout.rows(k)
-    placeholders = {"logits"} if store.probe_pending() else set()
-    wrong = [] if digests is None else digest_problems(dict(data, status=status[r.start:r.stop]), digests)
+    placeholders = {"logits", *SPARSE_LOGITS} if store.probe_pending() else set()
+    wrong = [] if digests is None else digest_problems(dict(data, status=status[r.start:r.stop]), digests,
+                                                       store.layout)
     if checksum != shard_checksum(store, data, status[r.start:r.stop]):
         if digests is None or set(wrong) - placeholders:
             return "contents differ from the checksum recorded when it was written"
     elif set(wrong) - placeholders:
         return f"array digests of {', '.join(wrong)} differ from the data (array_digests damaged)"
     ok_rows = status[r.start:r.stop] == Status.DONE
-    for name in outputs():
+    for name in (*outputs(), *SPARSE_LOGITS):
         if name in data and name not in placeholders and not np.isfinite(data[name][ok_rows].astype(np.float32)).all():
             return f"non-finite values in {name}"
     return None

@@ -282,7 +282,8 @@ def _print_summary(s: dict) -> None:
                f"input {t['preprocess']['input_size']}px")
     typer.echo(f"dataset   {d['name']}: N={d['N']}, {d['classes']} classes, domains {', '.join(d['domains'])}")
     typer.echo(f"views     V={s['views']['V']} (policy {s['views']['policy']}, seed {s['views']['seed']}); "
-               f"tokens grid {s['tokens']['grid']}; head {s['head']['kind']}" + _mixed(s['views'])
+               f"tokens grid {s['tokens']['grid']}; head {s['head']['kind']}"
+               + (f", logits top-{s['head']['logits_topk']}" if s["head"].get("logits_topk") else "") + _mixed(s['views'])
                + ("" if s["head_fitted"] else " (NOT FITTED: run the extract command again)"))
     sh, r = s["shards"], s["rows"]
     typer.echo(f"progress  {sh['done']}/{sh['total']} shards; rows done {r['done']}, bad {r['bad']}, "

@@ -29,7 +29,7 @@ from .mixing import MixSettings, draw_mixes, unmixed
 from .pack import member_digest, pack_shard, read_members, shard_name
 from .replay import Unreadable, replay_shard
 from .cache.backend import cache_path, lock
-from .cache.format import DIGEST_BYTES, Layout, arrays, buffer_dtype, present, shape
+from .cache.format import DIGEST_BYTES, Layout, arrays, buffer_dtype, computed, shape
 from .cache.store import CacheStore
 from .views import P, sample_views
 
@@ -270,14 +270,13 @@ class ShardBuffer:
 
     def __init__(self, n: int, lay: Layout):
         """Every teacher output of ARRAYS that a cache of `lay` holds."""
-        self.data = {a.name: np.zeros((n, *shape(a, lay)[1:]), buffer_dtype(a)) for a in arrays()
-                     if a.role == "output" and present(a, lay)}
+        self.data = {a.name: np.zeros((n, *shape(a, lay)[1:]), buffer_dtype(a)) for a in arrays() if computed(a, lay)}
 
     @staticmethod
     def nbytes(n: int, lay: Layout) -> int:
         """Memory of `n` rows' buffered outputs and their view parameters (float32)."""
         per_row = sum(int(np.prod(shape(a, lay)[1:])) * np.dtype(buffer_dtype(a)).itemsize for a in arrays()
-                      if a.role == "output" and present(a, lay))
+                      if computed(a, lay))
         return n * (per_row + 4 * lay.views * (lay.params + lay.mix_params))
 
     @staticmethod

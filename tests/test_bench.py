@@ -34,6 +34,22 @@ def test_cache_reads_section_runs(tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # --only prints and writes no results file
 
 
+def test_views_section_runs_and_reports_bytes_and_ratios_per_view_count(tmp_path, capsys):
+    bench = _bench()
+    bench.main(["--quick", "--only", "views", "--out", str(tmp_path)])
+    line = capsys.readouterr().out
+    result = json.loads(line.split("views: ", 1)[1].rsplit(" (", 1)[0])
+    assert sorted(result, key=int) == ["4", "16", "64"]
+    for v, e in result.items():
+        b = e["bytes_per_view"]
+        assert e["views"] == int(v) and b["features"] > 0 and 0 < b["logits_top10"] and b["logits_dense"] > 0
+        assert b["logits_top10_raw"] == 42 and b["logits_dense_raw"] == 200
+        assert e["model_only_views_per_s"] > 0 and e["extraction_views_per_s"] > 0
+        assert e["ratio"]["n"] == 2 and e["ratio"]["min"] <= e["ratio"]["median"] <= e["ratio"]["max"]
+    text = "\n".join(bench.render_views(result))
+    assert "| 64 |" in text and "top-10 logits" in text
+
+
 def test_a_ratio_reports_its_spread_and_flags_noise_when_the_repeats_disagree():
     bench = _bench()
     steady = bench.spread([0.95, 0.97, 0.93], ">=", 0.9)

@@ -6,7 +6,7 @@ extraction fills it and the loader streams it. Imports nothing of kdcache.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 FORMAT_NAME = "kdcache"
 # 1: keys, reasons and shard checksums are Zarr `string` arrays. 2: they are fixed-width UTF-8 bytes
@@ -22,6 +22,8 @@ CHECKSUM_CHARS = 64  # a shard checksum: sha256, hex
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "head", "pack", "tokens", "storage")
 FEATURE_DTYPES = ("float16", "int8")
 FEATURE = "feature"  # an ArraySpec dtype: the layout's feature_dtype (float16, or int8 with a scale array)
+INDEX = "index"  # an ArraySpec dtype: class indices, int16 when the classes fit (< 32768), else int32
+SPARSE_LOGITS = ("logit_index", "logit_prob", "logit_rest")  # the stored form of `logits` with --logits-topk
 
 
 class CacheError(ValueError):
@@ -30,6 +32,9 @@ class CacheError(ValueError):
 
 class IncompleteCreation(CacheError):
     """The store was being created when its process stopped; nothing in it is computed yet."""
+
+
+OPTIONAL_FIELDS = ("mix_params", "logits_topk")  # Layout fields recorded only when set (0: the feature is off)
 
 
 @dataclass(frozen=True)
@@ -44,11 +49,12 @@ class Layout:
     params: int  # view parameter count
     feature_dtype: str = "float16"  # features and tokens: float16, or int8 with a float32 scale per vector
     mix_params: int = 0  # numbers per mixed-view record (kdcache.mixing); 0: views are not mixed (no `mix` array)
+    logits_topk: int = 0  # > 0: logits stored sparse (the teacher's top-K probabilities and the leftover mass)
 
     def as_attrs(self) -> dict:
         """The layout as the attributes record it (a field at its "absent" default is left out, so caches
         without the feature keep the attributes they had before it existed)."""
-        return {k: v for k, v in self.__dict__.items() if not (k == "mix_params" and v == 0)}
+        return {k: v for k, v in self.__dict__.items() if not (k in OPTIONAL_FIELDS and v == 0)}
 
     @property
     def num_shards(self) -> int:
@@ -67,8 +73,9 @@ class ArraySpec:
     tokens not cached) is not in that cache.
     role: `output` (the teacher's output per view, filled by the extraction and streamed by the loader),
     `pass` (written per shard by the extraction besides the outputs), `scale` (the int8 scale of
-    `scale_of`, written with it), `static` (per row, written at creation), `status` (written last per
-    shard), `checksums` / `digests` (the per-shard records)."""
+    `scale_of`, written with it), `sparse` (the stored form of sparse logits, written in their place),
+    `static` (per row, written at creation), `status` (written last per shard), `checksums` / `digests` (the
+    per-shard records)."""
 
     name: str
     shape: tuple[str, ...]
@@ -80,6 +87,7 @@ class ArraySpec:
     since_checksums: int = 1  # written by caches of this checksum version on
     zero_when_bad: bool = False  # a shard of only bad rows holds fill values (no file needed in older caches)
     optional: bool = False  # digested last, and counted in array_digests only by caches that hold it
+    logits_form: str = ""  # "dense" / "sparse": stored only when the layout's logits are dense / sparse (top-K)
 
     @property
     def per_row(self) -> bool:
@@ -88,7 +96,7 @@ class ArraySpec:
     @property
     def sharded(self) -> bool:
         """Written shard by shard with the data arrays (before the status)."""
-        return self.role in ("output", "pass", "scale")
+        return self.role in ("output", "pass", "scale", "sparse")
 
 
 # symbol -> (Zarr dimension name, its size in a layout; `key_bytes` comes from the cache's attributes)
@@ -98,6 +106,7 @@ DIMS = {
     "views": ("view", lambda lay, kb: lay.views),
     "feature_dim": ("feature", lambda lay, kb: lay.feature_dim),
     "classes": ("class", lambda lay, kb: lay.num_classes),
+    "topk": ("top_class", lambda lay, kb: lay.logits_topk),
     "tokens": ("token", lambda lay, kb: lay.token_grid ** 2),
     "token_dim": ("channel", lambda lay, kb: lay.token_dim),
     "params": ("view_param", lambda lay, kb: lay.params),
@@ -113,7 +122,8 @@ ARRAYS: list[ArraySpec] = [
     ArraySpec("features", ("rows", "views", "feature_dim"), FEATURE, "output", digested=True, zero_when_bad=True),
     ArraySpec("feature_scale", ("rows", "views"), "float32", "scale", digested=True, scale_of="features",
               zero_when_bad=True),
-    ArraySpec("logits", ("rows", "views", "classes"), "float16", "output", digested=True, zero_when_bad=True),
+    ArraySpec("logits", ("rows", "views", "classes"), "float16", "output", digested=True, zero_when_bad=True,
+              logits_form="dense"),
     ArraySpec("tokens", ("rows", "views", "tokens", "token_dim"), FEATURE, "output", digested=True,
               zero_when_bad=True),
     ArraySpec("token_scale", ("rows", "views", "tokens"), "float32", "scale", digested=True, scale_of="tokens",
@@ -131,6 +141,15 @@ ARRAYS: list[ArraySpec] = [
     ArraySpec("image_digests", ("rows", "digest_bytes"), "uint8", "pass", digested=True, since_checksums=2),
     ArraySpec("shard_checksums", ("shards", "checksum_chars"), "uint8", "checksums", text=True),
     ArraySpec("array_digests", ("shards", "digested", "digest_bytes"), "uint8", "digests", since_checksums=2),
+    # --logits-topk K: per view the teacher's K most probable classes, their probabilities (softmax at T=1) and
+    # the probability left to the other classes; readers of `logits` get the distribution they make
+    # (cache.sparse), written from dense logits by the store
+    ArraySpec("logit_index", ("rows", "views", "topk"), INDEX, "sparse", digested=True, zero_when_bad=True,
+              logits_form="sparse", optional=True),
+    ArraySpec("logit_prob", ("rows", "views", "topk"), "float16", "sparse", digested=True, zero_when_bad=True,
+              logits_form="sparse", optional=True),
+    ArraySpec("logit_rest", ("rows", "views"), "float16", "sparse", digested=True, zero_when_bad=True,
+              logits_form="sparse", optional=True),
 ]
 
 
@@ -186,9 +205,17 @@ def present(a: ArraySpec, lay: Layout, checksums: int = CHECKSUM_VERSION) -> boo
     """Array `a` is part of a cache of layout `lay` (and checksum version `checksums`)."""
     if checksums < a.since_checksums:
         return False
+    if a.logits_form and (a.logits_form == "sparse") != (lay.logits_topk > 0):
+        return False
     if a.scale_of is not None and (lay.feature_dtype != "int8" or not present(spec(a.scale_of), lay, checksums)):
         return False
     return all(DIMS[s][1](lay, 1) > 0 for s in a.shape)
+
+
+def computed(a: ArraySpec, lay: Layout) -> bool:
+    """`a` is a teacher output the extraction computes for a cache of `lay`: logits are computed dense and
+    stored sparse when the layout says so (the store sparsifies them as it writes)."""
+    return a.role == "output" and present(a, replace(lay, logits_topk=0))
 
 
 def shape(a: ArraySpec, lay: Layout, key_bytes: int = 0, text_as_bytes: bool = True) -> tuple[int, ...]:
@@ -199,7 +226,13 @@ def shape(a: ArraySpec, lay: Layout, key_bytes: int = 0, text_as_bytes: bool = T
 def dtype(a: ArraySpec, lay: Layout, text_as_bytes: bool = True) -> str:
     if a.text and not text_as_bytes:
         return "str"
+    if a.dtype == INDEX:
+        return index_dtype(lay.num_classes)
     return lay.feature_dtype if a.dtype == FEATURE else a.dtype
+
+
+def index_dtype(num_classes: int) -> str:
+    return "int16" if num_classes < 2 ** 15 else "int32"
 
 
 def buffer_dtype(a: ArraySpec) -> str:

@@ -56,7 +56,7 @@ def record_digests(store, k: int, data: dict[str, np.ndarray]) -> None:
     """Record the digest of each digested array of `data` (shard k's slices) in array_digests."""
     if not store.has("array_digests"):
         return
-    names = digested()
+    names = digested(store.layout)
     digests = store.group["array_digests"][k]
     for name, values in data.items():
         if name in names:
@@ -68,16 +68,17 @@ def check_digests(store, k: int, raw: dict[str, np.ndarray]) -> None:
     """A CacheError when a shard's slices `raw` (as read) differ from the digests recorded when written."""
     if not store.has("array_digests"):
         return
-    recorded, names = store.group["array_digests"][k], digested()
+    recorded, names = store.group["array_digests"][k], digested(store.layout)
     for n, values in raw.items():
         if not np.array_equal(array_digest(values), recorded[names.index(n)]):
             raise CacheError(f"cache {store.path}: shard {k} of {n} differs from the digest recorded when it "
                              "was written; check with `info --verify`, fix with `extract --repair`")
 
 
-def digest_problems(data: dict[str, np.ndarray], digests: np.ndarray) -> list[str]:
-    """The arrays of `data` (one shard, status included) whose digest differs from the recorded `digests`."""
-    names = digested()
+def digest_problems(data: dict[str, np.ndarray], digests: np.ndarray, lay=None) -> list[str]:
+    """The arrays of `data` (one shard, status included) whose digest differs from the recorded `digests` (of a
+    cache of layout `lay`)."""
+    names = digested(lay)
     return [n for n, v in data.items() if not np.array_equal(array_digest(v), digests[names.index(n)])]
 
 
@@ -103,7 +104,7 @@ def missing_files(store, status: np.ndarray | None = None) -> list[tuple[str, in
     out = []
     for a in arrays():
         if not (a.sharded and not a.text or a.role == "status") or not store.has(a.name) \
-                or (a.name == "logits" and store.probe_pending()):
+                or ((a.name == "logits" or a.logits_form == "sparse") and store.probe_pending()):
             continue
         arr = store.group[a.name]
         for k in np.flatnonzero(done):
@@ -120,9 +121,10 @@ def _recorded_as_fill(store, name: str, k: int, status: np.ndarray) -> bool:
     """Shard k of `name` (whose file is absent, so it reads as fill values) is what was recorded when the
     shard was written: its array digest, or (caches without them) the shard's checksum, matches."""
     r = store.layout.rows(k)
-    if store.has("array_digests") and name in digested():
+    names = digested(store.layout)
+    if store.has("array_digests") and name in names:
         fill = store.read_shard(k, (name,))[name]
-        return np.array_equal(array_digest(fill), store.group["array_digests"][k, digested().index(name)])
+        return np.array_equal(array_digest(fill), store.group["array_digests"][k, names.index(name)])
     return str(store.checksums()[k]) == shard_checksum(store, store.read_shard(k), status[r.start:r.stop])
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import (FEATURE_DTYPES, FORMAT_NAME, IDENTITY_SECTIONS, READABLE_VERSIONS, CacheError,
+from .format import (FEATURE_DTYPES, FORMAT_NAME, IDENTITY_SECTIONS, OPTIONAL_FIELDS, READABLE_VERSIONS, CacheError,
                      IncompleteCreation, Layout, arrays, dtype, present, shape)
 
 HEAD_KINDS = ("probe", "native", "zeroshot", "none")
@@ -86,12 +86,14 @@ class CacheMeta:
                 if v not in FEATURE_DTYPES:
                     raise _error(path, "layout.feature_dtype", f"is {v!r}, not one of {FEATURE_DTYPES}")
                 values[name] = v
-            elif name == "mix_params" and name not in lay_raw:
+            elif name in OPTIONAL_FIELDS and name not in lay_raw:  # recorded only when set
                 values[name] = 0
             else:
                 low = 1 if name in ("n", "views", "feature_dim", "shard_size", "params") else 0
                 values[name] = _get(a, f"layout.{name}", int, path, low=low)
         lay = Layout(**values)
+        if lay.logits_topk and lay.logits_topk >= lay.num_classes:
+            raise _error(path, "layout.logits_topk", f"is {lay.logits_topk}, not below the {lay.num_classes} classes")
         teacher = _get(a, "teacher.name", str, path)
         feature_dim = _get(a, "teacher.feature_dim", int, path, low=1)
         input_size = _get(a, "teacher.preprocess.input_size", int, path, low=1)
@@ -118,7 +120,8 @@ class CacheMeta:
         pairs = [("layout.n", lay.n, "dataset.N", n), ("layout.views", lay.views, "views.V", views),
                  ("layout.feature_dim", lay.feature_dim, "teacher.feature_dim", feature_dim),
                  ("layout.token_grid", lay.token_grid, "tokens.grid", grid),
-                 ("layout.shard_size", lay.shard_size, "pack.shard_size", shard_size)]
+                 ("layout.shard_size", lay.shard_size, "pack.shard_size", shard_size),
+                 ("layout.logits_topk", lay.logits_topk, "head.logits_topk", a["head"].get("logits_topk", 0))]
         if head == "probe":
             pairs.append(("layout.num_classes", lay.num_classes, "len(dataset.classes)", len(classes)))
         if head == "none":

@@ -5,7 +5,7 @@ file. A shard is the unit of work: its data arrays are written first and `status
 shard whose status is 0 is recomputed on resume. Besides the arrays the store holds an `images`
 group (the packed tar shards and per-shard lock files) and derived sub-groups (`heads/`,
 `derived/`) that never change the base arrays. Which arrays exist, and how they are allocated,
-comes from ARRAYS (cache.format). Imports cache.format, .backend, .meta, .integrity and kdcache.codes.
+comes from ARRAYS (cache.format). Imports cache.format, .backend, .meta, .integrity, .sparse and kdcache.codes.
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ import zarr
 from ..codes import Status
 from . import integrity
 from .backend import backend, cache_path, chunk_path, lock
-from .format import (CHECKSUM_VERSION, FEATURE_DTYPES, FORMAT_NAME, FORMAT_VERSION, CacheError, Layout, arrays,
-                     dimensions, dtype, present, quantised, shape, shard_arrays, text_arrays)
+from .format import (CHECKSUM_VERSION, FEATURE_DTYPES, FORMAT_NAME, FORMAT_VERSION, SPARSE_LOGITS, CacheError,
+                     Layout, arrays, dimensions, dtype, present, quantised, shape, shard_arrays, text_arrays)
 from .meta import CacheMeta
+from .sparse import as_stored, is_sparse, rebuild_from
 
 # The images/ and heads/ groups carry non-Zarr files (tar shards, locks); listing them is expected.
 warnings.filterwarnings("ignore", message=".*is not recognized as a component of a Zarr hierarchy.*")
@@ -86,6 +87,15 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale[..., None]
+
+
+def decoded(name: str, raw: dict[str, np.ndarray], lay: Layout) -> np.ndarray:
+    """Array `name` from its stored arrays `raw` (CacheStore._parts): int8 dequantised to float32, sparse logits
+    rebuilt (cache.sparse), anything else as stored."""
+    if is_sparse(name, lay):
+        return rebuild_from(raw, lay.num_classes)
+    values, scale = raw[name], quantised().get(name)
+    return dequantize_int8(values, raw[scale]) if values.dtype == np.int8 and scale else values
 
 
 def text_width(values) -> int:
@@ -311,20 +321,24 @@ class CacheStore:
         return {n: self._logical(n, self.group[n][rows.start:rows.stop]) for n in names or shard_arrays()
                 if n in self.group}
 
+    def _parts(self, name: str) -> list[str]:
+        """The stored arrays that array `name` is read from: itself (and its int8 scale), or the sparse logits."""
+        if is_sparse(name, self.layout):
+            return list(SPARSE_LOGITS)
+        scale = quantised().get(name)
+        return [name] + ([scale] if scale and self.has(scale) else [])
+
     def read_checked(self, name: str, k: int) -> np.ndarray:
         """Shard k of an array, as `read` gives it, after comparing the stored bytes with the digests recorded
         when they were written (caches with array digests); a mismatch is a CacheError naming the shard."""
-        scale = quantised().get(name)
-        raw = self.read_shard(k, [name] + ([scale] if scale and self.has(scale) else []))
+        raw = self.read_shard(k, self._parts(name))
         integrity.check_digests(self, k, raw)
-        values = raw[name]
-        return dequantize_int8(values, raw[scale]) if values.dtype == np.int8 and scale else values
+        return decoded(name, raw, self.layout)
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop of a teacher array as stored (float16), or dequantised to float32 from int8.
-        Give whole shards for chunk-aligned reads."""
-        values, scale = self.group[name][start:stop], quantised().get(name)
-        return dequantize_int8(values, self.group[scale][start:stop]) if values.dtype == np.int8 and scale else values
+        """Rows start..stop of a teacher array as stored (float16), or dequantised to float32 from int8, or (sparse
+        logits) the log-probabilities they rebuild. Give whole shards for chunk-aligned reads."""
+        return decoded(name, {n: self.group[n][start:stop] for n in self._parts(name)}, self.layout)
 
     def masked(self, mask: np.ndarray, name: str = "features", view: int | None = None) -> np.ndarray:
         """`name` (float32) for the masked rows, every view [n, V, ...] or one view [n, ...], read shard
@@ -338,8 +352,8 @@ class CacheStore:
                 out.append((block if view is None else block[:, view])[m].astype(np.float32))
         if out:
             return np.concatenate(out)
-        tail = self.group[name].shape[1:] if view is None else self.group[name].shape[2:]
-        return np.zeros((0, *tail), np.float32)
+        tail = (lay.views, lay.num_classes) if is_sparse(name, lay) else self.group[name].shape[1:]
+        return np.zeros((0, *tail[view is not None:]), np.float32)
 
     def clean_view(self, mask: np.ndarray, name: str = "features") -> np.ndarray:
         """View 0 of `name` (float32) for the masked rows."""
@@ -369,6 +383,7 @@ class CacheStore:
         """Write one shard's data arrays, its digests and checksum, then its status (last)."""
         if "reasons" in data and self.text_as_bytes:  # checksums cover what is read back
             data = dict(data, reasons=cut_text(data["reasons"], self.group["reasons"].shape[-1]))
+        data = as_stored(data, self.layout)
         if self.layout.feature_dtype == "int8":
             data = dict(data)
             for name, scale_name in quantised().items():
@@ -383,6 +398,7 @@ class CacheStore:
     def write_arrays(self, k: int, data: dict[str, np.ndarray]) -> None:
         """Rewrite some data arrays of a finished shard (e.g. logits of a probe fitted later)."""
         rows = self.layout.rows(k)
+        data = as_stored(data, self.layout)
         self._put_rows(k, data)
         integrity.record_digests(self, k, data)
         status = self.group["status"][rows.start:rows.stop]

@@ -105,6 +105,16 @@ def check_mix(cfg) -> None:
                           f"as a row of its shard: at most {MAX_MIX_SHARD})")
 
 
+def check_topk(cfg, layout: Layout) -> None:
+    """--logits-topk K keeps fewer classes than there are (1 <= K <= C - 1), of a head that gives logits."""
+    k, c = cfg.logits_topk, layout.num_classes
+    if k and not c:
+        raise ConfigError(f"--logits-topk {k}: the cache has no logits (--head {cfg.head}); use 0")
+    if k and not 1 <= k <= c - 1:
+        raise ConfigError(f"--logits-topk {k}: must be between 1 and {c - 1} (the teacher's {c} classes less one; "
+                          "0 keeps dense logits)")
+
+
 def describe(cfg, dataset, teacher, head: str, dims: dict) -> tuple[dict, dict, dict]:
     """(identity, attributes, static arrays) of the cache these options make."""
     described = dataset.describe()
@@ -119,7 +129,7 @@ def describe(cfg, dataset, teacher, head: str, dims: dict) -> tuple[dict, dict, 
                   # views replayed on the device match the workers' within a pixel level (device_views)
                   **({"decode": cfg.decode} if cfg.decode != "workers" else {}),
                   **({"mix": mix_settings(cfg).identity()} if cfg.mix != "none" else {})},
-        "head": {"kind": head},
+        "head": {"kind": head, **({"logits_topk": cfg.logits_topk} if cfg.logits_topk else {})},
         "pack": {"image_bound": cfg.image_bound, "shard_size": cfg.shard_size},
         "tokens": {"grid": cfg.tokens, "dim": dims["tokens"]},
         "storage": {"feature_dtype": cfg.feature_dtype},

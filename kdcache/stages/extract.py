@@ -12,8 +12,8 @@ from pathlib import Path
 from kdcache import dist
 from kdcache.datasets import create_dataset, list_datasets
 from kdcache.extract.output import check_out, creation_lock, open_or_create, repair
-from kdcache.extract.teacher import (build_teacher, check_classes, check_mix, check_shard_buffer, describe,
-                                     mix_settings)
+from kdcache.extract.teacher import (build_teacher, check_classes, check_mix, check_shard_buffer, check_topk,
+                                     describe, mix_settings)
 from kdcache.extract.work import my_shards, parse_part
 from kdcache.extraction import PassStats, StreamSpec, fit_probe_once, teacher_pass
 from kdcache.cache.backend import cache_path
@@ -90,7 +90,9 @@ def extract(cfg: ExtractConfig) -> Extracted:
     layout = Layout(n=len(dataset), views=cfg.views, feature_dim=dims["features"],
                     num_classes=len(dataset.classes) if head == "probe" else dims["logits"],
                     token_grid=cfg.tokens, token_dim=dims["tokens"], shard_size=cfg.shard_size, params=len(PARAMS),
-                    feature_dtype=cfg.feature_dtype, mix_params=M if cfg.mix != "none" else 0)
+                    feature_dtype=cfg.feature_dtype, mix_params=M if cfg.mix != "none" else 0,
+                    logits_topk=cfg.logits_topk)
+    check_topk(cfg, layout)
     check_shard_buffer(layout)
     identity, attrs, static = describe(cfg, dataset, teacher, head, dims)
     store = _open_store(cfg, out, layout, (identity, attrs, static), rank)

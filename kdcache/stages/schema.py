@@ -52,6 +52,9 @@ class ExtractConfig:
     mix_alpha: float = option(1.0, "With --mix: lambda (the row's own share) ~ Beta(alpha, alpha).", positive=True)
     tokens: int = option(0, "Also cache patch tokens pooled to a GxG grid (0: off).", low=0)
     head: str = option("auto", "auto, native, zeroshot, probe or none.", choices="kdcache.heads:HEAD_KINDS")
+    logits_topk: int = option(0, "Store each view's logits sparse: the teacher's K most probable classes, their "
+                              "probabilities and the leftover mass (about 4K+2 bytes a view; readers spread the "
+                              "leftover evenly over the other classes). 0: dense float16 logits.", low=0)
     batch_size: int = option(64, "View-images per teacher forward pass.", low=1)
     workers: int = option(4, "DataLoader worker processes that pack and decode.", low=0)
     shard_size: int = option(1024, "Samples per shard (unit of work and of resume).", low=1)

@@ -1,11 +1,12 @@
 """The stage-two stream: tar shard k and cache rows of shard k, read together, in order.
 
     shard order (shuffled per epoch) -> this rank's shards -> each shard's draws (rows x repeats, in a
-    seeded order, one view each) -> chunks of draws -> workers replay chunks (replay.replay_shard)
-    -> chunks put back in order -> shuffle buffer -> batches (never a last batch of one)
+    seeded order, one view each: a row's views without replacement across epochs) -> chunks of draws
+    -> workers replay chunks (replay.replay_shard) -> chunks put back in order -> shuffle buffer -> batches
+    (never a last batch of one)
 
 A rank's batches in an epoch depend only on (seed, epoch, the rank's shards), never on the number of
-workers: the draws and their views are seeded per shard and epoch, workers only replay chunks, and the
+workers: the draws are seeded per shard and epoch, their views per row, workers only replay chunks, and the
 main process puts the chunks back in order before it mixes and batches them. A run resumed with
 another --workers ends where an uninterrupted one does.
 
@@ -90,15 +91,47 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
 def shard_draws(cfg: StreamConfig, repeats: np.ndarray, rows: range, epoch: int, k: int,
                 num_views: int) -> tuple[np.ndarray, np.ndarray]:
     """Shard k's draws in an epoch, (row, view) as two arrays: a row repeated r times is drawn r times.
-    Training visits the draws in a seeded random order (so repeats never arrive back to back), each with a
-    random view; evaluation visits every row's view 0 (the clean one) in row order."""
+    Training visits the draws in a seeded random order (so repeats never arrive back to back), each row's
+    views drawn without replacement across epochs (`draw_views`); evaluation visits every row's view 0 (the
+    clean one) in row order."""
     reps = np.maximum(repeats[rows.start:rows.stop], 0)
     draws = np.repeat(np.arange(rows.start, rows.stop, dtype=np.int64), reps)
     if cfg.clean_only:
         return draws, np.zeros(len(draws), np.int64)
-    rng = np.random.default_rng([cfg.seed, epoch, 3, k])
-    draws = draws[rng.permutation(len(draws))]
-    return draws, rng.integers(num_views, size=len(draws))
+    draws = draws[np.random.default_rng([cfg.seed, epoch, 3, k]).permutation(len(draws))]
+    return draws, draw_views(cfg.seed, draws, reps[draws - rows.start], epoch, num_views)
+
+
+def draw_views(seed: int, draws: np.ndarray, reps: np.ndarray, epoch: int, num_views: int) -> np.ndarray:
+    """The view of each draw. Each row walks its own permutation of its views, seeded by (seed, row) alone:
+    the i-th draw of a row drawn r times an epoch takes place (epoch * r + i) mod V of it, so E epochs of
+    one draw each see min(E, V) distinct views, and a row's views depend on neither the shard order, the
+    ranks, the workers nor where a run was resumed."""
+    if not len(draws):
+        return np.zeros(0, np.int64)
+    order = np.argsort(draws, kind="stable")  # the i-th draw of a row: its place among the row's draws
+    ordered = draws[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    nth = np.empty(len(draws), np.int64)
+    nth[order] = np.arange(len(draws)) - np.repeat(starts, np.diff(np.r_[starts, len(draws)]))
+    place = (epoch * reps.astype(np.int64) + nth) % num_views
+    return view_permutations(seed, draws, num_views)[np.arange(len(draws)), place]
+
+
+def view_permutations(seed: int, rows: np.ndarray, num_views: int) -> np.ndarray:
+    """[len(rows), V]: each row's permutation of its views, a function of (seed, row) only (the order of V
+    hashed keys: vectorised, where a generator per row would cost microseconds each)."""
+    base = _mix(_mix(np.full(len(rows), seed & (2 ** 64 - 1), np.uint64)) ^ np.asarray(rows, np.uint64))
+    keys = _mix(base[:, None] ^ _mix(np.arange(num_views, dtype=np.uint64))[None, :])
+    return np.argsort(keys, axis=1, kind="stable")
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 that scrambles every bit (wraps by design)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 @dataclass(frozen=True)
