@@ -94,7 +94,8 @@ def test_a_mixed_view_replays_at_training_what_the_teacher_saw(mixed):
                       mixing.partner_view(record), 24)
         mixed_pixels = mixing.mix_pixels(own, other, record)
         assert torch.equal(s["image"], mixed_pixels)
-        assert not torch.equal(mixed_pixels, own)
+        if mixing.lam_of(record) < 0.99:  # a mixup of lambda near 1 may round to the view's own pixels
+            assert not torch.equal(mixed_pixels, own)
         checked += 1
     assert checked > 10
 
