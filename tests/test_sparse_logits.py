@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, run_cli
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -39,6 +39,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 @given(st.integers(2, 300).flatmap(lambda c: st.tuples(st.just(c), st.integers(1, c - 1))),
        st.integers(0, 2 ** 31 - 1), st.floats(0.1, 30))
+@example(ck=(141, 2), seed=4796, spread=0.125)  # two top probabilities equal in float16
 def test_the_rebuilt_distribution_sums_to_one_and_keeps_the_top_k(ck, seed, spread):
     c, k = ck
     z = (np.random.default_rng(seed).standard_normal((5, 2, c)) * spread).astype(np.float16)
@@ -57,7 +58,9 @@ def test_the_rebuilt_distribution_sums_to_one_and_keeps_the_top_k(ck, seed, spre
     np.put_along_axis(others, order, False, -1)
     rest = (1 - top_p.sum(-1, keepdims=True)) / (c - k)  # the leftover, evenly
     np.testing.assert_allclose(np.where(others, q, 0), np.where(others, rest, 0), rtol=0.02, atol=(k + 2) * 2 ** -11)
-    assert np.array_equal(q.argmax(-1), p.argmax(-1)) or np.allclose(p.max(-1), np.sort(p, -1)[..., -2])
+    # the rebuilt top class is the teacher's, or one whose probability rounds to the same float16
+    best = np.take_along_axis(p, q.argmax(-1)[..., None], -1)[..., 0]
+    assert ((q.argmax(-1) == p.argmax(-1)) | (best >= p.max(-1) * (1 - 2 ** -10))).all()
 
 
 @given(hnp.arrays(np.float16, (3, 7), elements=st.floats(-60000, 60000, width=16)), st.integers(1, 6))
