@@ -206,3 +206,17 @@ def test_the_teacher_logits_every_reader_takes_are_the_rebuilt_ones(native):
                      store.layout.num_classes)
     np.testing.assert_array_equal(teacher_logits(store, None, mask), expect[mask])
     np.testing.assert_array_equal(teacher_logits(store, None, mask, view=0), expect[mask, 0])
+
+
+def test_the_views_picture_captions_a_sparse_cache_with_its_rebuilt_top_class(caches):
+    from kdcache.viewpicture import _caption, cached_logits
+
+    dense, sparse = (CacheStore.open(c) for c in caches)
+    logits = cached_logits(sparse)
+    assert logits is not None and not sparse.has("logits")
+    np.testing.assert_array_equal(logits, sparse.read("logits", 0, sparse.layout.n))
+    p = _softmax(logits[5, 1])
+    top = int(p.argmax())
+    assert top == int(sparse.array("logit_index")[5, 1, 0])
+    assert _caption(sparse, logits, 5, 1) == f"view 1: {sparse.meta.classes[top]} {p[top]:.2f}"
+    assert _caption(sparse, logits, 5, 1).split()[2] == _caption(dense, cached_logits(dense), 5, 1).split()[2]
