@@ -220,3 +220,16 @@ def test_the_views_picture_captions_a_sparse_cache_with_its_rebuilt_top_class(ca
     assert top == int(sparse.array("logit_index")[5, 1, 0])
     assert _caption(sparse, logits, 5, 1) == f"view 1: {sparse.meta.classes[top]} {p[top]:.2f}"
     assert _caption(sparse, logits, 5, 1).split()[2] == _caption(dense, cached_logits(dense), 5, 1).split()[2]
+
+
+def test_the_online_teacher_compares_its_logits_in_the_sparse_form_the_cache_holds(caches, tmp_path):
+    import json
+
+    cfg = distill.DistillConfig(cache=str(caches[1]), student="test_efficientnet", image_size=32, method="kd",
+                                scenario="supervised", epochs=1, batch_size=16, workers=0, online_teacher=True,
+                                out=str(tmp_path / "online"), progress=False)
+    summary = json.loads((distill.run(cfg) / "summary.json").read_text())
+    proof = summary["replay_cosine"]
+    drawn = summary["counts"]["labelled"] + summary["counts"]["unlabelled"]
+    assert not summary["head"]["refit"] and proof["compared"] == 2 * drawn  # features and logits of each view
+    assert proof["min"] >= 0.999, proof
