@@ -46,7 +46,7 @@ def fit_customised_head(feats_l: np.ndarray, labels_l: np.ndarray, feats_u: np.n
 def predict_views(flat: np.ndarray, weight: np.ndarray, bias: np.ndarray, views: int) -> np.ndarray:
     """Mean logits over each row's views; `flat` holds the views of each row one after another."""
     logits = torch.from_numpy(flat) @ torch.as_tensor(weight).T + torch.as_tensor(bias)
-    return logits.numpy().reshape(len(flat) // max(views, 1), views, -1).mean(1)
+    return logits.numpy().reshape(len(flat) // max(views, 1), views, logits.shape[-1]).mean(1)
 
 
 def self_train_head(feats_l: np.ndarray, labels_l: np.ndarray, feats_u: np.ndarray, logits_u: np.ndarray,

@@ -243,9 +243,9 @@ def info(
     show_views: int = typer.Option(0, "--show-views", min=0, help="Write a PNG of the first N rows' views as "
                                    "replayed (a mixed view beside its partner, with lambda or the box), each with "
                                    "the teacher's top class and probability from the cached logits; its path is "
-                                   "the last line printed."),
-    views_out: str = typer.Option(None, "--views-out", help="Where --show-views writes the PNG [default: "
-                                  "<cache>.views.png beside the cache folder]."),
+                                   "the last line printed (0: no picture)."),
+    views_out: str = typer.Option(None, "--views-out", help="Where --show-views writes the PNG. (default: "
+                                  "<cache>.views.png, beside the cache folder)"),
 ):
     """Describe a cache: teacher, dataset, views, completion, bad inputs, bytes per view."""
     from kdcache.cacheinfo import summarize

@@ -42,6 +42,13 @@ def _caption(store: CacheStore, logits: np.ndarray | None, row: int, view: int) 
     return f"view {view}: {store.meta.classes[top]} {float(p[top]):.2f}"
 
 
+def cached_logits(store: CacheStore) -> np.ndarray | None:
+    """Every row's logits as readers take them (sparse ones rebuilt), or None for a cache without a head."""
+    if not (store.has("logits") or store.layout.logits_topk):
+        return None
+    return store.read("logits", 0, store.layout.n)
+
+
 def _rows_shown(store: CacheStore, n: int) -> list[int]:
     done = np.flatnonzero(store.status() == Status.DONE)
     return [int(r) for r in done[:n]]
@@ -87,7 +94,7 @@ def picture_views(store: CacheStore, n: int, path: str | Path) -> Path:
         raise ValueError(f"--show-views {n}: cache {store.path} has no extracted row to show")
     pre = store.meta.section("teacher")["preprocess"]
     shown = _replayed(store, rows, int(pre["input_size"]), pre.get("interpolation", "bicubic"))
-    logits = store.read("logits", 0, store.layout.n) if store.has("logits") else None
+    logits = cached_logits(store)
     keys = store.text("keys")
     views = store.layout.views
     fig, axes = plt.subplots(len(rows), 2 * views, squeeze=False,

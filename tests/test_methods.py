@@ -269,6 +269,23 @@ def test_customkd_customisation_is_deterministic_and_expressed_through_the_stude
     assert (through_head.argmax(1).numpy() == labels).mean() > 0.9
 
 
+def test_customkd_runs_its_later_phases_without_unlabelled_rows():
+    """The supervised scenario has no unlabelled row: each phase refits on the labelled rows alone."""
+    from kdcache.adapt import predict_views
+
+    none = np.zeros((0, DT), np.float32)
+    assert predict_views(none, np.zeros((C, DT), np.float32), np.zeros(C, np.float32), 2).shape == (0, C)
+    ctx, dims, feats, labels = _customkd_ctx()
+    every = np.ones(len(labels), bool)
+    ctx.scenario = _Scenario(every, ~every, every)
+    m = create_method("customkd", dims, warmup_epochs=0)
+    m.prepare(ctx)
+    records = [m.before_epoch(ctx, epoch) for epoch in range(3)]
+    assert [r["custom_phase"] for r in records] == [1, 2, 3]
+    f = torch.from_numpy(feats[:, 0].astype(np.float32))
+    assert (m.customised_logits(f).argmax(1).numpy() == labels).mean() > 0.9
+
+
 def test_customkd_customisation_uses_unlabelled_rows():
     """Only the unlabelled rows' teacher predictions differ between the two fits, and P_t follows them."""
     ctx, dims, feats, labels = _customkd_ctx()

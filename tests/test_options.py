@@ -40,6 +40,16 @@ def test_every_field_has_its_flag_and_its_default_in_the_help(stage, f):
     assert flag in shown
 
 
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_flag_help_is_shown_whole(command):
+    """Nothing of a flag's help is taken for markup (text in square brackets would vanish from --help)."""
+    shown = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400"}).output
+    shown = re.sub(r"[│\s]+", " ", shown)
+    for param in COMMANDS[command].params:
+        text = re.sub(r"\s+", " ", getattr(param, "help", None) or "").strip()
+        assert text in shown, (command, param.name, text)
+
+
 def test_the_shown_defaults_are_the_fields_values():
     cls = STAGES["distill"]
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -209,3 +209,30 @@ def test_the_teacher_logits_every_reader_takes_are_the_rebuilt_ones(native):
                      store.layout.num_classes)
     np.testing.assert_array_equal(teacher_logits(store, None, mask), expect[mask])
     np.testing.assert_array_equal(teacher_logits(store, None, mask, view=0), expect[mask, 0])
+
+
+def test_the_views_picture_captions_a_sparse_cache_with_its_rebuilt_top_class(caches):
+    from kdcache.viewpicture import _caption, cached_logits
+
+    dense, sparse = (CacheStore.open(c) for c in caches)
+    logits = cached_logits(sparse)
+    assert logits is not None and not sparse.has("logits")
+    np.testing.assert_array_equal(logits, sparse.read("logits", 0, sparse.layout.n))
+    p = _softmax(logits[5, 1])
+    top = int(p.argmax())
+    assert p[top] == p[int(sparse.array("logit_index")[5, 1, 0])]  # the stored top class (or a float16 tie)
+    assert _caption(sparse, logits, 5, 1) == f"view 1: {sparse.meta.classes[top]} {p[top]:.2f}"
+    assert cached_logits(dense) is not None and dense.has("logits")
+
+
+def test_the_online_teacher_compares_its_logits_in_the_sparse_form_the_cache_holds(caches, tmp_path):
+    import json
+
+    cfg = distill.DistillConfig(cache=str(caches[1]), student="test_efficientnet", image_size=32, method="kd",
+                                scenario="supervised", epochs=1, batch_size=16, workers=0, online_teacher=True,
+                                out=str(tmp_path / "online"), progress=False)
+    summary = json.loads((distill.run(cfg) / "summary.json").read_text())
+    proof = summary["replay_cosine"]
+    drawn = summary["counts"]["labelled"] + summary["counts"]["unlabelled"]
+    assert not summary["head"]["refit"] and proof["compared"] == 2 * drawn  # features and logits of each view
+    assert proof["min"] >= 0.999, proof

@@ -48,13 +48,16 @@ class ExtractConfig:
     mix: str = option("none", "Mixed views: none, mixup, cutmix or both (each mixed view picks one at even odds). A "
                       "mixed view blends a view of another row of its shard into views 1..V-1 (view 0 never); the "
                       "teacher sees the mix and distillation replays it.", choices="kdcache.mixing:MIX_MODES")
-    mix_prob: float = option(0.5, "With --mix: the chance that a view other than view 0 is mixed.", low=0, high=1)
-    mix_alpha: float = option(1.0, "With --mix: lambda (the row's own share) ~ Beta(alpha, alpha).", positive=True)
+    mix_prob: float = option(0.5, "With --mix: the chance, 0 to 1, that a view other than view 0 is mixed.",
+                             low=0, high=1)
+    mix_alpha: float = option(1.0, "With --mix: lambda (the row's own share) ~ Beta(alpha, alpha), alpha > 0 (1: "
+                             "uniform; below 1: mostly near 0 or 1).", positive=True)
     tokens: int = option(0, "Also cache patch tokens pooled to a GxG grid (0: off).", low=0)
     head: str = option("auto", "auto, native, zeroshot, probe or none.", choices="kdcache.heads:HEAD_KINDS")
     logits_topk: int = option(0, "Store each view's logits sparse: the teacher's K most probable classes, their "
                               "probabilities and the leftover mass (about 4K+2 bytes a view; readers spread the "
-                              "leftover evenly over the other classes). 0: dense float16 logits.", low=0)
+                              "leftover evenly over the other classes). K from 1 to the head's classes less one; "
+                              "needs a head. 0: dense float16 logits.", low=0)
     batch_size: int = option(64, "View-images per teacher forward pass.", low=1)
     workers: int = option(4, "DataLoader worker processes that pack and decode.", low=0)
     shard_size: int = option(1024, "Samples per shard (unit of work and of resume).", low=1)
@@ -108,7 +111,9 @@ class DistillConfig:
     warmup_epochs: float = option(1.0, "Epochs of linear learning-rate warm-up before the cosine decay (fractions "
                                   "allowed).", low=0)
     online_teacher: bool = option(False, "Run the cache's teacher on the same replayed views every step instead of "
-                                  "reading the cache (a reference that measures what caching costs; slow).")
+                                  "reading the cache (a reference that measures what caching costs; slow). "
+                                  "summary.json's replay_cosine compares the cached outputs with the recomputed "
+                                  "ones.")
     teacher_weights: str | None = option(None, "--online-teacher: the teacher's weights.",
                                          shown="the file the cache was extracted with")
     teacher_adapt: int = option(0, "Rounds of self-training of the teacher head on the unlabelled rows' cached "

@@ -132,7 +132,7 @@ def train(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Path:
     grid = store.layout.token_grid if method.needs_tokens else 0
     module = TrainModule(student, method, s.head, teacher, grid).to(device)
     if teacher is not None:
-        module.replay = ReplayCosine(logits=s.replay_logits())
+        module.replay = ReplayCosine(logits=s.replay_logits(), topk=store.layout.logits_topk)
     if device.type == "cuda":
         module.student.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg.optimizer, module, cfg.lr, cfg.weight_decay, cfg.decay_norm_bias)
