@@ -472,6 +472,8 @@ def test_customkd_clean_record_takes_the_students_clean_view_predictions():
         m.end_epoch(ctx, 0)
     ctx.predict_clean = predict_clean
     m.end_epoch(ctx, 0)
+    with pytest.raises(MethodError, match="record=clean"):  # nothing would read it
+        create_method("customkd", dims, record="clean", student_weight=0.0, w_self=0.0)
     assert len(asked) == 1 and np.array_equal(asked[0], ctx.scenario.unlabelled)
     probs, seen = m.memory.table()
     assert seen.all() and (probs.argmax(1) == labels[ctx.scenario.unlabelled]).all()

@@ -47,7 +47,8 @@ from .. import dist
 from ..adapt import predict_views, self_train_head
 from ..cache.derived import derived_group
 from ..progress import bar as progress_bar
-from .base import Method, MethodContext, Opt, feature_mse, flag, kd_loss, register_method, temperature, weight
+from .base import (Method, MethodContext, MethodError, Opt, feature_mse, flag, kd_loss, register_method, temperature,
+                   weight)
 from .memory import RowMemory
 
 CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old fit are not read
@@ -91,6 +92,10 @@ CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old 
 class CustomKD(Method):
     def __init__(self, dims, **params):
         super().__init__(dims, **params)
+        p = self.params
+        if p["record"] != "train" and not (p["student_weight"] > 0 or p["w_self"] > 0):
+            raise MethodError(f"--method-opt record={p['record']} (method customkd): the record is read only by a "
+                              "moving customisation (student_weight > 0) or the self-training term (w_self > 0)")
         self.p_s = nn.Linear(dims.student, dims.teacher)
         # customisation state: buffers, so checkpoints carry it and P_t never receives gradients
         self.register_buffer("p_t_weight", torch.zeros(dims.student, dims.teacher))
