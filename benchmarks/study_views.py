@@ -33,10 +33,13 @@ def collect() -> list[dict]:
                 if not vals:
                     continue
                 m, s, n = study.summarise(vals)
-                secs = [r["train_seconds"] for r in results if r["row"] == row.label and r["budget"] == budget]
+                runs = [r for r in results if r["row"] == row.label and r["budget"] == budget]
+                firsts = [t for t in (study.teacher_top1(r, 0) for r in runs) if t is not None]
+                lasts = [t for t in (study.teacher_top1(r, -1) for r in runs) if t is not None]
                 out.append({"suite": suite.name, "views": suite.extract["views"], "mix": suite.extract.get("mix", "none"),
                             "method": row.method, "budget": budget, "epochs": epochs, "mean": m, "std": s, "n": n,
-                            "seconds": float(np.mean(secs))})
+                            "seconds": float(np.mean([r["train_seconds"] for r in runs])),
+                            "teacher": (study.cell(firsts), study.cell(lasts)) if lasts else ("-", "-")})
     return out
 
 
@@ -48,12 +51,15 @@ def report(entries: list[dict], ceiling: float | None) -> str:
              "replacement across epochs. Top-1 % on the target, mean ± std over seeds (n). "
              + (f"Teacher ceiling (linear probe on the source's labels): {ceiling:.1f}. " if ceiling is not None else "")
              + "Reproduce: the commands at the top of `benchmarks/study_views.py`.", "",
-             "| method | views | mixing | budget | top-1 | train seconds (mean, shared CPU) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "`customised teacher`: CustomKD's customised classifier on the target, top-1 % at the first phase and "
+             "at the last (the same for every seed: the teacher-only chain).", "",
+             "| method | views | mixing | budget | top-1 | customised teacher, first / last phase | "
+             "train seconds (mean, shared CPU) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for e in sorted(entries, key=lambda e: (e["method"], e["budget"], e["views"], e["mix"])):
         std = f" ± {e['std']:.1f}" if e["n"] > 1 else ""
         lines.append(f"| {e['method']} | {e['views']} | {e['mix']} | {e['budget']} ({e['epochs']} ep) | "
-                     f"{e['mean']:.1f}{std} (n={e['n']}) | {e['seconds']:.0f} |")
+                     f"{e['mean']:.1f}{std} (n={e['n']}) | {e['teacher'][0]} / {e['teacher'][1]} | {e['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
