@@ -170,6 +170,9 @@ def test_mix_options_are_checked_and_errors_name_the_flag(mode, prob, alpha):
 def test_mixing_refuses_device_decoding_and_the_cli_names_the_flag(tmp_path, tiny_args):
     with pytest.raises(ValueError, match="--decode workers"):
         extract.run(_extract_cfg(tmp_path / "c", decode="device"))
+    with pytest.raises(ValueError, match="--views 2 or more"):  # one view: only the clean one, never mixed
+        extract.run(_extract_cfg(tmp_path / "one", views=1))
+    assert not (tmp_path / "one").exists()
     proc = run_cli("extract", *tiny_args, "--mix", "blend", "--out", str(tmp_path / "cli"), check=False)
     assert proc.returncode != 0 and "--mix" in proc.stdout + proc.stderr
     assert not (tmp_path / "cli").exists()

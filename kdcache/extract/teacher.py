@@ -97,6 +97,9 @@ def check_mix(cfg) -> None:
     """Options that mixed views cannot be made with; an error naming the flag."""
     if cfg.mix == "none":
         return
+    if cfg.views < 2:
+        raise ConfigError(f"--mix {cfg.mix} mixes the views after view 0 (the clean one, never mixed): it needs "
+                          f"--views 2 or more, not --views {cfg.views}")
     if cfg.decode != "workers":
         raise ConfigError(f"--mix {cfg.mix} is replayed by the loader workers: it needs --decode workers, "
                           f"not --decode {cfg.decode}")
