@@ -159,8 +159,16 @@ def train(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Path:
     eval_reps = s.scenario.evaluation.astype(np.int32)
     plan = FitPlan(cfg.epochs, start_epoch, s.steps_per_epoch, cfg.eval_every, rank, world, device.type == "cuda",
                    device.type == "cuda", cfg.progress, int(eval_reps.sum()))
-    train_loader, eval_loader = _loaders(s, teacher, image_size, eval_reps)
-    ctx.predict_clean = _clean_predictor(s, teacher, image_size, plan.channels_last)
+    train_loader, clean_loader = _loaders(s, teacher, image_size)
+    eval_loader = lambda: clean_loader(eval_reps)  # noqa: E731
+
+    def predict_clean(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, logits): the student's evaluation-mode predictions on the clean view of the masked rows,
+        in row order (every rank predicts every masked row, so each holds the same record)."""
+        logits, _, rows = predict(student, clean_loader(mask.astype(np.int32)), device, plan.channels_last)
+        return rows, logits
+
+    ctx.predict_clean = predict_clean
     domains = (store.array("domains")[:], list(store.meta.domains))
     fit(module, train_module, optimizer, scheduler, device, plan, train_loader, eval_loader, domains,
         before_epoch=lambda epoch: method.before_epoch(ctx, epoch),  # the method's own phase, if it has one
@@ -170,39 +178,24 @@ def train(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Path:
     return out
 
 
-def _loaders(s: Session, teacher, image_size: int, eval_reps: np.ndarray):
-    """(epoch -> train loader of this rank, () -> eval loader)."""
+def _loaders(s: Session, teacher, image_size: int):
+    """(epoch -> train loader of this rank, repeats -> loader of the clean view of every row repeated once:
+    the evaluation rows, or the rows a method predicts between epochs)."""
     cfg, store, shard_size = s.cfg, s.store, s.store.layout.shard_size
-    stream, eval_stream = s.streams(teacher, image_size)
+    stream, clean_stream = s.streams(teacher, image_size)
     labels = np.where(s.scenario.labelled, store.array("labels")[:], -1).astype(np.int64)
-    eval_labels = store.array("labels")[:].astype(np.int64)
+    all_labels = store.array("labels")[:].astype(np.int64)
 
     def train_loader(epoch: int):
         shards = rank_shards(s.repeats, shard_size, cfg.seed, epoch, s.rank, s.world)
         return make_loader(stream, shards, s.repeats, labels, epoch, cfg.batch_size, cfg.workers,
                            pin_memory=s.device.type == "cuda")
 
-    def eval_loader():
-        shards = rank_shards(eval_reps, shard_size, 0, 0, 0, 1, False)
-        return make_loader(eval_stream, shards, eval_reps, eval_labels, 0, max(cfg.batch_size, 128), cfg.workers)
+    def clean_loader(reps: np.ndarray):
+        shards = rank_shards(reps, shard_size, 0, 0, 0, 1, False)
+        return make_loader(clean_stream, shards, reps, all_labels, 0, max(cfg.batch_size, 128), cfg.workers)
 
-    return train_loader, eval_loader
-
-
-def _clean_predictor(s: Session, teacher, image_size: int, channels_last: bool):
-    """mask -> (rows, logits): the student's predictions on the clean view of the masked rows, in row order
-    (evaluation mode; every rank predicts every masked row, so each holds the same record)."""
-    _, stream = s.streams(teacher, image_size)
-    labels = s.store.array("labels")[:].astype(np.int64)
-
-    def predict_clean(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        reps = mask.astype(np.int32)
-        shards = rank_shards(reps, s.store.layout.shard_size, 0, 0, 0, 1, False)
-        loader = make_loader(stream, shards, reps, labels, 0, max(s.cfg.batch_size, 128), s.cfg.workers)
-        logits, _, rows = predict(s.student, loader, s.device, channels_last)
-        return rows, logits
-
-    return predict_clean
+    return train_loader, clean_loader
 
 
 def write_summary(s: Session, image_size: int, replay: dict | None = None) -> None:
