@@ -33,20 +33,23 @@ def picture_size(rows: int, views: int) -> tuple[int, int]:
     return int(round(2 * views * CELL_INCHES * DPI)), int(round(rows * CELL_INCHES * DPI))
 
 
-def _caption(store: CacheStore, logits: np.ndarray | None, row: int, view: int) -> str:
+def _caption(store: CacheStore, logits: dict[int, np.ndarray] | None, row: int, view: int) -> str:
     if logits is None:
         return f"view {view}: no head"
-    z = torch.from_numpy(logits[row, view].astype(np.float32))
+    z = torch.from_numpy(logits[row][view].astype(np.float32))
     p = torch.softmax(z, 0)
     top = int(p.argmax())
     return f"view {view}: {store.meta.classes[top]} {float(p[top]):.2f}"
 
 
-def cached_logits(store: CacheStore) -> np.ndarray | None:
-    """Every row's logits as readers take them (sparse ones rebuilt), or None for a cache without a head."""
+def cached_logits(store: CacheStore, rows: list[int]) -> dict[int, np.ndarray] | None:
+    """The shown rows' logits [V, C] as readers take them (sparse ones rebuilt), read over their span only; None
+    for a cache without a head."""
     if not (store.has("logits") or store.layout.logits_topk):
         return None
-    return store.read("logits", 0, store.layout.n)
+    lo, hi = min(rows), max(rows) + 1
+    span = store.read("logits", lo, hi)
+    return {r: span[r - lo] for r in rows}
 
 
 def _rows_shown(store: CacheStore, n: int) -> list[int]:
@@ -94,7 +97,7 @@ def picture_views(store: CacheStore, n: int, path: str | Path) -> Path:
         raise ValueError(f"--show-views {n}: cache {store.path} has no extracted row to show")
     pre = store.meta.section("teacher")["preprocess"]
     shown = _replayed(store, rows, int(pre["input_size"]), pre.get("interpolation", "bicubic"))
-    logits = cached_logits(store)
+    logits = cached_logits(store, rows)
     keys = store.text("keys")
     views = store.layout.views
     fig, axes = plt.subplots(len(rows), 2 * views, squeeze=False,

@@ -215,14 +215,15 @@ def test_the_views_picture_captions_a_sparse_cache_with_its_rebuilt_top_class(ca
     from kdcache.viewpicture import _caption, cached_logits
 
     dense, sparse = (CacheStore.open(c) for c in caches)
-    logits = cached_logits(sparse)
-    assert logits is not None and not sparse.has("logits")
-    np.testing.assert_array_equal(logits, sparse.read("logits", 0, sparse.layout.n))
-    p = _softmax(logits[5, 1])
+    logits = cached_logits(sparse, [4, 5])
+    assert logits is not None and not sparse.has("logits") and sorted(logits) == [4, 5]
+    for row in (4, 5):
+        np.testing.assert_array_equal(logits[row], sparse.read("logits", row, row + 1)[0])
+    p = _softmax(logits[5][1])
     top = int(p.argmax())
     assert p[top] == p[int(sparse.array("logit_index")[5, 1, 0])]  # the stored top class (or a float16 tie)
     assert _caption(sparse, logits, 5, 1) == f"view 1: {sparse.meta.classes[top]} {p[top]:.2f}"
-    assert cached_logits(dense) is not None and dense.has("logits")
+    assert cached_logits(dense, [0]) is not None and dense.has("logits")
 
 
 def test_the_online_teacher_compares_its_logits_in_the_sparse_form_the_cache_holds(caches, tmp_path):
