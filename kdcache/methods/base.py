@@ -209,9 +209,9 @@ class MethodContext:
     seed: int = 0
     write: bool = True
     teacher_logits: Callable[..., np.ndarray] | None = None
-    # `predict_clean(mask)`: the student's logits [n, C] on the clean view of the masked rows, in row order
-    # (evaluation mode, one forward pass each; set by the training session, None where there is no student run)
-    predict_clean: Callable[[np.ndarray], np.ndarray] | None = None
+    # `predict_clean(mask)`: (rows, logits [n, C]), the student's predictions on the clean view of the masked rows,
+    # in row order (evaluation mode, one forward pass each; set by the training session, None outside a run)
+    predict_clean: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 class Method(nn.Module):
