@@ -23,7 +23,7 @@ import torch
 
 from .images import BadImage, decode_packed
 from .mixing import is_mixed, mix_pixels, partner_row, partner_view
-from .views import apply
+from .views import apply, sample_views
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,13 @@ MixOf = Callable[[int], np.ndarray]  # row -> that row's mix records [V, M] (ask
 def stored_views(views: np.ndarray, first_row: int = 0) -> ViewsOf:
     """The views recorded in the cache: `views[row - first_row]` (an array of a shard, or of all rows)."""
     return lambda row, image: views[row - first_row]
+
+
+def fresh_views(num_views: int, policy: str, crop_pct: float, seed: int) -> ViewsOf:
+    """Views drawn anew from the cache's view policy, keyed by (seed, row) rather than read from the cache: view 0
+    stays the clean view, views 1..V-1 are crops the teacher never saw at extraction (`distill --online-views
+    fresh`, where the teacher runs on every step)."""
+    return lambda row, image: sample_views(row, image.shape[-1], image.shape[-2], num_views, policy, seed, crop_pct)
 
 
 def replay_shard(packed: Mapping[int, bytes], draws: Iterable[tuple[int, int]], views_of: ViewsOf,

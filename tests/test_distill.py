@@ -274,6 +274,44 @@ def test_online_teacher_sees_the_cached_views_and_trains(cache, tmp_path):
                          teacher_weights=str(other)))
 
 
+def _views_by_draw(cache, epoch: int, fresh: bool, seed: int = 1) -> dict:
+    store = CacheStore.open(cache)
+    reps = (store.array("splits")[:] == 0).astype(np.int32)
+    cfg = StreamConfig(str(cache), image_size=24, seed=seed, shuffle_buffer=1, features=False, fresh_views=fresh)
+    shards = rank_shards(reps, S, seed, 0, 0, 1)[:1]  # one shard, read in each epoch
+    return {(s["row"], s["view"]): s["image"] for s in CacheStream(cfg, shards, reps, store.array("labels")[:], epoch)}
+
+
+def test_fresh_views_are_new_crops_each_epoch_and_the_clean_view_stays(cache):
+    """--online-views fresh: view 0 is the cached clean view; views 1..V-1 are drawn anew per (seed, epoch, row),
+    the same on every replay of that epoch and different in the next."""
+    cached, fresh = _views_by_draw(cache, 0, False), _views_by_draw(cache, 0, True)
+    assert cached.keys() == fresh.keys()
+    again, later = _views_by_draw(cache, 0, True), _views_by_draw(cache, 1, True)
+    clean = [k for k in fresh if k[1] == 0]
+    crops = [k for k in fresh if k[1] > 0]
+    assert clean and crops
+    assert all(torch.equal(fresh[k], cached[k]) for k in clean)
+    assert all(torch.equal(fresh[k], again[k]) for k in fresh)
+    assert sum(not torch.equal(fresh[k], cached[k]) for k in crops) > 0.9 * len(crops)
+    first = {row: image for (row, view), image in fresh.items() if view > 0}
+    rows = [(row, view) for row, view in later if view > 0 and row in first]
+    assert rows and sum(not torch.equal(first[r], later[r, v]) for r, v in rows) > 0.9 * len(rows)
+
+
+def test_online_teacher_on_fresh_views_trains_without_a_replay_proof(cache, tmp_path):
+    with pytest.raises(ValueError, match="--online-views fresh needs --online-teacher"):
+        distill.run(_cfg(cache, tmp_path / "no", method="kd", epochs=1, online_views="fresh"))
+    with pytest.raises(ValueError, match="--online-views"):
+        distill.run(_cfg(cache, tmp_path / "bad", method="kd", epochs=1, online_teacher=True, online_views="new"))
+    out = distill.run(_cfg(cache, tmp_path / "fresh", method="kd", epochs=2, online_teacher=True,
+                           online_views="fresh"))
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(rec["kd"]) and rec["eval"]["n"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary.get("replay_cosine") is None
+
+
 def test_teacher_adaptation_is_stored_and_reported(cache, tmp_path):
     out = distill.run(_cfg(cache, tmp_path / "adapt", method="kd", epochs=1, scenario="uda", labels_per_class=None,
                            source=("domain0",), target=("domain1",), teacher_adapt=2))

@@ -173,6 +173,11 @@ def test_mixing_refuses_device_decoding_and_the_cli_names_the_flag(tmp_path, tin
     with pytest.raises(ValueError, match="--views 2 or more"):  # one view: only the clean one, never mixed
         extract.run(_extract_cfg(tmp_path / "one", views=1))
     assert not (tmp_path / "one").exists()
+    for unused in ({"mix_prob": 0.3}, {"mix_alpha": 0.2}, {"mix_prob": 0.9, "mix_alpha": 2.0}):
+        with pytest.raises(ValueError, match="but --mix is none") as err:  # no silent acceptance without mixing
+            extract.run(_extract_cfg(tmp_path / "none", mix="none", **unused))
+        assert all(f"--{name.replace('_', '-')}" in str(err.value) for name in unused)
+    assert not (tmp_path / "none").exists()
     proc = run_cli("extract", *tiny_args, "--mix", "blend", "--out", str(tmp_path / "cli"), check=False)
     assert proc.returncode != 0 and "--mix" in proc.stdout + proc.stderr
     assert not (tmp_path / "cli").exists()

@@ -2,6 +2,7 @@
 of the dataset and of one shard's memory, and the cache's identity, attributes and static arrays."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 import sys
@@ -94,8 +95,15 @@ def mix_settings(cfg) -> MixSettings:
 
 
 def check_mix(cfg) -> None:
-    """Options that mixed views cannot be made with; an error naming the flag."""
+    """Options that mixed views cannot be made with, and mixing settings given without mixing; an error naming
+    the flag."""
     if cfg.mix == "none":
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+        unused = [f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in ("mix_prob", "mix_alpha")
+                  if getattr(cfg, name) != defaults[name]]
+        if unused:
+            raise ConfigError(f"{' and '.join(unused)} set how views are mixed, but --mix is none: add --mix "
+                              "mixup, cutmix or both, or leave them out")
         return
     if cfg.views < 2:
         raise ConfigError(f"--mix {cfg.mix} mixes the views after view 0 (the clean one, never mixed): it needs "

@@ -114,6 +114,11 @@ class DistillConfig:
                                   "reading the cache (a reference that measures what caching costs; slow). "
                                   "summary.json's replay_cosine compares the cached outputs with the recomputed "
                                   "ones.")
+    online_views: str = option("cached", "--online-teacher: the views it runs on: cached (the cache's own views, "
+                               "replayed) or fresh (views 1..V-1 drawn anew every epoch from the cache's view policy, "
+                               "so the student sees a new crop of each image every time: the reference a cache of V "
+                               "views is measured against; no replay_cosine).",
+                               choices="kdcache.train.loader:ONLINE_VIEWS")
     teacher_weights: str | None = option(None, "--online-teacher: the teacher's weights.",
                                          shown="the file the cache was extracted with")
     teacher_adapt: int = option(0, "Rounds of self-training of the teacher head on the unlabelled rows' cached "

@@ -26,7 +26,7 @@ from ..cache.format import CacheError, outputs
 from ..cache.store import CacheStore
 from ..mixing import is_mixed, lam_of, partner_row
 from ..pack import member_digest, read_members, shard_name
-from ..replay import Unreadable, replay_shard, stored_views
+from ..replay import Unreadable, fresh_views, replay_shard, stored_views
 
 CHUNK_BYTES = 32 << 20  # the replayed images of one chunk (what a worker hands over at a time), about
 SAMPLE_KEYS = {"features": "feature"}  # a teacher output's key in a sample (and a batch): its array name otherwise
@@ -46,6 +46,15 @@ class StreamConfig:
     teacher_size: int = 0  # > 0: also the same view replayed at the teacher's input size (online teacher)
     teacher_interpolation: str = "bicubic"
     chunk_size: int = 0  # draws a worker replays at a time (0: about CHUNK_BYTES of images); the stream is the same
+    fresh_views: bool = False  # views 1..V-1 drawn anew each epoch (online teacher only; the cached outputs do not match)
+
+
+ONLINE_VIEWS = ("cached", "fresh")
+
+
+def epoch_view_seed(seed: int, epoch: int) -> int:
+    """The view seed of an epoch's fresh views: one per (run seed, epoch), apart from any cache's view seed."""
+    return int(np.random.SeedSequence([seed, epoch, 3]).generate_state(1)[0])
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
@@ -239,7 +248,7 @@ class CacheStream:
             outputs.append((cfg.teacher_size, cfg.teacher_interpolation))
         picks = [(r, v) for r, v in zip(draws, views) if r in packed]
         teacher = {SAMPLE_KEYS.get(name, name): shard.arrays[name] for name in self._outputs()}
-        for got in replay_shard(packed, picks, stored_views(shard.arrays["views"], rows.start), outputs,
+        for got in replay_shard(packed, picks, self._views_of(store, shard), outputs,
                                 store.meta.image_bound, None if mix is None else lambda r: mix[r - rows.start],
                                 rows.start):
             if isinstance(got, Unreadable):
@@ -255,6 +264,14 @@ class CacheStream:
             if mix is not None:
                 sample.update(mix_sample(mix[j, v], self.labels, rows.start))
             yield sample
+
+    def _views_of(self, store: CacheStore, shard: _Shard):
+        """The views replayed: the cache's, or (fresh_views) new ones from its view policy, keyed by the epoch."""
+        if not self.cfg.fresh_views:
+            return stored_views(shard.arrays["views"], shard.rows.start)
+        views, preprocess = store.meta.section("views"), store.meta.section("teacher")["preprocess"]
+        return fresh_views(store.layout.views, views["policy"], float(preprocess["crop_pct"]),
+                           epoch_view_seed(self.cfg.seed, self.epoch))
 
     @staticmethod
     def _packed(shard: _Shard, wanted: list[int], own: set[int], first_chunk: bool) -> dict[int, bytes]:

@@ -93,7 +93,8 @@ class Session:
                              tokens=cached and method.needs_tokens,
                              features=not cached or method.needs_features or self.head is not None,
                              teacher_size=0 if cached else teacher.preprocess.input_size,
-                             teacher_interpolation="bicubic" if cached else teacher.preprocess.interpolation)
+                             teacher_interpolation="bicubic" if cached else teacher.preprocess.interpolation,
+                             fresh_views=not cached and self.cfg.online_views == "fresh")
         return train, StreamConfig(path, image_size, self.student.interpolation, self.cfg.seed, clean_only=True,
                                    features=False)
 
@@ -131,7 +132,7 @@ def train(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Path:
         teacher, s.head = online_teacher(store, cfg.teacher_weights, s.head)
     grid = store.layout.token_grid if method.needs_tokens else 0
     module = TrainModule(student, method, s.head, teacher, grid).to(device)
-    if teacher is not None:
+    if teacher is not None and cfg.online_views == "cached":  # fresh views have no cached outputs to compare
         module.replay = ReplayCosine(logits=s.replay_logits(), topk=store.layout.logits_topk)
     if device.type == "cuda":
         module.student.to(memory_format=torch.channels_last)
