@@ -144,6 +144,22 @@ for _name, _extract in VIEW_CACHES.items():
                                          _s.setup + f" (with --views {_extract['views']}"
                                          + (f" --mix {_extract['mix']}" if "mix" in _extract else "") + ")")
 
+# Sparse against dense logits: two caches of faenza and tango with a probe head fitted on faenza's labels alone (so
+# the faenza->tango runs read the cached logits rather than refitting a head), dense float16 and top-10.
+LOGITS_ROWS = (Row("kd", "kd"), Row("dkd", "dkd"), Row("customkd", "customkd"))
+LOGIT_CACHES = {"dense": {}, "top10": {"logits_topk": 10}}
+for _name, _extract in LOGIT_CACHES.items():
+    _s = SUITES["iconshift"]
+    _extract = {"domains": ("faenza", "tango"), "head": "probe", "probe_domains": ("faenza",), **_extract}
+    SUITES["iconshift-logits-" + _name] = Suite(
+        "iconshift-logits-" + _name, f"cache/iconshift-lite2-probe-{_name}", _s.scenario, _s.student, _s.image_size,
+        _s.budgets, (("faenza", "tango"),), _s.labels_per_class, _s.lr, _s.batch_size, _extract, LOGITS_ROWS,
+        _s.pretrained_student, _s.closed_set,
+        _s.setup.replace("--domain tango --domain faenza --domain papirus --domain paper --domain mint-y --domain breeze",
+                         "--domain faenza --domain tango").replace("--head none", "--head probe --probe-domain faenza")
+        .replace("cache/iconshift-lite2", f"cache/iconshift-lite2-probe-{_name}")
+        + (f" --logits-topk {_extract['logits_topk']}" if "logits_topk" in _extract else ""))
+
 ICON_DOMAINS = ("tango", "faenza", "papirus", "paper", "mint-y", "breeze")
 SHARED = ROOT.parent / "shared"
 

@@ -91,6 +91,10 @@ def fit_store_probe(store, train_split: int = 0) -> None:
     splits = store.array("splits")[:]
     status = store.status()
     fitted_on = (labels >= 0) & (splits == train_split) & (status == Status.DONE)
+    chosen = (store.meta.section("head") or {}).get("probe_domains")
+    if chosen:  # extract --probe-domain: the labelled train rows of those domains only
+        names = list(store.meta.domains)
+        fitted_on &= np.isin(store.array("domains")[:], [names.index(d) for d in chosen])
     weight, bias = fit_probe(store.clean_view(fitted_on), labels[fitted_on], lay.num_classes)
     group = store.group.require_group("heads").require_group("extract")
     for name, value in (("weight", weight), ("bias", bias), ("fitted_on", fitted_on.astype(np.uint8))):
@@ -105,5 +109,6 @@ def fit_store_probe(store, train_split: int = 0) -> None:
 
     digest = shard_digest({"weight": weight, "bias": bias, "fitted_on": fitted_on.astype(np.uint8)})
     store.update_attrs(head_fit={"fitted": True, "kind": "probe", "group": "heads/extract", "digest": digest,
-                                 "fitted_on": "every labelled sample of the train split",
+                                 "fitted_on": "every labelled sample of the train split"
+                                 + (f" of {', '.join(chosen)}" if chosen else ""),
                                  "samples": int(fitted_on.sum())})

@@ -237,3 +237,39 @@ def test_the_online_teacher_compares_its_logits_in_the_sparse_form_the_cache_hol
     drawn = summary["counts"]["labelled"] + summary["counts"]["unlabelled"]
     assert not summary["head"]["refit"] and proof["compared"] == 2 * drawn  # features and logits of each view
     assert proof["min"] >= 0.999, proof
+
+
+def test_a_probe_fitted_on_the_source_domains_is_read_by_uda_runs_from_them(tmp_path):
+    """extract --probe-domain: the probe sees the labels of those domains only, so a uda run from them reads the
+    cache's (here sparse) logits instead of refitting; a run from another domain still refits."""
+    from kdcache.scenario_heads import scenario_teacher_head
+    from kdcache.scenarios import make_scenario
+
+    out = tmp_path / "source-probe"
+    run_cli("extract", *ARGS, "--head", "probe", "--probe-domain", "domain0", "--logits-topk", str(K),
+            "--out", str(out))
+    store = CacheStore.open(out, mode="r+")
+    labels, domains, splits = (store.array(n)[:] for n in ("labels", "domains", "splits"))
+    fitted_on = store.group["heads/extract/fitted_on"][:].astype(bool)
+    assert fitted_on.any() and np.array_equal(fitted_on, (labels >= 0) & (splits == 0) & (domains == 0))
+    assert store.meta.section("head")["probe_domains"] == ["domain0"]
+
+    def head_of(source, target):
+        scenario = make_scenario("uda", labels, domains, splits, store.status(), ["domain0", "domain1"],
+                                 source=[source], target=[target])
+        return scenario_teacher_head(store, scenario)
+
+    head, info = head_of("domain0", "domain1")
+    assert head is None and not info["refit"]  # reads the cached top-K logits
+    head, info = head_of("domain1", "domain0")
+    assert head is not None and info["refit"] and "outside this scenario" in info["reason"]
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--head", "none", "--probe-domain", "domain0"], "--probe-domain chooses the rows a probe head"),
+    (["--head", "probe", "--probe-domain", "domain7"], "--probe-domain domain7: not a domain"),
+])
+def test_a_bad_probe_domain_is_an_error_naming_the_flag(extra, expect, tmp_path):
+    proc = run_cli("extract", *ARGS, *extra, "--out", str(tmp_path / "c"), check=False)
+    assert proc.returncode != 0 and expect in proc.stdout + proc.stderr
+    assert not (tmp_path / "c").exists()

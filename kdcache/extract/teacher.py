@@ -90,6 +90,19 @@ def check_shard_buffer(layout: Layout) -> None:
                           f"{MAX_SHARD_BUFFER // 2**30} GiB); use fewer --views or a smaller --shard-size")
 
 
+def check_probe_domains(cfg, dataset, head: str) -> None:
+    """--probe-domain names domains of the dataset, for a probe head; an error naming the flag."""
+    if not cfg.probe_domains:
+        return
+    if head != "probe":
+        raise ConfigError(f"--probe-domain chooses the rows a probe head is fitted on; this cache's head is {head} "
+                          "(pass --head probe, or leave --probe-domain out)")
+    unknown = [d for d in cfg.probe_domains if d not in dataset.domains]
+    if unknown:
+        raise ConfigError(f"--probe-domain {', '.join(unknown)}: not a domain of this dataset (it has: "
+                          f"{', '.join(dataset.domains)})")
+
+
 def mix_settings(cfg) -> MixSettings:
     return MixSettings(cfg.mix, float(cfg.mix_prob), float(cfg.mix_alpha))
 
@@ -140,7 +153,8 @@ def describe(cfg, dataset, teacher, head: str, dims: dict) -> tuple[dict, dict, 
                   # views replayed on the device match the workers' within a pixel level (device_views)
                   **({"decode": cfg.decode} if cfg.decode != "workers" else {}),
                   **({"mix": mix_settings(cfg).identity()} if cfg.mix != "none" else {})},
-        "head": {"kind": head, **({"logits_topk": cfg.logits_topk} if cfg.logits_topk else {})},
+        "head": {"kind": head, **({"logits_topk": cfg.logits_topk} if cfg.logits_topk else {}),
+                 **({"probe_domains": sorted(cfg.probe_domains)} if cfg.probe_domains else {})},
         "pack": {"image_bound": cfg.image_bound, "shard_size": cfg.shard_size},
         "tokens": {"grid": cfg.tokens, "dim": dims["tokens"]},
         "storage": {"feature_dtype": cfg.feature_dtype},

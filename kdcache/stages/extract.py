@@ -12,8 +12,8 @@ from pathlib import Path
 from kdcache import dist
 from kdcache.datasets import create_dataset, list_datasets
 from kdcache.extract.output import check_out, creation_lock, open_or_create, repair
-from kdcache.extract.teacher import (build_teacher, check_classes, check_mix, check_shard_buffer, check_topk,
-                                     describe, mix_settings)
+from kdcache.extract.teacher import (build_teacher, check_classes, check_mix, check_probe_domains,
+                                     check_shard_buffer, check_topk, describe, mix_settings)
 from kdcache.extract.work import my_shards, parse_part
 from kdcache.extraction import PassStats, StreamSpec, fit_probe_once, teacher_pass
 from kdcache.cache.backend import cache_path
@@ -81,6 +81,7 @@ def extract(cfg: ExtractConfig) -> Extracted:
     dataset = create_dataset(cfg.dataset, cfg.data_root, **options)
     check_classes(cfg, dataset)
     teacher, head, device, dims = build_teacher(cfg, dataset)
+    check_probe_domains(cfg, dataset, head)
     teacher.tune(channels_last=cfg.channels_last, compile_mode=cfg.compile, batch_size=cfg.batch_size)
     unfused = attention_kernels(teacher)["unfused"]
     if unfused and rank == 0:

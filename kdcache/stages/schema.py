@@ -54,6 +54,10 @@ class ExtractConfig:
                              "uniform; below 1: mostly near 0 or 1).", positive=True)
     tokens: int = option(0, "Also cache patch tokens pooled to a GxG grid (0: off).", low=0)
     head: str = option("auto", "auto, native, zeroshot, probe or none.", choices="kdcache.heads:HEAD_KINDS")
+    probe_domains: Names = option((), "--head probe: fit the probe on the labelled train rows of these domains only "
+                                  "(repeat the flag), so that a uda run from them reads the cached logits (a "
+                                  "probe that saw the target's labels is refitted by every such run).",
+                                  flag="--probe-domain", shown="every domain")
     logits_topk: int = option(0, "Store each view's logits sparse: the teacher's K most probable classes, their "
                               "probabilities and the leftover mass (about 4K+2 bytes a view; readers spread the "
                               "leftover evenly over the other classes). K from 1 to the head's classes less one; "
