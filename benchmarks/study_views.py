@@ -3,11 +3,18 @@
     python benchmarks/study.py --suite iconshift-views4 --budgets long      # kd and customkd, V = 4
     python benchmarks/study.py --suite iconshift-views16 --budgets long     # V = 16 (extracts its cache first)
     python benchmarks/study.py --suite iconshift-views16-mix --budgets long # V = 16, mixup and cutmix views
+    python benchmarks/study.py --suite iconshift-views4 --budgets long \
+        --rows "kd, online teacher on fresh views" "customkd, online teacher on fresh views"  # the online reference
+    python benchmarks/study.py --suite iconshift-logits-dense --budgets long --prepare  # dense logits (a probe head)
+    python benchmarks/study.py --suite iconshift-logits-top10 --budgets long --prepare  # the same, top-10 logits
     python benchmarks/study_views.py                                        # study-views.md and study-views.png
 
 Each suite is one cache (benchmarks/study.py VIEW_CACHES) and the same runs: the student's top-1 on the
 target, mean and std over seeds, at equal epochs. The teacher's ceiling (a linear probe on the source's
 labels, read from the V = 4 cache's clean views) is the same for every cache: their clean views are equal.
+The online reference runs the teacher on every step, on views drawn anew every epoch (`distill --online-teacher
+--online-views fresh`): what a cache of unlimited views would give. The logits suites compare dense and top-10
+logits of a probe head fitted on the source's labels alone, which the faenza->tango runs read from the cache.
 """
 from __future__ import annotations
 
@@ -20,12 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study  # noqa: E402
 
 SUITES = [study.SUITES["iconshift-" + name] for name in study.VIEW_CACHES]
+LOGIT_SUITES = [study.SUITES["iconshift-logits-" + name] for name in study.LOGIT_CACHES]
+
+
+def is_online(row) -> bool:
+    return dict(row.distill).get("online_views") == "fresh"
 
 
 def collect() -> list[dict]:
     """One entry per (suite, row, budget) that has results: its views, mixing, and mean/std/n of top-1 %."""
     out = []
-    for suite in SUITES:
+    for suite in SUITES + LOGIT_SUITES:
         results = study.load_results(suite)
         for row in suite.rows:
             for budget, epochs in suite.budgets.items():
@@ -36,11 +48,44 @@ def collect() -> list[dict]:
                 runs = [r for r in results if r["row"] == row.label and r["budget"] == budget]
                 firsts = [t for t in (study.teacher_top1(r, 0) for r in runs) if t is not None]
                 lasts = [t for t in (study.teacher_top1(r, -1) for r in runs) if t is not None]
-                out.append({"suite": suite.name, "views": suite.extract["views"], "mix": suite.extract.get("mix", "none"),
+                out.append({"suite": suite.name, "views": suite.extract.get("views", 4),
+                            "mix": suite.extract.get("mix", "none"), "online": is_online(row),
+                            "topk": suite.extract.get("logits_topk", 0),
                             "method": row.method, "budget": budget, "epochs": epochs, "mean": m, "std": s, "n": n,
                             "seconds": float(np.mean([r["train_seconds"] for r in runs])),
                             "teacher": (study.cell(firsts), study.cell(lasts)) if lasts else ("-", "-")})
     return out
+
+
+def bytes_per_view(suite) -> float | None:
+    """The cache's logits on disk, bytes a view (None: not extracted here)."""
+    from kdcache.cache.store import CacheStore
+    from kdcache.cacheinfo import summarize
+
+    path = study.ROOT / suite.cache
+    return summarize(CacheStore.open(path))["bytes_per_view"].get("logits") if path.is_dir() else None
+
+
+def logits_report(entries: list[dict]) -> list[str]:
+    """Dense against top-10 logits: one line per method, with the logits' bytes a view on disk."""
+    if not entries:
+        return []
+    sizes = {s.name: bytes_per_view(s) for s in LOGIT_SUITES}
+    lines = ["", "## Dense and top-10 logits", "",
+             "Caches of faenza and tango whose probe head saw faenza's labels alone, so that the runs read the cached "
+             "logits (a head that saw target labels is refitted from the features, and its logits never read). "
+             "The same views and features; only the stored logits differ. Top-1 % on the target, long budget.", "",
+             "| method | dense | top-10 | top-10 − dense |", "| --- | --- | --- | --- |"]
+    for method in sorted({e["method"] for e in entries}):
+        got = {e["topk"]: e for e in entries if e["method"] == method and e["budget"] == "long"}
+        cells = [f"{e['mean']:.1f} ± {e['std']:.1f} (n={e['n']})" if e else "-" for e in (got.get(0), got.get(10))]
+        diff = f"{got[10]['mean'] - got[0]['mean']:+.1f}" if 0 in got and 10 in got else "-"
+        lines.append(f"| {method} | {cells[0]} | {cells[1]} | {diff} |")
+    dense, top = (sizes.get(s.name) for s in LOGIT_SUITES)
+    if dense and top:
+        lines += ["", f"Logits on disk: dense {dense:.0f} B a view, top-10 {top:.0f} B a view "
+                  f"({len(study.SUITES['iconshift-logits-dense'].pairs)} pair, compressed as stored)."]
+    return lines
 
 
 def report(entries: list[dict], ceiling: float | None) -> str:
@@ -56,11 +101,30 @@ def report(entries: list[dict], ceiling: float | None) -> str:
              "| method | views | mixing | budget | top-1 | customised teacher, first / last phase | "
              "train seconds (mean, shared CPU) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for e in sorted(entries, key=lambda e: (e["method"], e["budget"], e["views"], e["mix"])):
+    views = [e for e in entries if e["suite"] in {s.name for s in SUITES}]
+    for e in sorted(views, key=lambda e: (e["method"], e["budget"], e["online"], e["views"], e["mix"])):
         std = f" ± {e['std']:.1f}" if e["n"] > 1 else ""
-        lines.append(f"| {e['method']} | {e['views']} | {e['mix']} | {e['budget']} ({e['epochs']} ep) | "
+        v = "online, fresh every epoch" if e["online"] else e["views"]
+        lines.append(f"| {e['method']} | {v} | {e['mix']} | {e['budget']} ({e['epochs']} ep) | "
                      f"{e['mean']:.1f}{std} (n={e['n']}) | {e['teacher'][0]} / {e['teacher'][1]} | {e['seconds']:.0f} |")
+    lines += gaps(views)
+    lines += logits_report([e for e in entries if e["suite"] in {s.name for s in LOGIT_SUITES}])
     return "\n".join(lines) + "\n"
+
+
+def gaps(entries: list[dict]) -> list[str]:
+    """Per method, the best cached V against the online reference (long budget)."""
+    out = []
+    for method in sorted({e["method"] for e in entries}):
+        longs = [e for e in entries if e["method"] == method and e["budget"] == "long"]
+        online = [e for e in longs if e["online"]]
+        cached = [e for e in longs if not e["online"]]
+        if online and cached:
+            best, ref = max(cached, key=lambda e: e["mean"]), online[0]
+            out.append(f"- {method}: the best cache (V = {best['views']}, mixing {best['mix']}) "
+                       f"{best['mean']:.1f} ± {best['std']:.1f} against online on fresh views "
+                       f"{ref['mean']:.1f} ± {ref['std']:.1f}: {best['mean'] - ref['mean']:+.1f} points.")
+    return ["", "Cached against online, long budget:", ""] + out if out else []
 
 
 def chart(entries: list[dict], ceiling: float | None, path: Path) -> None:
@@ -70,14 +134,21 @@ def chart(entries: list[dict], ceiling: float | None, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    names = {s.name for s in SUITES}
+    entries = [e for e in entries if e["suite"] in names and e["budget"] == "long"]
+    colours = {}
     for method in sorted({e["method"] for e in entries}):
         for mix, style in (("none", "-o"), ("both", "--s")):
             pts = sorted((e["views"], e["mean"], e["std"]) for e in entries
-                         if e["method"] == method and e["mix"] == mix and e["budget"] == "long")
+                         if e["method"] == method and e["mix"] == mix and not e["online"])
             if pts:
                 v, m, s = (np.array(x, dtype=float) for x in zip(*pts))
-                ax.errorbar(v, m, yerr=np.nan_to_num(s), fmt=style, capsize=3,
-                            label=method + ("" if mix == "none" else " (mixed views)"))
+                line = ax.errorbar(v, m, yerr=np.nan_to_num(s), fmt=style, capsize=3,
+                                   color=colours.get(method), label=method + ("" if mix == "none" else " (mixed views)"))
+                colours.setdefault(method, line[0].get_color())
+        for e in (e for e in entries if e["method"] == method and e["online"]):
+            ax.axhspan(e["mean"] - e["std"], e["mean"] + e["std"], color=colours.get(method, "gray"), alpha=0.15,
+                       label=f"{method}, online teacher on fresh views (± std)")
     if ceiling is not None:
         ax.axhline(ceiling, color="gray", lw=1, ls=":", label="teacher probe")
     ax.set_xscale("log", base=2)
