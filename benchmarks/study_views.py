@@ -1,16 +1,16 @@
 """How many views the cache needs, and what mixed views add: one table and one chart over the views suites.
 
-    python benchmarks/study.py --suite iconshift-views4 --budgets long      # kd and customkd, V = 4
-    python benchmarks/study.py --suite iconshift-views16 --budgets long     # V = 16 (extracts its cache first)
-    python benchmarks/study.py --suite iconshift-views16-mix --budgets long # V = 16, mixup and cutmix views
+    python benchmarks/study.py --suite iconshift-views4 --prepare      # kd and customkd, V = 4, every pair, both budgets
+    python benchmarks/study.py --suite iconshift-views16 --prepare     # V = 16 (extracts its cache first)
+    python benchmarks/study.py --suite iconshift-views16-mix --prepare # V = 16, mixup and cutmix views
     python benchmarks/study.py --suite iconshift-views4 --budgets long \
         --rows "kd, online teacher on fresh views" "customkd, online teacher on fresh views"  # the online reference
     python benchmarks/study.py --suite iconshift-logits-dense --budgets long --prepare  # dense logits (a probe head)
     python benchmarks/study.py --suite iconshift-logits-top10 --budgets long --prepare  # the same, top-10 logits
     python benchmarks/study_views.py                                        # study-views.md and study-views.png
 
-Each suite is one cache (benchmarks/study.py VIEW_CACHES) and the same runs: the student's top-1 on the
-target, mean and std over seeds, at equal epochs. The teacher's ceiling (a linear probe on the source's
+Each suite is one cache (benchmarks/study.py VIEW_CACHES) and the same runs on every pair: the student's top-1
+on the target, mean and std over seeds, at equal epochs. The teacher's ceiling (a linear probe on the source's
 labels, read from the V = 4 cache's clean views) is the same for every cache: their clean views are equal.
 The online reference runs the teacher on every step, on views drawn anew every epoch (`distill --online-teacher
 --online-views fresh`): what a cache of unlimited views would give. The logits suites compare dense and top-10
@@ -35,25 +35,26 @@ def is_online(row) -> bool:
 
 
 def collect() -> list[dict]:
-    """One entry per (suite, row, budget) that has results: its views, mixing, and mean/std/n of top-1 %."""
+    """One entry per (suite, pair, row, budget) that has results: its views, mixing, and mean/std/n of top-1 %."""
     out = []
     for suite in SUITES + LOGIT_SUITES:
         results = study.load_results(suite)
-        for row in suite.rows:
-            for budget, epochs in suite.budgets.items():
-                vals = [r["top1"] for r in results if r["row"] == row.label and r["budget"] == budget]
-                if not vals:
-                    continue
-                m, s, n = study.summarise(vals)
-                runs = [r for r in results if r["row"] == row.label and r["budget"] == budget]
-                firsts = [t for t in (study.teacher_top1(r, 0) for r in runs) if t is not None]
-                lasts = [t for t in (study.teacher_top1(r, -1) for r in runs) if t is not None]
-                out.append({"suite": suite.name, "views": suite.extract.get("views", 4),
-                            "mix": suite.extract.get("mix", "none"), "online": is_online(row),
-                            "topk": suite.extract.get("logits_topk", 0),
-                            "method": row.method, "budget": budget, "epochs": epochs, "mean": m, "std": s, "n": n,
-                            "seconds": float(np.mean([r["train_seconds"] for r in runs])),
-                            "teacher": (study.cell(firsts), study.cell(lasts)) if lasts else ("-", "-")})
+        for pair in suite.pairs:
+            for row in suite.rows:
+                for budget, epochs in suite.budgets.items():
+                    runs = [r for r in results if r["row"] == row.label and r["budget"] == budget
+                            and r["pair"] == study.pair_name(pair)]
+                    if not runs:
+                        continue
+                    m, s, n = study.summarise([r["top1"] for r in runs])
+                    firsts = [t for t in (study.teacher_top1(r, 0) for r in runs) if t is not None]
+                    lasts = [t for t in (study.teacher_top1(r, -1) for r in runs) if t is not None]
+                    out.append({"suite": suite.name, "pair": study.pair_name(pair),
+                                "views": suite.extract.get("views", 4), "mix": suite.extract.get("mix", "none"),
+                                "online": is_online(row), "topk": suite.extract.get("logits_topk", 0),
+                                "method": row.method, "budget": budget, "epochs": epochs, "mean": m, "std": s, "n": n,
+                                "seconds": float(np.mean([r["train_seconds"] for r in runs])),
+                                "teacher": (study.cell(firsts), study.cell(lasts)) if lasts else ("-", "-")})
     return out
 
 
@@ -70,44 +71,50 @@ def logits_report(entries: list[dict]) -> list[str]:
     """Dense against top-10 logits: one line per method, with the logits' bytes a view on disk."""
     if not entries:
         return []
-    sizes = {s.name: bytes_per_view(s) for s in LOGIT_SUITES}
     lines = ["", "## Dense and top-10 logits", "",
-             "Caches of faenza and tango whose probe head saw faenza's labels alone, so that the runs read the cached "
-             "logits (a head that saw target labels is refitted from the features, and its logits never read). "
-             "The same views and features; only the stored logits differ. Top-1 % on the target, long budget.", "",
+             f"{entries[0]['pair']}: caches of the two domains whose probe head saw the source's labels alone, so "
+             "that the runs read the cached logits (a head that saw target labels is refitted from the features, "
+             "and its logits are never read). The same views and features; only the stored logits differ. Top-1 % "
+             "on the target, long budget.", "",
              "| method | dense | top-10 | top-10 − dense |", "| --- | --- | --- | --- |"]
     for method in sorted({e["method"] for e in entries}):
         got = {e["topk"]: e for e in entries if e["method"] == method and e["budget"] == "long"}
         cells = [f"{e['mean']:.1f} ± {e['std']:.1f} (n={e['n']})" if e else "-" for e in (got.get(0), got.get(10))]
         diff = f"{got[10]['mean'] - got[0]['mean']:+.1f}" if 0 in got and 10 in got else "-"
         lines.append(f"| {method} | {cells[0]} | {cells[1]} | {diff} |")
-    dense, top = (sizes.get(s.name) for s in LOGIT_SUITES)
+    dense, top = (bytes_per_view(s) for s in LOGIT_SUITES)
     if dense and top:
-        lines += ["", f"Logits on disk: dense {dense:.0f} B a view, top-10 {top:.0f} B a view "
-                  f"({len(study.SUITES['iconshift-logits-dense'].pairs)} pair, compressed as stored)."]
+        lines += ["", f"Logits on disk, as stored (compressed): dense {dense:.0f} B a view, top-10 {top:.0f} B a view."]
     return lines
 
 
-def report(entries: list[dict], ceiling: float | None) -> str:
-    pair = study.pair_name(SUITES[0].pairs[0])
-    lines = ["# How many views, and mixed views", "",
-             f"IconShift-dev {pair}, uda, {SUITES[0].student} from scratch at {SUITES[0].image_size} px; one cache per "
-             "row group (views V, mixing), extracted with the same teacher and settings; views drawn without "
-             "replacement across epochs. Top-1 % on the target, mean ± std over seeds (n). "
-             + (f"Teacher ceiling (linear probe on the source's labels): {ceiling:.1f}. " if ceiling is not None else "")
-             + "Reproduce: the commands at the top of `benchmarks/study_views.py`.", "",
-             "`customised teacher`: CustomKD's customised classifier on the target, top-1 % at the first phase and "
-             "at the last (the same for every seed: the teacher-only chain).", "",
-             "| method | views | mixing | budget | top-1 | customised teacher, first / last phase | "
-             "train seconds (mean, shared CPU) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    views = [e for e in entries if e["suite"] in {s.name for s in SUITES}]
-    for e in sorted(views, key=lambda e: (e["method"], e["budget"], e["online"], e["views"], e["mix"])):
+def views_table(entries: list[dict], pair: str, ceiling: float | None) -> list[str]:
+    lines = ["", f"## {pair}", ""]
+    if ceiling is not None:
+        lines += [f"Teacher ceiling (linear probe on the source's labels): {ceiling:.1f}.", ""]
+    lines += ["| method | views | mixing | budget | top-1 | customised teacher, first / last phase | "
+              "train seconds (mean, shared CPU) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    mine = [e for e in entries if e["pair"] == pair]
+    for e in sorted(mine, key=lambda e: (e["method"], e["budget"], e["online"], e["views"], e["mix"])):
         std = f" ± {e['std']:.1f}" if e["n"] > 1 else ""
         v = "online, fresh every epoch" if e["online"] else e["views"]
         lines.append(f"| {e['method']} | {v} | {e['mix']} | {e['budget']} ({e['epochs']} ep) | "
                      f"{e['mean']:.1f}{std} (n={e['n']}) | {e['teacher'][0]} / {e['teacher'][1]} | {e['seconds']:.0f} |")
-    lines += gaps(views)
+    return lines + gaps(mine)
+
+
+def report(entries: list[dict], ceilings: dict) -> str:
+    lines = ["# How many views, and mixed views", "",
+             f"IconShift-dev, uda, {SUITES[0].student} from scratch at {SUITES[0].image_size} px; one cache per "
+             "row group (views V, mixing), extracted with the same teacher and settings; views drawn without "
+             "replacement across epochs. Top-1 % on the target, mean ± std over seeds (n). The online reference: "
+             "the teacher run on every step on views drawn anew every epoch (`--online-teacher --online-views "
+             "fresh`, from the V = 4 cache). Reproduce: the commands at the top of `benchmarks/study_views.py`.", "",
+             "`customised teacher`: CustomKD's customised classifier on the target, top-1 % at the first phase and "
+             "at the last (the same for every seed: the teacher-only chain)."]
+    views = [e for e in entries if e["suite"] in {s.name for s in SUITES}]
+    for pair in dict.fromkeys(e["pair"] for e in views):
+        lines += views_table(views, pair, ceilings.get(pair))
     lines += logits_report([e for e in entries if e["suite"] in {s.name for s in LOGIT_SUITES}])
     return "\n".join(lines) + "\n"
 
@@ -127,34 +134,38 @@ def gaps(entries: list[dict]) -> list[str]:
     return ["", "Cached against online, long budget:", ""] + out if out else []
 
 
-def chart(entries: list[dict], ceiling: float | None, path: Path) -> None:
+def chart(entries: list[dict], ceilings: dict, path: Path) -> None:
+    """Top-1 against V at the long budget, one panel per pair, one line per method (and mixing), the online
+    reference as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    names = {s.name for s in SUITES}
-    entries = [e for e in entries if e["suite"] in names and e["budget"] == "long"]
-    colours = {}
-    for method in sorted({e["method"] for e in entries}):
-        for mix, style in (("none", "-o"), ("both", "--s")):
-            pts = sorted((e["views"], e["mean"], e["std"]) for e in entries
-                         if e["method"] == method and e["mix"] == mix and not e["online"])
-            if pts:
-                v, m, s = (np.array(x, dtype=float) for x in zip(*pts))
-                line = ax.errorbar(v, m, yerr=np.nan_to_num(s), fmt=style, capsize=3,
-                                   color=colours.get(method), label=method + ("" if mix == "none" else " (mixed views)"))
-                colours.setdefault(method, line[0].get_color())
-        for e in (e for e in entries if e["method"] == method and e["online"]):
-            ax.axhspan(e["mean"] - e["std"], e["mean"] + e["std"], color=colours.get(method, "gray"), alpha=0.15,
-                       label=f"{method}, online teacher on fresh views (± std)")
-    if ceiling is not None:
-        ax.axhline(ceiling, color="gray", lw=1, ls=":", label="teacher probe")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("views per image in the cache (V)")
-    ax.set_ylabel("target top-1 % (long budget)")
-    ax.legend(fontsize=7)
+    entries = [e for e in entries if e["suite"] in {s.name for s in SUITES} and e["budget"] == "long"]
+    pairs = list(dict.fromkeys(e["pair"] for e in entries))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 3.6), squeeze=False)
+    for ax, pair in zip(axes[0], pairs):
+        mine, colours = [e for e in entries if e["pair"] == pair], {}
+        for method in sorted({e["method"] for e in mine}):
+            for mix, style in (("none", "-o"), ("both", "--s")):
+                pts = sorted((e["views"], e["mean"], e["std"]) for e in mine
+                             if e["method"] == method and e["mix"] == mix and not e["online"])
+                if pts:
+                    v, m, s = (np.array(x, dtype=float) for x in zip(*pts))
+                    line = ax.errorbar(v, m, yerr=np.nan_to_num(s), fmt=style, capsize=3, color=colours.get(method),
+                                       label=method + ("" if mix == "none" else " (mixed views)"))
+                    colours.setdefault(method, line[0].get_color())
+            for e in (e for e in mine if e["method"] == method and e["online"]):
+                ax.axhspan(e["mean"] - e["std"], e["mean"] + e["std"], color=colours.get(method, "gray"), alpha=0.15,
+                           label=f"{method}, online on fresh views")
+        if ceilings.get(pair) is not None:
+            ax.axhline(ceilings[pair], color="gray", lw=1, ls=":", label="teacher probe")
+        ax.set_xscale("log", base=2)
+        ax.set_title(pair, fontsize=9)
+        ax.set_xlabel("views per image in the cache (V)")
+        ax.set_ylabel("target top-1 % (long budget)")
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -163,12 +174,12 @@ def main() -> None:
     entries = collect()
     if not entries:
         raise SystemExit("no results yet: run the study commands at the top of this file")
-    ceiling = None
+    ceilings = {}
     if (study.ROOT / SUITES[0].cache).is_dir():
-        ceiling = study.teacher_ceiling(SUITES[0], SUITES[0].pairs[0], 0)["probe"] * 100
-    text = report(entries, ceiling)
+        ceilings = {study.pair_name(p): study.teacher_ceiling(SUITES[0], p, 0)["probe"] * 100 for p in SUITES[0].pairs}
+    text = report(entries, ceilings)
     (study.RESULTS / "study-views.md").write_text(text)
-    chart(entries, ceiling, study.RESULTS / "study-views.png")
+    chart(entries, ceilings, study.RESULTS / "study-views.png")
     print(text)
 
 
