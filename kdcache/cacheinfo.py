@@ -10,6 +10,7 @@ from .progress import bar
 from .cache.format import SPARSE_LOGITS, outputs, quantised
 from .cache.integrity import (digest_problems, missing_files, shard_checksum, shard_digest, static_changed,
                               status_changed)
+from .cache.sparse import nbytes_per_view
 from .cache.store import CacheStore
 
 IMAGES = "packed images: "  # prefix of a problem in a shard's tar file (repair re-packs it)
@@ -38,7 +39,9 @@ def summarize(store: CacheStore, max_bad: int = 20) -> dict:
             per_view[name] = size / max(done_rows * lay.views, 1)
     if lay.logits_topk:  # the sparse logits' arrays together
         per_view["logits"] = sum(store.nbytes_on_disk(n) for n in SPARSE_LOGITS) / max(done_rows * lay.views, 1)
-    raw = 2 * (lay.feature_dim + lay.num_classes)
+    # before compression: float16 features, and the logits as stored (dense float16, or the top-K arrays)
+    raw = 2 * lay.feature_dim + (nbytes_per_view(lay.logits_topk, lay.num_classes) if lay.logits_topk
+                                 else 2 * lay.num_classes)
     return {
         "path": str(store.path),
         "teacher": meta.section("teacher"),

@@ -100,6 +100,11 @@ def test_a_sparse_cache_stores_top_k_and_reads_back_the_dense_top_k(caches):
                                    atol=1e-7)  # float16 subnormals: steps of 6e-8
     assert sparse.clean_view(np.ones(N, bool), "logits").shape == (N, dense.layout.num_classes)
     assert sparse.masked(np.zeros(N, bool), "logits", view=0).shape == (0, dense.layout.num_classes)
+    # info's raw size counts the logits as each cache stores them
+    raw = {name: summarize(store)["bytes_per_view"]["features+logits raw fp16"] for name, store in
+           (("dense", dense), ("sparse", sparse))}
+    c = dense.layout.num_classes
+    assert raw["dense"] - raw["sparse"] == 2 * c - nbytes_per_view(K, c) > 0
 
 
 def test_a_sparse_cache_verifies_and_its_damage_is_found(caches, tmp_path):
