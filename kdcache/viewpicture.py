@@ -28,9 +28,10 @@ def default_picture_path(cache: str | Path) -> Path:
     return Path(text).with_name(Path(text).name + ".views.png")
 
 
-def picture_size(rows: int, views: int) -> tuple[int, int]:
-    """(width, height) in pixels of the picture of `rows` rows of `views` views."""
-    return int(round(2 * views * CELL_INCHES * DPI)), int(round(rows * CELL_INCHES * DPI))
+def picture_size(rows: int, views: int, mixed: bool) -> tuple[int, int]:
+    """(width, height) in pixels of the picture of `rows` rows of `views` views (each beside a partner column
+    when the cache has mixed views)."""
+    return int(round((2 if mixed else 1) * views * CELL_INCHES * DPI)), int(round(rows * CELL_INCHES * DPI))
 
 
 def _caption(store: CacheStore, logits: dict[int, np.ndarray] | None, row: int, view: int) -> str:
@@ -99,12 +100,12 @@ def picture_views(store: CacheStore, n: int, path: str | Path) -> Path:
     shown = _replayed(store, rows, int(pre["input_size"]), pre.get("interpolation", "bicubic"))
     logits = cached_logits(store, rows)
     keys = store.text("keys")
-    views = store.layout.views
-    fig, axes = plt.subplots(len(rows), 2 * views, squeeze=False,
-                             figsize=(2 * views * CELL_INCHES, len(rows) * CELL_INCHES))
+    views, per_view = store.layout.views, 2 if store.has("mix") else 1  # a partner column with mixed views only
+    fig, axes = plt.subplots(len(rows), per_view * views, squeeze=False,
+                             figsize=(per_view * views * CELL_INCHES, len(rows) * CELL_INCHES))
     for i, row in enumerate(rows):
         for v in range(views):
-            own, partner = axes[i, 2 * v], axes[i, 2 * v + 1]
+            own, partner = axes[i, per_view * v], axes[i, per_view * v + per_view - 1]
             for ax in (own, partner):
                 ax.set_axis_off()
             image, mixed = shown.get((row, v), (None, None))

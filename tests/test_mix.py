@@ -33,6 +33,8 @@ def _extract_cfg(out: Path, **kw) -> extract.ExtractConfig:
                 random_init=True, views=V, shard_size=S, batch_size=16, workers=0, out=str(out), progress=False,
                 mix="both", mix_prob=0.8)
     base.update(kw)
+    if base["mix"] == "none" and "mix_prob" not in kw:
+        base["mix_prob"] = 0.5  # the default: mixing settings without mixing are refused
     return extract.ExtractConfig(**base)
 
 
@@ -232,12 +234,12 @@ def test_info_shows_the_views_in_a_picture_and_names_it_last(mixed, tmp_path):
     proc = run_cli("info", "--cache", str(mixed[0]), "--show-views", "3", "--views-out", str(out))
     assert proc.stdout.strip().splitlines()[-1] == str(out)
     with Image.open(out) as im:
-        assert im.size == picture_size(3, V)
+        assert im.size == picture_size(3, V, mixed=True)
     plain = extract.run(_extract_cfg(tmp_path / "nohead", mix="none", views=2, head="none"))
     proc = run_cli("info", "--cache", str(plain), "--show-views", "2")
     assert proc.stdout.strip().splitlines()[-1] == str(default_picture_path(plain)) == str(plain) + ".views.png"
     with Image.open(default_picture_path(plain)) as im:
-        assert im.size == picture_size(2, 2)
+        assert im.size == picture_size(2, 2, mixed=False)  # no partner column
     from kdcache.viewpicture import _caption
 
     assert _caption(CacheStore.open(plain), None, 0, 1) == "view 1: no head"
