@@ -452,38 +452,46 @@ def _views_per_s_model_only(a, teacher, size: int, views: int) -> float:
 
 
 def bench_views(a, tmp: Path) -> dict:
-    """Many views (V of 4, 16, 64) from a tiny teacher: bytes per view on disk (features, dense logits and
-    top-10 logits) and the extraction's views/s over the teacher's alone (interleaved, per-repeat ratios).
-    An image is decoded once for all its views, so the ratio should not fall as V grows."""
+    """Many views (V of 4, 16, 64): bytes per view on disk (features, dense logits and top-10 logits) and the
+    extraction's views/s over the teacher's alone (interleaved, per-repeat ratios), for a tiny teacher (where
+    decoding and replaying the views show) and, unless --quick, a ViT-S/16 at 224 px (a teacher whose forward
+    pass costs what a foundation model's does, relative to the pipeline). An image is decoded once for all its
+    views, so the ratio should not fall as V grows."""
     out = {}
-    teacher = create_teacher("test_vit", random_init=True, input_size=a.views_input).to(a.device).eval()
-    for v in a.view_counts:
-        dense, sparse = tmp / f"views-{v}", tmp / f"views-{v}-top10"
-        opts = dict(dataset_options=(("n", a.views_images), ("classes", 100), ("size", 48)),
-                    teacher_input_size=a.views_input, shard_size=a.views_images)
-        cfg = _extract_cfg(a, "test_vit", a.views_images, v, dense, **opts)
-        extract.run(cfg)
-        extract.run(_extract_cfg(a, "test_vit", a.views_images, v, sparse, logits_topk=10, **opts))
-        views_done = a.views_images * v
-        _views_per_s_model_only(a, teacher, a.views_input, views_done)  # warm-up
-        store, model, passes = CacheStore.open(dense, mode="r+"), [], []
-        for _ in range(a.repeats):
-            model.append(_views_per_s_model_only(a, teacher, a.views_input, views_done))
-            for k in range(store.layout.num_shards):
-                store.mark_todo(k)
-            passes.append(views_done / extract.extract(cfg).stats.seconds)
-        ratios = [p / m for p, m in zip(passes, model)]
-        top = CacheStore.open(sparse)
-        per_view = lambda st, names: sum(st.nbytes_on_disk(n) for n in names) / views_done  # noqa: E731
-        out[str(v)] = {
-            "images": a.views_images, "views": v, "input_size": a.views_input, "classes": 100,
-            "bytes_per_view": {"features": per_view(store, ["features"]), "logits_dense": per_view(store, ["logits"]),
-                               "logits_top10": per_view(top, SPARSE_LOGITS),
-                               "logits_top10_raw": nbytes_per_view(10, 100), "logits_dense_raw": 2 * 100},
-            "model_only_views_per_s": statistics.median(model), "extraction_views_per_s": statistics.median(passes),
-            "ratio": spread(ratios, ">=", 0.90),
-        }
+    for name, images, size in a.views_teachers:
+        teacher = create_teacher(name, random_init=True, input_size=size).to(a.device).eval()
+        for v in a.view_counts:
+            key = str(v) if name == "test_vit" else f"{v} {name}"
+            out[key] = _views_entry(a, tmp / key.replace(" ", "-"), teacher, name, images, size, v)
     return out
+
+
+def _views_entry(a, tmp: Path, teacher, name: str, images: int, size: int, v: int) -> dict:
+    dense, sparse = tmp / "dense", tmp / "top10"
+    opts = dict(dataset_options=(("n", images), ("classes", 100), ("size", 48)), teacher_input_size=size,
+                shard_size=images)
+    cfg = _extract_cfg(a, name, images, v, dense, **opts)
+    extract.run(cfg)
+    extract.run(_extract_cfg(a, name, images, v, sparse, logits_topk=10, **opts))
+    views_done = images * v
+    _views_per_s_model_only(a, teacher, size, views_done)  # warm-up
+    store, model, passes = CacheStore.open(dense, mode="r+"), [], []
+    for _ in range(a.repeats):
+        model.append(_views_per_s_model_only(a, teacher, size, views_done))
+        for k in range(store.layout.num_shards):
+            store.mark_todo(k)
+        passes.append(views_done / extract.extract(cfg).stats.seconds)
+    ratios = [p / m for p, m in zip(passes, model)]
+    top = CacheStore.open(sparse)
+    per_view = lambda st, names: sum(st.nbytes_on_disk(n) for n in names) / views_done  # noqa: E731
+    return {
+        "teacher": name, "images": images, "views": v, "input_size": size, "classes": 100,
+        "bytes_per_view": {"features": per_view(store, ["features"]), "logits_dense": per_view(store, ["logits"]),
+                           "logits_top10": per_view(top, SPARSE_LOGITS),
+                           "logits_top10_raw": nbytes_per_view(10, 100), "logits_dense_raw": 2 * 100},
+        "model_only_views_per_s": statistics.median(model), "extraction_views_per_s": statistics.median(passes),
+        "ratio": spread(ratios, ">=", 0.90),
+    }
 
 
 SECTIONS = {"pipeline": bench_pipeline, "extraction": bench_extraction, "storage": bench_storage,
@@ -501,7 +509,9 @@ def settings(a) -> None:
     a.repeats, a.storage_rows, a.token_grid = (2 if quick else 3), (128 if quick else 512), 4
     a.read_rows = 8192 if quick else 32768
     a.pipeline_images, a.pipeline_views = (64 if quick else 256), 4
-    a.view_counts, a.views_images, a.views_input = (4, 16, 64), (16 if quick else 64), (32 if quick else 64)
+    a.view_counts = (4, 16, 64)
+    a.views_teachers = [("test_vit", 16 if quick else 64, 32 if quick else 64)] + \
+        ([] if quick else [("vit_small_patch16_224", 4, 224)])
     a.skip = set()
 
 
@@ -666,12 +676,12 @@ def render_views(r: dict | None) -> list[str]:
     """The many-views section: bytes per view on disk, and the extraction's views/s over the teacher's alone."""
     if not r:
         return []
-    lines = ["", "| views V | features B/view | dense logits B/view | top-10 logits B/view (raw) | model only views/s "
-             "| extraction views/s | extraction / model only, median (min–max, n) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for v, e in r.items():
+    lines = ["", "| teacher, input | views V | features B/view | dense logits B/view | top-10 logits B/view (raw) | "
+             "model only views/s | extraction views/s | extraction / model only, median (min–max, n) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for e in r.values():
         b, q = e["bytes_per_view"], e["ratio"]
-        lines.append(f"| {v} | {b['features']:.0f} | {b['logits_dense']:.0f} | {b['logits_top10']:.0f} "
+        lines.append(f"| {e.get('teacher', 'test_vit')}, {e['input_size']} px | {e['views']} | {b['features']:.0f} | {b['logits_dense']:.0f} | {b['logits_top10']:.0f} "
                      f"({b['logits_top10_raw']}) | {e['model_only_views_per_s']:,.0f} | "
                      f"{e['extraction_views_per_s']:,.0f} | {q['median']:.2f} ({q['min']:.2f}–{q['max']:.2f}, "
                      f"{q['n']}) |")
