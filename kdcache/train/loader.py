@@ -46,7 +46,7 @@ class StreamConfig:
     teacher_size: int = 0  # > 0: also the same view replayed at the teacher's input size (online teacher)
     teacher_interpolation: str = "bicubic"
     chunk_size: int = 0  # draws a worker replays at a time (0: about CHUNK_BYTES of images); the stream is the same
-    fresh_views: bool = False  # views 1..V-1 drawn anew each epoch (online teacher only; the cached outputs do not match)
+    fresh_views: bool = False  # views 1..V-1 drawn anew each epoch (online teacher only: no cached outputs match)
 
 
 ONLINE_VIEWS = ("cached", "fresh")
