@@ -470,7 +470,7 @@ def _views_entry(a, tmp: Path, teacher, name: str, images: int, size: int, v: in
     dense, sparse = tmp / "dense", tmp / "top10"
     opts = dict(dataset_options=(("n", images), ("classes", 100), ("size", 48)), teacher_input_size=size,
                 shard_size=images)
-    cfg = _extract_cfg(a, name, images, v, dense, **opts)
+    cfg = _extract_cfg(a, name, images, v, dense, logits_topk=0, **opts)
     extract.run(cfg)
     extract.run(_extract_cfg(a, name, images, v, sparse, logits_topk=10, **opts))
     views_done = images * v

@@ -146,7 +146,7 @@ for _name, _extract in VIEW_CACHES.items():
 # Sparse against dense logits: two caches of faenza and tango with a probe head fitted on faenza's labels alone (so
 # the faenza->tango runs read the cached logits rather than refitting a head), dense float16 and top-10.
 LOGITS_ROWS = (Row("kd", "kd"), Row("dkd", "dkd"), Row("customkd", "customkd"))
-LOGIT_CACHES = {"dense": {}, "top10": {"logits_topk": 10}}
+LOGIT_CACHES = {"dense": {"logits_topk": 0}, "top10": {"logits_topk": 10}}
 for _name, _extract in LOGIT_CACHES.items():
     _s = SUITES["iconshift"]
     _extract = {"domains": ("faenza", "tango"), "head": "probe", "probe_domains": ("faenza",), **_extract}

@@ -2,6 +2,7 @@
 read back everywhere as the log-probabilities of the distribution they make."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,28 @@ def test_a_sparse_cache_verifies_and_its_damage_is_found(caches, tmp_path):
 def test_another_top_k_on_the_same_cache_is_refused(caches):
     proc = run_cli("extract", *ARGS, "--logits-topk", str(K + 1), "--out", str(caches[1]), check=False)
     assert proc.returncode != 0 and "head.logits_topk" in proc.stderr + proc.stdout
+
+
+def test_auto_top_k_is_sparse_from_100_classes_and_a_resume_keeps_the_caches_own(tmp_path):
+    """--logits-topk left out: top-10 for a new cache whose head has 100 classes or more, dense below; the K of a
+    cache already at --out otherwise (a dense cache of many classes resumes dense), and an explicit K wins."""
+    from kdcache.extract.teacher import AUTO_TOPK, AUTO_TOPK_CLASSES, resolve_topk
+
+    def made(name: str, classes: int, *extra: str) -> CacheStore:
+        run_cli("extract", *TINY, "--dataset-opt", "n=8", "--dataset-opt", f"classes={classes}", "--views", "2",
+                "--shard-size", "8", "--batch-size", "8", "--workers", "0", "--head", "probe", *extra,
+                "--out", str(tmp_path / name))
+        return CacheStore.open(tmp_path / name)
+
+    assert made("many", AUTO_TOPK_CLASSES).layout.logits_topk == AUTO_TOPK
+    assert made("few", AUTO_TOPK_CLASSES - 1).layout.logits_topk == 0
+    dense = made("dense", AUTO_TOPK_CLASSES, "--logits-topk", "0")
+    assert dense.layout.logits_topk == 0 and dense.has("logits")
+    cfg = extract.ExtractConfig(dataset="synthetic", out=str(tmp_path / "dense"))
+    assert resolve_topk(cfg, tmp_path / "dense", AUTO_TOPK_CLASSES) == 0  # the cache's own K
+    assert resolve_topk(dataclasses.replace(cfg, overwrite=True), tmp_path / "dense", AUTO_TOPK_CLASSES) == AUTO_TOPK
+    assert resolve_topk(dataclasses.replace(cfg, logits_topk=3), tmp_path / "dense", AUTO_TOPK_CLASSES) == 3
+    assert made("dense", AUTO_TOPK_CLASSES).layout.logits_topk == 0  # resumed without the flag: still dense
 
 
 @pytest.mark.parametrize("extra, expect", [

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import errno
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kdcache import dist
 from kdcache.datasets import create_dataset, list_datasets
 from kdcache.extract.output import check_out, creation_lock, open_or_create, repair
 from kdcache.extract.teacher import (build_teacher, check_classes, check_mix, check_probe_domains,
-                                     check_shard_buffer, check_topk, describe, mix_settings)
+                                     check_shard_buffer, check_topk, describe, mix_settings, resolve_topk)
 from kdcache.extract.work import my_shards, parse_part
 from kdcache.extraction import PassStats, StreamSpec, fit_probe_once, teacher_pass
 from kdcache.cache.backend import cache_path
@@ -88,8 +88,9 @@ def extract(cfg: ExtractConfig) -> Extracted:
         print(f"warning: {unfused} attention block(s) of {teacher.name} do not use F.scaled_dot_product_attention "
               "(timm: unset TIMM_FUSED_ATTN=0); extraction is slower on a GPU", file=sys.stderr)
     pre = teacher.preprocess
-    layout = Layout(n=len(dataset), views=cfg.views, feature_dim=dims["features"],
-                    num_classes=len(dataset.classes) if head == "probe" else dims["logits"],
+    classes = len(dataset.classes) if head == "probe" else dims["logits"]
+    cfg = replace(cfg, logits_topk=resolve_topk(cfg, out, classes))
+    layout = Layout(n=len(dataset), views=cfg.views, feature_dim=dims["features"], num_classes=classes,
                     token_grid=cfg.tokens, token_dim=dims["tokens"], shard_size=cfg.shard_size, params=len(PARAMS),
                     feature_dtype=cfg.feature_dtype, mix_params=M if cfg.mix != "none" else 0,
                     logits_topk=cfg.logits_topk)

@@ -58,10 +58,12 @@ class ExtractConfig:
                                   "(repeat the flag), so that a uda run from them reads the cached logits (a "
                                   "probe that saw the target's labels is refitted by every such run).",
                                   flag="--probe-domain", shown="every domain")
-    logits_topk: int = option(0, "Store each view's logits sparse: the teacher's K most probable classes, their "
-                              "probabilities and the leftover mass (about 4K+2 bytes a view; readers spread the "
-                              "leftover evenly over the other classes). K from 1 to the head's classes less one; "
-                              "needs a head. 0: dense float16 logits.", low=0)
+    logits_topk: int | None = option(None, "Store each view's logits sparse: the teacher's K most probable classes, "
+                                     "their probabilities and the leftover mass (about 4K+2 bytes a view; readers "
+                                     "spread the leftover evenly over the other classes). K from 1 to the head's "
+                                     "classes less one; needs a head. 0: dense float16 logits.", low=0,
+                                     shown="auto: the K of the cache already at --out; for a new cache 10 when the "
+                                     "head has 100 classes or more, else 0")
     batch_size: int = option(64, "View-images per teacher forward pass.", low=1)
     workers: int = option(4, "DataLoader worker processes that pack and decode.", low=0)
     shard_size: int = option(1024, "Samples per shard (unit of work and of resume).", low=1)
