@@ -79,7 +79,7 @@ def logits_report(entries: list[dict]) -> list[str]:
              "| method | dense | top-10 | top-10 − dense |", "| --- | --- | --- | --- |"]
     for method in sorted({e["method"] for e in entries}):
         got = {e["topk"]: e for e in entries if e["method"] == method and e["budget"] == "long"}
-        cells = [f"{e['mean']:.1f} ± {e['std']:.1f} (n={e['n']})" if e else "-" for e in (got.get(0), got.get(10))]
+        cells = [_mean(e) if e else "-" for e in (got.get(0), got.get(10))]
         diff = f"{got[10]['mean'] - got[0]['mean']:+.1f}" if 0 in got and 10 in got else "-"
         lines.append(f"| {method} | {cells[0]} | {cells[1]} | {diff} |")
     dense, top = (bytes_per_view(s) for s in LOGIT_SUITES)
@@ -128,10 +128,13 @@ def gaps(entries: list[dict]) -> list[str]:
         cached = [e for e in longs if not e["online"]]
         if online and cached:
             best, ref = max(cached, key=lambda e: e["mean"]), online[0]
-            out.append(f"- {method}: the best cache (V = {best['views']}, mixing {best['mix']}) "
-                       f"{best['mean']:.1f} ± {best['std']:.1f} against online on fresh views "
-                       f"{ref['mean']:.1f} ± {ref['std']:.1f}: {best['mean'] - ref['mean']:+.1f} points.")
+            out.append(f"- {method}: the best cache (V = {best['views']}, mixing {best['mix']}) {_mean(best)} against "
+                       f"online on fresh views {_mean(ref)}: {best['mean'] - ref['mean']:+.1f} points.")
     return ["", "Cached against online, long budget:", ""] + out if out else []
+
+
+def _mean(e: dict) -> str:
+    return f"{e['mean']:.1f} ± {e['std']:.1f} (n={e['n']})" if e["n"] > 1 else f"{e['mean']:.1f} (n=1)"
 
 
 def chart(entries: list[dict], ceilings: dict, path: Path) -> None:
