@@ -12,7 +12,8 @@ import numpy as np
 from kdcache import __version__, dist
 from kdcache.heads import resolve_head
 from kdcache.options import ConfigError, to_dict
-from kdcache.cache.format import Layout
+from kdcache.cache.format import CacheError, Layout
+from kdcache.cache.store import CacheStore
 from kdcache.extraction import ShardBuffer
 from kdcache.teachers import TeacherError, create_teacher, zeroshot_head
 from kdcache.mixing import MAX_MIX_SHARD, MixSettings
@@ -139,9 +140,6 @@ def resolve_topk(cfg, out, num_classes: int) -> int:
     if cfg.logits_topk is not None:
         return cfg.logits_topk
     if not cfg.overwrite and (out / "zarr.json").is_file():
-        from kdcache.cache.format import CacheError
-        from kdcache.cache.store import CacheStore
-
         try:
             return CacheStore.open(out).layout.logits_topk
         except CacheError:  # half made, or not a cache of this format: opening it for writing decides

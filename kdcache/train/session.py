@@ -84,17 +84,24 @@ class Session:
         """The online teacher's logits are the cached ones: the cache has a head and no refit replaced it."""
         return self.store.layout.num_classes > 0 and not (self.head_info or {}).get("refit")
 
+    def proves_replay(self, teacher) -> bool:
+        """An online teacher on the cache's own views: its outputs are compared with the cached ones (fresh views
+        have none to compare with)."""
+        return teacher is not None and self.cfg.online_views == "cached"
+
     def streams(self, teacher, image_size: int) -> tuple[StreamConfig, StreamConfig]:
         """(train, eval) stream settings: the cached outputs the method reads, or the online teacher's size."""
         method, cached, path = self.method, teacher is None, str(self.store.path)
-        # online: the cached outputs are read too, for the replay proof (the teacher's own replace them)
+        # online: the cached outputs are read only for the replay proof (the teacher's own replace them)
+        proof = self.proves_replay(teacher)
         train = StreamConfig(path, image_size, self.student.interpolation, self.cfg.seed, self.cfg.shuffle_buffer,
-                             logits=method.needs_logits and self.head is None if cached else self.replay_logits(),
+                             logits=method.needs_logits and self.head is None if cached else
+                             proof and self.replay_logits(),
                              tokens=cached and method.needs_tokens,
-                             features=not cached or method.needs_features or self.head is not None,
+                             features=method.needs_features or self.head is not None if cached else proof,
                              teacher_size=0 if cached else teacher.preprocess.input_size,
                              teacher_interpolation="bicubic" if cached else teacher.preprocess.interpolation,
-                             fresh_views=not cached and self.cfg.online_views == "fresh")
+                             fresh_views=not cached and not proof)
         return train, StreamConfig(path, image_size, self.student.interpolation, self.cfg.seed, clean_only=True,
                                    features=False)
 
@@ -132,7 +139,7 @@ def train(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Path:
         teacher, s.head = online_teacher(store, cfg.teacher_weights, s.head)
     grid = store.layout.token_grid if method.needs_tokens else 0
     module = TrainModule(student, method, s.head, teacher, grid).to(device)
-    if teacher is not None and cfg.online_views == "cached":  # fresh views have no cached outputs to compare
+    if s.proves_replay(teacher):
         module.replay = ReplayCosine(logits=s.replay_logits(), topk=store.layout.logits_topk)
     if device.type == "cuda":
         module.student.to(memory_format=torch.channels_last)
