@@ -143,16 +143,18 @@ for _name, _extract in VIEW_CACHES.items():
                                          _s.setup + f" (with --views {_extract['views']}"
                                          + (f" --mix {_extract['mix']}" if "mix" in _extract else "") + ")")
 
-# The same on the demo (MNIST, ssl): its V = 4 rows are the demo suite's kd and customkd; these caches add V = 16,
-# plain and mixed, extracted with the demo's settings.
-DEMO_VIEW_CACHES = {"views16": {"views": 16}, "views16-mix": {"views": 16, "mix": "both"}}
+# The same on the demo (MNIST, ssl): the demo's own cache (V = 3), and V = 16 plain and mixed, extracted with the
+# demo's settings.
+DEMO_VIEW_CACHES = {"views3": {}, "views16": {"views": 16}, "views16-mix": {"views": 16, "mix": "both"}}
 for _name, _extract in DEMO_VIEW_CACHES.items():
     _s = SUITES["demo"]
-    SUITES["demo-" + _name] = Suite("demo-" + _name, f"{_s.cache}-{_name}", _s.scenario, _s.student, _s.image_size,
+    _cache = _s.cache if _name == "views3" else f"{_s.cache}-{_name}"
+    SUITES["demo-" + _name] = Suite("demo-" + _name, _cache, _s.scenario, _s.student, _s.image_size,
                                     _s.budgets, _s.pairs, _s.labels_per_class, _s.lr, _s.batch_size, _extract,
                                     VIEWS_ROWS, _s.pretrained_student, _s.closed_set,
-                                    "--prepare builds it: the demo's extraction settings with --views "
-                                    f"{_extract['views']}" + (f" --mix {_extract['mix']}" if "mix" in _extract else ""))
+                                    "--prepare builds it: the demo's extraction settings"
+                                    + (f" with --views {_extract['views']}" if "views" in _extract else "")
+                                    + (f" --mix {_extract['mix']}" if "mix" in _extract else ""))
 
 # Sparse against dense logits: two caches of faenza and tango with a probe head fitted on faenza's labels alone (so
 # the faenza->tango runs read the cached logits rather than refitting a head), dense float16 and top-10.

@@ -7,11 +7,15 @@
         --rows "kd, online teacher on fresh views" "customkd, online teacher on fresh views"  # the online reference
     python benchmarks/study.py --suite iconshift-logits-dense --budgets long --prepare  # dense logits (a probe head)
     python benchmarks/study.py --suite iconshift-logits-top10 --budgets long --prepare  # the same, top-10 logits
+    python benchmarks/study.py --suite demo-views3 --prepare           # the demo: its own cache (V = 3)
+    python benchmarks/study.py --suite demo-views16 --budgets long --prepare      # the demo, V = 16
+    python benchmarks/study.py --suite demo-views16-mix --budgets long --prepare  # the demo, V = 16 mixed
     python benchmarks/study_views.py                                        # study-views.md and study-views.png
 
-Each suite is one cache (benchmarks/study.py VIEW_CACHES) and the same runs on every pair: the student's top-1
-on the target, mean and std over seeds, at equal epochs. The teacher's ceiling (a linear probe on the source's
-labels, read from the V = 4 cache's clean views) is the same for every cache: their clean views are equal.
+Each suite is one cache (benchmarks/study.py VIEW_CACHES, DEMO_VIEW_CACHES) and the same runs on every pair: the
+student's top-1 on the target, mean and std over seeds, at equal epochs. The teacher's ceiling (a linear probe on
+the labelled rows, read from a cache's clean views) is the same for every cache of a dataset: their clean views
+are equal.
 The online reference runs the teacher on every step, on views drawn anew every epoch (`distill --online-teacher
 --online-views fresh`): what a cache of unlimited views would give. The logits suites compare dense and top-10
 logits of a probe head fitted on the source's labels alone, which the faenza->tango runs read from the cache.
@@ -26,8 +30,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study  # noqa: E402
 
-SUITES = [study.SUITES["iconshift-" + name] for name in study.VIEW_CACHES]
+ICON_SUITES = [study.SUITES["iconshift-" + name] for name in study.VIEW_CACHES]
+DEMO_SUITES = [study.SUITES["demo-" + name] for name in study.DEMO_VIEW_CACHES]
+SUITES = ICON_SUITES + DEMO_SUITES
+DEMO_PAIR = "demo (MNIST, ssl)"
 LOGIT_SUITES = [study.SUITES["iconshift-logits-" + name] for name in study.LOGIT_CACHES]
+
+
+def views_of(suite) -> int:
+    """V of the suite's cache: its extraction settings, else the extractor's default (the demo's for the demo)."""
+    from kdcache.stages.schema import DemoConfig, ExtractConfig
+
+    return suite.extract.get("views", (DemoConfig if suite in DEMO_SUITES else ExtractConfig)().views)
+
+
+def pair_label(suite, pair: tuple) -> str:
+    return DEMO_PAIR if suite in DEMO_SUITES else study.pair_name(pair)
 
 
 def is_online(row) -> bool:
@@ -49,8 +67,8 @@ def collect() -> list[dict]:
                     m, s, n = study.summarise([r["top1"] for r in runs])
                     firsts = [t for t in (study.teacher_top1(r, 0) for r in runs) if t is not None]
                     lasts = [t for t in (study.teacher_top1(r, -1) for r in runs) if t is not None]
-                    out.append({"suite": suite.name, "pair": study.pair_name(pair),
-                                "views": suite.extract.get("views", 4), "mix": suite.extract.get("mix", "none"),
+                    out.append({"suite": suite.name, "pair": pair_label(suite, pair), "views": views_of(suite),
+                                "mix": suite.extract.get("mix", "none"),
                                 "online": is_online(row), "topk": suite.extract.get("logits_topk", 0),
                                 "method": row.method, "budget": budget, "epochs": epochs, "mean": m, "std": s, "n": n,
                                 "seconds": float(np.mean([r["train_seconds"] for r in runs])),
@@ -91,7 +109,8 @@ def logits_report(entries: list[dict]) -> list[str]:
 def views_table(entries: list[dict], pair: str, ceiling: float | None) -> list[str]:
     lines = ["", f"## {pair}", ""]
     if ceiling is not None:
-        lines += [f"Teacher ceiling (linear probe on the source's labels): {ceiling:.1f}.", ""]
+        lines += [f"Teacher ceiling (linear probe on the labelled rows; the demo: mean over the seeds' label "
+                  f"draws): {ceiling:.1f}.", ""]
     lines += ["| method | views | mixing | budget | top-1 | customised teacher, first / last phase | "
               "train seconds (mean, shared CPU) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     mine = [e for e in entries if e["pair"] == pair]
@@ -104,14 +123,20 @@ def views_table(entries: list[dict], pair: str, ceiling: float | None) -> list[s
 
 
 def report(entries: list[dict], ceilings: dict) -> str:
+    icon, demo = ICON_SUITES[0], DEMO_SUITES[0]
     lines = ["# How many views, and mixed views", "",
-             f"IconShift-dev, uda, {SUITES[0].student} from scratch at {SUITES[0].image_size} px; one cache per "
+             f"IconShift-dev, uda, {icon.student} from scratch at {icon.image_size} px (long budget "
+             f"{icon.budgets['long']} epochs, short {icon.budgets['short']}); the demo, MNIST ssl with "
+             f"{demo.labels_per_class} labels a class, {demo.student} from scratch at {demo.image_size} px (long "
+             f"{demo.budgets['long']}, short {demo.budgets['short']}). One cache per "
              "row group (views V, mixing), extracted with the same teacher and settings; views drawn without "
-             "replacement across epochs. Top-1 % on the target, mean ± std over seeds (n). The online reference: "
+             "replacement across epochs. Top-1 % on the target (the demo: its test rows), mean ± std over seeds "
+             "(n). The online reference: "
              "the teacher run on every step on views drawn anew every epoch (`--online-teacher --online-views "
              "fresh`, from the V = 4 cache). Reproduce: the commands at the top of `benchmarks/study_views.py`.", "",
              "`customised teacher`: CustomKD's customised classifier on the target, top-1 % at the first phase and "
-             "at the last (the same for every seed: the teacher-only chain)."]
+             "at the last (on IconShift-dev the same for every seed: the teacher-only chain; on the demo it moves "
+             "with the seed's labelled rows)."]
     views = [e for e in entries if e["suite"] in {s.name for s in SUITES}]
     for pair in dict.fromkeys(e["pair"] for e in views):
         lines += views_table(views, pair, ceilings.get(pair))
@@ -178,8 +203,13 @@ def main() -> None:
     if not entries:
         raise SystemExit("no results yet: run the study commands at the top of this file")
     ceilings = {}
-    if (study.ROOT / SUITES[0].cache).is_dir():
-        ceilings = {study.pair_name(p): study.teacher_ceiling(SUITES[0], p, 0)["probe"] * 100 for p in SUITES[0].pairs}
+    if (study.ROOT / ICON_SUITES[0].cache).is_dir():
+        ceilings = {study.pair_name(p): study.teacher_ceiling(ICON_SUITES[0], p, 0)["probe"] * 100
+                    for p in ICON_SUITES[0].pairs}
+    demo = next((s for s in DEMO_SUITES if (study.ROOT / s.cache).is_dir()), None)
+    if demo is not None:  # every demo cache has the same clean views; the labelled rows change with the seed
+        ceilings[DEMO_PAIR] = 100 * float(np.mean([study.teacher_ceiling(demo, (), seed)["probe"]
+                                                   for seed in range(3)]))
     text = report(entries, ceilings)
     (study.RESULTS / "study-views.md").write_text(text)
     chart(entries, ceilings, study.RESULTS / "study-views.png")
