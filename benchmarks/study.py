@@ -132,7 +132,8 @@ VIEWS_ROWS = (Row("kd", "kd"), Row("customkd", "customkd"))
 ONLINE = (("online_teacher", True), ("online_views", "fresh"))
 ONLINE_ROWS = (Row("kd, online teacher on fresh views", "kd", distill=ONLINE, core=False),
                Row("customkd, online teacher on fresh views", "customkd", distill=ONLINE, core=False))
-VIEW_CACHES = {"views4": {"views": 4}, "views16": {"views": 16}, "views16-mix": {"views": 16, "mix": "both"}}
+VIEW_CACHES = {"views4": {"views": 4}, "views4-mix": {"views": 4, "mix": "both"}, "views16": {"views": 16},
+               "views16-mix": {"views": 16, "mix": "both"}}
 for _name, _extract in VIEW_CACHES.items():
     _s = SUITES["iconshift"]
     _cache = "cache/iconshift-lite2" if _name == "views4" else f"cache/iconshift-lite2-{_name}"

@@ -3,6 +3,7 @@
     python benchmarks/study.py --suite iconshift-views4 --prepare      # kd and customkd, V = 4, every pair, both budgets
     python benchmarks/study.py --suite iconshift-views16 --prepare     # V = 16 (extracts its cache first)
     python benchmarks/study.py --suite iconshift-views16-mix --prepare # V = 16, mixup and cutmix views
+    python benchmarks/study.py --suite iconshift-views4-mix --budgets long --prepare  # V = 4, mixed views
     python benchmarks/study.py --suite iconshift-views4 --budgets long \
         --rows "kd, online teacher on fresh views" "customkd, online teacher on fresh views"  # the online reference
     python benchmarks/study.py --suite iconshift-logits-dense --budgets long --prepare  # dense logits (a probe head)
