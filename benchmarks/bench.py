@@ -568,12 +568,14 @@ def main(argv=None):
 
 def merged(path: Path, new: dict, sections: list[str]) -> dict:
     """The machine's results file with `sections` replaced by the ones just measured (the other sections and
-    their command kept); each merge is listed with its own command and machine load."""
+    their command kept); each merge is listed with its own command and machine load, and an earlier merge of
+    the same sections, now replaced, is dropped from that list."""
     if not path.is_file():
         return new
     old = json.loads(path.read_text())
     old.update({name: new[name] for name in sections if name in new})
-    old.setdefault("merged", []).append({k: new[k] for k in ("command", "torch", "wall_s", "machine_before",
+    old["merged"] = [m for m in old.get("merged", []) if set(m["sections"]) - set(sections)]
+    old["merged"].append({k: new[k] for k in ("command", "torch", "wall_s", "machine_before",
                                                              "machine_after")} | {"sections": list(sections)})
     return old
 

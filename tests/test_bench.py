@@ -168,3 +168,21 @@ def test_pipeline_section_gives_views_per_core_for_real_photos(tmp_path):
     small, large = (r[k]["mean_packed_pixels"] for k in sorted(photos, key=lambda k: "1024" in k))
     assert large > small and max(r[photos[0]]["image_bound"], r[photos[1]]["image_bound"]) == 1024
     assert "| MNIST digits 28x28 (demo) | 784 (~28²) |" in "\n".join(bench.render_pipeline(r))
+
+
+def test_a_merge_replaces_its_sections_and_their_earlier_merge_line(tmp_path):
+    bench = _bench()
+    machine = {"load_1min": 0.5}
+
+    def measured(sections, value, wall):
+        out = {name: value for name in sections}
+        return out | {"command": f"bench --only {' '.join(sections)}", "torch": "t", "wall_s": wall,
+                      "machine_before": machine, "machine_after": machine}
+
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(measured(["a", "b"], 1, 10.0)))
+    for value, wall in ((2, 20.0), (3, 30.0)):  # the views section measured twice
+        path.write_text(json.dumps(bench.merged(path, measured(["b"], value, wall), ["b"])))
+    merged = bench.merged(path, measured(["a"], 4, 40.0), ["a"])
+    assert (merged["a"], merged["b"]) == (4, 3)
+    assert [(m["sections"], m["wall_s"]) for m in merged["merged"]] == [(["b"], 30.0), (["a"], 40.0)]

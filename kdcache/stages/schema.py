@@ -40,15 +40,21 @@ class ExtractConfig:
                                             shown="the model's own")
     random_init: bool = option(False, "Random teacher weights (tests and benchmarks only).")
     feature: str = option("auto", "open_clip only: pre_projection or embedding (auto: pre_projection).")
-    views: int = option(4, "Views per image; view 0 is the clean eval view.", low=1, high=MAX_VIEWS,
-                        note=" (view 0 is the clean view)")
+    views: int = option(4, "Views per image; view 0 is the clean eval view. Training draws a row's views "
+                           "without replacement across epochs (E epochs see min(E, V) of them). The shard buffer "
+                           "grows with V x --shard-size: lower --shard-size for V of 64 and more.",
+                        low=1, high=MAX_VIEWS, note=" (view 0 is the clean view)")
     view_policy: str = option("default", "Augmentation policy for views 1..V-1: default, light or noflip.",
                               choices="kdcache.views:list_policies")
     view_seed: int = option(0, "Seed the view parameters are drawn with.", limits=SEED_RANGE)
     mix: str = option("none", "Mixed views: none, mixup, cutmix or both (each mixed view picks one at even odds). A "
                       "mixed view blends a view of another row of its shard into views 1..V-1 (view 0 never); the "
-                      "teacher sees the mix and distillation replays it.", choices="kdcache.mixing:MIX_MODES")
-    mix_prob: float = option(0.5, "With --mix: the chance, 0 to 1, that a view other than view 0 is mixed.",
+                      "teacher sees the mix and distillation replays it; a labelled row's label mixes with its "
+                      "partner's by the same lambda (an unlabelled partner adds none). Needs --views 2 or more and "
+                      "--decode workers.",
+                      choices="kdcache.mixing:MIX_MODES")
+    mix_prob: float = option(0.5, "With --mix: the chance, 0 to 1, that a view other than view 0 is mixed (with "
+                                  "--mix both, one mix a view: mixup or cutmix, half the chance each).",
                              low=0, high=1)
     mix_alpha: float = option(1.0, "With --mix: lambda (the row's own share) ~ Beta(alpha, alpha), alpha > 0 (1: "
                              "uniform; below 1: mostly near 0 or 1).", positive=True)
@@ -118,8 +124,9 @@ class DistillConfig:
                                   "allowed).", low=0)
     online_teacher: bool = option(False, "Run the cache's teacher on the same replayed views every step instead of "
                                   "reading the cache (a reference that measures what caching costs; slow). "
-                                  "summary.json's replay_cosine compares the cached outputs with the recomputed "
-                                  "ones.")
+                                  "summary.json's replay_cosine (min and mean over the views drawn) compares the "
+                                  "cached outputs with the recomputed ones, mixed views included; a faithful "
+                                  "replay gives 0.999 or more.")
     online_views: str = option("cached", "--online-teacher: the views it runs on: cached (the cache's own views, "
                                "replayed) or fresh (views 1..V-1 drawn anew every epoch from the cache's view policy, "
                                "so the student sees a new crop of each image every time: the reference a cache of V "
@@ -133,7 +140,8 @@ class DistillConfig:
                                     shown="the student's own")
     shuffle_buffer: int = option(512, "Samples in the stream's shuffle buffer (rows).", low=1)
     workers: int = option(4, "DataLoader worker processes.", low=0)
-    seed: int = option(0, "Seed for labels-per-class, shard order and views.", limits=SEED_RANGE)
+    seed: int = option(0, "Seed for labels-per-class, shard order and views (each row's cached views are drawn "
+                            "without replacement across epochs, in an order set by the seed).", limits=SEED_RANGE)
     device: str = option("auto", "auto, cpu, cuda ...")
     out: str | None = option(None, "Run folder (with --resume and no --out: the newest run of the same "
                              "settings).", shown="runs/<UTC time>-<method>-<student>-<hash of the settings>")
