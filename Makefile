@@ -80,12 +80,14 @@ bench-quick: $(STAMP)
 fuzz: $(STAMP)
 	$(PY) benchmarks/fuzz.py $(EXTRA)
 
-# the accuracy study: methods x seeds x (demo, IconShift-dev) x two budgets; resumable (re-run to continue)
+# the accuracy study: methods x seeds x (demo, IconShift-dev) x two budgets, then the views study (views, mixing,
+# sparse logits); resumable (re-run to continue)
 SEEDS   ?= 3
 JOBS    ?= 1
 study: $(STAMP)
 	$(PY) benchmarks/study.py --suite demo --seeds $(SEEDS) --jobs $(JOBS) $(EXTRA)
 	$(PY) benchmarks/study.py --suite iconshift --seeds $(SEEDS) --jobs $(JOBS) $(EXTRA)
+	$(PY) benchmarks/study_views.py --run --seeds $(SEEDS) --jobs $(JOBS)
 
 clean:
 	rm -rf .pytest_cache

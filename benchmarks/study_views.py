@@ -1,17 +1,13 @@
 """How many views the cache needs, and what mixed views add: one table and one chart over the views suites.
 
-    python benchmarks/study.py --suite iconshift-views4 --prepare      # kd and customkd, V = 4, every pair, both budgets
-    python benchmarks/study.py --suite iconshift-views16 --prepare     # V = 16 (extracts its cache first)
-    python benchmarks/study.py --suite iconshift-views16-mix --prepare # V = 16, mixup and cutmix views
-    python benchmarks/study.py --suite iconshift-views4-mix --budgets long --prepare  # V = 4, mixed views
-    python benchmarks/study.py --suite iconshift-views4 --budgets long \
-        --rows "kd, online teacher on fresh views" "customkd, online teacher on fresh views"  # the online reference
-    python benchmarks/study.py --suite iconshift-logits-dense --budgets long --prepare  # dense logits (a probe head)
-    python benchmarks/study.py --suite iconshift-logits-top10 --budgets long --prepare  # the same, top-10 logits
-    python benchmarks/study.py --suite demo-views3 --prepare           # the demo: its own cache (V = 3)
-    python benchmarks/study.py --suite demo-views16 --budgets long --prepare      # the demo, V = 16
-    python benchmarks/study.py --suite demo-views16-mix --budgets long --prepare  # the demo, V = 16 mixed
-    python benchmarks/study_views.py                                        # study-views.md and study-views.png
+    python benchmarks/study_views.py --run   # runs (or finishes) every suite, then the report (`make study` does)
+    python benchmarks/study_views.py         # study-views.md and study-views.png from the finished runs
+
+`--run` runs, through benchmarks/study.py, each views suite (iconshift-views4, -views4-mix, -views16,
+-views16-mix; demo-views3, -views16, -views16-mix) and each logits suite (iconshift-logits-dense, -top10) at the
+long budget, and kd and customkd of the default caches at the short one (`commands` below); each suite's
+`--prepare` extracts its cache first. One suite alone: `python benchmarks/study.py --suite iconshift-views16
+--budgets long --prepare`.
 
 Each suite is one cache (benchmarks/study.py VIEW_CACHES, DEMO_VIEW_CACHES) and the same runs on every pair: the
 student's top-1 on the target, mean and std over seeds, at equal epochs. The teacher's ceiling (a linear probe on
@@ -23,6 +19,7 @@ logits of a probe head fitted on the source's labels alone, which the faenza->ta
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -199,7 +196,27 @@ def chart(entries: list[dict], ceilings: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def commands(seeds: int, jobs: int) -> list[list[str]]:
+    """The benchmarks/study.py runs behind the report, each resumable (`--run`): every views and logits suite at the
+    long budget (the views suites on every pair, the online reference on the first), and the short budget for the
+    kd and customkd rows of the default caches (V = 4; the demo's V = 3)."""
+    common = ["--seeds", str(seeds), "--jobs", str(jobs), "--no-report", "--prepare"]
+    out = [["--suite", s.name, "--budgets", "long", *common] for s in SUITES + LOGIT_SUITES]
+    for s in (ICON_SUITES[0], DEMO_SUITES[0]):
+        out.append(["--suite", s.name, "--budgets", "short", "--rows", *(r.label for r in study.VIEWS_ROWS), *common])
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", action="store_true", help="run (or finish) every suite of the report first")
+    ap.add_argument("--seeds", type=int, default=3, help="with --run")
+    ap.add_argument("--jobs", type=int, default=1, help="with --run: runs in parallel, one process each")
+    a = ap.parse_args(argv)
+    if a.run:
+        for command in commands(a.seeds, a.jobs):
+            print("[study-views] benchmarks/study.py " + " ".join(command), file=sys.stderr)
+            study.main(command)
     entries = collect()
     if not entries:
         raise SystemExit("no results yet: run the study commands at the top of this file")
