@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -150,12 +150,10 @@ DEMO_VIEW_CACHES = {"views3": {}, "views16": {"views": 16}, "views16-mix": {"vie
 for _name, _extract in DEMO_VIEW_CACHES.items():
     _s = SUITES["demo"]
     _cache = _s.cache if _name == "views3" else f"{_s.cache}-{_name}"
-    SUITES["demo-" + _name] = Suite("demo-" + _name, _cache, _s.scenario, _s.student, _s.image_size,
-                                    _s.budgets, _s.pairs, _s.labels_per_class, _s.lr, _s.batch_size, _extract,
-                                    VIEWS_ROWS, _s.pretrained_student, _s.closed_set,
-                                    "--prepare builds it: the demo's extraction settings"
-                                    + (f" with --views {_extract['views']}" if "views" in _extract else "")
-                                    + (f" --mix {_extract['mix']}" if "mix" in _extract else ""))
+    SUITES["demo-" + _name] = replace(_s, name="demo-" + _name, cache=_cache, extract=_extract, rows=VIEWS_ROWS,
+                                      setup="--prepare builds it: the demo's extraction settings"
+                                      + (f" with --views {_extract['views']}" if "views" in _extract else "")
+                                      + (f" --mix {_extract['mix']}" if "mix" in _extract else ""))
 
 # Sparse against dense logits: two caches of faenza and tango with a probe head fitted on faenza's labels alone (so
 # the faenza->tango runs read the cached logits rather than refitting a head), dense float16 and top-10.
