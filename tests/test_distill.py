@@ -363,12 +363,12 @@ def test_customkd_phases_are_computed_once_and_shared_by_every_student(cache, tm
 
 @pytest.mark.parametrize("record", ["train", "clean"])
 def test_customkd_moving_customisation_resumes_exactly(cache, tmp_path, monkeypatch, record):
-    """A customisation that moves with the student keeps its state (the per-row record of the student's
-    predictions and the last customised classifier) in the checkpoint: a run stopped after an epoch and
+    """A customisation that moves with the student, and a target bootstrapped from its record, keep their state
+    (the per-row record of the student's predictions and the last customised classifier) in the checkpoint: a run stopped after an epoch and
     resumed ends bit-identical to an uninterrupted one, phase by phase; only the first phase is kept with the
     cache (the later ones depend on the student)."""
     opts = (("student_weight", 0.5), ("w_self", 1.0), ("self_threshold", 0.5), ("refit_threshold", 0.5), ("anchor", True),
-            ("record", record))
+            ("bootstrap", 0.5), ("record", record))
     kw = dict(method="customkd", method_options=opts, epochs=3, workers=0, seed=3, image_size=32)
     distill.run(_cfg(cache, tmp_path / "ref", **kw))
 
@@ -389,7 +389,8 @@ def test_customkd_moving_customisation_resumes_exactly(cache, tmp_path, monkeypa
     monkeypatch.setattr(run_dir, "save_checkpoint", real)
     distill.run(_cfg(cache, tmp_path / "run", resume=True, **kw))
     recs = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("ref", "run")]
-    keys = ("custom_teacher_eval_top1", "custom_fit_top1", "student_record_confident", "loss", "self")
+    keys = ("custom_teacher_eval_top1", "custom_target_eval_top1", "custom_fit_top1", "student_record_confident", "loss",
+            "self", "custom")
     assert [[r.get(k) for k in keys] for r in recs[0]] == [[r.get(k) for k in keys] for r in recs[1]]
     assert recs[0][-1]["custom_phase"] == 3 and "student_record_confident" in recs[0][-1]
     for name in ("student.safetensors", "method.safetensors"):

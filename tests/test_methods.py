@@ -548,3 +548,47 @@ def test_customkd_anchored_refit_mixes_the_record_with_the_first_customisation_o
             assert torch.allclose(phases[True][-1][0], torch.from_numpy(w), atol=2e-2)
     step = {a: float((phases[a][-1][0] - phases[a][-2][0]).abs().max()) for a in phases}
     assert step[True] < 0.02 < step[False], step
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.floats(0.05, 1.0), st.integers(0, 2**16))
+def test_customkd_bootstrapped_target_moves_each_unlabelled_row_towards_its_record(weight, seed):
+    """bootstrap=w: the customised term distils each recorded unlabelled row towards q^(1 - lam) p^lam
+    (q the customised teacher's softmax, p the student's record, lam = w times the record's confidence);
+    a labelled row and an unseen row keep q."""
+    from kdcache.methods.base import kd_loss
+
+    ctx, dims, feats, labels = _customkd_ctx()
+    m = create_method("customkd", dims, bootstrap=weight, memory_momentum=0.0, w_general=0.0)
+    m.prepare(ctx)
+    m.before_epoch(ctx, 0)
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.from_numpy(np.concatenate([[0, 1], np.flatnonzero(ctx.scenario.unlabelled)[:4]]))  # 2 labelled
+    m.memory.update(rows[2:5], torch.randn(3, C, generator=g) * 3)  # the last unlabelled row stays unseen
+    f = torch.from_numpy(feats[rows.numpy(), 0]).float()
+    out = StudentOutput(torch.zeros(6, dims.student), torch.zeros(6, dims.student), torch.randn(6, C, generator=g), None)
+    p, seen = (a.clone() for a in m.memory.lookup(rows, torch.device("cpu")))  # the record the step reads
+    m.train()
+    parts = m(out, TeacherBatch(f, rows=rows), torch.tensor([labels[0], labels[1], -1, -1, -1, -1]))
+    q = F.softmax(m.customised_logits(f), 1)
+    lam = (weight * seen * p.max(1).values)[:, None]
+    target = q ** (1 - lam) * p.clamp_min(1e-6) ** lam
+    assert torch.equal(target[[0, 1, 5]], q[[0, 1, 5]])
+    expect = kd_loss(out.logits, torch.log(target / target.sum(1, keepdim=True)), m.params["custom_temperature"])
+    assert torch.allclose(parts["custom"], expect, atol=1e-5)
+
+
+def test_customkd_bootstrapped_target_is_reported_beside_the_customised_teacher():
+    """A right record pulls the bootstrapped target of a wrong teacher to the truth: the report gives the target's
+    top-1 on the evaluation rows beside the customised classifier's, which the bootstrap leaves alone."""
+    ctx, dims, feats, labels = _customkd_ctx()
+    wrong = np.roll(np.eye(C)[labels], 1, axis=1) * 10
+    ctx.teacher_logits = lambda mask, view=None: wrong[mask][:, None].repeat(feats.shape[1], 1) \
+        if view is None else wrong[mask]
+    m = create_method("customkd", dims, bootstrap=1.0, first_rounds=1, sharpen=1.0, balance=False)
+    m.prepare(ctx)
+    first = m.before_epoch(ctx, 0)
+    assert "custom_target_eval_top1" not in first  # nothing recorded yet
+    _record(m, ctx, np.eye(C)[labels] * 10)
+    later = m.before_epoch(ctx, 1)
+    assert later["custom_target_eval_top1"] == 1.0 > later["custom_teacher_eval_top1"]

@@ -54,6 +54,12 @@ from .memory import RowMemory
 CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old fit are not read
 
 
+def mix_record(logits: torch.Tensor, probs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Logits of q^(1 - lam) p^lam (normalised by the softmax that reads them), q = softmax(logits), p = `probs`:
+    (1 - lam) log q + lam log p up to a per-row constant, so exactly `logits` where lam is 0."""
+    return logits + lam * (torch.log(probs.clamp_min(1e-6)) - F.log_softmax(logits, 1))
+
+
 @register_method(
     "customkd",
     w_general=weight(1.0, "task-general term MSE(P_s(s), f)"),
@@ -78,6 +84,9 @@ CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old 
     refit_iters=Opt(20, int, low=1, help="L-BFGS iterations of each moving refit, started from the previous "
                                          "customisation (the objective is convex: the same minimum, sooner)"),
     w_self=weight(0.0, "self-training term: CE to the recorded prediction of another view of the row"),
+    bootstrap=Opt(0.0, float, low=0.0, high=1.0,
+                  help="weight of the student's recorded prediction in each unlabelled row's customised target, "
+                       "times the record's confidence (0: the customised teacher's prediction alone)"),
     self_threshold=Opt(0.95, float, low=0.0, high=1.0,
                        help="confidence a recorded prediction needs to be a self-training target"),
     refit_threshold=Opt(0.95, float, low=0.0, high=1.0,
@@ -93,9 +102,10 @@ class CustomKD(Method):
     def __init__(self, dims, **params):
         super().__init__(dims, **params)
         p = self.params
-        if p["record"] != "train" and not (p["student_weight"] > 0 or p["w_self"] > 0):
+        if p["record"] != "train" and not self._reads_record():
             raise MethodError(f"--method-opt record={p['record']} (method customkd): the record is read only by a "
-                              "moving customisation (student_weight > 0) or the self-training term (w_self > 0)")
+                              "moving customisation (student_weight > 0), the self-training term (w_self > 0) or a "
+                              "bootstrapped target (bootstrap > 0)")
         self.p_s = nn.Linear(dims.student, dims.teacher)
         # customisation state: buffers, so checkpoints carry it and P_t never receives gradients
         self.register_buffer("p_t_weight", torch.zeros(dims.student, dims.teacher))
@@ -126,7 +136,7 @@ class CustomKD(Method):
 
         lab, unl = subsample(sc.labelled), subsample(sc.unlabelled)
         labels = store.array("labels")[:]
-        self._recorded = unl if self._moving() or self.params["w_self"] > 0 else None
+        self._recorded = unl if self._reads_record() else None
         if self._recorded is not None:  # the rows whose student predictions are recorded
             self.memory.track(np.flatnonzero(unl), len(labels))
         f_l, f_u = store.masked(lab), store.masked(unl)
@@ -143,6 +153,11 @@ class CustomKD(Method):
     def _moving(self) -> bool:
         """Whether the customisation moves with the student (else it is the teacher-only chain)."""
         return self.params["student_weight"] > 0
+
+    def _reads_record(self) -> bool:
+        """Whether anything reads the per-row record of the student's predictions."""
+        p = self.params
+        return p["student_weight"] > 0 or p["w_self"] > 0 or p["bootstrap"] > 0
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A checkpoint written before (M, c) were kept in buffers of their own: rebuild them from what
@@ -224,9 +239,7 @@ class CustomKD(Method):
         conf = probs.max(1).values
         confident = (conf >= p["refit_threshold"]).float()  # a flat or unseen record leaves the row alone
         lam = p["student_weight"] * (seen * confident * conf)[:, None]  # and a hesitant one weighs little
-        # (1 - lam) log q_t + lam log p_s, plus a per-row constant (softmax ignores it): the teacher's logits
-        # exactly where lam is 0
-        mixed = teacher + lam * (torch.log(probs.clamp_min(1e-6)) - F.log_softmax(teacher, 1))
+        mixed = mix_record(teacher, probs, lam)
         start = (self.m_weight.cpu().numpy(), self.m_bias.cpu().numpy())  # same minimum as from zero, reached sooner
         weight_m, bias_m = self_train_head(d["f_l"], d["y_l"], d["f_u"], mixed.numpy(), self.dims.classes, 1,
                                            p["sharpen"], p["balance"], p["custom_wd"], p["unlabelled_weight"],
@@ -303,6 +316,10 @@ class CustomKD(Method):
             known = (seen > 0) & (d["y_ue"] >= 0)
             if known.any():
                 record["student_record_eval_top1"] = float((probs[known].argmax(1) == d["y_ue"][known]).mean())
+            if known.any() and self.params["bootstrap"] > 0:  # the bootstrapped target, mean over the cached views
+                lam = self.params["bootstrap"] * seen * probs.max(1)
+                target = mix_record(self._predict_unlabelled(m, c), torch.from_numpy(probs), torch.from_numpy(lam)[:, None])
+                record["custom_target_eval_top1"] = float((target.numpy()[known].argmax(1) == d["y_ue"][known]).mean())
             if seen.any():
                 record["student_record_confident"] = float((probs[seen > 0].max(1) >= self.params["self_threshold"]).mean())
         return record
@@ -317,7 +334,10 @@ class CustomKD(Method):
         if p["w_general"] > 0:
             parts["general"] = feature_mse(self.p_s(out.feature), teacher.features, bool(p["normalize"]))
         if p["w_custom"] > 0 and self._customised:
-            parts["custom"] = kd_loss(out.logits, self.customised_logits(teacher.features), p["custom_temperature"])
+            target = self.customised_logits(teacher.features)
+            if p["bootstrap"] > 0 and teacher.rows is not None and len(self.memory):
+                target = self._bootstrapped(target, teacher.rows)
+            parts["custom"] = kd_loss(out.logits, target, p["custom_temperature"])
         if p["w_kd"] > 0:
             parts["kd"] = kd_loss(out.logits, teacher.logits, p["temperature"])
         if teacher.rows is not None and len(self.memory):
@@ -326,6 +346,13 @@ class CustomKD(Method):
             if self.training and p["record"] == "train":
                 self.memory.update(teacher.rows, out.logits)  # after the term read the other views' record
         return parts
+
+    def _bootstrapped(self, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The customised target moved towards the student's record of each row (soft bootstrapping): weight
+        `bootstrap` times the record's confidence; labelled, untracked and unseen rows keep the teacher's."""
+        probs, seen = self.memory.lookup(rows, target.device)
+        lam = self.params["bootstrap"] * seen * probs.max(1).values
+        return mix_record(target.float(), probs, lam[:, None])
 
     def _self_training(self, logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """FixMatch's unlabelled term with the record of the row's other views (earlier epochs) as the
