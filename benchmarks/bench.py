@@ -437,6 +437,46 @@ def bench_distill(a, tmp: Path) -> dict:
             "batch": a.student_batch, "image_size": a.image_size, "teacher": spec}
 
 
+def bench_method_cost(a, tmp: Path) -> dict:
+    """Whole distill runs of equal length (semi-supervised, evaluation after the last epoch only): CustomKD with
+    its default options and with the teacher-only chain against kd, interleaved; per-repeat ratios of wall time.
+    A run's customisation phases, record passes and checkpoints count, the cache's derived data being kept (the
+    warm-up runs compute what is computed once per cache)."""
+    from kdcache.stages import distill
+
+    cache = tmp / "method-cache"
+    extract.run(_extract_cfg(a, a.teachers[0][0], a.n, a.views, cache))
+    runs = {"kd": ("kd", ()), "customkd": ("customkd", ()),
+            "customkd, teacher-only chain": ("customkd", (("bootstrap", 0.0), ("student_weight", 0.0),
+                                                          ("record", "train")))}
+
+    def run(name: str, i: int) -> float:
+        method, options = runs[name]
+        cfg = distill.DistillConfig(cache=str(cache), student=a.student, method=method, method_options=options,
+                                    scenario="ssl", labels_per_class=4, epochs=a.method_epochs,
+                                    batch_size=a.student_batch, image_size=a.image_size, workers=a.workers,
+                                    device=a.device, eval_every=0, progress=False, check_dataset=False,
+                                    out=str(tmp / "runs" / f"{name}-{i}"))
+        t = time.perf_counter()
+        distill.run(cfg)
+        _sync(a.device)
+        return time.perf_counter() - t
+
+    seconds = {name: [] for name in runs}
+    for name in runs:
+        run(name, -1)  # warm-up
+    for i in range(a.repeats):  # interleaved, so drift on a shared machine hits every run alike
+        for name in runs:
+            seconds[name].append(run(name, i))
+    out = {"epochs": a.method_epochs, "run_s": {k: statistics.median(v) for k, v in seconds.items()}}
+    for name in runs:
+        if name != "kd":
+            ratios = [c / k for c, k in zip(seconds[name], seconds["kd"])]
+            out[f"{name} / kd"] = statistics.median(ratios)
+            out[f"{name} / kd spread"] = spread(ratios, "<=", 1.2)
+    return out
+
+
 def _views_per_s_model_only(a, teacher, size: int, views: int) -> float:
     """The teacher's forward alone on pre-made uint8 batches of `views` view-images."""
     x = torch.randint(0, 256, (a.batch, 3, size, size), dtype=torch.uint8, device=a.device)
@@ -495,7 +535,8 @@ def _views_entry(a, tmp: Path, teacher, name: str, images: int, size: int, v: in
 
 
 SECTIONS = {"pipeline": bench_pipeline, "extraction": bench_extraction, "storage": bench_storage,
-            "distill": bench_distill, "cache_reads": bench_cache_reads, "ranks": bench_ranks, "views": bench_views}
+            "distill": bench_distill, "cache_reads": bench_cache_reads, "ranks": bench_ranks, "views": bench_views,
+            "method_cost": bench_method_cost}
 
 
 def settings(a) -> None:
@@ -510,6 +551,7 @@ def settings(a) -> None:
     a.read_rows = 8192 if quick else 32768
     a.pipeline_images, a.pipeline_views = (64 if quick else 256), 4
     a.view_counts = (4, 16, 64)
+    a.method_epochs = 2 if quick else 6
     a.views_teachers = [("test_vit", 16 if quick else 64, 32 if quick else 64)] + \
         ([] if quick else [("vit_small_patch16_224", 4, 224)])
     a.skip = set()
@@ -626,6 +668,10 @@ def render(r: dict) -> str:
                       d.get("cache_over_supervised_spread", d["cache_over_supervised"]), target="<= 1.1"),
                   row("online-teacher epoch / distill-from-cache epoch (speed-up)",
                       d.get("online_over_cache_spread", d["online_over_cache_speedup"]), "{:.2f}", ">= 1")]
+    if "method_cost" in r:
+        c = r["method_cost"]
+        lines += [row(f"{name} run / kd run of {c['epochs']} epochs", c[f"{name} / kd spread"], target="<= 1.2")
+                  for name in c["run_s"] if name != "kd"]
     for spec, e in r.get("extraction", {}).items():
         lines.append(row(f"extraction / model-only views/s, {spec} at {e['input_size']} px",
                          e.get("ratio", e["extraction_over_model_only"]), target=">= 0.9"))

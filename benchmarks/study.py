@@ -103,7 +103,14 @@ BOOT_MOVING = Row("customkd + bootstrapped target and moving customisation on th
                   "student_weight=0.5, refit_threshold=0, anchor, record=clean)", "customkd",
                   (("bootstrap", 1.0), ("student_weight", 0.5), ("refit_threshold", 0.0), ("anchor", True),
                    ("record", "clean")))
-CEILING_ROWS = (Row("customkd", "customkd"), SELF, MOVING, MOVING_CLEAN, BOOT, BOOT_MOVING, Row("kd", "kd"))
+# the student's own: FixMatch's term on the clean record at a lower threshold; information maximisation (confident,
+# class-spread predictions on the unlabelled rows of each batch)
+SELF_CLEAN = Row("customkd + self-training on the clean record (w_self=1, self_threshold=0.5, record=clean)", "customkd",
+                 (("w_self", 1.0), ("self_threshold", 0.5), ("record", "clean")))
+IM = Row("customkd + information maximisation (w_im=1)", "customkd", (("w_im", 1.0),))
+IM_LOW = Row("customkd + information maximisation (w_im=0.3)", "customkd", (("w_im", 0.3),))
+CEILING_ROWS = (Row("customkd", "customkd"), SELF, MOVING, MOVING_CLEAN, BOOT, BOOT_MOVING, SELF_CLEAN, IM, IM_LOW,
+                Row("kd", "kd"))
 ORACLE = previous_default(Row("target oracle (every train label)", "supervised", core=False, scenario="supervised"))
 
 SUITES = {

@@ -592,3 +592,37 @@ def test_customkd_bootstrapped_target_is_reported_beside_the_customised_teacher(
     _record(m, ctx, np.eye(C)[labels] * 10)
     later = m.before_epoch(ctx, 1)
     assert later["custom_target_eval_top1"] == 1.0 > later["custom_teacher_eval_top1"]
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.integers(0, 2**16), st.integers(0, 6))
+def test_information_maximisation_reads_the_unlabelled_rows_only(seed, labelled):
+    """The term is the mean entropy minus the entropy of the mean over the unlabelled rows alone; a labelled row
+    changes nothing and gets no gradient; a batch without unlabelled rows gives 0."""
+    from kdcache.methods.customkd import information_maximisation
+
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(6, C, generator=g) * 3).requires_grad_()
+    mask = (torch.arange(6) >= labelled).float()
+    got = information_maximisation(logits, mask)
+    u = F.softmax(logits.detach()[labelled:], 1)
+    if len(u):
+        mean = u.mean(0)
+        expect = -(u * u.log()).sum(1).mean() + (mean * mean.log()).sum()
+        assert torch.allclose(got, expect, atol=1e-5)
+    else:
+        assert got == 0
+    got.backward()
+    assert logits.grad[:labelled].abs().sum() == 0
+
+
+def test_information_maximisation_prefers_confident_predictions_spread_over_the_classes():
+    confident_spread = torch.eye(C) * 20
+    confident_collapsed = torch.zeros(C, C)
+    confident_collapsed[:, 0] = 20
+    flat = torch.zeros(C, C)
+    from kdcache.methods.customkd import information_maximisation
+
+    ones = torch.ones(C)
+    assert information_maximisation(confident_spread, ones) < information_maximisation(flat, ones)
+    assert information_maximisation(confident_spread, ones) < information_maximisation(confident_collapsed, ones)

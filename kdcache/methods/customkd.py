@@ -60,6 +60,17 @@ def mix_record(logits: torch.Tensor, probs: torch.Tensor, lam: torch.Tensor) -> 
     return logits + lam * (torch.log(probs.clamp_min(1e-6)) - F.log_softmax(logits, 1))
 
 
+def information_maximisation(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Over the masked rows: the mean entropy of the softmax minus the entropy of its mean, low when each
+    prediction is confident and the predictions spread over the classes (so they cannot collapse onto a few);
+    0 without masked rows (no host sync)."""
+    log_p = F.log_softmax(logits.float(), 1)
+    p = log_p.exp()
+    n = mask.sum().clamp_min(1)
+    mean = (p * mask[:, None]).sum(0) / n
+    return -((p * log_p).sum(1) * mask).sum() / n + (mean * torch.log(mean.clamp_min(1e-8))).sum()
+
+
 @register_method(
     "customkd",
     w_general=weight(1.0, "task-general term MSE(P_s(s), f)"),
@@ -84,6 +95,8 @@ def mix_record(logits: torch.Tensor, probs: torch.Tensor, lam: torch.Tensor) -> 
     refit_iters=Opt(20, int, low=1, help="L-BFGS iterations of each moving refit, started from the previous "
                                          "customisation (the objective is convex: the same minimum, sooner)"),
     w_self=weight(0.0, "self-training term: CE to the recorded prediction of another view of the row"),
+    w_im=weight(0.0, "information-maximisation term on unlabelled rows: mean entropy of the student's predictions "
+                     "minus the entropy of their batch mean (confident, and spread over the classes)"),
     bootstrap=Opt(0.0, float, low=0.0, high=1.0,
                   help="weight of the student's recorded prediction in each unlabelled row's customised target, "
                        "times the record's confidence (0: the customised teacher's prediction alone)"),
@@ -340,6 +353,8 @@ class CustomKD(Method):
             parts["custom"] = kd_loss(out.logits, target, p["custom_temperature"])
         if p["w_kd"] > 0:
             parts["kd"] = kd_loss(out.logits, teacher.logits, p["temperature"])
+        if p["w_im"] > 0:
+            parts["im"] = information_maximisation(out.logits, (labels < 0).float())
         if teacher.rows is not None and len(self.memory):
             if p["w_self"] > 0:
                 parts["self"] = self._self_training(out.logits, teacher.rows, labels)
