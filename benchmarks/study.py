@@ -109,8 +109,12 @@ SELF_CLEAN = Row("customkd + self-training on the clean record (w_self=1, self_t
                  (("w_self", 1.0), ("self_threshold", 0.5), ("record", "clean")))
 IM = Row("customkd + information maximisation (w_im=1)", "customkd", (("w_im", 1.0),))
 IM_LOW = Row("customkd + information maximisation (w_im=0.3)", "customkd", (("w_im", 0.3),))
+# the temperature of the customised term: softer targets carry more of the teacher's class similarities, sharper
+# ones more of its decisions
+TEMPS = tuple(Row(f"customkd, customised term at temperature {t} (custom_temperature={t})", "customkd",
+                  (("custom_temperature", float(t)),)) for t in (2, 8))
 CEILING_ROWS = (Row("customkd", "customkd"), SELF, MOVING, MOVING_CLEAN, BOOT, BOOT_MOVING, SELF_CLEAN, IM, IM_LOW,
-                Row("kd", "kd"))
+                *TEMPS, Row("kd", "kd"))
 ORACLE = previous_default(Row("target oracle (every train label)", "supervised", core=False, scenario="supervised"))
 
 SUITES = {
