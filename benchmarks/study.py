@@ -535,27 +535,37 @@ def verdict(suite: Suite, results: list[dict]) -> list[str]:
 
 def chart(suite: Suite, path: Path) -> None:
     """Bars: the core rows at both budgets. Below, for the long budget, per pair: the student's top-1 per
-    epoch beside its customised or adapted teacher's (mean over seeds), for every row that records both."""
+    epoch beside its customised or adapted teacher's (mean over seeds), for every row that records both.
+    One colour per row in every panel, and one legend under them all."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results = load_results(suite)
+    measured = {r["row"] for r in results}
+    labels = [row.label for row in suite.rows if row.label in measured]
+    colours = {label: plt.get_cmap("tab20")(i % 20) for i, label in enumerate(labels)}
     groups = [(pair_name(p), b) for b in suite.budgets for p in suite.pairs]
-    fig = plt.figure(figsize=(max(6, 1.6 * len(groups)), 7.6))
-    bars(fig.add_subplot(2, 1, 1), suite, results, groups)
+    fig = plt.figure(figsize=(max(6, 1.6 * len(groups)), 7.6 + 0.16 * len(labels)))
+    handles = bars(fig.add_subplot(2, 1, 1), suite, results, groups, colours)
     long = list(suite.budgets)[-1]
     for i, pair in enumerate(suite.pairs):
-        curves(fig.add_subplot(2, len(suite.pairs), len(suite.pairs) + i + 1), suite, results, pair_name(pair), long)
-    fig.tight_layout()
+        handles.update(curves(fig.add_subplot(2, len(suite.pairs), len(suite.pairs) + i + 1), suite, results,
+                              pair_name(pair), long, colours))
+    order = [label for label in labels if label in handles]
+    legend_height = (0.16 * len(order) + 0.3) / fig.get_figheight()
+    fig.legend([handles[k] for k in order], order, loc="lower center", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, legend_height, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def bars(ax, suite: Suite, results: list[dict], groups: list[tuple]) -> None:
+def bars(ax, suite: Suite, results: list[dict], groups: list[tuple], colours: dict) -> dict:
+    """The core rows' bars; returns {row label: legend handle} of the rows drawn."""
     rows = [r.label for r in suite.rows if r.core]
     width = 0.8 / len(rows)
+    handles = {}
     for i, label in enumerate(rows):
         means, stds = [], []
         for name, budget in groups:
@@ -563,17 +573,20 @@ def bars(ax, suite: Suite, results: list[dict], groups: list[tuple]) -> None:
             m, s, _ = summarise(vals) if vals else (np.nan, np.nan, 0)
             means.append(m)
             stds.append(0 if np.isnan(s) else s)
-        ax.bar(np.arange(len(groups)) + i * width, means, width, yerr=stds, label=label, capsize=2)
+        if label in colours:
+            handles[label] = ax.bar(np.arange(len(groups)) + i * width, means, width, yerr=stds, capsize=2,
+                                    color=colours[label])
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2)
     ax.set_xticklabels([f"{n}\n{b} ({suite.budgets[b]} ep)" for n, b in groups], fontsize=8)
     ax.set_ylabel("top-1 %")
     ax.set_title(f"{suite.name}: mean ± std over seeds")
-    ax.legend(fontsize=6)
+    return handles
 
 
-def curves(ax, suite: Suite, results: list[dict], name: str, budget: str) -> None:
-    """Student (solid) and its teacher (dashed) per epoch, mean over seeds, one colour per row."""
-    drawn = 0
+def curves(ax, suite: Suite, results: list[dict], name: str, budget: str, colours: dict) -> dict:
+    """Student (solid) and its teacher (dashed) per epoch, mean over seeds, one colour per row; returns
+    {row label: legend handle} of the rows drawn."""
+    handles = {}
     for row in suite.rows:
         runs = [r for r in results if r["pair"] == name and r["budget"] == budget and r["row"] == row.label
                 and r.get("curve")]
@@ -588,16 +601,15 @@ def curves(ax, suite: Suite, results: list[dict], name: str, budget: str) -> Non
         student = mean("top1")
         teacher = mean("custom_teacher_eval_top1")
         teacher = teacher if teacher is not None else mean("teacher_eval_top1")
-        line, = ax.plot(epochs[:len(student)], student, lw=1.2, label=f"{row.label} (n={len(runs)})")
+        colour = colours.get(row.label)
+        handles[row.label], = ax.plot(epochs[:len(student)], student, lw=1.2, color=colour)
         if teacher is not None:
-            ax.plot(epochs[:len(teacher)], teacher, lw=1.0, ls="--", color=line.get_color())
-        drawn += 1
+            ax.plot(epochs[:len(teacher)], teacher, lw=1.0, ls="--", color=colour)
     ax.set_title(f"{name}, {budget}: student (—) and teacher (--)", fontsize=8)
     ax.set_xlabel("epoch", fontsize=8)
     ax.set_ylabel("top-1 %", fontsize=8)
     ax.tick_params(labelsize=7)
-    if drawn:
-        ax.legend(fontsize=5)
+    return handles
 
 
 def main(argv=None) -> None:
