@@ -54,15 +54,22 @@ from ..cache.derived import derived_group
 from ..progress import bar as progress_bar
 from .base import (Method, MethodContext, MethodError, Opt, feature_mse, flag, kd_loss, register_method, temperature,
                    weight)
-from .memory import RowMemory
+from .memory import RowMemory, mix_record
 
 CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old fit are not read
 
 
-def mix_record(logits: torch.Tensor, probs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Logits of q^(1 - lam) p^lam (normalised by the softmax that reads them), q = softmax(logits), p = `probs`:
-    (1 - lam) log q + lam log p up to a per-row constant, so exactly `logits` where lam is 0."""
-    return logits + lam * (torch.log(probs.clamp_min(1e-6)) - F.log_softmax(logits, 1))
+def chain_key(data: dict, params: dict, kind: str) -> str:
+    """What a phase's classifier depends on: the fit's inputs (cached features, labels, teacher logits), its
+    options and the device kind."""
+    h = hashlib.sha256()
+    for name in ("f_l", "y_l", "f_u", "z_u"):
+        a = np.ascontiguousarray(data[name])
+        h.update(f"{name}{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    keys = ("sharpen", "balance", "custom_wd", "custom_iters", "unlabelled_weight", "first_rounds")
+    h.update(repr([(k, params[k]) for k in keys] + [kind, CHAIN_VERSION]).encode())
+    return h.hexdigest()[:20]
 
 
 def information_maximisation(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -216,18 +223,8 @@ class CustomKD(Method):
         """What a phase's classifier depends on: the fit's inputs, its options and the device kind."""
         kind = torch.device(device).type
         if self._keys.get(kind) is None:
-            self._keys[kind] = self._hash_inputs(kind)
+            self._keys[kind] = chain_key(self._data, self.params, kind)
         return self._keys[kind]
-
-    def _hash_inputs(self, kind: str) -> str:
-        h = hashlib.sha256()
-        for name in ("f_l", "y_l", "f_u", "z_u"):
-            a = np.ascontiguousarray(self._data[name])
-            h.update(f"{name}{a.dtype}{a.shape}".encode())
-            h.update(a.tobytes())
-        keys = ("sharpen", "balance", "custom_wd", "custom_iters", "unlabelled_weight", "first_rounds")
-        h.update(repr([(k, self.params[k]) for k in keys] + [kind, CHAIN_VERSION]).encode())
-        return h.hexdigest()[:20]
 
     def _phase(self, ctx: MethodContext, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, c) of `phase`, computed once per cache, scenario and options and kept with the cache's
@@ -354,7 +351,7 @@ class CustomKD(Method):
         if p["w_custom"] > 0 and self._customised:
             target = self.customised_logits(teacher.features)
             if p["bootstrap"] > 0 and teacher.rows is not None and len(self.memory):
-                target = self._bootstrapped(target, teacher.rows)
+                target = self.memory.bootstrapped(target, teacher.rows, p["bootstrap"])
             parts["custom"] = kd_loss(out.logits, target, p["custom_temperature"])
         if p["w_kd"] > 0:
             parts["kd"] = kd_loss(out.logits, teacher.logits, p["temperature"])
@@ -362,24 +359,7 @@ class CustomKD(Method):
             parts["im"] = information_maximisation(out.logits, (labels < 0).float())
         if teacher.rows is not None and len(self.memory):
             if p["w_self"] > 0:
-                parts["self"] = self._self_training(out.logits, teacher.rows, labels)
+                parts["self"] = self.memory.self_training(out.logits, teacher.rows, labels, p["self_threshold"])
             if self.training and p["record"] == "train":
                 self.memory.update(teacher.rows, out.logits)  # after the term read the other views' record
         return parts
-
-    def _bootstrapped(self, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The customised target moved towards the student's record of each row (soft bootstrapping): weight
-        `bootstrap` times the record's confidence; labelled, untracked and unseen rows keep the teacher's."""
-        probs, seen = self.memory.lookup(rows, target.device)
-        lam = self.params["bootstrap"] * seen * probs.max(1).values
-        return mix_record(target.float(), probs, lam[:, None])
-
-    def _self_training(self, logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """FixMatch's unlabelled term with the record of the row's other views (earlier epochs) as the
-        confident prediction: CE to its argmax where its confidence reaches `self_threshold`, averaged over
-        the batch's unlabelled rows."""
-        probs, seen = self.memory.lookup(rows, logits.device)
-        conf, target = probs.max(1)
-        mask = ((seen > 0) & (conf >= self.params["self_threshold"]) & (labels < 0)).float()
-        ce = F.cross_entropy(logits.float(), target, reduction="none")
-        return (ce * mask).sum() / (labels < 0).sum().clamp_min(1)

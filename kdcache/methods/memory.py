@@ -16,6 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def mix_record(logits: torch.Tensor, probs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Logits of q^(1 - lam) p^lam (normalised by the softmax that reads them), q = softmax(logits), p = `probs`:
+    (1 - lam) log q + lam log p up to a per-row constant, so exactly `logits` where lam is 0."""
+    return logits + lam * (torch.log(probs.clamp_min(1e-6)) - F.log_softmax(logits, 1))
+
+
 class RowMemory(nn.Module):
     def __init__(self, classes: int, momentum: float = 0.5):
         super().__init__()
@@ -57,6 +63,23 @@ class RowMemory(nn.Module):
         self._on(device)
         slot = self.slots[rows.to(device)]
         return self.probs[slot], self.seen[slot] * (slot < len(self)).float()
+
+    def bootstrapped(self, target: torch.Tensor, rows: torch.Tensor, weight: float) -> torch.Tensor:
+        """Target logits moved towards each row's record (soft bootstrapping): lam = `weight` times the record's
+        confidence; untracked and unseen rows keep `target`."""
+        probs, seen = self.lookup(rows, target.device)
+        return mix_record(target.float(), probs, (weight * seen * probs.max(1).values)[:, None])
+
+    def self_training(self, logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
+                      threshold: float) -> torch.Tensor:
+        """FixMatch's unlabelled term with the record of the row's other views (earlier epochs) as the confident
+        prediction: CE to its argmax where its confidence reaches `threshold`, averaged over the batch's
+        unlabelled rows (label < 0)."""
+        probs, seen = self.lookup(rows, logits.device)
+        conf, target = probs.max(1)
+        mask = ((seen > 0) & (conf >= threshold) & (labels < 0)).float()
+        ce = F.cross_entropy(logits.float(), target, reduction="none")
+        return (ce * mask).sum() / (labels < 0).sum().clamp_min(1)
 
     def table(self) -> tuple[np.ndarray, np.ndarray]:
         """(probs [n, C], seen [n]) of the tracked rows, in the order given to `track`."""
