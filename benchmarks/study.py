@@ -105,8 +105,8 @@ BOOT_MOVING = Row("customkd + bootstrapped target and moving customisation on th
                    ("record", "clean")))
 # the student's own: FixMatch's term on the clean record at a lower threshold; information maximisation (confident,
 # class-spread predictions on the unlabelled rows of each batch)
-SELF_CLEAN = Row("customkd + self-training on the clean record (w_self=1, self_threshold=0.5, record=clean)", "customkd",
-                 (("w_self", 1.0), ("self_threshold", 0.5), ("record", "clean")))
+SELF_CLEAN = Row("customkd + self-training on the clean record (w_self=1, self_threshold=0.5, record=clean)",
+                 "customkd", (("w_self", 1.0), ("self_threshold", 0.5), ("record", "clean")))
 IM = Row("customkd + information maximisation (w_im=1)", "customkd", (("w_im", 1.0),))
 IM_LOW = Row("customkd + information maximisation (w_im=0.3)", "customkd", (("w_im", 0.3),))
 # the temperature of the customised term: softer targets carry more of the teacher's class similarities, sharper

@@ -332,9 +332,9 @@ class CustomKD(Method):
             if known.any():
                 record["student_record_eval_top1"] = float((probs[known].argmax(1) == d["y_ue"][known]).mean())
             if known.any() and self.params["bootstrap"] > 0:  # the bootstrapped target, mean over the cached views
-                lam = self.params["bootstrap"] * seen * probs.max(1)
-                target = mix_record(self._predict_unlabelled(m, c), torch.from_numpy(probs), torch.from_numpy(lam)[:, None])
-                record["custom_target_eval_top1"] = float((target.numpy()[known].argmax(1) == d["y_ue"][known]).mean())
+                lam = torch.from_numpy(self.params["bootstrap"] * seen * probs.max(1))[:, None]
+                target = mix_record(self._predict_unlabelled(m, c), torch.from_numpy(probs), lam).numpy()
+                record["custom_target_eval_top1"] = float((target[known].argmax(1) == d["y_ue"][known]).mean())
             if seen.any():
                 record["student_record_confident"] = float((probs[seen > 0].max(1) >= self.params["self_threshold"]).mean())
         return record
