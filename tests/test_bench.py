@@ -21,7 +21,7 @@ def test_committed_results_render_with_every_target_row():
     for path in (ROOT / "benchmarks" / "results").glob("cpu-*.json"):
         text = bench.render(json.loads(path.read_text()))
         for row in ("distill-from-cache epoch / supervised-only epoch", "extraction / model-only views/s",
-                    "chunk-aligned cache reads", "cache bytes per view"):
+                    "chunk-aligned cache reads", "cache bytes per view", "customkd run / kd run of"):
             assert row in text, (path.name, row)
 
 
@@ -32,6 +32,20 @@ def test_cache_reads_section_runs(tmp_path, capsys):
     result = json.loads(line.split("cache_reads: ", 1)[1].rsplit(" (", 1)[0])
     assert result["aligned_views_per_s"] > result["random_views_per_s"] > 0
     assert not list(tmp_path.iterdir())  # --only prints and writes no results file
+
+
+def test_method_cost_section_times_whole_runs_against_kd(tmp_path, capsys):
+    bench = _bench()
+    bench.main(["--quick", "--only", "method_cost", "--out", str(tmp_path)])
+    line = capsys.readouterr().out
+    result = json.loads(line.split("method_cost: ", 1)[1].rsplit(" (", 1)[0])
+    assert set(result["run_s"]) == {"kd", "customkd", "customkd, moving customisation on the clean record"}
+    assert all(v > 0 for v in result["run_s"].values())
+    for name in ("customkd", "customkd, moving customisation on the clean record"):
+        s = result[f"{name} / kd spread"]
+        assert s["n"] == 2 and s["min"] <= s["median"] <= s["max"] and s["target"] == "<= 1.2"
+    text = bench.render({"machine": "m", "command": "c", "wall_s": 1, "torch": "t", "method_cost": result})
+    assert "customkd run / kd run of 2 epochs" in text
 
 
 def test_views_section_runs_and_reports_bytes_and_ratios_per_view_count(tmp_path, capsys):
