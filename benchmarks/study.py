@@ -113,8 +113,14 @@ IM_LOW = Row("customkd + information maximisation (w_im=0.3)", "customkd", (("w_
 # ones more of its decisions
 TEMPS = tuple(Row(f"customkd, customised term at temperature {t} (custom_temperature={t})", "customkd",
                   (("custom_temperature", float(t)),)) for t in (2, 8))
+# the moving customisation started late: the teacher-only chain until `move_from` of the run, then refits with the
+# student's clean record (taken from two epochs before), when the student has passed the first customisation
+LATE = tuple(Row(f"customkd + moving customisation from {int(100 * f)}% of the run on the clean record (student_weight={w}, "
+                 f"move_from={f}, refit_threshold=0, anchor, record=clean)", "customkd",
+                 (("student_weight", w), ("move_from", f), ("refit_threshold", 0.0), ("anchor", True),
+                  ("record", "clean"))) for w, f in ((0.5, 0.75), (1.0, 0.75), (1.0, 0.5)))
 CEILING_ROWS = (Row("customkd", "customkd"), SELF, MOVING, MOVING_CLEAN, BOOT, BOOT_MOVING, SELF_CLEAN, IM, IM_LOW,
-                *TEMPS, Row("kd", "kd"))
+                *TEMPS, *LATE, Row("kd", "kd"))
 ORACLE = previous_default(Row("target oracle (every train label)", "supervised", core=False, scenario="supervised"))
 
 SUITES = {

@@ -212,6 +212,7 @@ class MethodContext:
     # `predict_clean(mask)`: (rows, logits [n, C]), the student's predictions on the clean view of the masked rows,
     # in row order (evaluation mode, one forward pass each; set by the training session, None outside a run)
     predict_clean: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    epochs: int = 0  # the run's length in epochs (0: not known, outside a run)
 
 
 class Method(nn.Module):

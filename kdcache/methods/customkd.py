@@ -41,6 +41,7 @@ and on the three IconShift-dev pairs it is level with w_general=0 at both budget
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 
 import numpy as np
@@ -83,6 +84,36 @@ def information_maximisation(logits: torch.Tensor, mask: torch.Tensor) -> torch.
     return -((p * log_p).sum(1) * mask).sum() / n + (mean * torch.log(mean.clamp_min(1e-8))).sum()
 
 
+def predict_unlabelled(f_u: np.ndarray, m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The classifier (M, c)'s mean logits over each unlabelled row's cached views (f_u: [n, V, D])."""
+    return torch.from_numpy(predict_views(f_u.reshape(-1, f_u.shape[-1]), m.numpy(), c.numpy(), f_u.shape[1]))
+
+
+def report(d: dict, memory: RowMemory, p: dict, m: torch.Tensor, c: torch.Tensor) -> dict[str, float]:
+    """How well the customised classifier (M, c) fits the labelled rows and classifies the evaluation rows, and
+    the student's recorded predictions on unlabelled rows that are also evaluation rows (labels read for this
+    report only)."""
+
+    def top1(f, y):
+        return float(((torch.from_numpy(f) @ m.T + c).argmax(1).numpy() == y).mean()) if len(y) else float("nan")
+
+    record = {"custom_fit_top1": top1(d["f_l"][:, 0], d["y_l"])}
+    if len(d["y_e"]):
+        record["custom_teacher_eval_top1"] = top1(d["f_e"], d["y_e"])
+    if len(memory):
+        probs, seen = memory.table()
+        known = (seen > 0) & (d["y_ue"] >= 0)
+        if known.any():
+            record["student_record_eval_top1"] = float((probs[known].argmax(1) == d["y_ue"][known]).mean())
+        if known.any() and p["bootstrap"] > 0:  # the bootstrapped target, mean over the cached views
+            lam = torch.from_numpy(p["bootstrap"] * seen * probs.max(1))[:, None]
+            target = mix_record(predict_unlabelled(d["f_u"], m, c), torch.from_numpy(probs), lam).numpy()
+            record["custom_target_eval_top1"] = float((target[known].argmax(1) == d["y_ue"][known]).mean())
+        if seen.any():
+            record["student_record_confident"] = float((probs[seen > 0].max(1) >= p["self_threshold"]).mean())
+    return record
+
+
 @register_method(
     "customkd",
     w_general=weight(1.0, "task-general term MSE(P_s(s), f)"),
@@ -120,6 +151,9 @@ def information_maximisation(logits: torch.Tensor, mask: torch.Tensor) -> torch.
                help="the student's per-row record: the EMA of its softmax at the training steps (train: its "
                     "cached views, train mode, no extra pass) or of its prediction on the clean view after each "
                     "epoch (clean: evaluation mode, one forward pass over the recorded rows)"),
+    move_from=Opt(0.0, float, low=0.0, high=1.0,
+                  help="fraction of the run's customisation phases that read the teacher-only chain before a moving "
+                       "customisation (student_weight > 0) starts mixing in the student's record (0: from phase 2)"),
     anchor=flag(False, "each moving refit mixes the student's record with the first customisation's predictions "
                        "(fixed) instead of the previous customisation's (which compound from phase to phase)"),
 )
@@ -178,6 +212,13 @@ class CustomKD(Method):
     def _moving(self) -> bool:
         """Whether the customisation moves with the student (else it is the teacher-only chain)."""
         return self.params["student_weight"] > 0
+
+    def _first_moving(self, epochs: int) -> int:
+        """The first phase a moving customisation refits with the student's record (earlier: the fixed chain's)."""
+        p = self.params
+        if p["move_from"] > 0 and epochs <= 0:
+            raise ValueError("customkd move_from > 0 needs the run's length in epochs (a training session gives it)")
+        return max(1, math.ceil(p["move_from"] * (epochs - p["warmup_epochs"])))
 
     def _reads_record(self) -> bool:
         """Whether anything reads the per-row record of the student's predictions."""
@@ -263,15 +304,14 @@ class CustomKD(Method):
         return m, c
 
     def _predict_unlabelled(self, m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """The classifier (M, c)'s mean logits over each unlabelled row's cached views."""
-        f_u = self._data["f_u"]
-        return torch.from_numpy(predict_views(f_u.reshape(-1, f_u.shape[-1]), m.numpy(), c.numpy(), f_u.shape[1]))
+        return predict_unlabelled(self._data["f_u"], m, c)
 
     def precompute(self, ctx: MethodContext, epochs: int, progress: bool = False) -> None:
         """Fit and keep the customisations of a run of `epochs` epochs (e.g. before many runs start at once);
-        with a customisation that moves with the student, only the first (it does not depend on the student)."""
+        with a customisation that moves with the student, only those before its first refit with the student's
+        record (they do not depend on the student)."""
         phases = max(0, epochs - self.params["warmup_epochs"])
-        phases = min(phases, 1) if self._moving() else phases
+        phases = min(phases, self._first_moving(epochs)) if self._moving() else phases
         with progress_bar(phases, "phase", "customisation", progress) as bar:
             for phase in range(phases):
                 m, c = self._phase(ctx, phase)
@@ -282,7 +322,11 @@ class CustomKD(Method):
         self.m_bias.zero_()
 
     def end_epoch(self, ctx: MethodContext, epoch: int) -> dict[str, float]:
-        if self._recorded is not None and self.params["record"] == "clean":
+        p = self.params
+        # a record only late moving refits read is taken from two epochs before the first of them
+        late = p["move_from"] > 0 and p["w_self"] == p["bootstrap"] == 0 and (
+            epoch + 2 < p["warmup_epochs"] + self._first_moving(ctx.epochs))
+        if self._recorded is not None and p["record"] == "clean" and not late:
             if ctx.predict_clean is None:
                 raise ValueError("customkd record=clean needs the student's predictions on clean views "
                                  "(a training session provides them)")
@@ -298,7 +342,7 @@ class CustomKD(Method):
             return {}
         start = time.perf_counter()
         phase = int(self.phases)
-        if self._moving() and phase > 0:
+        if self._moving() and phase >= self._first_moving(ctx.epochs):
             m, c = self._fit_with_student(ctx)
         else:
             m, c = self._phase(ctx, phase)
@@ -312,32 +356,7 @@ class CustomKD(Method):
         self.head_bias.copy_(b_h)
         self.phases += 1
         self._customised = True
-        return {"custom_phase": int(self.phases), **self._report(m, c), "custom_seconds": time.perf_counter() - start}
-
-    def _report(self, m: torch.Tensor, c: torch.Tensor) -> dict[str, float]:
-        """How well the customised classifier fits the labelled rows and classifies the evaluation rows, and
-        the student's recorded predictions on unlabelled rows that are also evaluation rows (labels read for
-        this report only)."""
-        d = self._data
-
-        def top1(f, y):
-            return float(((torch.from_numpy(f) @ m.T + c).argmax(1).numpy() == y).mean()) if len(y) else float("nan")
-
-        record = {"custom_fit_top1": top1(d["f_l"][:, 0], d["y_l"])}
-        if len(d["y_e"]):
-            record["custom_teacher_eval_top1"] = top1(d["f_e"], d["y_e"])
-        if len(self.memory):
-            probs, seen = self.memory.table()
-            known = (seen > 0) & (d["y_ue"] >= 0)
-            if known.any():
-                record["student_record_eval_top1"] = float((probs[known].argmax(1) == d["y_ue"][known]).mean())
-            if known.any() and self.params["bootstrap"] > 0:  # the bootstrapped target, mean over the cached views
-                lam = torch.from_numpy(self.params["bootstrap"] * seen * probs.max(1))[:, None]
-                target = mix_record(self._predict_unlabelled(m, c), torch.from_numpy(probs), lam).numpy()
-                record["custom_target_eval_top1"] = float((target[known].argmax(1) == d["y_ue"][known]).mean())
-            if seen.any():
-                record["student_record_confident"] = float((probs[seen > 0].max(1) >= self.params["self_threshold"]).mean())
-        return record
+        return {"custom_phase": int(self.phases), **report(self._data, self.memory, self.params, m, c), "custom_seconds": time.perf_counter() - start}
 
     # ------------------------------------------------------------------ (B) distillation
     def customised_logits(self, features: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,7 @@ def precompute(cfg: DistillConfig) -> None:
     head = None
     if method.needs_logits:
         head, _ = scenario_teacher_head(store, scenario, write=True, adapt_rounds=cfg.teacher_adapt)
-    ctx = method_context(store, scenario, student, method, head, dist.device_for(cfg.device), cfg.seed, True)
+    ctx = method_context(store, scenario, student, method, head, dist.device_for(cfg.device), cfg.seed, True,
+                         cfg.epochs)
     method.prepare(ctx)
     method.precompute(ctx, cfg.epochs, progress=cfg.progress)

@@ -83,9 +83,10 @@ def student_and_method(cfg, store: CacheStore):
     return student, create_method(cfg.method, dims, **dict(cfg.method_options))
 
 
-def method_context(store, scenario, student, method, head, device, seed: int, write: bool) -> MethodContext:
+def method_context(store, scenario, student, method, head, device, seed: int, write: bool,
+                   epochs: int = 0) -> MethodContext:
     logits = (lambda mask, view=None: teacher_logits(store, head, mask, view)) if method.needs_logits else None
-    return MethodContext(store, scenario, student, device, seed, write, logits)
+    return MethodContext(store, scenario, student, device, seed, write, logits, epochs=epochs)
 
 
 def online_teacher(store: CacheStore, weights: str | None, head):

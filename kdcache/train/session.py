@@ -67,7 +67,7 @@ class Session:
 
     def context(self, write: bool):
         return method_context(self.store, self.scenario, self.student, self.method, self.head, self.device,
-                              self.cfg.seed, write)
+                              self.cfg.seed, write, self.cfg.epochs)
 
     def derive(self, write: bool) -> None:
         """The scenario's teacher head and the method's statistics (and, writing, the phases it computes
