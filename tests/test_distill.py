@@ -361,14 +361,18 @@ def test_customkd_phases_are_computed_once_and_shared_by_every_student(cache, tm
     assert int(own["phases"]) == 2 and own["m_weight"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("record", ["train", "clean"])
+@pytest.mark.parametrize("record", ["train", "clean", "late"])
 def test_customkd_moving_customisation_resumes_exactly(cache, tmp_path, monkeypatch, record):
     """A customisation that moves with the student, and a target bootstrapped from its record, keep their state
     (the per-row record of the student's predictions and the last customised classifier) in the checkpoint: a run stopped after an epoch and
     resumed ends bit-identical to an uninterrupted one, phase by phase; only the first phase is kept with the
-    cache (the later ones depend on the student)."""
+    cache (the later ones depend on the student). `late`: the moving refits start at the third phase (move_from),
+    after the resume, from a clean record taken from the second epoch on."""
     opts = (("student_weight", 0.5), ("w_self", 1.0), ("self_threshold", 0.5), ("refit_threshold", 0.5), ("anchor", True),
             ("bootstrap", 0.5), ("record", record))
+    if record == "late":
+        opts = (("student_weight", 1.0), ("refit_threshold", 0.0), ("anchor", True), ("move_from", 0.5),
+                ("record", "clean"))
     kw = dict(method="customkd", method_options=opts, epochs=3, workers=0, seed=3, image_size=32)
     distill.run(_cfg(cache, tmp_path / "ref", **kw))
 
@@ -398,6 +402,51 @@ def test_customkd_moving_customisation_resumes_exactly(cache, tmp_path, monkeypa
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     record = load_file(str(tmp_path / "ref" / "method.safetensors"))["memory._extra_state"]
     assert record[:, -1].sum() > 0  # rows were recorded, and the checkpoint holds them
+
+
+@pytest.mark.parametrize("move_from,epochs,first", [(0.0, 3, 1), (0.5, 6, 3), (0.75, 6, 5), (1.0, 4, 4)])
+def test_customkd_moving_customisation_starts_at_move_from(cache, tmp_path, monkeypatch, move_from, epochs, first):
+    """With move_from, the phases before `first` (move_from of the run, never before the second) are the
+    teacher-only chain's, kept with the cache and read from it; the later ones refit with the student's record.
+    A clean record only those refits read is taken from two epochs before the first of them."""
+    from kdcache.methods import customkd
+
+    refits, recorded = [], []
+    real_fit, real_end = customkd.CustomKD._fit_with_student, customkd.CustomKD.end_epoch
+
+    def fit_with_student(self, ctx):
+        refits.append(int(self.phases))
+        return real_fit(self, ctx)
+
+    def end_epoch(self, ctx, epoch):
+        real_predict = ctx.predict_clean
+
+        def predict(mask):
+            recorded.append(epoch)
+            return real_predict(mask)
+
+        ctx.predict_clean = predict
+        try:
+            return real_end(self, ctx, epoch)
+        finally:
+            ctx.predict_clean = real_predict
+
+    monkeypatch.setattr(customkd.CustomKD, "_fit_with_student", fit_with_student)
+    monkeypatch.setattr(customkd.CustomKD, "end_epoch", end_epoch)
+    opts = (("student_weight", 1.0), ("refit_threshold", 0.0), ("anchor", True), ("move_from", move_from),
+            ("record", "clean"))
+    out = tmp_path / "run"
+    distill.run(_cfg(cache, out, method="customkd", method_options=opts, epochs=epochs, workers=0, seed=1,
+                     image_size=32))
+    assert refits == list(range(first, epochs))
+    assert recorded == list(range(max(0, first - 2) if move_from > 0 else 0, epochs))
+    rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["custom_phase"] for r in rec] == list(range(1, epochs + 1))
+    monkeypatch.undo()
+    distill.run(_cfg(cache, tmp_path / "fixed", method="customkd", epochs=epochs, workers=0, seed=1, image_size=32))
+    fixed = [json.loads(x) for x in (tmp_path / "fixed" / "metrics.jsonl").read_text().splitlines()]
+    keys = ("custom_teacher_eval_top1", "custom_fit_top1")
+    assert [[r[k] for k in keys] for r in rec[:first]] == [[r[k] for k in keys] for r in fixed[:first]]
 
 
 def test_tensorboard_log_holds_the_epoch_metrics(cache, tmp_path):
