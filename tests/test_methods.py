@@ -244,7 +244,7 @@ def _customkd_ctx(seed=0, n=120, views=2, shift=0.0, unlabelled_logits=None):
     logits = unlabelled_logits if unlabelled_logits is not None else \
         (lambda mask, view=None: feats[mask] @ protos.T if view is None else feats[mask][:, view] @ protos.T)
     ctx = MethodContext(_Store(feats.astype(np.float32), labels), _Scenario(labelled, unlabelled, evaluation),
-                        student, torch.device("cpu"), seed, True, logits)
+                        student, torch.device("cpu"), seed, True, logits, epochs=10)
     return ctx, dims, feats, labels
 
 
@@ -362,11 +362,11 @@ def test_customkd_checkpoint_from_before_the_classifier_buffers_still_loads():
     """A method state saved without m_weight / m_bias (older runs) loads, with (M, c) rebuilt from the head
     and P_t it holds."""
     ctx, dims, feats, labels = _customkd_ctx()
-    m = create_method("customkd", dims, warmup_epochs=0, w_self=0.0)
+    m = create_method("customkd", dims, warmup_epochs=0, w_self=0.0, student_weight=0.0)
     m.prepare(ctx)
     m.before_epoch(ctx, 0)
     old = {k: v for k, v in m.state_dict().items() if k not in ("m_weight", "m_bias")}
-    fresh = create_method("customkd", dims, warmup_epochs=0, w_self=0.0)
+    fresh = create_method("customkd", dims, warmup_epochs=0, w_self=0.0, student_weight=0.0)
     fresh.load_state_dict(old)
     assert torch.allclose(fresh.m_weight, m.m_weight, atol=1e-4) and torch.allclose(fresh.m_bias, m.m_bias, atol=1e-4)
     assert int(fresh.phases) == 1
@@ -437,8 +437,8 @@ def test_customkd_moving_customisation_follows_the_student_record():
     right = np.eye(C)[labels] * 10
     acc = {}
     for weight in (0.0, 0.9):
-        m = create_method("customkd", dims, student_weight=weight, first_rounds=1, sharpen=1.0, balance=False,
-                          w_self=0.0)
+        m = create_method("customkd", dims, student_weight=weight, move_from=0.0, first_rounds=1, sharpen=1.0,
+                          balance=False, w_self=0.0, record="train" if weight else "clean")
         m.prepare(ctx)
         first = m.before_epoch(ctx, 0)
         _record(m, ctx, right)
@@ -462,7 +462,7 @@ def test_customkd_clean_record_takes_the_students_clean_view_predictions():
         rows = np.flatnonzero(mask)
         return rows, right[rows].astype(np.float32)
 
-    m = create_method("customkd", dims, student_weight=0.9, record="clean", first_rounds=1, w_self=0.0,
+    m = create_method("customkd", dims, student_weight=0.9, move_from=0.0, record="clean", first_rounds=1, w_self=0.0,
                       memory_momentum=0.0)
     m.prepare(ctx)
     m.before_epoch(ctx, 0)
@@ -472,8 +472,8 @@ def test_customkd_clean_record_takes_the_students_clean_view_predictions():
         m.end_epoch(ctx, 0)
     ctx.predict_clean = predict_clean
     m.end_epoch(ctx, 0)
-    with pytest.raises(MethodError, match="record=clean"):  # nothing would read it
-        create_method("customkd", dims, record="clean", student_weight=0.0, w_self=0.0)
+    with pytest.raises(MethodError, match="record=train"):  # nothing would read it
+        create_method("customkd", dims, record="train", student_weight=0.0, w_self=0.0)
     assert len(asked) == 1 and np.array_equal(asked[0], ctx.scenario.unlabelled)
     probs, seen = m.memory.table()
     assert seen.all() and (probs.argmax(1) == labels[ctx.scenario.unlabelled]).all()
@@ -486,7 +486,8 @@ def test_customkd_moving_customisation_without_a_record_is_the_teacher_chain():
     place; the later refits start from the previous classifier, and reach the same minimum of the same
     convex objective)."""
     ctx, dims, *_ = _customkd_ctx(shift=1.0)
-    chain, moving = (create_method("customkd", dims, student_weight=w, refit_iters=100) for w in (0.0, 0.5))
+    chain, moving = (create_method("customkd", dims, student_weight=w, move_from=0.0, refit_iters=100)
+                     for w in (0.0, 0.5))
     for m in (chain, moving):
         m.prepare(ctx)
     for epoch in range(3):
@@ -501,7 +502,8 @@ def test_customkd_self_training_term_targets_confident_records_of_unlabelled_row
     """CE to the recorded argmax, only where the record is confident and the row unlabelled, averaged over
     the batch's unlabelled rows; the step then folds its own prediction into the record."""
     ctx, dims, feats, labels = _customkd_ctx()
-    m = create_method("customkd", dims, w_self=1.0, self_threshold=0.9, memory_momentum=0.0)
+    m = create_method("customkd", dims, w_self=1.0, self_threshold=0.9, memory_momentum=0.0, student_weight=0.0,
+                      record="train")
     m.prepare(ctx)
     rows = torch.from_numpy(np.flatnonzero(ctx.scenario.unlabelled)[:4])
     m.memory.update(rows[:3], torch.tensor([[9.0, 0, 0], [0, 9.0, 0], [1.0, 1.0, 1.0]]))  # 2 confident, 1 not
@@ -529,7 +531,8 @@ def test_customkd_anchored_refit_mixes_the_record_with_the_first_customisation_o
     noisy = np.eye(C)[labels] * 3 + np.random.default_rng(1).normal(size=(len(labels), C)) * 2
     phases = {}
     for anchor in (False, True):
-        m = create_method("customkd", dims, student_weight=0.5, refit_threshold=0.0, anchor=anchor,
+        m = create_method("customkd", dims, student_weight=0.5, move_from=0.0, refit_threshold=0.0, anchor=anchor,
+                          record="train",
                           refit_iters=100, memory_momentum=0.0)
         m.prepare(ctx)
         m.before_epoch(ctx, 0)
@@ -585,7 +588,8 @@ def test_customkd_bootstrapped_target_is_reported_beside_the_customised_teacher(
     wrong = np.roll(np.eye(C)[labels], 1, axis=1) * 10
     ctx.teacher_logits = lambda mask, view=None: wrong[mask][:, None].repeat(feats.shape[1], 1) \
         if view is None else wrong[mask]
-    m = create_method("customkd", dims, bootstrap=1.0, first_rounds=1, sharpen=1.0, balance=False)
+    m = create_method("customkd", dims, bootstrap=1.0, first_rounds=1, sharpen=1.0, balance=False, student_weight=0.0,
+                      record="train")
     m.prepare(ctx)
     first = m.before_epoch(ctx, 0)
     assert "custom_target_eval_top1" not in first  # nothing recorded yet
