@@ -222,6 +222,13 @@ class CustomKD(Method):
             raise ValueError("customkd move_from > 0 needs the run's length in epochs (a training session gives it)")
         return max(1, math.ceil(p["move_from"] * (epochs - p["warmup_epochs"])))
 
+    def _first_recorded(self, epochs: int) -> int:
+        """The first epoch whose clean record is read: two before the first late refit when nothing else reads it."""
+        p = self.params
+        if p["move_from"] == 0 or p["w_self"] > 0 or p["bootstrap"] > 0:
+            return 0
+        return p["warmup_epochs"] + self._first_moving(epochs) - 2
+
     def _reads_record(self) -> bool:
         """Whether anything reads the per-row record of the student's predictions."""
         p = self.params
@@ -250,12 +257,10 @@ class CustomKD(Method):
         or from the previous phase's classifier, held in the buffers. It depends on the cached features,
         the scenario and the options only, never on the student."""
         d, p = self._data, self.params
-        views = d["f_u"].shape[1]
         if phase == 0:
             logits_u, rounds = d["z_u"].mean(1), p["first_rounds"]
         else:  # the previous customisation's predictions: one more round of self-training per phase
-            logits_u = predict_views(d["f_u"].reshape(-1, d["f_u"].shape[-1]), self.m_weight.cpu().numpy(),
-                                     self.m_bias.cpu().numpy(), views)
+            logits_u = predict_unlabelled(d["f_u"], self.m_weight.cpu(), self.m_bias.cpu()).numpy()
             rounds = 1
         weight_m, bias_m = self_train_head(d["f_l"], d["y_l"], d["f_u"], logits_u, self.dims.classes, rounds,
                                            p["sharpen"], p["balance"], p["custom_wd"], p["unlabelled_weight"],
@@ -289,10 +294,10 @@ class CustomKD(Method):
         d, p = self._data, self.params
         if p["anchor"]:  # the first customisation's predictions: read and computed once per run
             if "anchor" not in d:
-                d["anchor"] = self._predict_unlabelled(*self._phase(ctx, 0))
+                d["anchor"] = predict_unlabelled(d["f_u"], *self._phase(ctx, 0))
             teacher = d["anchor"]
         else:
-            teacher = self._predict_unlabelled(self.m_weight.cpu(), self.m_bias.cpu())
+            teacher = predict_unlabelled(d["f_u"], self.m_weight.cpu(), self.m_bias.cpu())
         probs, seen = (torch.from_numpy(a) for a in self.memory.table())
         conf = probs.max(1).values
         confident = (conf >= p["refit_threshold"]).float()  # a flat or unseen record leaves the row alone
@@ -304,9 +309,6 @@ class CustomKD(Method):
                                            p["refit_iters"], ctx.device, init=start)
         m, c = dist.broadcast((torch.from_numpy(weight_m), torch.from_numpy(bias_m)))  # one fit for every rank
         return m, c
-
-    def _predict_unlabelled(self, m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return predict_unlabelled(self._data["f_u"], m, c)
 
     def precompute(self, ctx: MethodContext, epochs: int, progress: bool = False) -> None:
         """Fit and keep the customisations of a run of `epochs` epochs (e.g. before many runs start at once);
@@ -325,10 +327,7 @@ class CustomKD(Method):
 
     def end_epoch(self, ctx: MethodContext, epoch: int) -> dict[str, float]:
         p = self.params
-        # a record only late moving refits read is taken from two epochs before the first of them
-        late = p["move_from"] > 0 and p["w_self"] == p["bootstrap"] == 0 and (
-            epoch + 2 < p["warmup_epochs"] + self._first_moving(ctx.epochs))
-        if self._recorded is not None and p["record"] == "clean" and not late:
+        if self._recorded is not None and p["record"] == "clean" and epoch >= self._first_recorded(ctx.epochs):
             if ctx.predict_clean is None:
                 raise ValueError("customkd record=clean needs the student's predictions on clean views "
                                  "(a training session provides them)")
