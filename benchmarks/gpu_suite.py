@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from kdcache.datasets import create_dataset
+from kdcache.extract.rows import in_row_order
 from kdcache.device_views import decode_batch
 from kdcache.train.engine import TrainModule, _to, make_optimizer
 from kdcache.extraction import ShardImageStream, StreamSpec, replay_encoded, teacher_pass
@@ -252,7 +253,7 @@ def _pass(ctx: Context, key: str, decode: str) -> dict:
     pre = teacher.preprocess
     spec = StreamSpec(str(store.images_dir), store.layout, 384, pre.input_size, pre.interpolation, pre.crop_pct,
                       "default", 0, s.batch, decode)
-    dataset = create_dataset("imagefolder", str(ctx.photos))
+    dataset = in_row_order(create_dataset("imagefolder", str(ctx.photos)), store.meta.rows)  # as the cache's rows
     stats = teacher_pass(store, dataset, teacher, spec, list(range(store.layout.num_shards)), workers=s.workers,
                          device=ctx.device, progress=False)
     return {"img_per_s": stats.images / stats.seconds, "waited_share": stats.waited / stats.seconds,

@@ -47,6 +47,7 @@ def summarize(store: CacheStore, max_bad: int = 20) -> dict:
         "teacher": meta.section("teacher"),
         "dataset": {k: meta.section("dataset")[k] for k in ("name", "N", "fingerprint")}
         | {"classes": len(meta.classes), "domains": list(meta.domains), "root": meta.section("dataset_root")},
+        "row_order": meta.rows.as_attrs(),  # a cache that records no order holds the dataset's sorted order
         "views": meta.section("views"),
         "head": meta.section("head") | (meta.section("head_fit") or {}),
         "tokens": meta.section("tokens"),

@@ -281,6 +281,9 @@ def _print_summary(s: dict) -> None:
     typer.echo(f"teacher   {t['name']} ({t['source']}, weights {t['weights']}), feature dim {t['feature_dim']}, "
                f"input {t['preprocess']['input_size']}px")
     typer.echo(f"dataset   {d['name']}: N={d['N']}, {d['classes']} classes, domains {', '.join(d['domains'])}")
+    rows = s["row_order"]
+    order = f"seed {rows['seed']}" if "seed" in rows else "the dataset's key order"
+    typer.echo(f"rows      {rows['order']} ({order})")
     typer.echo(f"views     V={s['views']['V']} (policy {s['views']['policy']}, seed {s['views']['seed']}); "
                f"tokens grid {s['tokens']['grid']}; head {s['head']['kind']}"
                + (f", logits top-{s['head']['logits_topk']}" if s["head"].get("logits_topk") else "") + _mixed(s['views'])

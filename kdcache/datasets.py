@@ -1,11 +1,13 @@
 """Dataset registry: real on-disk layouts -> an ordered sample list.
 
 A dataset is a list of samples (key, label, domain, split, byte size) plus a way to read each
-sample's original bytes. The order of the list is the row order of the cache, so every factory
-sorts deterministically.
+sample's original bytes. Every factory sorts the list deterministically: the fingerprint covers it in
+that order, and a cache's rows hold it in that order (`--row-order sorted`) or in a seeded permutation
+of it (`row_permutation`, the default), so that a shard is not a run of one class.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -54,6 +56,7 @@ class Dataset:
     samples: list[Sample]
     reader: Callable[[Sample], bytes] | None = field(default=None, repr=False)
     layout: str = ""  # how the samples were found, e.g. "domain/class/img" (recorded in the cache)
+    listed_fingerprint: str | None = field(default=None, repr=False)  # set by `reordered`: the list's as found
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -73,11 +76,23 @@ class Dataset:
             return f.read(limit + 1)
 
     def fingerprint(self) -> str:
-        """sha256 over the ordered (key, label, domain, split, byte size) list."""
+        """sha256 over the ordered (key, label, domain, split, byte size) list, as the layout lists it: a
+        reordered dataset keeps the fingerprint of the list it was reordered from (it names the data, and a
+        fresh listing of the same data gives it again)."""
+        if self.listed_fingerprint is not None:
+            return self.listed_fingerprint
         h = hashlib.sha256()
         for s in self.samples:
             h.update(f"{s.key}\t{s.label}\t{s.domain}\t{s.split}\t{s.size}\n".encode())
         return h.hexdigest()
+
+    def reordered(self, order) -> Dataset:
+        """The same dataset whose sample i is sample order[i] of this one (a cache's row order)."""
+        order = [int(i) for i in order]
+        if sorted(order) != list(range(len(self.samples))):
+            raise ValueError(f"a row order must be a permutation of 0..{len(self.samples) - 1}")
+        return dataclasses.replace(self, samples=[self.samples[i] for i in order],
+                                   listed_fingerprint=self.fingerprint())
 
     def describe(self) -> dict:
         return {
@@ -90,6 +105,29 @@ class Dataset:
             "fingerprint": self.fingerprint(),
             "layout": self.layout,
         }
+
+
+# splitmix64 (Steele et al. 2014): an odd increment and a bijective finaliser on 64-bit integers
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def row_permutation(n: int, seed: int) -> np.ndarray:
+    """The shuffled row order of an n-sample dataset: row r holds sample order[r].
+
+    Samples are sorted by a splitmix64 hash of (seed, index) rather than drawn from a library RNG, whose streams
+    may change between versions: a cache resumed years later under another numpy must get the same order. The
+    hashed states are distinct (an odd step), and the finaliser is a bijection, so no two samples tie."""
+    if n < 0 or not 0 <= seed < 2**64:
+        raise ValueError(f"row_permutation needs n >= 0 and a seed of 0 to 2**64 - 1, got n={n}, seed={seed}")
+    start = _mix64(np.array([seed], np.uint64))
+    states = start + np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN  # wraps modulo 2**64, as intended
+    return np.argsort(_mix64(states), kind="stable")
 
 
 DATASETS = Registry("dataset", DatasetError)
@@ -554,11 +592,16 @@ def synthetic_image(index: int, label: int, domain: int, size: int) -> np.ndarra
 
 
 @register_dataset("synthetic", needs_root=False)
-def _synthetic(root=None, n=256, classes=8, domains=2, size=48, test_every=5, **_) -> Dataset:
-    """Generated images for tests and benchmarks: every `test_every`-th image of each class is a test image."""
+def _synthetic(root=None, n=256, classes=8, domains=2, size=48, test_every=5, sort=0, **_) -> Dataset:
+    """Generated images for tests and benchmarks: every `test_every`-th image of each class is a test image.
+    Listed in generation order (image i has class i % classes), or with `sort=1` in key order (domain, then
+    class), as the on-disk layouts list theirs."""
     n, n_classes, n_domains, size, test_every = int(n), int(classes), int(domains), int(size), int(test_every)
     if n < 1 or n_classes < 1 or n_domains < 1 or size < 8:
         raise DatasetError("synthetic needs n >= 1, classes >= 1, domains >= 1, size >= 8")
+    if sort not in (0, 1, "0", "1"):
+        raise DatasetError(f"synthetic option sort must be 0 or 1, got {sort!r}")
+    sort = int(sort)
     samples = []
     for i in range(n):
         label, domain = i % n_classes, (i // n_classes) % n_domains
@@ -570,6 +613,8 @@ def _synthetic(root=None, n=256, classes=8, domains=2, size=48, test_every=5, **
         i = int(Path(s.key).stem)
         return _png_bytes(synthetic_image(i, s.label, s.domain, size))
 
-    return Dataset("synthetic", json.dumps({"n": n, "classes": n_classes, "domains": n_domains, "size": size}),
-                   [f"class{c}" for c in range(n_classes)], [f"domain{d}" for d in range(n_domains)],
-                   samples, reader=read, layout="generated")
+    if sort:
+        samples.sort(key=lambda s: s.key)
+    root = {"n": n, "classes": n_classes, "domains": n_domains, "size": size, **({"sort": 1} if sort else {})}
+    return Dataset("synthetic", json.dumps(root), [f"class{c}" for c in range(n_classes)],
+                   [f"domain{d}" for d in range(n_domains)], samples, reader=read, layout="generated")

@@ -18,6 +18,7 @@ import zarr
 from conftest import ROOT, TINY, assert_same_cache, cli_env, read_all, run_cli
 
 from kdcache.cacheinfo import verify
+from kdcache.datasets import create_dataset, row_permutation
 from kdcache.extraction import ShardClaims
 from kdcache.train.loader import CacheStream, StreamConfig
 from kdcache.pack import read_shard, shard_name
@@ -49,10 +50,15 @@ def test_store_opens_with_plain_zarr_and_has_documented_arrays(reference):
         assert arrays[name].shape == shape and str(arrays[name].dtype) == dtype, name
         if name != "status":
             assert arrays[name].shards[0] == S  # one shard of samples = one file
+    # rows hold the dataset's samples in the seeded order the cache records (row r: sample order[r])
+    listed = create_dataset("synthetic", n=N)
+    samples = [listed.samples[i] for i in row_permutation(N, 0)]
     key = bytes(arrays["keys"][3]).rstrip(b"\0").decode()  # fixed-width UTF-8, zero-padded
-    assert arrays["keys"].shape == (N, g.attrs["key_bytes"]) and key == "d0/c003/000003.png"
+    assert arrays["keys"].shape == (N, g.attrs["key_bytes"]) and key == samples[3].key
     assert (arrays["status"][:] == 1).all()
-    assert list(arrays["labels"][:10]) == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
+    assert list(arrays["labels"][:]) == [s.label for s in samples]
+    assert g.attrs["rows"] == {"order": "shuffled", "seed": 0}
+    assert g.attrs["dataset"]["fingerprint"] == listed.fingerprint()
     a = dict(g.attrs)
     assert a["format"] == "kdcache" and a["format_version"] == 2
     assert a["teacher"]["name"] == "test_vit" and a["teacher"]["preprocess"]["input_size"] == 160
@@ -384,7 +390,8 @@ def test_tensorstore_reads_every_array(reference):
     def text(values):
         return [bytes(v).rstrip(b"\0").decode() for v in values]
 
-    assert text(read("keys")) == list(store.text("keys")) and text(read("keys"))[3] == "d0/c003/000003.png"
+    assert text(read("keys")) == list(store.text("keys")) and text(read("keys"))[3] == \
+        create_dataset("synthetic", n=N).samples[row_permutation(N, 0)[3]].key
     assert text(read("shard_checksums")) == list(store.checksums()) and all(len(c) == 64 for c in store.checksums())
     assert set(text(read("reasons"))) == {""}  # no bad rows in the reference
 

@@ -131,6 +131,7 @@ def test_memory_url_cache_equals_a_local_one(tmp_path):
     """fsspec's in-memory filesystem (no server, this process only) takes the object-storage code path: whole
     uploads, no locks. The cache equals a local one and verifies."""
     from kdcache.cacheinfo import verify
+    from kdcache.datasets import create_dataset, row_permutation
     from kdcache.stages import extract
     from kdcache.cache.store import CacheStore
 
@@ -144,6 +145,7 @@ def test_memory_url_cache_equals_a_local_one(tmp_path):
     extract.run(cfg(str(tmp_path / "local")))
     assert_same_cache(tmp_path / "local", url)
     store = CacheStore.open(url)
-    assert verify(store) == [] and store.text("keys", 0, 1)[0] == "d0/c000/000000.png"
+    first = create_dataset("synthetic", n=24).samples[row_permutation(24, 0)[0]].key  # row 0: the shuffled order's
+    assert verify(store) == [] and store.text("keys", 0, 1)[0] == first
     assert store.path.fs.cat(f"/kdcache-test/{tmp_path.name}/images/shard-00000.tar") == \
         (tmp_path / "local" / "images" / "shard-00000.tar").read_bytes()

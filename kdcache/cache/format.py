@@ -19,7 +19,11 @@ REASON_BYTES = 240  # a bad row's reason is cut (at a character boundary) to thi
 CHECKSUM_VERSION = 2
 DIGEST_BYTES = 16
 CHECKSUM_CHARS = 64  # a shard checksum: sha256, hex
-IDENTITY_SECTIONS = ("teacher", "dataset", "views", "head", "pack", "tokens", "storage")
+IDENTITY_SECTIONS = ("teacher", "dataset", "views", "head", "pack", "tokens", "storage", "rows")
+# identity sections that caches made before they existed do not record: such a cache reads as this value (and its
+# fingerprint, which hashes the sections recorded, stays what it was)
+OPTIONAL_SECTIONS = {"rows": {"order": "sorted"}}
+ROW_ORDERS = ("shuffled", "sorted")
 FEATURE_DTYPES = ("float16", "int8")
 FEATURE = "feature"  # an ArraySpec dtype: the layout's feature_dtype (float16, or int8 with a scale array)
 INDEX = "index"  # an ArraySpec dtype: class indices, int16 when the classes fit (< 32768), else int32
@@ -62,6 +66,24 @@ class Layout:
 
     def rows(self, k: int) -> range:
         return range(k * self.shard_size, min((k + 1) * self.shard_size, self.n))
+
+
+@dataclass(frozen=True)
+class RowOrder:
+    """Which dataset sample each row of the cache holds. `sorted`: row r holds sample r of the dataset's own list
+    (its sorted key order: class, or domain then class; every cache made before rows were shuffled). `shuffled`:
+    row r holds sample order[r] of a permutation drawn with `seed` (kdcache.datasets.row_permutation), so that
+    every shard, and every stream that reads a few shards, holds a fair sample of the classes."""
+
+    order: str = "sorted"
+    seed: int | None = None  # shuffled only
+
+    def as_attrs(self) -> dict:
+        """The `rows` section of the identity."""
+        return {"order": self.order, **({"seed": self.seed} if self.order == "shuffled" else {})}
+
+    def __str__(self) -> str:
+        return f"{self.order} (seed {self.seed})" if self.order == "shuffled" else self.order
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import (FEATURE_DTYPES, FORMAT_NAME, IDENTITY_SECTIONS, OPTIONAL_FIELDS, READABLE_VERSIONS, CacheError,
-                     IncompleteCreation, Layout, arrays, dtype, present, shape)
+from .format import (FEATURE_DTYPES, FORMAT_NAME, IDENTITY_SECTIONS, OPTIONAL_FIELDS, OPTIONAL_SECTIONS,
+                     READABLE_VERSIONS, ROW_ORDERS, CacheError, IncompleteCreation, Layout, RowOrder, arrays, dtype,
+                     present, shape)
 
 HEAD_KINDS = ("probe", "native", "zeroshot", "none")
 
@@ -41,6 +42,20 @@ def _get(d: dict, dotted: str, kind, path: Path, *, low: int | None = None):
     return value
 
 
+def _row_order(a: dict, path: Path) -> RowOrder:
+    """The `rows` section as a RowOrder; a cache without one (made before rows were shuffled) is sorted."""
+    if "rows" not in a:
+        return RowOrder()
+    order = _get(a, "rows.order", str, path)
+    if order not in ROW_ORDERS:
+        raise _error(path, "rows.order", f"is {order!r}, not one of {ROW_ORDERS}")
+    if order == "sorted":
+        if "seed" in a["rows"]:
+            raise _error(path, "rows.seed", "is set, but sorted rows have no seed")
+        return RowOrder()
+    return RowOrder(order, _get(a, "rows.seed", int, path, low=0))
+
+
 @dataclass(frozen=True)
 class CacheMeta:
     layout: Layout
@@ -56,6 +71,7 @@ class CacheMeta:
     replay: int
     format_version: int = 1
     key_bytes: int = 0  # format 2: the width of the keys array
+    rows: RowOrder = RowOrder()  # which dataset sample each row holds (caches that record none: sorted)
     attrs: dict = field(default_factory=dict, repr=False, compare=False)  # as read; use the accessors below
 
     @staticmethod
@@ -132,7 +148,7 @@ class CacheMeta:
         if len(domains) < 1 or len(classes) < 1:
             raise _error(path, "dataset.classes" if not classes else "dataset.domains", "is empty")
         return cls(lay, teacher, feature_dim, input_size, tuple(classes), tuple(domains), head, fitted, bound,
-                   int(checksums), int(replay), version, key_bytes, json.loads(json.dumps(a)))
+                   int(checksums), int(replay), version, key_bytes, _row_order(a, path), json.loads(json.dumps(a)))
 
     def expected_arrays(self) -> dict[str, tuple[tuple, str]]:
         """name -> (shape, dtype) of every base array of a cache with this layout (from ARRAYS)."""
@@ -177,12 +193,17 @@ class CacheMeta:
         return json.loads(json.dumps(value)) if value is not None else None
 
     def identity(self) -> dict:
-        return {k: self.section(k) for k in IDENTITY_SECTIONS}
+        """The identity sections as recorded (an optional section the cache does not record is left out)."""
+        return {k: self.section(k) for k in IDENTITY_SECTIONS if k not in OPTIONAL_SECTIONS or k in self.attrs}
 
     def mismatches(self, identity: dict) -> list[str]:
-        """Sections (and fields) where this cache differs from a requested identity."""
+        """Sections (and fields) where this cache differs from a requested identity (an optional section that
+        either side leaves out counts as its value in OPTIONAL_SECTIONS)."""
         out = []
         mine, theirs = self.identity(), json.loads(json.dumps(identity))
+        for side in (mine, theirs):
+            for name, value in OPTIONAL_SECTIONS.items():
+                side.setdefault(name, json.loads(json.dumps(value)))
         for section in IDENTITY_SECTIONS:
             a, b = mine.get(section), theirs.get(section)
             if a == b:

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from kdcache.cache.backend import backend, lock
-from kdcache.cache.format import CacheError, IncompleteCreation, Layout
+from kdcache.cache.format import CacheError, IncompleteCreation, Layout, RowOrder
 from kdcache.cache.store import CacheStore
+from kdcache.extract.rows import check_rows
 from kdcache.options import ConfigError
 
 
@@ -49,6 +50,8 @@ def open_or_create(out: Path, cfg, layout: Layout, identity: dict, attrs: dict, 
             return CacheStore.create(out, layout, attrs, static, compression=cfg.compression)
         except CacheError as e:
             store, problems = None, [str(e)]
+        if store is not None and not cfg.overwrite:
+            check_rows(store, RowOrder(**identity["rows"]), out)
         if not problems and not cfg.overwrite:
             return store
         if problems and not cfg.overwrite:

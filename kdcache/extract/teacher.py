@@ -12,7 +12,7 @@ import numpy as np
 from kdcache import __version__, dist
 from kdcache.heads import resolve_head
 from kdcache.options import ConfigError, to_dict
-from kdcache.cache.format import CacheError, Layout
+from kdcache.cache.format import CacheError, Layout, RowOrder
 from kdcache.cache.store import CacheStore
 from kdcache.extraction import ShardBuffer
 from kdcache.teachers import TeacherError, create_teacher, zeroshot_head
@@ -158,7 +158,8 @@ def check_topk(cfg, layout: Layout) -> None:
 
 
 def describe(cfg, dataset, teacher, head: str, dims: dict) -> tuple[dict, dict, dict]:
-    """(identity, attributes, static arrays) of the cache these options make."""
+    """(identity, attributes, static arrays) of the cache these options make, from `dataset` in the cache's row
+    order (its fingerprint is that of the list as found)."""
     described = dataset.describe()
     identity = {
         "teacher": {"name": teacher.name, "source": teacher.source, "weights": teacher.weights_tag,
@@ -176,6 +177,7 @@ def describe(cfg, dataset, teacher, head: str, dims: dict) -> tuple[dict, dict, 
         "pack": {"image_bound": cfg.image_bound, "shard_size": cfg.shard_size},
         "tokens": {"grid": cfg.tokens, "dim": dims["tokens"]},
         "storage": {"feature_dtype": cfg.feature_dtype},
+        "rows": RowOrder(cfg.row_order, cfg.row_seed).as_attrs(),
     }
     attrs = dict(identity, dataset_root=described["root"], pipeline_version=__version__,
                  dataset_layout=described["layout"],  # outside the identity: the fingerprint covers it

@@ -12,6 +12,7 @@ from pathlib import Path
 from kdcache import dist
 from kdcache.datasets import create_dataset, list_datasets
 from kdcache.extract.output import check_out, creation_lock, open_or_create, repair
+from kdcache.extract.rows import check_rows, in_row_order, resolve_rows
 from kdcache.extract.teacher import (build_teacher, check_classes, check_mix, check_probe_domains,
                                      check_shard_buffer, check_topk, describe, mix_settings, resolve_topk)
 from kdcache.extract.work import my_shards, parse_part
@@ -19,7 +20,7 @@ from kdcache.extraction import PassStats, StreamSpec, fit_probe_once, teacher_pa
 from kdcache.cache.backend import cache_path
 from kdcache.options import check_fields
 from kdcache.pack import remove_stale_temporaries
-from kdcache.cache.format import CacheError, Layout
+from kdcache.cache.format import CacheError, Layout, RowOrder
 from kdcache.cache.store import CacheStore
 from kdcache.teachers import attention_kernels
 from kdcache.mixing import M
@@ -56,7 +57,8 @@ def run(cfg: ExtractConfig) -> Path:
 
 def _open_store(cfg: ExtractConfig, out: Path, layout: Layout, described: tuple, rank: int) -> CacheStore:
     """Rank 0 opens or creates the cache (under the creation lock) and writes the resolved options beside it;
-    the other ranks open what it made, or raise its error."""
+    the other ranks open what it made (holding its rows in the order they read the dataset in), or raise its
+    error."""
     error = store = None
     if rank == 0:
         try:
@@ -69,7 +71,11 @@ def _open_store(cfg: ExtractConfig, out: Path, layout: Layout, described: tuple,
     error = dist.broadcast(error)
     if error:
         raise CacheError(error)
-    return store if rank == 0 else CacheStore.open(out, mode="r+")
+    if rank == 0:
+        return store
+    store = CacheStore.open(out, mode="r+")
+    check_rows(store, RowOrder(cfg.row_order, cfg.row_seed), out)
+    return store
 
 
 def extract(cfg: ExtractConfig) -> Extracted:
@@ -78,7 +84,10 @@ def extract(cfg: ExtractConfig) -> Extracted:
     rank, world = dist.init()
     out = cache_path(cfg.out or f"cache/{cfg.dataset}")
     options = dict(cfg.dataset_options) | ({"domains": list(cfg.domains)} if cfg.domains else {})
-    dataset = create_dataset(cfg.dataset, cfg.data_root, **options)
+    rows = resolve_rows(cfg, out)
+    cfg = replace(cfg, row_order=rows.order, row_seed=rows.seed)
+    # row r of the cache holds sample r of this dataset, in every array, tar shard and teacher pass
+    dataset = in_row_order(create_dataset(cfg.dataset, cfg.data_root, **options), rows)
     check_classes(cfg, dataset)
     teacher, head, device, dims = build_teacher(cfg, dataset)
     check_probe_domains(cfg, dataset, head)
