@@ -30,7 +30,8 @@ from kdcache.datasets import create_dataset  # noqa: E402
 from kdcache.train.engine import TrainModule, make_optimizer, train_one_epoch  # noqa: E402
 from kdcache.extraction import ShardImageStream, StreamSpec, ensure_packed  # noqa: E402
 from kdcache.images import decode_packed  # noqa: E402
-from kdcache.train.loader import StreamConfig, labelled_repeats, make_loader, rank_shards  # noqa: E402
+from kdcache.train.loader import (StreamConfig, batch_rows, epoch_plan, labelled_repeats, make_loader,  # noqa: E402
+                                  makeup_of, rank_shards)
 from kdcache.methods import create_method  # noqa: E402
 from kdcache.methods.base import Dims  # noqa: E402
 from kdcache.pack import read_shard, shard_name  # noqa: E402
@@ -346,6 +347,29 @@ def bench_cache_reads(a, tmp: Path) -> dict:
             "aligned_over_random": aligned_vps / random_vps}
 
 
+def bench_stream_makeup(a, tmp: Path) -> dict:
+    """The training stream's batch make-up at ImageNet's scale, without images: the draw order (plan and shuffle
+    buffer, as the stream applies them) of a 1,281,167-row, 1,000-class cache in 1,024-row shards, rows sorted by
+    class (a cache written before rows were shuffled) or shuffled (a new cache), on 1 and 8 ranks, beside an
+    i.i.d. draw of each rank's rows; `interleave 1` draws inside one shard at a time (the stream before windows)."""
+    n, classes, shard, batch = a.makeup_rows, 1000, 1024, 64
+    sorted_labels = np.repeat(np.arange(classes), -(-n // classes))[:n]
+    layouts = {"sorted": sorted_labels, "shuffled": sorted_labels[np.random.default_rng(0).permutation(n)]}
+    reps = np.ones(n, np.int32)
+    out = {"rows": n, "classes": classes, "shard_size": shard, "batch": batch}
+    for layout, labels in layouts.items():
+        for interleave in (0, 1):
+            for world in (1, 8):
+                cfg = StreamConfig("unused", 224, seed=0, interleave=interleave)
+                t = time.perf_counter()
+                shards = rank_shards(reps, shard, 0, 0, 0, world)
+                rows = batch_rows(epoch_plan(cfg, shards, reps, shard, 0, 4), cfg, 0)
+                plan_s = time.perf_counter() - t
+                out[f"{layout}, interleave {interleave or 'auto'}, {world} rank(s)"] = dict(
+                    makeup_of(rows, labels, batch), plan_s=round(plan_s, 2))
+    return out
+
+
 class OnlineTeacher(torch.nn.Module):
     """A training module whose teacher runs on every step, on the same views, instead of being read."""
 
@@ -538,7 +562,7 @@ def _views_entry(a, tmp: Path, teacher, name: str, images: int, size: int, v: in
 
 SECTIONS = {"pipeline": bench_pipeline, "extraction": bench_extraction, "storage": bench_storage,
             "distill": bench_distill, "cache_reads": bench_cache_reads, "ranks": bench_ranks, "views": bench_views,
-            "method_cost": bench_method_cost}
+            "method_cost": bench_method_cost, "stream_makeup": bench_stream_makeup}
 
 
 def settings(a) -> None:
@@ -551,6 +575,7 @@ def settings(a) -> None:
     a.image_size, a.student_batch = 64, 64
     a.repeats, a.storage_rows, a.token_grid = (2 if quick else 3), (128 if quick else 512), 4
     a.read_rows = 8192 if quick else 32768
+    a.makeup_rows = 131_072 if quick else 1_281_167
     a.pipeline_images, a.pipeline_views = (64 if quick else 256), 4
     a.view_counts = (4, 16, 64)
     a.method_epochs = 2 if quick else 6
@@ -705,6 +730,7 @@ def render(r: dict) -> str:
                   + ", ".join(f"{k} {v:.2f}" for k, v in d["epoch_s"].items()) + "; img/s "
                   + ", ".join(f"{k} {v:,.0f}" for k, v in d["img_per_s"].items())
                   + f"; one student step {d['student_step_ms']:.1f} ms, one teacher step {d['teacher_step_ms']:.1f} ms"]
+    lines += render_makeup(r.get("stream_makeup"))
     lines += render_pipeline(r.get("pipeline"))
     lines += render_views(r.get("views"))
     if "storage" in r:
@@ -720,6 +746,22 @@ def render(r: dict) -> str:
                          f"{v['total_bytes_per_view']:.0f} | {v['raw_fp16_bytes_per_view']} | "
                          + (f"{cos['min']:.5f} / {cos['mean']:.5f} |" if cos else "|"))
     return "\n".join(lines) + "\n"
+
+
+def render_makeup(r: dict | None) -> list[str]:
+    """The stream's batch make-up at scale, beside an i.i.d. draw of the same rows."""
+    if not r:
+        return []
+    lines = ["", f"Training batches of {r['batch']} from a {r['rows']:,}-row, {r['classes']:,}-class cache in "
+             f"{r['shard_size']:,}-row shards (first epoch, the plan alone: no image read; rank 0's batches)", "",
+             "| rows, interleave, ranks | classes per batch | i.i.d. | largest class share | i.i.d. | plan s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, e in r.items():
+        if isinstance(e, dict):
+            lines.append(f"| {name} | {e['classes_per_batch']:.1f} | {e['iid_classes_per_batch']:.1f} | "
+                         f"{100 * e['largest_class_share']:.1f}% | {100 * e['iid_largest_class_share']:.1f}% | "
+                         f"{e['plan_s']:.1f} |")
+    return lines
 
 
 def render_views(r: dict | None) -> list[str]:

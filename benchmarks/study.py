@@ -27,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
+BEFORE = RESULTS / "sorted-stream"  # results measured on the class-sorted stream, the "before" of each table
 
 
 @dataclass(frozen=True)
@@ -443,8 +444,10 @@ def run_one(suite: Suite, key: str, device: str, workers: int) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def load_results(suite: Suite) -> list[dict]:
-    folder = RESULTS / "study" / suite.name
+def load_results(suite: Suite, before: bool = False) -> list[dict]:
+    """The suite's results on the fair stream; `before`: those measured on the class-sorted stream, kept in
+    benchmarks/results/sorted-stream/ (see its README)."""
+    folder = (BEFORE if before else RESULTS) / "study" / suite.name
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
@@ -454,7 +457,7 @@ def summarise(values: list[float]) -> tuple[float, float, int]:
 
 
 def report(suite: Suite, seeds: int) -> str:
-    results = load_results(suite)
+    results, before = load_results(suite), load_results(suite, before=True)
     ceilings = {}
     for pair in suite.pairs:
         per_seed = [teacher_ceiling(suite, pair, s) for s in range(seeds if suite.scenario == "ssl" else 1)]
@@ -463,7 +466,9 @@ def report(suite: Suite, seeds: int) -> str:
              f"Scenario {suite.scenario}; student {suite.student} from scratch at {suite.image_size} px (pretrained rows: "
              f"{suite.pretrained_student}, ImageNet weights); batch {suite.batch_size}, AdamW lr {suite.lr} (no weight decay on norms and biases unless the row says otherwise); "
              f"budgets {', '.join(f'{b} = {e} epochs' for b, e in suite.budgets.items())}; cache `{suite.cache}`. "
-             "Top-1 % on the evaluation rows, mean ± std over seeds (n = seeds); `ratio` = student / teacher probe. "
+             "Top-1 % on the evaluation rows, mean ± std over seeds (n = seeds); `ratio` = student / teacher probe; "
+             "`sorted stream` = the same row measured before every batch was a fair sample (class-sorted batches, "
+             "benchmarks/results/sorted-stream/). "
              f"Reproduce: `python benchmarks/study.py --suite {suite.name}` ({suite.setup}).", ""]
     for pair in suite.pairs:
         name = pair_name(pair)
@@ -473,19 +478,21 @@ def report(suite: Suite, seeds: int) -> str:
                   + (f" ± {c['probe'][1]:.1f}" if c['probe'][2] > 1 else "")
                   + f"; self-trained on the unlabelled rows' cached features (3 rounds) {c['self_trained'][0]:.1f}"
                   + (f" ± {c['self_trained'][1]:.1f}" if c['self_trained'][2] > 1 else "") + ".", "",
-                  "| row | " + " | ".join(f"{b} ({e} ep) top-1 | ratio" for b, e in suite.budgets.items()) + " |",
-                  "| --- |" + " --- | --- |" * len(suite.budgets)]
+                  "| row | " + " | ".join(f"{b} ({e} ep) top-1 | ratio | sorted stream" for b, e in suite.budgets.items())
+                  + " |", "| --- |" + " --- | --- | --- |" * len(suite.budgets)]
         for row in suite.rows:
             cells = []
             for budget in suite.budgets:
                 vals = [r["top1"] for r in results if r["pair"] == name and r["budget"] == budget
                         and r["row"] == row.label]
+                old = [r["top1"] for r in before if r["pair"] == name and r["budget"] == budget
+                       and r["row"] == row.label]
                 if not vals:
-                    cells += ["", ""]
+                    cells += ["", "", cell(old) if old else ""]
                     continue
                 m, s, n = summarise(vals)
-                cells += [f"{m:.1f} ± {s:.1f} (n={n})", f"{m / c['probe'][0]:.2f}"]
-            if any(cells):
+                cells += [f"{m:.1f} ± {s:.1f} (n={n})", f"{m / c['probe'][0]:.2f}", cell(old) if old else ""]
+            if any(cells[i] for i in range(0, len(cells), 3)):
                 lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
         lines += teacher_table(suite, results, name)
         devices = {b: sorted({r["device"] for r in results if r["pair"] == name and r["budget"] == b})

@@ -73,6 +73,14 @@ class ExtractConfig:
     batch_size: int = option(64, "View-images per teacher forward pass.", low=1)
     workers: int = option(4, "DataLoader worker processes that pack and decode.", low=0)
     shard_size: int = option(1024, "Samples per shard (unit of work and of resume).", low=1)
+    row_order: str | None = option(None, "Which dataset sample each cache row holds: shuffled (a seeded permutation, "
+                                   "written before sharding, so that every shard holds a fair sample of the classes "
+                                   "and domains) or sorted (the dataset's own key order: class, or domain then "
+                                   "class, as caches made before rows were shuffled).",
+                                   choices="kdcache.cache.format:ROW_ORDERS",
+                                   shown="auto: the order of the cache already at --out; shuffled for a new cache")
+    row_seed: int | None = option(None, "Seed of the shuffled row order (--row-order shuffled).", limits=SEED_RANGE,
+                                  shown="auto: the seed of the cache already at --out; 0 for a new cache")
     image_bound: int = option(384, "Longer side of the packed images, in pixels.", low=MIN_IMAGE_BOUND, high=8192,
                               unit="pixels")
     compression: str = option("zstd", "zstd, blosc or none.", choices="kdcache.cache.store:COMPRESSIONS")
@@ -139,6 +147,13 @@ class DistillConfig:
     image_size: int | None = option(None, "Student input size.", low=MIN_IMAGE_BOUND, high=4096,
                                     shown="the student's own")
     shuffle_buffer: int = option(512, "Samples in the stream's shuffle buffer (rows).", low=1)
+    interleave: int = option(0, "Shards whose draws are permuted together, so that a batch holds rows of that many "
+                             "shards (0: as many as hold 65,536 rows: close to an i.i.d. draw even on a cache whose "
+                             "rows are sorted by class; each DataLoader worker holds a window's shards in memory). "
+                             "Each epoch's batch make-up is in metrics.jsonl (batch_makeup).", low=0)
+    clean_share: float = option(0.25, "Probability that a training draw takes view 0, the clean (evaluation-like) "
+                                "view, whatever the cache's V; the other draws walk views 1..V-1 without "
+                                "replacement across epochs. A cache of one view draws only view 0.", low=0, high=1)
     workers: int = option(4, "DataLoader worker processes.", low=0)
     seed: int = option(0, "Seed for labels-per-class, shard order and views (each row's cached views are drawn "
                             "without replacement across epochs, in an order set by the seed).", limits=SEED_RANGE)

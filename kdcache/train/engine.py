@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..methods import Method, TeacherBatch
 from ..methods.base import MIX_KEYS
 from ..progress import bar as progress_bar
 from ..students import Student
+from .loader import makeup_problem
 
 
 class TrainModule(nn.Module):
@@ -188,11 +190,20 @@ def fit(module: TrainModule, train_module: nn.Module, optimizer, scheduler, devi
     for epoch in range(plan.start_epoch, plan.epochs):
         record: dict = {"epoch": epoch}
         record.update(before_epoch(epoch))
-        stats = train_one_epoch(train_module, train_loader(epoch), optimizer, scheduler, device,
+        loader = train_loader(epoch)
+        stats = train_one_epoch(train_module, loader, optimizer, scheduler, device,
                                 max_steps=plan.steps_per_epoch if plan.world > 1 else None, amp=plan.amp,
                                 channels_last=plan.channels_last, desc=f"epoch {epoch + 1}/{plan.epochs}",
                                 progress=plan.progress and plan.rank == 0, expected_steps=plan.steps_per_epoch)
         record.update(stats, lr=scheduler.get_last_lr()[0])
+        makeup = loader.makeup() if hasattr(loader, "makeup") else {}
+        if makeup:
+            record["batch_makeup"] = makeup
+            problem = makeup_problem(makeup)
+            if problem and plan.rank == 0:
+                print(f"warning: epoch {epoch + 1}: {problem}; the stream mixes too few shards (raise --interleave, "
+                      "or extract the cache again: a new cache's rows are written in a shuffled order)",
+                      file=sys.stderr)
         record.update(end_epoch(epoch))
         if plan.rank == 0 and plan.evaluates(epoch):
             record["eval"] = evaluate(module.student, eval_loader(), device, *eval_groups, plan.channels_last,

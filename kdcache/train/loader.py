@@ -1,13 +1,18 @@
-"""The stage-two stream: tar shard k and cache rows of shard k, read together, in order.
+"""The stage-two stream: tar shards and cache rows, read together, mixed across shards, in a seeded order.
 
-    shard order (shuffled per epoch) -> this rank's shards -> each shard's draws (rows x repeats, in a
-    seeded order, one view each: a row's views without replacement across epochs) -> chunks of draws
-    -> workers replay chunks (replay.replay_shard) -> chunks put back in order -> shuffle buffer -> batches
+    shard order (shuffled per epoch) -> this rank's shards -> windows of `interleave` shards -> each window's
+    draws (rows x repeats) permuted together, one view each (the clean view with a fixed probability, otherwise
+    the next of the row's other views, without replacement across epochs) -> chunks of draws -> workers replay
+    chunks (replay.replay_shard, shard by shard) -> chunks put back in order -> shuffle buffer -> batches
     (never a last batch of one)
 
-A rank's batches in an epoch depend only on (seed, epoch, the rank's shards), never on the number of
-workers: the draws are seeded per shard and epoch, their views per row, workers only replay chunks, and the
-main process puts the chunks back in order before it mixes and batches them. A run resumed with
+Every batch is a fair sample: a window holds the draws of many shards (enough rows that even a cache whose rows
+are sorted by class, or one rank's share of it, gives batches close to an i.i.d. draw), and `epoch_plan` says
+which rows a batch will hold without reading an image (`batch_makeup` measures it against an i.i.d. draw).
+
+A rank's batches in an epoch depend only on (seed, epoch, the rank's shards), never on the number of workers:
+the plan is made in the main process, the views of a draw depend on its row alone, workers only replay chunks,
+and the main process puts the chunks back in order before it mixes and batches them. A run resumed with
 another --workers ends where an uninterrupted one does.
 
 The cache is only read here; the teacher never runs.
@@ -15,8 +20,9 @@ The cache is only read here; the teacher never runs.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +36,9 @@ from ..replay import Unreadable, fresh_views, replay_shard, stored_views
 
 CHUNK_BYTES = 32 << 20  # the replayed images of one chunk (what a worker hands over at a time), about
 SAMPLE_KEYS = {"features": "feature"}  # a teacher output's key in a sample (and a batch): its array name otherwise
+WINDOW_ROWS = 1 << 16  # rows of the shards mixed together (interleave 0): what a class-sorted cache needs
+PICK_BLOCK = 4096  # the shuffle buffer draws its slots this many at a time
+CLEAN_SHARE = 0.25  # the default probability that a training draw takes view 0, the clean one
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,8 @@ class StreamConfig:
     teacher_interpolation: str = "bicubic"
     chunk_size: int = 0  # draws a worker replays at a time (0: about CHUNK_BYTES of images); the stream is the same
     fresh_views: bool = False  # views 1..V-1 drawn anew each epoch (online teacher only: no cached outputs match)
+    interleave: int = 0  # shards whose draws are permuted together (0: as many as hold WINDOW_ROWS rows)
+    clean_share: float = CLEAN_SHARE  # probability that a training draw takes the clean view 0 (when V > 1)
 
 
 ONLINE_VIEWS = ("cached", "fresh")
@@ -97,34 +108,76 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
             yield buf[size:]
 
 
-def shard_draws(cfg: StreamConfig, repeats: np.ndarray, rows: range, epoch: int, k: int,
-                num_views: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shard k's draws in an epoch, (row, view) as two arrays: a row repeated r times is drawn r times.
-    Training visits the draws in a seeded random order (so repeats never arrive back to back), each row's
-    views drawn without replacement across epochs (`draw_views`); evaluation visits every row's view 0 (the
-    clean one) in row order."""
-    reps = np.maximum(repeats[rows.start:rows.stop], 0)
-    draws = np.repeat(np.arange(rows.start, rows.stop, dtype=np.int64), reps)
+def window_size(interleave: int, shard_size: int) -> int:
+    """Shards per window: `interleave`, or (0) as many as hold WINDOW_ROWS rows."""
+    return interleave if interleave > 0 else max(1, WINDOW_ROWS // shard_size)
+
+
+def shard_rows(repeats: np.ndarray, shard_size: int, k: int) -> np.ndarray:
+    """Shard k's draws in row order: a row repeated r times appears r times."""
+    start = k * shard_size
+    reps = np.maximum(repeats[start:start + shard_size], 0)
+    return np.repeat(np.arange(start, start + len(reps), dtype=np.int64), reps)
+
+
+@dataclass
+class EpochPlan:
+    """A rank's draws for an epoch, in stream order before the shuffle buffer: `rows[i]` drawn with view
+    `views[i]`; window w holds draws windows[w]..windows[w+1]-1."""
+
+    rows: np.ndarray
+    views: np.ndarray
+    windows: np.ndarray
+
+
+def epoch_plan(cfg: StreamConfig, shards: list[int], repeats: np.ndarray, shard_size: int, epoch: int,
+               num_views: int) -> EpochPlan:
+    """Training: the rank's shards cut into windows of `window_size` shards (in the epoch's shard order); each
+    window's draws permuted together (seeded by the run's seed, the epoch and the window's shards), so a batch
+    holds rows of many shards. Evaluation (clean_only): every row's view 0, in shard and row order."""
+    parts = [shard_rows(repeats, shard_size, k) for k in shards]
     if cfg.clean_only:
-        return draws, np.zeros(len(draws), np.int64)
-    draws = draws[np.random.default_rng([cfg.seed, epoch, 3, k]).permutation(len(draws))]
-    return draws, draw_views(cfg.seed, draws, reps[draws - rows.start], epoch, num_views)
+        rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return EpochPlan(rows, np.zeros(len(rows), np.int64), np.array([0, len(rows)], np.int64))
+    w = window_size(cfg.interleave, shard_size)
+    pieces, bounds = [], [0]
+    for i in range(0, len(shards), w):
+        rows = np.concatenate(parts[i:i + w])
+        rng = np.random.default_rng([cfg.seed, epoch, 4, *shards[i:i + w]])
+        pieces.append(rows[rng.permutation(len(rows))])
+        bounds.append(bounds[-1] + len(rows))
+    rows = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    views = draw_views(cfg.seed, rows, np.maximum(repeats, 0)[rows], epoch, num_views, cfg.clean_share)
+    return EpochPlan(rows, views, np.asarray(bounds, np.int64))
 
 
-def draw_views(seed: int, draws: np.ndarray, reps: np.ndarray, epoch: int, num_views: int) -> np.ndarray:
-    """The view of each draw. Each row walks its own permutation of its views, seeded by (seed, row) alone:
-    the i-th draw of a row drawn r times an epoch takes place (epoch * r + i) mod V of it, so E epochs of
-    one draw each see min(E, V) distinct views, and a row's views depend on neither the shard order, the
-    ranks, the workers nor where a run was resumed."""
-    if not len(draws):
-        return np.zeros(0, np.int64)
+def draw_views(seed: int, draws: np.ndarray, reps: np.ndarray, epoch: int, num_views: int,
+               clean_share: float = CLEAN_SHARE) -> np.ndarray:
+    """The view of each draw, a function of the run's seed, the row and the draw's turn (the i-th draw of a row
+    drawn r times an epoch is turn epoch * r + i of it) alone: a row's views depend on neither the shard order,
+    the ranks, the workers nor where a run was resumed.
+
+    A `clean_share` of a row's turns take the clean view 0, whatever V is, evenly spaced from a phase hashed
+    from (seed, row): turn t is clean when floor(phase + (t + 1) * share) passes floor(phase + t * share). The
+    other turns walk the row's own permutation of views 1..V-1 (seeded by (seed, row)) in order, so a row's
+    other views are drawn without replacement across epochs: E epochs of one draw see min(E', V - 1) distinct
+    ones, E' the turns that were not clean. V = 1: every draw is the clean view."""
+    if not len(draws) or num_views <= 1:
+        return np.zeros(len(draws), np.int64)
     order = np.argsort(draws, kind="stable")  # the i-th draw of a row: its place among the row's draws
     ordered = draws[order]
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     nth = np.empty(len(draws), np.int64)
     nth[order] = np.arange(len(draws)) - np.repeat(starts, np.diff(np.r_[starts, len(draws)]))
-    place = (epoch * reps.astype(np.int64) + nth) % num_views
-    return view_permutations(seed, draws, num_views)[np.arange(len(draws)), place]
+    turn = epoch * reps.astype(np.int64) + nth
+    key = _mix(_mix(np.full(len(draws), seed & (2 ** 64 - 1), np.uint64) ^ np.uint64(0xC1EA)) ^
+               draws.astype(np.uint64))
+    phase = (key >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    before = np.floor(phase + turn * clean_share).astype(np.int64)  # clean turns before this one
+    clean = np.floor(phase + (turn + 1) * clean_share).astype(np.int64) > before
+    place = (turn - before) % (num_views - 1)
+    other = 1 + view_permutations(seed, draws, num_views - 1)[np.arange(len(draws)), place]
+    return np.where(clean, 0, other)
 
 
 def view_permutations(seed: int, rows: np.ndarray, num_views: int) -> np.ndarray:
@@ -137,43 +190,126 @@ def view_permutations(seed: int, rows: np.ndarray, num_views: int) -> np.ndarray
 
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a bijection of uint64 that scrambles every bit (wraps by design)."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
+
+
+def shuffle_order(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The order in which a bounded shuffle buffer of `size` gives out n items, as positions: item i >= size
+    swaps with a random slot and the item displaced goes out; what is left goes out in a random order at the
+    end. The same draws as `_shuffled`, so `batch_rows` tells the stream's order without an image."""
+    out = np.empty(n, np.int64)
+    buf = np.arange(min(size, n), dtype=np.int64)
+    for j0 in range(0, max(n - size, 0), PICK_BLOCK):
+        picks = rng.integers(size, size=PICK_BLOCK)
+        for j in range(j0, min(j0 + PICK_BLOCK, n - size)):
+            slot = picks[j - j0]
+            out[j] = buf[slot]
+            buf[slot] = size + j
+    out[max(n - size, 0):] = buf[rng.permutation(len(buf))]
+    return out
+
+
+def batch_rows(plan: EpochPlan, cfg: StreamConfig, epoch: int) -> np.ndarray:
+    """The rows in the order batches take them (the plan after the shuffle buffer), when every image decodes."""
+    if cfg.clean_only or cfg.shuffle_buffer <= 1:
+        return plan.rows
+    return plan.rows[shuffle_order(len(plan.rows), cfg.shuffle_buffer, _buffer_rng(cfg, epoch))]
+
+
+def _buffer_rng(cfg: StreamConfig, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed, epoch, 2, 0])
+
+
+@dataclass
+class Makeup:
+    """Batch make-up of an epoch: the mean number of classes per batch and the mean largest class share, over
+    the batches' rows with a known class; beside them, what i.i.d. batches of the same sizes from the same rows
+    give (`iid_*`)."""
+
+    classes: list[int] = field(default_factory=list)
+    largest: list[float] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    known: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, labels: np.ndarray) -> None:
+        labels = labels[labels >= 0]
+        if len(labels):
+            counts = np.bincount(labels)
+            self.classes.append(int((counts > 0).sum()))
+            self.largest.append(float(counts.max() / len(labels)))
+            self.sizes.append(len(labels))
+            self.known.append(labels)
+
+    def summary(self, seed: int = 0, samples: int = 256) -> dict:
+        if not self.sizes:
+            return {}
+        pool = np.concatenate(self.known)
+        rng = np.random.default_rng([seed, 9])
+        size = int(np.median(self.sizes))
+        iid = [pool[rng.choice(len(pool), size, replace=False)] for _ in range(samples)] if len(pool) >= size else []
+        iid_counts = [np.bincount(b) for b in iid]
+        out = {"batches": len(self.sizes), "classes_per_batch": round(float(np.mean(self.classes)), 2),
+               "largest_class_share": round(float(np.mean(self.largest)), 3)}
+        if iid_counts:
+            out.update(iid_classes_per_batch=round(float(np.mean([(c > 0).sum() for c in iid_counts])), 2),
+                       iid_largest_class_share=round(float(np.mean([c.max() / size for c in iid_counts])), 3))
+        return out
+
+
+def makeup_of(rows: np.ndarray, classes: np.ndarray, batch_size: int) -> dict:
+    """The make-up of the batches a row order gives (see Makeup), computed without an image."""
+    m = Makeup()
+    sizes = [len(g) for g in batched(range(len(rows)), batch_size)]
+    for start, n in zip(np.cumsum([0] + sizes[:-1]), sizes):
+        m.add(classes[rows[start:start + n]])
+    return m.summary()
+
+
+def makeup_problem(summary: dict) -> str | None:
+    """Why a batch make-up is far from an i.i.d. draw (fewer than 0.7 of its classes per batch, or a largest
+    class share over 1.5 times its and 0.1 above it), or None."""
+    if "iid_classes_per_batch" not in summary:
+        return None
+    c, ic = summary["classes_per_batch"], summary["iid_classes_per_batch"]
+    s, is_ = summary["largest_class_share"], summary["iid_largest_class_share"]
+    if c < 0.7 * ic or (s > 1.5 * is_ and s > is_ + 0.1):
+        return (f"batches hold {c:.1f} classes on average (an i.i.d. draw: {ic:.1f}) and their largest class is "
+                f"{100 * s:.0f}% of a batch ({100 * is_:.0f}%)")
+    return None
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Draws [start, stop) of shard `shard`'s draws: what a worker replays at a time. `index` is the
-    chunk's place in the epoch's stream."""
+    """Draws [start, stop) of the epoch's plan: what a worker replays at a time (never across windows). `index`
+    is the chunk's place in the epoch's stream."""
 
     index: int
-    shard: int
+    window: int
     start: int
     stop: int
 
 
-def plan_chunks(shards: list[int], repeats: np.ndarray, shard_size: int, size: int) -> list[Chunk]:
+def plan_chunks(plan: EpochPlan, size: int) -> list[Chunk]:
     chunks: list[Chunk] = []
-    for k in shards:
-        draws = int(np.maximum(repeats[k * shard_size:(k + 1) * shard_size], 0).sum())
-        for start in range(0, draws, size):
-            chunks.append(Chunk(len(chunks), k, start, min(start + size, draws)))
+    for w in range(len(plan.windows) - 1):
+        lo, hi = int(plan.windows[w]), int(plan.windows[w + 1])
+        for start in range(lo, hi, size):
+            chunks.append(Chunk(len(chunks), w, start, min(start + size, hi)))
     return chunks
 
 
 @dataclass
 class _Shard:
-    """What a worker reads of shard k once, for all the chunks of it that it replays."""
+    """What a worker reads of shard k once, for all the chunks of its window that it replays."""
 
     k: int
     rows: range
-    draws: np.ndarray  # the epoch's draws (rows), in order
-    views: np.ndarray  # the view of each draw
-    first: dict[int, int]  # row -> its first draw: a row's problems are reported by the chunk holding it
-    members: dict[int, tuple[str, bytes]]
-    problems: list[str]  # of the tar file as a whole (reported by the shard's first chunk)
+    members: dict[int, tuple[str, bytes]]  # the packed rows this worker's chunks need
+    problems: list[str]  # of the tar file as a whole (reported by the chunk holding the shard's first draw)
     digests: np.ndarray | None
     arrays: dict[str, np.ndarray]  # view parameters, and the teacher rows asked for
 
@@ -185,25 +321,39 @@ class CacheStream:
     def __init__(self, cfg: StreamConfig, shards: list[int], repeats: np.ndarray, labels: np.ndarray, epoch: int):
         self.cfg, self.shards, self.repeats, self.labels, self.epoch = cfg, list(shards), repeats, labels, epoch
         size = cfg.chunk_size or max(64, CHUNK_BYTES // (3 * (cfg.image_size ** 2 + cfg.teacher_size ** 2)))
-        self.chunks = plan_chunks(self.shards, repeats, CacheStore.open(cfg.cache).layout.shard_size, size)
+        layout = CacheStore.open(cfg.cache).layout
+        self.shard_size = layout.shard_size
+        self.plan = epoch_plan(cfg, self.shards, repeats, self.shard_size, epoch, layout.views)
+        self.chunks = plan_chunks(self.plan, size)
+        # a row's problems are reported by the chunk holding its first draw, a tar file's by the chunk holding
+        # the first draw of its shard: once an epoch, whichever worker replays it
+        unique, first = np.unique(self.plan.rows, return_index=True)
+        self.first_draw = dict(zip(unique.tolist(), first.tolist()))
+        ks, at = np.unique(unique // self.shard_size, return_index=True)
+        self.shard_first = {int(k): int(first[unique // self.shard_size == k].min()) for k in ks} if len(at) else {}
 
     def __iter__(self) -> Iterator[dict]:
         return self.mix(s for _, samples in self.replay(self.chunks) for s in samples)
 
     def mix(self, items: Iterable) -> Iterator:
-        """The shuffle buffer (training): mixes the draws of neighbouring shards."""
+        """The shuffle buffer (training): mixes the draws of neighbouring windows."""
         if self.cfg.clean_only or self.cfg.shuffle_buffer <= 1:
             return iter(items)
-        return _shuffled(items, self.cfg.shuffle_buffer, np.random.default_rng([self.cfg.seed, self.epoch, 2, 0]))
+        return _shuffled(items, self.cfg.shuffle_buffer, _buffer_rng(self.cfg, self.epoch))
 
     def replay(self, chunks: list[Chunk]) -> Iterator[tuple[Chunk, list[dict]]]:
-        """Each chunk with its samples (a draw whose image is damaged is skipped, and reported)."""
+        """Each chunk with its samples (a draw whose image is damaged is skipped, and reported). The shards of a
+        window are read once, when its first chunk comes, keeping the packed rows of `chunks` alone."""
         store = CacheStore.open(self.cfg.cache)
-        shard = None
+        window, loaded = None, {}
         for chunk in chunks:
-            if shard is None or shard.k != chunk.shard:
-                shard = self._read(store, chunk.shard)
-            yield chunk, list(self._replay(store, shard, chunk))
+            if chunk.window != window:
+                window, loaded = chunk.window, {}  # the previous window's shards are let go
+                mine = [c for c in chunks if c.window == window]
+                wanted = np.unique(np.concatenate([self.plan.rows[c.start:c.stop] for c in mine]))
+                for k in np.unique(wanted // self.shard_size).tolist():
+                    loaded[k] = self._read(store, k, wanted)
+            yield chunk, self._replay_chunk(store, loaded, chunk)
 
     def _arrays(self) -> list[str]:
         """The view parameters, and the teacher outputs (ARRAYS) asked for: one with a StreamConfig flag of its
@@ -214,47 +364,69 @@ class CacheStream:
         cfg = self.cfg
         return [name for name in outputs() if getattr(cfg, name, cfg.features)]
 
-    def _read(self, store: CacheStore, k: int) -> _Shard:
+    def _read(self, store: CacheStore, k: int, wanted: np.ndarray) -> _Shard:
         """Shard k's arrays (one chunk-aligned slice each, never a per-sample Zarr read, each compared with its
-        recorded digest) and its tar, read sequentially once."""
+        recorded digest) and its tar, read sequentially once, keeping the `wanted` rows and their mix partners."""
         rows = store.layout.rows(k)
         try:
             names = self._arrays() + (["mix"] if store.has("mix") else [])
             arrays = {name: store.read_checked(name, k) for name in names}
+            mine = wanted[(wanted >= rows.start) & (wanted < rows.stop)]
+            keep = set(mine.tolist())
+            if "mix" in arrays:
+                mix = arrays["mix"]
+                keep |= {partner_row(rec, rows.start) for r in mine.tolist() for rec in mix[r - rows.start]
+                         if is_mixed(rec)}
             members, problems = read_members(store.images_dir / shard_name(k), rows)
+            members = {r: m for r, m in members.items() if r in keep}
             digests = store.read_checked("image_digests", k) if store.has("image_digests") else None
         except CacheError:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged shard file raises from its codec or index
             raise CacheError(f"shard {k} of cache {self.cfg.cache} cannot be read ({type(e).__name__}: {e}); check "
                              "it with `info --verify` and fix it with `extract --repair`") from None
-        draws, views = shard_draws(self.cfg, self.repeats, rows, self.epoch, k, arrays["views"].shape[1])
-        unique, first = np.unique(draws, return_index=True)
-        return _Shard(k, rows, draws, views, dict(zip(unique.tolist(), first.tolist())), members, problems, digests,
-                      arrays)
+        return _Shard(k, rows, members, problems, digests, arrays)
 
-    def _replay(self, store: CacheStore, shard: _Shard, chunk: Chunk) -> Iterator[dict]:
+    def _replay_chunk(self, store: CacheStore, loaded: dict[int, _Shard], chunk: Chunk) -> list[dict]:
+        """The chunk's samples in its draws' order, replayed shard by shard."""
+        rows = self.plan.rows[chunk.start:chunk.stop]
+        views = self.plan.views[chunk.start:chunk.stop]
+        shard_of = rows // self.shard_size
+        at: dict[int, list[dict]] = {}
+        for k in np.unique(shard_of).tolist():
+            where = np.flatnonzero(shard_of == k)
+            for place, sample in self._replay(store, loaded[k], chunk, rows[where].tolist(), views[where].tolist(),
+                                              where.tolist()):
+                at.setdefault(place, []).append(sample)
+        return [s for place in sorted(at) for s in at[place]]
+
+    def _replay(self, store: CacheStore, shard: _Shard, chunk: Chunk, draws: list[int], views: list[int],
+                places: list[int]) -> Iterator[tuple[int, dict]]:
+        """(place in the chunk, sample) for the chunk's draws of one shard."""
         cfg, rows = self.cfg, shard.rows
-        draws = shard.draws[chunk.start:chunk.stop].tolist()
-        views = shard.views[chunk.start:chunk.stop].tolist()
-        own = {r for r in draws if shard.first[r] >= chunk.start}  # rows first drawn in this chunk
+        own = {r for r in draws if chunk.start <= self.first_draw[r] < chunk.stop}  # rows first drawn here
         mix = shard.arrays.get("mix")
         partners = set() if mix is None else \
             {partner_row(mix[r - rows.start, v], rows.start) for r, v in zip(draws, views)
              if is_mixed(mix[r - rows.start, v])}
-        packed = self._packed(shard, sorted(set(draws) | partners), own, chunk.start == 0)
+        packed = self._packed(shard, sorted(set(draws) | partners), own,
+                              chunk.start <= self.shard_first.get(shard.k, -1) < chunk.stop)
         outputs = [(cfg.image_size, cfg.interpolation)]
         if cfg.teacher_size:
             outputs.append((cfg.teacher_size, cfg.teacher_interpolation))
-        picks = [(r, v) for r, v in zip(draws, views) if r in packed]
+        picks = [(r, v, p) for r, v, p in zip(draws, views, places) if r in packed]
         teacher = {SAMPLE_KEYS.get(name, name): shard.arrays[name] for name in self._outputs()}
-        for got in replay_shard(packed, picks, self._views_of(store, shard), outputs,
-                                store.meta.image_bound, None if mix is None else lambda r: mix[r - rows.start],
-                                rows.start):
+        got_all = replay_shard(packed, [(r, v) for r, v, _ in picks], self._views_of(store, shard), outputs,
+                               store.meta.image_bound, None if mix is None else lambda r: mix[r - rows.start],
+                               rows.start)
+        queue = iter(picks)
+        for got in got_all:
             if isinstance(got, Unreadable):
                 if got.row in own:
                     _report(shard.k, [f"row {got.row}: {got.reason}"])
                 continue
+            # replay_shard yields the picks in order, skipping those it cannot replay
+            place = next(p for r, v, p in queue if r == got.row and v == got.view)
             row, v, j = got.row, got.view, got.row - rows.start
             sample = {"image": got.images[0], "label": int(self.labels[row]), "row": row, "view": v}
             if cfg.teacher_size:
@@ -263,7 +435,7 @@ class CacheStream:
                 sample[key] = torch.from_numpy(values[j, v].astype(np.float32))
             if mix is not None:
                 sample.update(mix_sample(mix[j, v], self.labels, rows.start))
-            yield sample
+            yield place, sample
 
     def _views_of(self, store: CacheStore, shard: _Shard):
         """The views replayed: the cache's, or (fresh_views) new ones from its view policy, keyed by the epoch."""
@@ -315,13 +487,18 @@ def _report(k: int, problems: list[str]) -> None:
 
 
 def _shuffled(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
-    """A bounded shuffle buffer."""
-    buf = []
+    """A bounded shuffle buffer (`shuffle_order` gives the same order as positions)."""
+    buf: list = []
+    picks = np.zeros(0, np.int64)
+    j = 0
     for s in items:
         if len(buf) < size:
             buf.append(s)
             continue
-        i = int(rng.integers(size))
+        if j == len(picks):
+            picks, j = rng.integers(size, size=PICK_BLOCK), 0
+        i = int(picks[j])
+        j += 1
         buf[i], s = s, buf[i]
         yield s
     order = rng.permutation(len(buf))
@@ -375,10 +552,13 @@ def _collate(refs: list[tuple[dict, int]], pin_memory: bool) -> dict[str, torch.
 
 class StreamLoader:
     """The batches of a stream. Workers replay chunks; the main process puts them back in order, mixes and
-    batches them: the batches are the same for any number of workers."""
+    batches them: the batches are the same for any number of workers. With `classes` (each row's class, -1
+    unknown), the batches' make-up is measured as they go out (`makeup()`, after the pass)."""
 
-    def __init__(self, stream: CacheStream, batch_size: int, workers: int, pin_memory: bool = False):
+    def __init__(self, stream: CacheStream, batch_size: int, workers: int, pin_memory: bool = False,
+                 classes: np.ndarray | None = None):
         self.stream, self.batch_size, self.workers, self.pin_memory = stream, batch_size, workers, pin_memory
+        self.classes, self._makeup = classes, Makeup()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         workers = min(self.workers, len(self.stream.chunks))
@@ -386,13 +566,22 @@ class StreamLoader:
         chunks = DataLoader(_Chunks(self.stream), batch_size=None, num_workers=workers,
                             prefetch_factor=2 if workers else None, persistent_workers=False)
         refs = ((chunk, i) for chunk in _in_order(chunks) for i in range(len(chunk["row"])))
+        self._makeup = Makeup()
         for group in batched(self.stream.mix(refs), self.batch_size):
-            yield _collate(group, self.pin_memory)
+            batch = _collate(group, self.pin_memory)
+            if self.classes is not None:
+                self._makeup.add(self.classes[batch["row"].numpy()])
+            yield batch
+
+    def makeup(self) -> dict:
+        """The last pass's batch make-up beside an i.i.d. draw of the same rows (see Makeup); {} unmeasured."""
+        return self._makeup.summary(self.stream.cfg.seed) if self.classes is not None else {}
 
 
 def make_loader(cfg: StreamConfig, shards: list[int], repeats: np.ndarray, labels: np.ndarray, epoch: int,
-                batch_size: int, workers: int, pin_memory: bool = False) -> StreamLoader:
-    return StreamLoader(CacheStream(cfg, shards, repeats, labels, epoch), batch_size, workers, pin_memory)
+                batch_size: int, workers: int, pin_memory: bool = False,
+                classes: np.ndarray | None = None) -> StreamLoader:
+    return StreamLoader(CacheStream(cfg, shards, repeats, labels, epoch), batch_size, workers, pin_memory, classes)
 
 
 def labelled_repeats(labelled: np.ndarray, unlabelled: np.ndarray, ratio: float | None) -> np.ndarray:

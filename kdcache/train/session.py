@@ -101,7 +101,8 @@ class Session:
                              features=method.needs_features or self.head is not None if cached else proof,
                              teacher_size=0 if cached else teacher.preprocess.input_size,
                              teacher_interpolation="bicubic" if cached else teacher.preprocess.interpolation,
-                             fresh_views=not cached and not proof)
+                             fresh_views=not cached and not proof, interleave=self.cfg.interleave,
+                             clean_share=self.cfg.clean_share)
         return train, StreamConfig(path, image_size, self.student.interpolation, self.cfg.seed, clean_only=True,
                                    features=False)
 
@@ -197,7 +198,7 @@ def _loaders(s: Session, teacher, image_size: int):
     def train_loader(epoch: int):
         shards = rank_shards(s.repeats, shard_size, cfg.seed, epoch, s.rank, s.world)
         return make_loader(stream, shards, s.repeats, labels, epoch, cfg.batch_size, cfg.workers,
-                           pin_memory=s.device.type == "cuda")
+                           pin_memory=s.device.type == "cuda", classes=all_labels)
 
     def clean_loader(reps: np.ndarray):
         shards = rank_shards(reps, shard_size, 0, 0, 0, 1, False)
