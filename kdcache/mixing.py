@@ -90,6 +90,11 @@ def is_mixed(record) -> bool:
     return int(record[0]) != NONE
 
 
+def mixed_views(records: np.ndarray) -> np.ndarray:
+    """True where a record [..., M] (e.g. the `mix` array of some rows, [n, V, M]) names a mixed view."""
+    return np.asarray(records)[..., 0] != NONE
+
+
 def partner_row(record, first: int) -> int:
     return first + int(record[1])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .adapt import self_train_head
+from .adapt import self_train_head, unmixed_views
 from .cache.derived import derived_group
 from .cache.store import CacheStore
 from .heads import fit_probe
@@ -74,19 +74,22 @@ def _top1(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def teacher_adaptation(store: CacheStore, scenario: Scenario, head, info: dict, rounds: int, write: bool = True):
-    """Self-train the teacher head on the scenario's unlabelled rows (cached features, every view).
+    """Self-train the teacher head on the scenario's unlabelled rows (cached features, every view that is not
+    mixed: adapt.py says why).
 
-    Stored as heads/<scenario>-adapt<rounds>; info gains the teacher's evaluation top-1 before and after
-    (evaluation labels are read for that report only).
+    Stored as heads/<scenario>-adapt<rounds> (-unmixed for a cache with mixed views, so a head fitted on every
+    view of such a cache is never read); info gains the teacher's evaluation top-1 before and after (evaluation
+    labels are read for that report only).
     """
-    path = f"heads/{scenario.digest()}-adapt{rounds}"
+    path = f"heads/{scenario.digest()}-adapt{rounds}" + ("-unmixed" if store.has("mix") else "")
 
     def adapt():
         labels = store.array("labels")[:]
         num_classes = len(store.meta.classes)
-        w, b = self_train_head(store.masked(scenario.labelled), labels[scenario.labelled],
-                               store.masked(scenario.unlabelled), teacher_logits(store, head, scenario.unlabelled),
-                               num_classes, rounds=rounds)
+        lab, unl = scenario.labelled, scenario.unlabelled
+        w, b = self_train_head(store.masked(lab), labels[lab], store.masked(unl), teacher_logits(store, head, unl),
+                               num_classes, rounds=rounds, keep_l=unmixed_views(store, lab),
+                               keep_u=unmixed_views(store, unl))
         ev = scenario.evaluation
         before = _top1(teacher_logits(store, head, ev, view=0), labels[ev])
         after = _top1(store.clean_view(ev) @ w.T + b, labels[ev])

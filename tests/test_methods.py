@@ -199,9 +199,13 @@ class _Store:
     """The few CacheStore reads CustomKD makes, over arrays in memory, and the derived-data interface
     (cache.derived) over a Zarr group in memory."""
 
-    def __init__(self, features, labels):
+    def __init__(self, features, labels, mix=None):
+        self.arrays = {"features": features, "labels": labels, **({"mix": mix} if mix is not None else {})}
         self.features, self.labels = features, labels
         self.group = zarr.open_group(store=zarr.storage.MemoryStore(), mode="w", zarr_format=3)
+
+    def has(self, name):
+        return name in self.arrays
 
     def derived_read_groups(self):
         return [self.group]
@@ -213,14 +217,14 @@ class _Store:
         return contextlib.nullcontext()
 
     def masked(self, mask, name="features", view=None):
-        x = self.features[mask]
+        x = self.arrays[name][mask]
         return x if view is None else x[:, view]
 
     def clean_view(self, mask):
         return self.masked(mask, view=0)
 
     def array(self, name):
-        return {"labels": self.labels}[name]
+        return self.arrays[name]
 
 
 class _Scenario:
@@ -518,6 +522,43 @@ def test_customkd_self_training_term_targets_confident_records_of_unlabelled_row
     assert out.logits.grad[0].abs().sum() > 0 and out.logits.grad[1:].abs().sum() == 0
     probs, seen = m.memory.lookup(rows, torch.device("cpu"))
     assert seen.tolist() == [1, 1, 1, 1] and torch.allclose(probs, F.softmax(out.logits.detach(), 1))
+
+
+def test_customkd_record_and_its_targets_leave_mixed_views_out():
+    """A mixed view (mix_lam < 1) shows a blend with another row's image: the student's prediction on it is not
+    recorded, the row's record is not its self-training target, and its customised target is not bootstrapped
+    towards the record (it stays the customised teacher's prediction on the blend's feature)."""
+    from kdcache.methods.base import kd_loss
+
+    ctx, dims, feats, labels = _customkd_ctx()
+    m = create_method("customkd", dims, w_self=1.0, self_threshold=0.9, bootstrap=1.0, memory_momentum=0.0,
+                      student_weight=0.0, w_general=0.0, record="train")
+    m.prepare(ctx)
+    m.before_epoch(ctx, 0)
+    rows = torch.from_numpy(np.flatnonzero(ctx.scenario.unlabelled)[:4])
+    m.memory.update(rows, torch.eye(C)[[0, 1, 2, 0]] * 9)  # a confident record of every row
+    p, seen = (a.clone() for a in m.memory.lookup(rows, torch.device("cpu")))
+    lam = torch.tensor([1.0, 0.3, 1.0, 0.7])  # the second and fourth views are mixed
+    f = torch.from_numpy(feats[rows.numpy(), 0]).float()
+    out = StudentOutput(torch.zeros(4, dims.student), torch.zeros(4, dims.student),
+                        torch.randn(4, C, generator=torch.Generator().manual_seed(0), requires_grad=True), None)
+    m.train()
+    parts = m(out, TeacherBatch(f, rows=rows, extra={"mix_lam": lam, "mix_label": torch.full((4,), -1)}),
+              torch.full((4,), -1))
+    own = torch.tensor([0, 2])
+    expect = F.cross_entropy(out.logits[own], p[own].argmax(1), reduction="sum") / 4
+    assert torch.allclose(parts["self"], expect, atol=1e-6)
+    q = F.softmax(m.customised_logits(f), 1)
+    weight = (seen * p.max(1).values * (lam >= 1))[:, None]
+    target = q ** (1 - weight) * p.clamp_min(1e-6) ** weight
+    assert torch.equal(target[[1, 3]], q[[1, 3]]) and not torch.allclose(target[own], q[own])
+    assert torch.allclose(parts["custom"], kd_loss(out.logits, torch.log(target / target.sum(1, keepdim=True)),
+                                                   m.params["custom_temperature"]), atol=1e-5)
+    parts["self"].backward()
+    assert out.logits.grad[[1, 3]].abs().sum() == 0 and out.logits.grad[own].abs().sum() > 0
+    after, _ = m.memory.lookup(rows, torch.device("cpu"))
+    assert torch.equal(after[[1, 3]], p[[1, 3]])  # the mixed views' predictions are not recorded
+    assert torch.allclose(after[own], F.softmax(out.logits.detach()[own], 1))
 
 
 def test_customkd_anchored_refit_mixes_the_record_with_the_first_customisation_only():

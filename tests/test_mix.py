@@ -308,3 +308,67 @@ def test_a_mixed_draw_whose_partner_does_not_decode_is_unreadable_alone():
                             mix_of=lambda r: mix[r]))
     assert [type(g) for g in got] == [Replayed, Unreadable, Replayed]
     assert "partner row 2" in got[1].reason
+
+
+def _poisoned_copy(cache: Path, out: Path) -> np.ndarray:
+    """A copy of `cache` whose mixed views' features (and cached logits) are reversed and scaled by 50, so that
+    any fit or mean that reads a mixed view gives another result; returns the [N, V] mask of the mixed views."""
+    shutil.copytree(cache, out)
+    group = CacheStore.open(out, mode="r+").group
+    mixed_views = group["mix"][:][..., 0] != mixing.NONE
+    for name in ("features", "logits"):
+        if name in group and group[name].dtype != np.int8:
+            values = group[name][:]
+            values[mixed_views] = -50 * values[mixed_views]
+            group[name][...] = values
+    return mixed_views
+
+
+def test_customisation_and_teacher_adaptation_never_fit_a_mixed_view(mixed, tmp_path):
+    """A mixed view's feature is of a blend and a row's (pseudo-)label speaks of its own image: CustomKD's
+    customisation (teacher chain and the refit with the student's record) and `--teacher-adapt` fit on the views
+    that are not mixed, so poisoning every mixed view leaves each fitted head exactly as it was."""
+    from kdcache.adapt import self_train_head
+    from kdcache.scenario_heads import scenario_teacher_head
+    from kdcache.train import inputs
+
+    clean = tmp_path / "clean"
+    shutil.copytree(mixed[0], clean)
+    mixed_views = _poisoned_copy(mixed[0], tmp_path / "poisoned")
+    cfg = distill.DistillConfig(cache=str(clean), student="test_efficientnet", image_size=32, method="customkd",
+                                method_options=(("student_weight", 0.5), ("move_from", 0.0), ("record", "train"),
+                                                ("memory_momentum", 0.0), ("first_rounds", 2)),
+                                scenario="ssl", labels_per_class=4, epochs=3, workers=0, out=str(tmp_path / "run"))
+    fitted = {}
+    for name in ("clean", "poisoned"):
+        store = CacheStore.open(tmp_path / name, mode="r+")
+        scenario = inputs.scenario_of(store, cfg)
+        lab, unl = scenario.labelled, scenario.unlabelled
+        assert mixed_views[lab].any() and mixed_views[unl].any() and not mixed_views[:, 0].any()
+        adapted, info = scenario_teacher_head(store, scenario, adapt_rounds=2)
+        head, _ = scenario_teacher_head(store, scenario)
+        torch.manual_seed(0)
+        student, method = inputs.student_and_method(cfg, store)
+        ctx = inputs.method_context(store, scenario, student, method, head, torch.device("cpu"), 0, True, cfg.epochs)
+        method.prepare(ctx)
+        method.before_epoch(ctx, 0)  # the teacher chain's first customisation
+        first = (method.m_weight.clone(), method.m_bias.clone())
+        rows = torch.from_numpy(np.flatnonzero(unl))
+        record = np.eye(CLASSES, dtype=np.float32)[np.arange(len(rows)) % CLASSES] * 5
+        method.memory.update(rows, torch.from_numpy(record))
+        method.before_epoch(ctx, 1)  # a refit with the student's record
+        labels = store.array("labels")[:]
+        every_view = self_train_head(store.masked(lab), labels[lab], store.masked(unl),
+                                     ctx.teacher_logits(unl), CLASSES, rounds=2)  # a fit on every view
+        fitted[name] = {"adapted": (adapted.weight.numpy(), adapted.bias.numpy()),
+                        "first customisation": tuple(t.numpy() for t in first),
+                        "refit with the record": (method.m_weight.numpy(), method.m_bias.numpy()),
+                        "every view": every_view, "group": info["group"]}
+    clean, poisoned = fitted["clean"], fitted["poisoned"]
+    # the poison reaches any fit that reads the mixed views
+    assert not np.allclose(poisoned["every view"][0], clean["every view"][0], atol=1e-3)
+    for fit in ("adapted", "first customisation", "refit with the record"):
+        for got, want in zip(poisoned[fit], clean[fit]):
+            assert np.array_equal(got, want), fit
+    # kept apart from the heads once fitted on every view of a mixed cache
+    assert clean["group"] == poisoned["group"] and clean["group"].endswith("-adapt2-unmixed")

@@ -171,6 +171,14 @@ def mixed_ce(logits: torch.Tensor, labels: torch.Tensor, mix_label: torch.Tensor
     return (lam * own + (1 - lam) * partner).mean()
 
 
+def unmixed_in(teacher: TeacherBatch) -> torch.Tensor | None:
+    """[B] True for the batch's views that are not mixed (a mixed view's own image weighs lam < 1); None for a
+    batch without the mix record (a cache without mixed views). A row's own label or prediction is a target of
+    the views that show its image alone."""
+    lam = teacher.extra.get("mix_lam")
+    return None if lam is None else lam >= 1
+
+
 def feature_mse(pred: torch.Tensor, target: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """MSE between features; with `normalize`, each vector is first standardised over its channels,
     so the loss is O(1) whatever the teachers' feature scale (raw MSE on small features vanishes)."""

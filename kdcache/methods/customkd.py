@@ -15,6 +15,9 @@ Each epoch (after `warmup_epochs`):
     standardised] + w_kd * T^2 KL to the teacher's logits, on labelled and unlabelled rows
     + w_self * CE(z_s, argmax r) on unlabelled rows whose record r is confident (>= self_threshold)
     + w_im * (mean entropy - entropy of the mean) of the student's softmax on the batch's unlabelled rows.
+Mixed views (mixup, cutmix) never enter (A), nor the record of the student's predictions and the targets made
+from it: a row's label and pseudo-label speak of its own image, a mixed view's feature of a blend (adapt.py). (B)
+distils them like any view, with the label term mixed by lambda.
 
 Past the customised teacher. (M, c) is a linear classifier on frozen teacher features, and after its first
 phase the teacher-only chain barely moves. The student sees the images themselves and passes it: at 40 epochs
@@ -51,11 +54,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import dist
-from ..adapt import predict_views, self_train_head
+from ..adapt import predict_views, self_train_head, unmixed_views, view_mean, view_rows
 from ..cache.derived import derived_group
 from ..progress import bar as progress_bar
 from .base import (Method, MethodContext, MethodError, Opt, feature_mse, flag, kd_loss, register_method, temperature,
-                   weight)
+                   unmixed_in, weight)
 from .memory import RowMemory, mix_record
 
 CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old fit are not read
@@ -63,10 +66,12 @@ RECORD = "clean"  # the default record of the student's predictions
 
 
 def chain_key(data: dict, params: dict, kind: str) -> str:
-    """What a phase's classifier depends on: the fit's inputs (cached features, labels, teacher logits), its
-    options and the device kind."""
+    """What a phase's classifier depends on: the fit's inputs (cached features, labels, teacher logits, and the
+    views that are not mixed where some are), its options and the device kind."""
     h = hashlib.sha256()
-    for name in ("f_l", "y_l", "f_u", "z_u"):
+    for name in ("f_l", "y_l", "f_u", "z_u", "keep_l", "keep_u"):
+        if data.get(name) is None:  # no view left out: the key of a cache without mixed views
+            continue
         a = np.ascontiguousarray(data[name])
         h.update(f"{name}{a.dtype}{a.shape}".encode())
         h.update(a.tobytes())
@@ -86,9 +91,12 @@ def information_maximisation(logits: torch.Tensor, mask: torch.Tensor) -> torch.
     return -((p * log_p).sum(1) * mask).sum() / n + (mean * torch.log(mean.clamp_min(1e-8))).sum()
 
 
-def predict_unlabelled(f_u: np.ndarray, m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """The classifier (M, c)'s mean logits over each unlabelled row's cached views (f_u: [n, V, D])."""
-    return torch.from_numpy(predict_views(f_u.reshape(-1, f_u.shape[-1]), m.numpy(), c.numpy(), f_u.shape[1]))
+def predict_unlabelled(f_u: np.ndarray, m: torch.Tensor, c: torch.Tensor,
+                       keep: np.ndarray | None = None) -> torch.Tensor:
+    """The classifier (M, c)'s mean logits over each unlabelled row's cached views (f_u: [n, V, D]) that are not
+    mixed (`keep`, [n, V]; None: every view)."""
+    rows, counts = view_rows(f_u, keep)
+    return torch.from_numpy(predict_views(rows, m.numpy(), c.numpy(), counts))
 
 
 def report(d: dict, memory: RowMemory, p: dict, m: torch.Tensor, c: torch.Tensor) -> dict[str, float]:
@@ -109,7 +117,7 @@ def report(d: dict, memory: RowMemory, p: dict, m: torch.Tensor, c: torch.Tensor
             record["student_record_eval_top1"] = float((probs[known].argmax(1) == d["y_ue"][known]).mean())
         if known.any() and p["bootstrap"] > 0:  # the bootstrapped target, mean over the cached views
             lam = torch.from_numpy(p["bootstrap"] * seen * probs.max(1))[:, None]
-            target = mix_record(predict_unlabelled(d["f_u"], m, c), torch.from_numpy(probs), lam).numpy()
+            target = mix_record(predict_unlabelled(d["f_u"], m, c, d["keep_u"]), torch.from_numpy(probs), lam).numpy()
             record["custom_target_eval_top1"] = float((target[known].argmax(1) == d["y_ue"][known]).mean())
         if seen.any():
             record["student_record_confident"] = float((probs[seen > 0].max(1) >= p["self_threshold"]).mean())
@@ -204,8 +212,10 @@ class CustomKD(Method):
         if ctx.teacher_logits is None:
             raise ValueError("customkd needs teacher logits (a cache head or a scenario probe)")
         self._keys: dict[str, str] = {}  # chain key per device kind, of these inputs
+        # mixed views never enter the fit nor a row's mean prediction (adapt.py says why)
         self._data = {"f_l": f_l, "y_l": labels[lab].astype(np.int64), "f_u": f_u,
-                      "z_u": ctx.teacher_logits(unl)}
+                      "z_u": ctx.teacher_logits(unl), "keep_l": unmixed_views(store, lab),
+                      "keep_u": unmixed_views(store, unl)}
         # report-only: how well the customised teacher classifies the evaluation rows
         ev = subsample(sc.evaluation)
         self._data.update(f_e=store.clean_view(ev), y_e=labels[ev].astype(np.int64),
@@ -258,13 +268,13 @@ class CustomKD(Method):
         the scenario and the options only, never on the student."""
         d, p = self._data, self.params
         if phase == 0:
-            logits_u, rounds = d["z_u"].mean(1), p["first_rounds"]
+            logits_u, rounds = view_mean(d["z_u"], d["keep_u"]), p["first_rounds"]
         else:  # the previous customisation's predictions: one more round of self-training per phase
-            logits_u = predict_unlabelled(d["f_u"], self.m_weight.cpu(), self.m_bias.cpu()).numpy()
+            logits_u = predict_unlabelled(d["f_u"], self.m_weight.cpu(), self.m_bias.cpu(), d["keep_u"]).numpy()
             rounds = 1
         weight_m, bias_m = self_train_head(d["f_l"], d["y_l"], d["f_u"], logits_u, self.dims.classes, rounds,
                                            p["sharpen"], p["balance"], p["custom_wd"], p["unlabelled_weight"],
-                                           p["custom_iters"], device)
+                                           p["custom_iters"], device, keep_l=d["keep_l"], keep_u=d["keep_u"])
         return torch.from_numpy(weight_m), torch.from_numpy(bias_m)
 
     def _chain_key(self, device) -> str:
@@ -294,10 +304,10 @@ class CustomKD(Method):
         d, p = self._data, self.params
         if p["anchor"]:  # the first customisation's predictions: read and computed once per run
             if "anchor" not in d:
-                d["anchor"] = predict_unlabelled(d["f_u"], *self._phase(ctx, 0))
+                d["anchor"] = predict_unlabelled(d["f_u"], *self._phase(ctx, 0), d["keep_u"])
             teacher = d["anchor"]
         else:
-            teacher = predict_unlabelled(d["f_u"], self.m_weight.cpu(), self.m_bias.cpu())
+            teacher = predict_unlabelled(d["f_u"], self.m_weight.cpu(), self.m_bias.cpu(), d["keep_u"])
         probs, seen = (torch.from_numpy(a) for a in self.memory.table())
         conf = probs.max(1).values
         confident = (conf >= p["refit_threshold"]).float()  # a flat or unseen record leaves the row alone
@@ -306,7 +316,8 @@ class CustomKD(Method):
         start = (self.m_weight.cpu().numpy(), self.m_bias.cpu().numpy())  # same minimum as from zero, reached sooner
         weight_m, bias_m = self_train_head(d["f_l"], d["y_l"], d["f_u"], mixed.numpy(), self.dims.classes, 1,
                                            p["sharpen"], p["balance"], p["custom_wd"], p["unlabelled_weight"],
-                                           p["refit_iters"], ctx.device, init=start)
+                                           p["refit_iters"], ctx.device, init=start, keep_l=d["keep_l"],
+                                           keep_u=d["keep_u"])
         m, c = dist.broadcast((torch.from_numpy(weight_m), torch.from_numpy(bias_m)))  # one fit for every rank
         return m, c
 
@@ -369,10 +380,11 @@ class CustomKD(Method):
         parts = {}
         if p["w_general"] > 0:
             parts["general"] = feature_mse(self.p_s(out.feature), teacher.features, bool(p["normalize"]))
+        own = unmixed_in(teacher)  # a row's record is a target of its views that are not mixed only
         if p["w_custom"] > 0 and self._customised:
             target = self.customised_logits(teacher.features)
             if p["bootstrap"] > 0 and teacher.rows is not None and len(self.memory):
-                target = self.memory.bootstrapped(target, teacher.rows, p["bootstrap"])
+                target = self.memory.bootstrapped(target, teacher.rows, p["bootstrap"], own)
             parts["custom"] = kd_loss(out.logits, target, p["custom_temperature"])
         if p["w_kd"] > 0:
             parts["kd"] = kd_loss(out.logits, teacher.logits, p["temperature"])
@@ -380,7 +392,7 @@ class CustomKD(Method):
             parts["im"] = information_maximisation(out.logits, (labels < 0).float())
         if teacher.rows is not None and len(self.memory):
             if p["w_self"] > 0:
-                parts["self"] = self.memory.self_training(out.logits, teacher.rows, labels, p["self_threshold"])
+                parts["self"] = self.memory.self_training(out.logits, teacher.rows, labels, p["self_threshold"], own)
             if self.training and p["record"] == "train":
-                self.memory.update(teacher.rows, out.logits)  # after the term read the other views' record
+                self.memory.update(teacher.rows, out.logits, own)  # after the term read the other views' record
         return parts

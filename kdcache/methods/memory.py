@@ -2,7 +2,9 @@
 
 Each training step sees one cached view of a row, so an exponential moving average of the student's
 softmax per row, over the epochs, averages its predictions over the row's views. A method reads it as
-pseudo-labels (CustomKD's customisation) or as the target of another view (self-training).
+pseudo-labels (CustomKD's customisation) or as the target of another view (self-training). A mixed view
+(mixup, cutmix) shows a blend with another row's image: its prediction is not recorded, and the row's record
+is not its target (`keep`).
 
 The record is the module's extra state: checkpoints carry it, and DistributedDataParallel never
 broadcasts it (each rank records its own rows; `sync` merges them once per epoch).
@@ -46,15 +48,18 @@ class RowMemory(nn.Module):
                 setattr(self, name, getattr(self, name).to(device))
 
     @torch.no_grad()
-    def update(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
-        """Fold the batch's softmax into the rows' averages (no host sync: untracked rows go to the spare slot)."""
+    def update(self, rows: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Fold the batch's softmax into the rows' averages (no host sync: untracked rows go to the spare slot), of
+        the views `keep` marks (those that are not mixed; None: every view)."""
         if not len(self):
             return
         self._on(logits.device)
         slot = self.slots[rows.to(logits.device)]
+        if keep is not None:  # a mixed view's prediction goes to the spare slot too
+            slot = torch.where(keep.to(slot.device), slot, torch.full_like(slot, len(self)))
         p = F.softmax(logits.detach().float(), dim=1)
-        keep = (self.seen[slot] > 0).float()[:, None] * self.momentum
-        self.probs[slot] = keep * self.probs[slot] + (1 - keep) * p
+        old = (self.seen[slot] > 0).float()[:, None] * self.momentum
+        self.probs[slot] = old * self.probs[slot] + (1 - old) * p
         self.seen[slot] = 1.0
         self.fresh[slot] += 1.0
 
@@ -64,20 +69,24 @@ class RowMemory(nn.Module):
         slot = self.slots[rows.to(device)]
         return self.probs[slot], self.seen[slot] * (slot < len(self)).float()
 
-    def bootstrapped(self, target: torch.Tensor, rows: torch.Tensor, weight: float) -> torch.Tensor:
+    def bootstrapped(self, target: torch.Tensor, rows: torch.Tensor, weight: float,
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
         """Target logits moved towards each row's record (soft bootstrapping): lam = `weight` times the record's
-        confidence; untracked and unseen rows keep `target`."""
+        confidence; untracked and unseen rows, and the views `keep` leaves out (mixed ones), keep `target`."""
         probs, seen = self.lookup(rows, target.device)
+        if keep is not None:
+            seen = seen * keep.to(seen.device).float()
         return mix_record(target.float(), probs, (weight * seen * probs.max(1).values)[:, None])
 
     def self_training(self, logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
-                      threshold: float) -> torch.Tensor:
+                      threshold: float, keep: torch.Tensor | None = None) -> torch.Tensor:
         """FixMatch's unlabelled term with the record of the row's other views (earlier epochs) as the confident
         prediction: CE to its argmax where its confidence reaches `threshold`, averaged over the batch's
-        unlabelled rows (label < 0)."""
+        unlabelled rows (label < 0); a view `keep` leaves out (a mixed one) has no target."""
         probs, seen = self.lookup(rows, logits.device)
         conf, target = probs.max(1)
-        mask = ((seen > 0) & (conf >= threshold) & (labels < 0)).float()
+        mask = (seen > 0) & (conf >= threshold) & (labels < 0)
+        mask = (mask if keep is None else mask & keep.to(mask.device)).float()
         ce = F.cross_entropy(logits.float(), target, reduction="none")
         return (ce * mask).sum() / (labels < 0).sum().clamp_min(1)
 
