@@ -72,7 +72,7 @@ def _strip(value):
     return value
 
 
-def collect(tmp: Path) -> dict:
+def collect(tmp: Path, row_order: str | None = None) -> dict:
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_teacher import train_tiny_teacher
@@ -84,11 +84,11 @@ def collect(tmp: Path) -> dict:
     cnn = extract.run(extract.ExtractConfig(
         dataset="synthetic", dataset_options=(("n", 160), ("classes", 5), ("domains", 2)), teacher="test_efficientnet",
         teacher_weights=str(weights), teacher_input_size=48, views=3, tokens=2, shard_size=64, batch_size=32,
-        workers=0, out=str(tmp / "cnn"), progress=False))
+        workers=0, out=str(tmp / "cnn"), progress=False, row_order=row_order))
     vit = extract.run(extract.ExtractConfig(
         dataset="synthetic", dataset_options=(("n", 96), ("classes", 4)), teacher="test_vit", random_init=True,
         teacher_input_size=32, views=2, head="probe", feature_dtype="int8", shard_size=48, batch_size=16,
-        workers=0, out=str(tmp / "vit"), progress=False))
+        workers=0, out=str(tmp / "vit"), progress=False, row_order=row_order))
     result["cache cnn"] = digest_arrays(cnn)
     result["cache vit"] = digest_arrays(vit)
     from kdcache.methods import list_methods
@@ -108,9 +108,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="where to write the digests (JSON)")
     ap.add_argument("--against", help="digests written before the change: compare and report every difference")
+    ap.add_argument("--row-order", choices=("shuffled", "sorted"),
+                    help="the caches' row order (default: extract's, shuffled); sorted gives the caches made before "
+                         "rows were shuffled at extraction")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        result = collect(Path(tmp))
+        result = collect(Path(tmp), a.row_order)
     Path(a.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(f"{sum(len(v) for v in result.values())} digests written to {a.out}")
     if a.against:

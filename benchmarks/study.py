@@ -145,17 +145,21 @@ LATE = tuple(Row(f"customkd + moving customisation from {int(100 * f)}% of the r
 # LATE[1] is CustomKD's default (its options spelt out)
 CEILING_ROWS = (*CHAIN_CORE, *(before_moving(r) for r in (SELF, MOVING, MOVING_CLEAN, BOOT, BOOT_MOVING, SELF_CLEAN,
                                                           IM, IM_LOW, *TEMPS)), *LATE, Row("kd", "kd"))
+# The clean view's share of the training draws (--clean-share; view 0 was drawn 1/V of the time before it was a
+# choice): the default 0.25 against half the draws clean
+CLEAN_ROWS = tuple(Row(f"{m}, half the draws on the clean view (clean_share=0.5)", m, distill=(("clean_share", 0.5),),
+                       core=False) for m in ("kd", "customkd"))
 ORACLE = previous_default(Row("target oracle (every train label)", "supervised", core=False, scenario="supervised"))
 
 SUITES = {
     "demo": Suite("demo", "cache/demo-mnist5k", "ssl", "mobilenetv3_small_050", 32, {"short": 8, "long": 32},
                   labels_per_class=10,
-                  rows=CORE + CHAIN_CORE + PREVIOUS_CORE + ABLATIONS + (ORACLE,),
+                  rows=CORE + CHAIN_CORE + PREVIOUS_CORE + ABLATIONS + (ORACLE,) + CLEAN_ROWS,
                   setup="python cli.py demo (or its extract step) builds the cache"),
     "iconshift": Suite("iconshift", "cache/iconshift-lite2", "uda", "mobilenetv3_small_100", 64,
                        {"short": 10, "long": 40},
                        pairs=(("faenza", "tango"), ("breeze", "papirus"), ("mint-y", "breeze")), closed_set=True,
-                       rows=CORE + CHAIN_CORE + PREVIOUS_CORE + ABLATIONS,
+                       rows=CORE + CHAIN_CORE + PREVIOUS_CORE + ABLATIONS + CLEAN_ROWS,
                        setup="bash ../shared/iconshift/build.sh data/iconshift-dev; "
                              "bash ../shared/weights/get_teacher.sh weights; python cli.py extract --dataset imagefolder "
                              "--data-root data/iconshift-dev --domain tango --domain faenza --domain papirus "

@@ -21,7 +21,8 @@ def test_committed_results_render_with_every_target_row():
     for path in (ROOT / "benchmarks" / "results").glob("cpu-*.json"):
         text = bench.render(json.loads(path.read_text()))
         for row in ("distill-from-cache epoch / supervised-only epoch", "extraction / model-only views/s",
-                    "chunk-aligned cache reads", "cache bytes per view", "customkd run / kd run of"):
+                    "chunk-aligned cache reads", "cache bytes per view", "customkd run / kd run of",
+                    "Training batches of 64"):
             assert row in text, (path.name, row)
 
 
@@ -32,6 +33,21 @@ def test_cache_reads_section_runs(tmp_path, capsys):
     result = json.loads(line.split("cache_reads: ", 1)[1].rsplit(" (", 1)[0])
     assert result["aligned_views_per_s"] > result["random_views_per_s"] > 0
     assert not list(tmp_path.iterdir())  # --only prints and writes no results file
+
+
+def test_stream_makeup_section_shows_sorted_caches_mixed_and_the_one_shard_stream_not(tmp_path, capsys):
+    bench = _bench()
+    bench.main(["--quick", "--only", "stream_makeup", "--out", str(tmp_path)])
+    line = capsys.readouterr().out
+    result = json.loads(line.split("stream_makeup: ", 1)[1].rsplit(" (", 1)[0])
+    for world in (1, 8):
+        fair, one = (result[f"sorted, interleave {i}, {world} rank(s)"] for i in ("auto", 1))
+        assert fair["classes_per_batch"] >= 0.7 * fair["iid_classes_per_batch"]
+        assert one["classes_per_batch"] < 0.5 * one["iid_classes_per_batch"]  # (--quick: 131 rows a class)
+        shuffled = result[f"shuffled, interleave auto, {world} rank(s)"]
+        assert abs(shuffled["classes_per_batch"] - shuffled["iid_classes_per_batch"]) < 1
+    text = bench.render({"machine": "m", "command": "c", "wall_s": 1, "torch": "t", "stream_makeup": result})
+    assert "| sorted, interleave 1, 8 rank(s) |" in text
 
 
 def test_method_cost_section_times_whole_runs_against_kd(tmp_path, capsys):

@@ -521,6 +521,22 @@ def test_a_run_saved_before_the_optimiser_default_changed_resumes_only_with_its_
     assert run_dir.config_hash(old, store) != run_dir.config_hash(dataclasses.replace(old, decay_norm_bias=False), store)
 
 
+def test_a_run_made_on_the_stream_before_windows_is_not_resumed_on_the_new_one(cache, tmp_path):
+    """A checkpoint whose config predates --interleave and --clean-share was trained on batches of one shard and
+    views drawn 1/V clean: its next epochs are not those of the run it began, so the resume is refused by name."""
+    from kdcache.train.engine import load_checkpoint
+
+    out = tmp_path / "run"
+    cfg = _cfg(cache, out, method="kd", epochs=2, workers=0)
+    distill.run(dataclasses.replace(cfg, epochs=1))
+    path, state = load_checkpoint(out)
+    for key in ("interleave", "clean_share"):
+        del state["config"][key]  # as saved before the options existed
+    torch.save(state, path / "state.pt")
+    with pytest.raises(CacheError, match=r"--interleave.*--clean-share.*start a new run"):
+        distill.run(dataclasses.replace(cfg, resume=True))
+
+
 def create_student_for_test():
     from kdcache.students import create_student
 

@@ -35,14 +35,8 @@ def sorted_cache(tmp_path_factory) -> Path:
     return out
 
 
-def _row_order_flag() -> list[str]:
-    """The flag that writes rows in the dataset's sorted order (what every cache held before rows were shuffled
-    at extraction)."""
-    from kdcache.stages.schema import ExtractConfig
-    return ["--row-order", "sorted"] if "row_order" in ExtractConfig.__dataclass_fields__ else []
-
-
-ROW_ORDER_SORTED = _row_order_flag()
+# the layout of every cache made before rows were shuffled at extraction
+ROW_ORDER_SORTED = ["--row-order", "sorted"]
 
 
 def _batches(cache: Path, rank: int, world: int, epoch: int, workers: int = 0, **kw) -> tuple[list, dict]:

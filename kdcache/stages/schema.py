@@ -151,9 +151,10 @@ class DistillConfig:
                              "shards (0: as many as hold 65,536 rows: close to an i.i.d. draw even on a cache whose "
                              "rows are sorted by class; each DataLoader worker holds a window's shards in memory). "
                              "Each epoch's batch make-up is in metrics.jsonl (batch_makeup).", low=0)
-    clean_share: float = option(0.25, "Probability that a training draw takes view 0, the clean (evaluation-like) "
-                                "view, whatever the cache's V; the other draws walk views 1..V-1 without "
-                                "replacement across epochs. A cache of one view draws only view 0.", low=0, high=1)
+    clean_share: float = option(0.25, "Share of each row's training draws that take view 0, the clean "
+                                "(evaluation-like) view, whatever the cache's V (evenly spaced); the other draws "
+                                "walk views 1..V-1 without replacement across epochs. A cache of one view draws only "
+                                "view 0.", low=0, high=1)
     workers: int = option(4, "DataLoader worker processes.", low=0)
     seed: int = option(0, "Seed for labels-per-class, shard order and views (each row's cached views are drawn "
                             "without replacement across epochs, in an order set by the seed).", limits=SEED_RANGE)

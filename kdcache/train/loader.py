@@ -38,7 +38,7 @@ CHUNK_BYTES = 32 << 20  # the replayed images of one chunk (what a worker hands 
 SAMPLE_KEYS = {"features": "feature"}  # a teacher output's key in a sample (and a batch): its array name otherwise
 WINDOW_ROWS = 1 << 16  # rows of the shards mixed together (interleave 0): what a class-sorted cache needs
 PICK_BLOCK = 4096  # the shuffle buffer draws its slots this many at a time
-CLEAN_SHARE = 0.25  # the default probability that a training draw takes view 0, the clean one
+CLEAN_SHARE = 0.25  # the default share of a row's training draws that take view 0, the clean one
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class StreamConfig:
     chunk_size: int = 0  # draws a worker replays at a time (0: about CHUNK_BYTES of images); the stream is the same
     fresh_views: bool = False  # views 1..V-1 drawn anew each epoch (online teacher only: no cached outputs match)
     interleave: int = 0  # shards whose draws are permuted together (0: as many as hold WINDOW_ROWS rows)
-    clean_share: float = CLEAN_SHARE  # probability that a training draw takes the clean view 0 (when V > 1)
+    clean_share: float = CLEAN_SHARE  # the share of a row's training draws that take the clean view 0 (V > 1)
 
 
 ONLINE_VIEWS = ("cached", "fresh")

@@ -112,6 +112,10 @@ def _resume_problem(out: Path, cfg, state: dict, fingerprint: str) -> str | None
     saved = dict(DEFAULTS_ADDED_LATER, **state["config"])  # a run saved before an option existed had its default
     now = to_dict(cfg)
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if {"interleave", "clean_share"} & set(changed) and "interleave" not in saved:
+        return (f"--resume: run {out} was trained on the stream made before batches were mixed across shards "
+                "(--interleave) and view 0 had its own share (--clean-share); its next epochs cannot be those of the "
+                "run it began, so it does not resume: start a new run with another --out")
     if changed:
         differences = ", ".join(f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
         return f"--resume with another config: {differences}; use the original flags or a new --out"
