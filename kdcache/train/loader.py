@@ -245,19 +245,18 @@ class Makeup:
             self.known.append(labels)
 
     def summary(self, seed: int = 0, samples: int = 256) -> dict:
+        """Means over the batches, and over i.i.d. batches of the same sizes drawn (without replacement, seeded)
+        from all the rows the batches held."""
         if not self.sizes:
             return {}
         pool = np.concatenate(self.known)
         rng = np.random.default_rng([seed, 9])
-        size = int(np.median(self.sizes))
-        iid = [pool[rng.choice(len(pool), size, replace=False)] for _ in range(samples)] if len(pool) >= size else []
-        iid_counts = [np.bincount(b) for b in iid]
-        out = {"batches": len(self.sizes), "classes_per_batch": round(float(np.mean(self.classes)), 2),
-               "largest_class_share": round(float(np.mean(self.largest)), 3)}
-        if iid_counts:
-            out.update(iid_classes_per_batch=round(float(np.mean([(c > 0).sum() for c in iid_counts])), 2),
-                       iid_largest_class_share=round(float(np.mean([c.max() / size for c in iid_counts])), 3))
-        return out
+        sizes = np.resize(np.asarray(self.sizes), max(samples, len(self.sizes)))
+        iid = [np.bincount(pool[rng.choice(len(pool), n, replace=False)]) for n in sizes]
+        return {"batches": len(self.sizes), "classes_per_batch": round(float(np.mean(self.classes)), 2),
+                "largest_class_share": round(float(np.mean(self.largest)), 3),
+                "iid_classes_per_batch": round(float(np.mean([(c > 0).sum() for c in iid])), 2),
+                "iid_largest_class_share": round(float(np.mean([c.max() / n for c, n in zip(iid, sizes)])), 3)}
 
 
 def makeup_of(rows: np.ndarray, classes: np.ndarray, batch_size: int) -> dict:
