@@ -377,11 +377,11 @@ class OnlineTeacher(torch.nn.Module):
         super().__init__()
         self.inner, self.teacher, self.size = inner, teacher, size
 
-    def forward(self, images, features, labels, logits=None, tokens=None):
+    def forward(self, images, features, labels, logits=None, tokens=None, **extra):
         with torch.no_grad():
             big = torch.nn.functional.interpolate(images.float(), size=self.size, mode="bilinear")
             features = self.teacher(big.clamp(0, 255).to(torch.uint8).contiguous())["features"]
-        return self.inner(images, features, labels, logits, tokens)
+        return self.inner(images, features, labels, logits, tokens, **extra)
 
 
 def bench_distill(a, tmp: Path) -> dict:
