@@ -328,8 +328,8 @@ class CacheStream:
         # the first draw of its shard: once an epoch, whichever worker replays it
         unique, first = np.unique(self.plan.rows, return_index=True)
         self.first_draw = dict(zip(unique.tolist(), first.tolist()))
-        ks, at = np.unique(unique // self.shard_size, return_index=True)
-        self.shard_first = {int(k): int(first[unique // self.shard_size == k].min()) for k in ks} if len(at) else {}
+        ks, at = np.unique(self.plan.rows // self.shard_size, return_index=True)
+        self.shard_first = dict(zip(ks.tolist(), at.tolist()))
 
     def __iter__(self) -> Iterator[dict]:
         return self.mix(s for _, samples in self.replay(self.chunks) for s in samples)
