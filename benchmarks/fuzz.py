@@ -1,4 +1,4 @@
-"""Fuzz pass: random byte flips and truncations in tar shards and in every Zarr array of a cache.
+"""Fuzz pass: random byte flips and truncations in tar shards and in every Zarr array of a cache, then repair.
 
     python benchmarks/fuzz.py                 # 100 trials: benchmarks/results/fuzz.md, fuzz/trials.json
     python benchmarks/fuzz.py --trials 20 --seed 1
@@ -8,9 +8,14 @@ array's zarr.json) and then runs, each in its own process, what a user would run
   1. `cli.py info --cache C --verify` (exit 0: nothing found, 1: damage named, 2: refused at open);
   2. the training reader: `distill`'s cache checks, then every row streamed as `distill` streams it
      (features, logits, images), compared with the clean cache's stream.
+  3. `cli.py extract ... --repair`, then verify and the training reader again.
 A crash is a process killed by a signal or a traceback on stderr. Every trial must end as
 "detected" (verify names it or refuses the cache) or "harmless" (verify passes and the training
 reader sees exactly the clean data); "undetected" (verify passes, data differs) and crashes must be 0.
+After the repair, every trial must read as the clean cache (verify passes, the same rows, the same
+fingerprint): "repaired"; the one file nothing can be derived from is the root zarr.json (it holds the
+cache's identity): damage to it must be refused by the repair, naming it, with the cache left unchanged
+("refused"). "unrepaired" must be 0.
 """
 from __future__ import annotations
 
@@ -59,15 +64,26 @@ def stream_all(cache: str) -> dict:
 
 
 def _reader(cache: str) -> None:
-    """Subprocess entry: prints one JSON line {refused: msg} or {rows: {row: digest}}."""
+    """Subprocess entry: prints one JSON line {refused: msg} or {rows: {row: digest}, fingerprint: ...}."""
     from kdcache.cache.format import CacheError
+    from kdcache.cache.store import CacheStore
 
     try:
         rows = stream_all(cache)
     except (CacheError, ValueError) as e:
         print(json.dumps({"refused": str(e)[:300]}))
         return
-    print(json.dumps({"rows": rows}))
+    print(json.dumps({"rows": rows, "fingerprint": CacheStore.open(cache).fingerprint()}))
+
+
+def _tree(root: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.name.endswith(".lock"):
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
 
 
 def _targets(cache: Path) -> list[Path]:
@@ -111,7 +127,8 @@ def main() -> None:
     rc, _, err = _run([str(ROOT / "cli.py"), *EXTRACT, "--out", str(clean)])
     assert rc == 0, err
     rc, out, err = _run([str(Path(__file__)), "--reader", str(clean)])
-    reference = json.loads(out.splitlines()[-1])["rows"]
+    clean_read = json.loads(out.splitlines()[-1])
+    reference, clean_fingerprint = clean_read["rows"], clean_read["fingerprint"]
     targets = _targets(clean)
     groups = sorted({p.relative_to(clean).parts[0] for p in targets})
     trials = []
@@ -129,18 +146,33 @@ def main() -> None:
         same = reader.get("rows") == reference
         detected = rc_v in (1, 2)
         outcome = "crash" if crashed else "detected" if detected else "harmless" if same else "undetected"
+        before = _tree(cache)
+        rc_x, _, err_x = _run([str(ROOT / "cli.py"), *EXTRACT, "--out", str(cache), "--repair"])
+        rc_v2, out_v2, err_v2 = _run([str(ROOT / "cli.py"), "info", "--cache", str(cache), "--verify"])
+        rc_r2, out_r2, err_r2 = _run([str(Path(__file__)), "--reader", str(cache)])
+        after = json.loads(out_r2.splitlines()[-1]) if rc_r2 == 0 and out_r2.strip() else {}
+        if rc_v2 == 0 and after.get("rows") == reference and after.get("fingerprint") == clean_fingerprint:
+            repair = "repaired"
+        elif str(victim_rel) == "zarr.json" and rc_x == 2 and "zarr.json" in err_x and _tree(cache) == before:
+            repair = "refused"
+        else:
+            repair = "unrepaired"
+        if "Traceback" in err_x + err_v2 + err_r2:
+            outcome = "crash"
         trials.append({"trial": t, "file": str(victim_rel), "damage": how, "verify_exit": rc_v,
                        "reader": "refused" if "refused" in reader else ("same" if same else "differs"),
-                       "outcome": outcome,
+                       "outcome": outcome, "repair": repair,
+                       "repair_message": err_x.strip().splitlines()[-1][:200] if err_x.strip() else "",
                        "stderr": (err_v + err_r)[-600:] if crashed else "",
                        "message": (err_v.strip().splitlines() or [""])[-1][:200] if rc_v == 2 else
                        (out_v.strip().splitlines() or [""])[-1][:200]})
-        print(f"[fuzz] {t + 1}/{args.trials} {victim_rel} ({how}): {outcome}", flush=True)
+        print(f"[fuzz] {t + 1}/{args.trials} {victim_rel} ({how}): {outcome}, {repair}", flush=True)
         shutil.rmtree(cache)
     shutil.rmtree(work)
     counts = {k: sum(tr["outcome"] == k for tr in trials) for k in ("detected", "harmless", "undetected", "crash")}
+    repairs = {k: sum(tr["repair"] == k for tr in trials) for k in ("repaired", "refused", "unrepaired")}
     refused = sum(tr["reader"] == "refused" for tr in trials)
-    summary = {"trials": len(trials), "seed": args.seed, "counts": counts, "reader_refused": refused,
+    summary = {"trials": len(trials), "seed": args.seed, "counts": counts, "repairs": repairs, "reader_refused": refused,
                "seconds": round(time.perf_counter() - start, 1), "cpu_count": os.cpu_count()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "fuzz").mkdir(exist_ok=True)
@@ -149,24 +181,32 @@ def main() -> None:
     for tr in trials:
         g = by_group.setdefault(Path(tr["file"]).parts[0], {})
         g[tr["outcome"]] = g.get(tr["outcome"], 0) + 1
+        g[tr["repair"]] = g.get(tr["repair"], 0) + 1
     lines = ["# Fuzz pass: damaged caches", "",
              f"`python benchmarks/fuzz.py --trials {args.trials} --seed {args.seed}`: {len(trials)} trials, each a "
              "copy of a clean 96-image cache with one file damaged (random byte flips or a truncation), then "
-             "`info --verify` and the training reader, each in its own process.", "",
+             "`info --verify` and the training reader, each in its own process; then `extract --repair`, verify and the "
+             "reader again.", "",
              f"**{counts['detected']} detected, {counts['harmless']} harmless, {counts['undetected']} undetected, "
              f"{counts['crash']} crashes**; the training reader refused the cache in {refused} trials "
              "(distill's cheap checks at start).", "",
-             "| damaged | detected | harmless | undetected | crash |", "| --- | --- | --- | --- | --- |"]
+             f"After `--repair`: **{repairs['repaired']} repaired** (verify passes, every row and the fingerprint "
+             f"equal the clean cache's), {repairs['refused']} refused (the root zarr.json: the cache's identity, "
+             f"which nothing can derive; the repair names it and changes no file), "
+             f"**{repairs['unrepaired']} unrepaired**.", "",
+             "| damaged | detected | harmless | undetected | crash | repaired | refused | unrepaired |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for g, c in sorted(by_group.items()):
         lines.append(f"| {g} | {c.get('detected', 0)} | {c.get('harmless', 0)} | {c.get('undetected', 0)} | "
-                     f"{c.get('crash', 0)} |")
+                     f"{c.get('crash', 0)} | {c.get('repaired', 0)} | {c.get('refused', 0)} | "
+                     f"{c.get('unrepaired', 0)} |")
     lines += ["", "Detected: `info --verify` exits 1 naming the shard or array, or 2 refusing the cache at open. "
               "Harmless: verify passes and every row the training reader streams (image, features, logits, label) is "
               "identical to the clean cache's (e.g. a flip in tar padding, or in a shard of `reasons` that holds "
               "only empty strings).", ""]
     (RESULTS / "fuzz.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    if counts["undetected"] or counts["crash"]:
+    if counts["undetected"] or counts["crash"] or repairs["unrepaired"]:
         sys.exit(1)
 
 

@@ -89,18 +89,20 @@ def image_problems(store: CacheStore, k: int, status: np.ndarray, digests: np.nd
     return IMAGES + "; ".join(problems) if problems else None
 
 
+CHECKSUM_RECORD = "recorded checksum: "  # prefix of a damaged shard_checksums entry (repair rewrites it from the data)
+DIGEST_RECORD = "recorded array digests: "  # prefix of a damaged array_digests entry (repair rewrites them)
+
+
 def damaged_shards(store: CacheStore, progress: bool = False) -> dict[int, str]:
     """Read back every done shard; {shard: problem} for those that do not match their recorded checksum,
-    cannot be read, hold non-finite values, or whose packed images differ from what was packed.
-    `progress`: a bar on a terminal (silent elsewhere, as every bar)."""
+    cannot be read, hold non-finite values, or whose packed images differ from what was packed; and for those
+    whose data is intact but one of its two records (the shard checksum, the array digests) is damaged: the
+    data must then match the other record exactly, and the problem starts with CHECKSUM_RECORD or
+    DIGEST_RECORD. `progress`: a bar on a terminal (silent elsewhere, as every bar)."""
     lay = store.layout
     status = store.status()
     done = store.shard_done(status)
-    checksums = store.checksums()
-    try:
-        recorded = store.array("array_digests")[:] if store.has("array_digests") else None
-    except Exception as e:  # noqa: BLE001
-        return {k: f"array_digests cannot be read ({type(e).__name__})" for k in range(lay.num_shards) if done[k]}
+    digests = store.has("array_digests")
     problems: dict[int, str] = {}
     shards = [k for k in range(lay.num_shards) if done[k]]
     for k in bar(len(shards), "shard", "verify", enabled=progress, iterable=shards):
@@ -109,27 +111,48 @@ def damaged_shards(store: CacheStore, progress: bool = False) -> dict[int, str]:
         except Exception as e:  # a damaged shard file raises from the codec or the shard index
             problems[k] = f"cannot be read ({type(e).__name__}: {e})"
             continue
-        why = _arrays_problem(store, k, data, status, str(checksums[k]), None if recorded is None else recorded[k])
+        checksum = store.read_record("shard_checksums", k)
+        checksum = None if checksum is None else str(store._logical("shard_checksums", checksum[None])[0])
+        recorded = store.read_record("array_digests", k) if digests else None
+        why = _arrays_problem(store, k, data, status, checksum, recorded, digests)
         why = why or image_problems(store, k, status, data.get("image_digests"), decode=store.checksum_version < 2)
         if why:
             problems[k] = why
     return problems
 
 
-def _arrays_problem(store: CacheStore, k: int, data: dict, status: np.ndarray, checksum: str,
-                    digests: np.ndarray | None) -> str | None:
-    """What is wrong with the arrays of done shard k (read as `data`), or None. While a probe head is not
-    fitted its logits are placeholders that the fit rewrites, and a fit that stopped half-way leaves them (and
-    the checksum covering them) changed: that is not damage, the same extract command rewrites them."""
+def _arrays_problem(store: CacheStore, k: int, data: dict, status: np.ndarray, checksum: str | None,
+                    digests: np.ndarray | None, has_digests: bool) -> str | None:
+    """What is wrong with the arrays of done shard k (read as `data`), or None. `checksum` and `digests` are the
+    shard's two records (None: unreadable; `has_digests`: the cache keeps digests). Data that matches one intact
+    record while the other differs or cannot be read is intact: the other record is what is damaged. While a
+    probe head is not fitted its logits are placeholders that the fit rewrites, and a fit that stopped half-way
+    leaves them (and the records covering them) changed: that is not damage, the same extract command rewrites
+    them (and records are then not judged)."""
     r = store.layout.rows(k)
-    placeholders = {"logits", *SPARSE_LOGITS} if store.probe_pending() else set()
-    wrong = [] if digests is None else digest_problems(dict(data, status=status[r.start:r.stop]), digests,
-                                                       store.layout)
-    if checksum != shard_checksum(store, data, status[r.start:r.stop]):
-        if digests is None or set(wrong) - placeholders:
+    pending = store.probe_pending()
+    placeholders = {"logits", *SPARSE_LOGITS} if pending else set()
+    sums_ok = checksum is not None and checksum == shard_checksum(store, data, status[r.start:r.stop])
+    if not has_digests:
+        if not sums_ok:
+            return "contents differ from the checksum recorded when it was written" if checksum is not None \
+                else "its recorded checksum (shard_checksums) cannot be read"
+    else:
+        wrong = None if digests is None else \
+            set(digest_problems(dict(data, status=status[r.start:r.stop]), digests, store.layout)) - placeholders
+        if wrong is None and not sums_ok:
+            return "contents cannot be checked: its array digests cannot be read and it differs from its checksum"
+        if wrong and not sums_ok:
             return "contents differ from the checksum recorded when it was written"
-    elif set(wrong) - placeholders:
-        return f"array digests of {', '.join(wrong)} differ from the data (array_digests damaged)"
+        if not pending:
+            if wrong is None or wrong:
+                what = "cannot be read" if wrong is None else f"of {', '.join(sorted(wrong))} differ from the data"
+                return (DIGEST_RECORD + f"the array digests {what}, while the data matches the shard checksum "
+                        "(array_digests damaged)")
+            if not sums_ok:
+                what = "cannot be read" if checksum is None else "differs from the data"
+                return (CHECKSUM_RECORD + f"the shard checksum {what}, while the data matches every array digest "
+                        "(shard_checksums damaged)")
     ok_rows = status[r.start:r.stop] == Status.DONE
     for name in (*outputs(), *SPARSE_LOGITS):
         if name in data and name not in placeholders and not np.isfinite(data[name][ok_rows].astype(np.float32)).all():
@@ -187,6 +210,9 @@ def cache_problems(store: CacheStore, read_keys: bool = True) -> list[str]:
 def verify(store: CacheStore, progress: bool = False) -> list[str]:
     """Every problem of the cache, each with what fixes it."""
     damaged = damaged_shards(store, progress)
-    fix = [f"fix: run the extract command with --repair: it recomputes exactly the {len(damaged)} damaged "
-           "shard(s) named here"] if damaged else []
+    records = sum(why.startswith((CHECKSUM_RECORD, DIGEST_RECORD)) for why in damaged.values())
+    work = ([f"recomputes exactly the {len(damaged) - records} damaged shard(s) named here"]
+            if len(damaged) > records else []) + \
+        ([f"writes the {records} damaged record(s) named here again from their intact data"] if records else [])
+    fix = [f"fix: run the extract command with --repair: it {' and '.join(work)}"] if damaged else []
     return cache_problems(store) + [f"shard {k}: {why}" for k, why in sorted(damaged.items())] + fix

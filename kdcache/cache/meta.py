@@ -20,6 +20,9 @@ from .format import (FEATURE_DTYPES, FORMAT_NAME, IDENTITY_SECTIONS, OPTIONAL_FI
                      READABLE_VERSIONS, ROW_ORDERS, CacheError, IncompleteCreation, Layout, RowOrder, arrays, dtype,
                      present, shape)
 
+# what fixes a base array's damaged metadata: the layout in the root's attributes determines it
+_METADATA_FIX = ("run the extract command again with --repair (it writes the metadata again from the cache's layout; "
+                 "caches of an older format: re-extract with --overwrite)")
 HEAD_KINDS = ("probe", "native", "zeroshot", "none")
 
 
@@ -166,13 +169,13 @@ class CacheMeta:
                                  "it from a copy") from None
             except Exception as e:  # a damaged zarr.json of the array
                 raise CacheError(f"cache {path}: array {name!r} has unreadable metadata ({type(e).__name__}: {e}); "
-                                 "re-extract with --overwrite") from None
+                                 f"{_METADATA_FIX}") from None
             got = arr.dtype
             is_str = got.kind in "OUT" or str(got).startswith(("<U", "StringDType")) or "String" in type(got).__name__
             same = is_str if dtype == "str" else (not is_str and np.dtype(got) == np.dtype(dtype))
             if tuple(arr.shape) != shape or not same:
                 raise CacheError(f"cache {path}: array {name!r} is {got} {tuple(arr.shape)}, expected {dtype} {shape}; "
-                                 "its zarr.json was edited or damaged: re-extract with --overwrite")
+                                 f"its zarr.json was edited or damaged: {_METADATA_FIX}")
 
     def probe_missing(self, group) -> str | None:
         """The first missing part of a fitted probe head (heads/extract), or None."""

@@ -283,8 +283,8 @@ class CacheStore:
         """Send shard k back to work (its data arrays are rewritten before its status)."""
         r = self.layout.rows(k)
         if self.has("array_digests"):  # no longer a written shard: its digests are void
-            self.group["array_digests"][k] = np.zeros(self.group["array_digests"].shape[1:], np.uint8)
-        self.group["status"][r.start:r.stop] = np.zeros(len(r), np.uint8)
+            self.put_record("array_digests", k, np.zeros(self.group["array_digests"].shape[1:], np.uint8))
+        self._put_rows(k, {"status": np.zeros(len(r), np.uint8)})
 
     def shard_done(self, status: np.ndarray | None = None) -> np.ndarray:
         """Boolean per shard: every row has a final status (done or bad)."""
@@ -376,7 +376,10 @@ class CacheStore:
         return every_chunk(self.group[name])
 
     def write_static(self, name: str, values: np.ndarray) -> None:
-        """Rewrite a whole static array (repair)."""
+        """Rewrite a whole static array (repair), its shard files removed first (a damaged one cannot be merged
+        into)."""
+        for k in range(self.layout.num_shards):
+            self._unlink(name, k)
         self.writer(name)[:] = self._stored(name, values)
 
     def write_shard(self, k: int, data: dict[str, np.ndarray], status: np.ndarray) -> None:
@@ -392,8 +395,7 @@ class CacheStore:
         self._put_rows(k, {n: data[n] for n in shard_arrays() if n in data})
         integrity.record_digests(self, k, dict(data, status=np.asarray(status, np.uint8)))
         self.write_checksum(k, integrity.shard_checksum(self, data, status))
-        rows = self.layout.rows(k)
-        self.writer("status")[rows.start:rows.stop] = status
+        self._put_rows(k, {"status": np.asarray(status, np.uint8)})
 
     def write_arrays(self, k: int, data: dict[str, np.ndarray]) -> None:
         """Rewrite some data arrays of a finished shard (e.g. logits of a probe fitted later)."""
@@ -409,11 +411,29 @@ class CacheStore:
         file, which fails if that file is damaged (and costs a read)."""
         rows = self.layout.rows(k)
         for name, values in data.items():
-            chunk_path(self.path, name, self.group[name], k).unlink(missing_ok=True)
+            self._unlink(name, k)
             self.writer(name)[rows.start:rows.stop] = self._stored(name, values)
 
+    def _unlink(self, name: str, k: int) -> None:
+        """Remove shard k's file of array `name` (per-row arrays: the zarr shard of cache shard k; per-shard records:
+        the chunk of entry k)."""
+        chunk_path(self.path, name, self.group[name], k).unlink(missing_ok=True)
+
+    def put_record(self, name: str, k: int, values: np.ndarray) -> None:
+        """Entry k of a per-shard record (shard_checksums, array_digests), written as a new file: the old one is
+        never read, so a damaged record is replaced, not merged into."""
+        self._unlink(name, k)
+        self.writer(name)[k] = values
+
+    def read_record(self, name: str, k: int) -> np.ndarray | None:
+        """Entry k of a per-shard record as stored, or None when its file cannot be read (damaged)."""
+        try:
+            return self.group[name][k]
+        except Exception:  # noqa: BLE001 - a damaged chunk raises from the codec
+            return None
+
     def write_checksum(self, k: int, checksum: str) -> None:
-        self.writer("shard_checksums")[k] = self._stored("shard_checksums", np.array([checksum]))[0]
+        self.put_record("shard_checksums", k, self._stored("shard_checksums", np.array([checksum]))[0])
 
     def fingerprint(self) -> str:
         return integrity.fingerprint(self)

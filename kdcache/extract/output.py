@@ -6,6 +6,8 @@ import contextlib
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from kdcache.cache.backend import backend, lock
 from kdcache.cache.format import CacheError, IncompleteCreation, Layout, RowOrder
 from kdcache.cache.store import CacheStore
@@ -67,27 +69,109 @@ def open_or_create(out: Path, cfg, layout: Layout, identity: dict, attrs: dict, 
     return store
 
 
+def _compression(out: Path, names) -> str:
+    """The compression the cache's per-row arrays were created with, read from the first readable array metadata
+    among `names` (zstd when none is readable)."""
+    import json
+
+    for name in names:
+        try:
+            doc = json.loads((out / name / "zarr.json").read_bytes())
+            inner = [c for codec in doc["codecs"] if codec["name"] == "sharding_indexed"
+                     for c in codec["configuration"]["codecs"]]
+        except Exception:  # noqa: BLE001 - damaged: try the next array
+            continue
+        kinds = {c["name"] for c in inner}
+        return "blosc" if "blosc" in kinds else "zstd" if "zstd" in kinds else "none"
+    return "zstd"
+
+
+def restore_array_metadata(out: Path) -> list[str]:
+    """Write again the zarr.json of every base array whose metadata cannot be read or does not describe the array
+    the cache's layout makes (the layout, key width and compression determine it: `allocate` writes the same
+    document); returns the names rewritten. Only the root's attributes must be intact (they hold the layout).
+    Caches of older formats are left to the open's checks."""
+    import json
+    import tempfile
+
+    import zarr
+
+    from kdcache.cache.format import CHECKSUM_VERSION, FORMAT_VERSION, arrays
+    from kdcache.cache.meta import CacheMeta
+    from kdcache.cache.store import allocate
+
+    try:
+        attrs = json.loads((out / "zarr.json").read_bytes()).get("attributes", {})
+        meta = CacheMeta.from_attrs(attrs, out)
+    except CacheError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the root document itself is damaged: nothing to derive from
+        raise CacheError(f"{out}/zarr.json cannot be read ({type(e).__name__}); it holds the cache's identity and "
+                         "cannot be derived: re-extract with --overwrite") from None
+    if meta.format_version != FORMAT_VERSION or meta.checksums != CHECKSUM_VERSION:
+        return []
+    expected = meta.expected_arrays()
+    damaged = []
+    for name, (shape, dtype) in expected.items():
+        try:
+            arr = zarr.open_array(str(out / name), mode="r", zarr_format=3)
+            ok = tuple(arr.shape) == shape and np.dtype(arr.dtype) == np.dtype(dtype)
+        except Exception:  # noqa: BLE001 - unreadable metadata
+            ok = False
+        if not ok:
+            damaged.append(name)
+    if not damaged:
+        return []
+    per_row = [a.name for a in arrays() if a.per_row and a.name in expected and a.name not in damaged]
+    with tempfile.TemporaryDirectory() as tmp:
+        allocate(zarr.open_group(tmp, mode="w", zarr_format=3), meta.layout, meta.key_bytes,
+                 _compression(out, per_row))
+        for name in damaged:
+            print(f"repair: the metadata (zarr.json) of array {name} is damaged; writing it again from the cache's "
+                  "layout", file=sys.stderr)
+            backend(out).put(out / name / "zarr.json", (Path(tmp) / name / "zarr.json").read_bytes())
+    return damaged
+
+
 def repair(store: CacheStore, static: dict) -> None:
     """Recompute exactly what is damaged: shards whose arrays or packed images differ from their checksums
-    (a damaged tar is packed again from the dataset), and static arrays that differ from the dataset."""
-    from kdcache.cacheinfo import IMAGES, damaged_shards, head_problems
+    (a damaged tar is packed again from the dataset), and static arrays that differ from the dataset. A shard
+    whose data matches one of its two records (shard checksum, array digests) while the other is damaged keeps
+    its data: the damaged record is written again from it. Everything is diagnosed before anything is
+    written, and every write replaces whole files (a damaged file is never read to be merged into)."""
+    from kdcache.cacheinfo import CHECKSUM_RECORD, DIGEST_RECORD, IMAGES, damaged_shards, head_problems
     from kdcache.pack import shard_name
-    from kdcache.cache.integrity import missing_files, repair_static
+    from kdcache.cache.integrity import missing_files, record_digests, repair_static, shard_checksum
 
-    if head_problems(store):
+    head = head_problems(store)
+    damaged = damaged_shards(store)
+    missing = {k for _, k in missing_files(store)}
+    status, unreadable = store.status_report()
+    if head:
         print("repair: the probe head is missing or damaged; refitting it", file=sys.stderr)
         store.update_attrs(head_fit={"fitted": False})
-    repair_static(store, static, lambda name: print(f"repair: array {name} differs from the dataset; rewriting it",
-                                                    file=sys.stderr))
-    damaged = damaged_shards(store)
+    repair_static(store, static, lambda name: print(f"repair: array {name} differs from the dataset or cannot be "
+                                                    "read; rewriting it", file=sys.stderr))
+    for k in unreadable:
+        print(f"repair: the status of shard {k} cannot be read; recomputing the shard", file=sys.stderr)
+        store.mark_todo(k)
     for k, why in sorted(damaged.items()):
+        r = store.layout.rows(k)
+        if why.startswith(CHECKSUM_RECORD) and k not in missing:
+            print(f"repair: shard {k} {why}; writing the checksum again from its data", file=sys.stderr)
+            store.write_checksum(k, shard_checksum(store, store.read_shard(k), status[r.start:r.stop]))
+            continue
+        if why.startswith(DIGEST_RECORD) and k not in missing:
+            print(f"repair: shard {k} {why}; writing its digests again from its data", file=sys.stderr)
+            store.put_record("array_digests", k, np.zeros(store.group["array_digests"].shape[1:], np.uint8))
+            record_digests(store, k, dict(store.read_shard(k), status=status[r.start:r.stop]))
+            continue
         print(f"repair: shard {k} {why}; recomputing it", file=sys.stderr)
         if why.startswith(IMAGES):
             (store.images_dir / shard_name(k)).unlink(missing_ok=True)
         store.mark_todo(k)
-    missing = {k for _, k in missing_files(store)}
     for k in sorted(missing - set(damaged)):
         print(f"repair: shard {k} has missing files; recomputing it", file=sys.stderr)
         store.mark_todo(k)
-    if not damaged and not missing:
+    if not damaged and not missing and not unreadable:
         print("repair: every done shard matches its checksum", file=sys.stderr)

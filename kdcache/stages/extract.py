@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kdcache import dist
 from kdcache.datasets import create_dataset, list_datasets
-from kdcache.extract.output import check_out, creation_lock, open_or_create, repair
+from kdcache.extract.output import check_out, creation_lock, open_or_create, repair, restore_array_metadata
 from kdcache.extract.rows import check_rows, in_row_order, resolve_rows
 from kdcache.extract.teacher import (build_teacher, check_classes, check_mix, check_probe_domains,
                                      check_shard_buffer, check_topk, describe, mix_settings, resolve_topk)
@@ -106,6 +106,8 @@ def extract(cfg: ExtractConfig) -> Extracted:
     check_topk(cfg, layout)
     check_shard_buffer(layout)
     identity, attrs, static = describe(cfg, dataset, teacher, head, dims)
+    if cfg.repair and rank == 0 and (out / "zarr.json").is_file():
+        restore_array_metadata(out)  # before the open, which checks every array's metadata
     store = _open_store(cfg, out, layout, (identity, attrs, static), rank)
     if rank == 0:
         remove_stale_temporaries(store.images_dir)
