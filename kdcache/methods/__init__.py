@@ -23,4 +23,5 @@ from .base import (
 )
 
 __all__ = ["Method", "MethodContext", "MethodError", "TeacherBatch", "create_method",
-           "list_methods", "labelled_only_methods", "methods_without_logits", "parse_method_options", "register_method", "METHOD_DEFAULTS", "METHOD_OPTIONS", "METHODS"]
+           "list_methods", "labelled_only_methods", "methods_without_logits", "parse_method_options",
+           "register_method", "METHOD_DEFAULTS", "METHOD_OPTIONS", "METHODS"]
