@@ -432,7 +432,7 @@ def test_a_damaged_run_config_or_summary_names_the_file(tmp_path):
     (run / "summary.json").write_text('{"scenario_digest": "x", "num_classes": 2, "image_size": 32}')
     (run / "config.yaml").write_text("cache: c\nepochs: many\n")
     line = _user_error(*_invoke("evaluate", "--run", run))
-    assert f"{run / 'config.yaml'}: option 'epochs' must be an integer" in line
+    assert f"{run / 'config.yaml'} is damaged (option 'epochs' must be an integer" in line and "--resume" in line
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
