@@ -87,7 +87,9 @@ def before_moving(row: Row) -> Row:
     opts = dict(row.options)
     chain = not opts.get("student_weight", 0)
     reads = not chain or opts.get("w_self", 0) or opts.get("bootstrap", 0)  # the record is read (else: unused)
-    fill = tuple((k, v) for k, v in PREVIOUS_CUSTOMKD if k not in opts and (k != "record" or reads))
+    # the options of a moving customisation have no effect on the chain (and are refused there)
+    unused = {"move_from", "refit_threshold", "anchor"} if chain else set()
+    fill = tuple((k, v) for k, v in PREVIOUS_CUSTOMKD if k not in opts and k not in unused and (k != "record" or reads))
     return Row(row.label + (CHAIN if chain else ""), row.method, row.options + fill, row.distill, row.core,
                row.scenario)
 

@@ -43,14 +43,17 @@ def write_atomic(path: str | os.PathLike, data) -> None:
     bytes to write, or a function that writes the temporary path it is given."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if callable(data):
-        data(tmp)
-    else:
-        with open(tmp, "w" if isinstance(data, str) else "wb") as f:
-            f.write(data)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+                f.write(data)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a write that failed (a full disk) leaves nothing behind
+        tmp.unlink(missing_ok=True)
 
 
 def writable(folder: str | os.PathLike) -> bool:

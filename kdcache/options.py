@@ -178,7 +178,8 @@ class Option:
     (imported when a value is checked); `flag`: the flag when it is not the field name (`--dataset-opt`);
     `negate`: the flag turns a default-on field off (`--no-progress`); `both`: an on and an off flag;
     `required`: the command needs the flag; `limits`: the integer type's own range; `shown`: how --help
-    names a default of None; `unit` and `note` complete a range error."""
+    names a default of None; `unit` and `note` complete a range error; `needs`: the conditions (`When`, or a
+    tuple of them: any one) under which the option has an effect, checked by `check_needs`."""
 
     help: str
     low: float | None = None
@@ -193,6 +194,7 @@ class Option:
     shown: str = "none"
     unit: str = ""
     note: str = ""
+    needs: tuple = ()
 
 
 def option(default: Any, help: str, **meta: Any):
@@ -257,3 +259,107 @@ def check_fields(cfg) -> None:
             if problem:
                 raise ValueError(problem)
 
+
+
+# ----------------------------------------------------------------------------- options that need another
+
+
+@dataclass(frozen=True)
+class When:
+    """A condition on another option `key` under which an option has an effect: its value is one of
+    `values`, is none of `excluded` (either a tuple, or "module:name" of a tuple or a function giving them,
+    imported only when a given option is checked), or is above `above`."""
+
+    key: str
+    values: tuple | str = ()
+    excluded: tuple | str = ()
+    above: float | None = None
+
+    def holds(self, value: Any) -> bool:
+        if self.above is not None:
+            return value is not None and value > self.above
+        if self.excluded:
+            return value not in _names_of(self.excluded)
+        return value in _names_of(self.values)
+
+    def describe(self, name: str) -> str:
+        """The condition in words, `name` being how the other option is named (--online-teacher, student_weight)."""
+        if self.above is not None:
+            return f"{name} > {self.above:g}"
+        if self.excluded:
+            return f"{name} other than {_words(_names_of(self.excluded))}"
+        values = _names_of(self.values)
+        if values == (True,):
+            return name
+        return f"{name} {_words(values)}"
+
+
+def _names_of(values: tuple | str) -> tuple:
+    return choices_of(Option("", choices=values)) if isinstance(values, str) else tuple(values)
+
+
+def _words(values) -> str:
+    values = [str(v) for v in values]
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return ", ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def unmet_need(needs: dict, values: dict, given, name, shown) -> str | None:
+    """The first option of `given` whose declared conditions do not hold in `values` (so it would have no
+    effect), as one line, or None.
+
+    `needs`: option -> its conditions (each a `When`, or a tuple of them of which any one will do); `name(key)`
+    names an option in the message (a flag, or a method option); `shown(key)` names what was given (the flag
+    and its value)."""
+    for key, conditions in needs.items():
+        if key not in given:
+            continue
+        for condition in conditions:
+            anyof = condition if isinstance(condition, tuple) else (condition,)
+            if any(c.holds(values.get(c.key)) for c in anyof):
+                continue
+            want = _words([c.describe(name(c.key)) for c in anyof])
+            here = ", ".join(f"{name(c.key)} is {_shown(values.get(c.key))}" for c in anyof)
+            return (f"{shown(key)} needs {want} ({here}), and has no effect without it: leave {name(key)} out, "
+                    f"or give {want}")
+    return None
+
+
+def needs_of(cls) -> dict:
+    """The declared conditions of a stage config's options: field name -> `Option.needs`."""
+    return {f.name: meta(f).needs for f in dataclasses.fields(cls) if meta(f).needs}
+
+
+def differs_from_default(cfg) -> set:
+    """The fields of a config whose value is not the default (what a config built in code gave)."""
+    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
+
+
+def check_needs(cfg, given=None, where=None) -> None:
+    """Refuse a given option that has no effect in this config (`Option.needs`): a ConfigError naming it and
+    what it needs. `given`: the options the user gave (flags, YAML keys); by default those that differ from
+    their default. `where(key)`: the YAML file an option came from (None: a flag)."""
+    needs = needs_of(type(cfg))
+    if not needs:
+        return
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    given = differs_from_default(cfg) if given is None else set(given)
+    values = {k: getattr(cfg, k) for k in fields}
+
+    def shown(key):
+        flag, value = flag_name(fields[key]), values[key]
+        path = where(key) if where else None
+        if path:
+            return f"--config {path}: option {key!r} ({_shown(value)})"
+        return flag if isinstance(value, bool) else f"{flag} {_shown(value)}"
+
+    problem = unmet_need(needs, values, given, lambda k: flag_name(fields[k]), shown)
+    if problem:
+        raise ConfigError(problem)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from .files import write_atomic
+from .run_files import read_metrics
 
 # what `report` reads from each run's report.json (written by evaluate): a name, or a number
 REPORT_FIELDS = {"student": str, "method": str, "scenario": str, "run": str, "student_metrics/top1": float,
@@ -36,7 +37,7 @@ def _plots(run_dir: Path, report: dict) -> list[str]:
         made.append("accuracy_per_domain.png")
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
-        recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        recs = read_metrics(metrics, "remove that line, or the file (only this plot reads it), and evaluate again")
         if recs:
             fig, ax1 = plt.subplots(figsize=(5, 3.2))
             ep = [r["epoch"] + 1 for r in recs]
@@ -83,8 +84,8 @@ def metrics_csv(run_dir: Path) -> Path:
     import csv
     import io
 
-    rows = [flatten(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
+    rows = [flatten(r) for r in read_metrics(run_dir / "metrics.jsonl", "remove that line (its epoch's record is "
+                                             "then missing from the run) and run the same command again")]
     columns = list(dict.fromkeys(k for r in rows for k in r))
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns)

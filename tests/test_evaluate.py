@@ -134,7 +134,6 @@ def test_evaluate_reads_the_run_config_typed_and_the_cache_through_its_checks(ru
 
     import yaml
 
-    from kdcache.stages.config import ConfigError
     from kdcache.cache.format import CacheError
     from kdcache.cache.store import CacheStore
 
@@ -143,7 +142,8 @@ def test_evaluate_reads_the_run_config_typed_and_the_cache_through_its_checks(ru
     config = yaml.safe_load((run / "config.yaml").read_text())
     shutil.copytree(config["cache"], cache)
     (run / "config.yaml").write_text(yaml.safe_dump(dict(config, epoch=3)))
-    with pytest.raises(ConfigError, match=r"config.yaml: unknown option 'epoch' \(did you mean 'epochs'\?\)"):
+    with pytest.raises(CacheError, match=r"config.yaml is damaged \(unknown option 'epoch' \(did you mean "
+                                         r"'epochs'\?\)"):
         evaluate.run(evaluate.EvaluateConfig(run=str(run), workers=0, progress=False, onnx=False))
     (run / "config.yaml").write_text(yaml.safe_dump(dict(config, cache=str(cache))))
     CacheStore.open(cache, mode="r+").mark_todo(0)

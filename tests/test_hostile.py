@@ -503,8 +503,9 @@ def test_default_run_folders_never_collide_and_resume_finds_the_run(cache, tmp_p
 
 
 def test_scenario_options_that_would_be_ignored_are_refused(cache, tmp_path):
-    for kw, match in [(dict(scenario="supervised", labels_per_class=None, source=("domain0",)), "--source / --target"),
-                      (dict(scenario="supervised", labels_per_class=3), "--labels-per-class applies to --scenario ssl"),
+    for kw, match in [(dict(scenario="supervised", labels_per_class=None, source=("domain0",)),
+                       "--source domain0 needs --scenario uda"),
+                      (dict(scenario="supervised", labels_per_class=3), "--labels-per-class 3 needs --scenario ssl"),
                       (dict(labels_per_class=10_000), "class .* has only .* train rows")]:
         with pytest.raises(ValueError, match=match):
             distill.run(_distill_cfg(cache, tmp_path / "run", **kw))

@@ -441,8 +441,9 @@ def test_customkd_moving_customisation_follows_the_student_record():
     right = np.eye(C)[labels] * 10
     acc = {}
     for weight in (0.0, 0.9):
-        m = create_method("customkd", dims, student_weight=weight, move_from=0.0, first_rounds=1, sharpen=1.0,
-                          balance=False, w_self=0.0, record="train" if weight else "clean")
+        moving = dict(move_from=0.0, record="train") if weight else {}  # the chain reads neither
+        m = create_method("customkd", dims, student_weight=weight, first_rounds=1, sharpen=1.0, balance=False,
+                          w_self=0.0, **moving)
         m.prepare(ctx)
         first = m.before_epoch(ctx, 0)
         _record(m, ctx, right)
@@ -490,8 +491,8 @@ def test_customkd_moving_customisation_without_a_record_is_the_teacher_chain():
     place; the later refits start from the previous classifier, and reach the same minimum of the same
     convex objective)."""
     ctx, dims, *_ = _customkd_ctx(shift=1.0)
-    chain, moving = (create_method("customkd", dims, student_weight=w, move_from=0.0, refit_iters=100)
-                     for w in (0.0, 0.5))
+    chain = create_method("customkd", dims, student_weight=0.0)
+    moving = create_method("customkd", dims, student_weight=0.5, move_from=0.0, refit_iters=100)
     for m in (chain, moving):
         m.prepare(ctx)
     for epoch in range(3):

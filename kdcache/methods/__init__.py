@@ -15,10 +15,13 @@ from .base import (
            MethodError,
            TeacherBatch,
            create_method,
+           labelled_only_methods,
            list_methods,
+           methods_without_logits,
            parse_method_options,
            register_method,
 )
 
 __all__ = ["Method", "MethodContext", "MethodError", "TeacherBatch", "create_method",
-           "list_methods", "parse_method_options", "register_method", "METHOD_DEFAULTS", "METHOD_OPTIONS", "METHODS"]
+           "list_methods", "labelled_only_methods", "methods_without_logits", "parse_method_options",
+           "register_method", "METHOD_DEFAULTS", "METHOD_OPTIONS", "METHODS"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..options import FALSE_WORDS, TRUE_WORDS
+from ..options import FALSE_WORDS, TRUE_WORDS, When, unmet_need
 from ..registry import Registry
 from ..students import StudentOutput
 
@@ -43,7 +43,9 @@ class Dims:
 
 @dataclass(frozen=True)
 class Opt:
-    """One method option: its default, type and range. `low_open` excludes the lower bound."""
+    """One method option: its default, type and range. `low_open` excludes the lower bound; `needs`: the
+    conditions on the method's other options (`When`, or a tuple of them: any one) under which it has an
+    effect, so that giving it where it has none is refused (`parse_method_options`)."""
 
     default: Any
     kind: type = float
@@ -52,6 +54,7 @@ class Opt:
     low_open: bool = False
     choices: tuple = ()
     help: str = ""
+    needs: tuple = ()
 
     def parse(self, method: str, key: str, value: Any) -> Any:
         where = f"--method-opt {key}={value!r} (method {method})"
@@ -86,12 +89,17 @@ def weight(default: float, help: str = "") -> Opt:
     return Opt(float(default), float, low=0.0, help=help)
 
 
-def temperature(default: float, help: str = "softmax temperature") -> Opt:
-    return Opt(float(default), float, low=0.0, low_open=True, help=help)
+def temperature(default: float, help: str = "softmax temperature", needs: tuple = ()) -> Opt:
+    return Opt(float(default), float, low=0.0, low_open=True, help=help, needs=needs)
 
 
-def flag(default: bool, help: str = "") -> Opt:
-    return Opt(bool(default), bool, help=help)
+def flag(default: bool, help: str = "", needs: tuple = ()) -> Opt:
+    return Opt(bool(default), bool, help=help, needs=needs)
+
+
+def above_zero(*keys: str) -> tuple:
+    """`Opt.needs` of an option read only while one of the options `keys` is above 0."""
+    return (tuple(When(k, above=0) for k in keys),)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -123,6 +131,16 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
+def labelled_only_methods() -> list[str]:
+    """The methods whose loss skips unlabelled rows (the loader leaves them out)."""
+    return [n for n in METHODS.names() if not METHODS.get(n).uses_unlabelled]
+
+
+def methods_without_logits() -> list[str]:
+    """The methods that never read the teacher's logits (nor a head of the teacher)."""
+    return [n for n in METHODS.names() if not METHODS.get(n).needs_logits]
+
+
 def parse_method_options(name: str, overrides: dict) -> dict:
     """Defaults updated by `overrides`, each parsed and range-checked; unknown keys are refused."""
     METHODS.get(name)
@@ -132,6 +150,10 @@ def parse_method_options(name: str, overrides: dict) -> dict:
         raise MethodError(f"method {name} has no option(s) {unknown}; it takes: {sorted(spec)}")
     params = dict(METHOD_DEFAULTS[name])
     params.update({k: spec[k].parse(name, k, v) for k, v in overrides.items()})
+    problem = unmet_need({k: o.needs for k, o in spec.items() if o.needs}, params, overrides, str,
+                         lambda k: f"--method-opt {k}={overrides[k]} (method {name})")
+    if problem:
+        raise MethodError(problem)
     return params
 
 

@@ -57,12 +57,16 @@ from .. import dist
 from ..adapt import predict_views, self_train_head, unmixed_views, view_mean, view_rows
 from ..cache.derived import derived_group
 from ..progress import bar as progress_bar
-from .base import (Method, MethodContext, MethodError, Opt, feature_mse, flag, kd_loss, register_method, temperature,
+from .base import (Method, MethodContext, Opt, above_zero, feature_mse, flag, kd_loss, register_method, temperature,
                    unmixed_in, weight)
 from .memory import RowMemory, mix_record
 
 CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old fit are not read
 RECORD = "clean"  # the default record of the student's predictions
+# what an option reads is there only when: the customisation moves with the student; anything reads the record of
+# the student's predictions (`CustomKD._reads_record`)
+MOVING = above_zero("student_weight")
+RECORDED = above_zero("student_weight", "w_self", "bootstrap")
 
 
 def chain_key(data: dict, params: dict, kind: str) -> str:
@@ -129,9 +133,9 @@ def report(d: dict, memory: RowMemory, p: dict, m: torch.Tensor, c: torch.Tensor
     w_general=weight(1.0, "task-general term MSE(P_s(s), f)"),
     w_custom=weight(1.0, "customised term: KL to h_s(P_t f)"),
     w_kd=weight(0.0, "KL to the teacher's logits"),
-    temperature=temperature(4.0, "softmax temperature of the KD term"),
-    custom_temperature=temperature(4.0, "softmax temperature of the customised term"),
-    normalize=flag(True, "standardise each feature vector before the general MSE"),
+    temperature=temperature(4.0, "softmax temperature of the KD term", needs=above_zero("w_kd")),
+    custom_temperature=temperature(4.0, "softmax temperature of the customised term", needs=above_zero("w_custom")),
+    normalize=flag(True, "standardise each feature vector before the general MSE", needs=above_zero("w_general")),
     warmup_epochs=Opt(0, int, low=0, help="epochs before the first customisation"),
     sharpen=temperature(0.5, "temperature of the pseudo-labels of the unlabelled rows"),
     balance=flag(True, "align the mean pseudo-label with the uniform class prior"),
@@ -144,9 +148,11 @@ def report(d: dict, memory: RowMemory, p: dict, m: torch.Tensor, c: torch.Tensor
                        help="weight of the student's recorded predictions in the pseudo-labels of each refit "
                             "from move_from on (0: the teacher-only chain, computed once per cache)"),
     memory_momentum=Opt(0.5, float, low=0.0, high=1.0,
-                        help="EMA momentum of the per-row record of the student's softmax over the epochs"),
+                        help="EMA momentum of the per-row record of the student's softmax over the epochs",
+                        needs=RECORDED),
     refit_iters=Opt(20, int, low=1, help="L-BFGS iterations of each moving refit, started from the previous "
-                                         "customisation (the objective is convex: the same minimum, sooner)"),
+                                         "customisation (the objective is convex: the same minimum, sooner)",
+                    needs=MOVING),
     w_self=weight(0.0, "self-training term: CE to the recorded prediction of another view of the row"),
     w_im=weight(0.0, "information-maximisation term on unlabelled rows: mean entropy of the student's predictions "
                      "minus the entropy of their batch mean (confident, and spread over the classes)"),
@@ -156,25 +162,24 @@ def report(d: dict, memory: RowMemory, p: dict, m: torch.Tensor, c: torch.Tensor
     self_threshold=Opt(0.95, float, low=0.0, high=1.0,
                        help="confidence a recorded prediction needs to be a self-training target"),
     refit_threshold=Opt(0.0, float, low=0.0, high=1.0,
-                        help="confidence a recorded prediction needs to enter a moving refit"),
+                        help="confidence a recorded prediction needs to enter a moving refit", needs=MOVING),
     record=Opt(RECORD, str, choices=("train", "clean"),
                help="the student's per-row record: the EMA of its softmax at the training steps (train: its "
                     "cached views, train mode, no extra pass) or of its prediction on the clean view after each "
-                    "epoch (clean: evaluation mode, one forward pass over the recorded rows)"),
+                    "epoch (clean: evaluation mode, one forward pass over the recorded rows)", needs=RECORDED),
     move_from=Opt(0.75, float, low=0.0, high=1.0,
                   help="fraction of the run's customisation phases that read the teacher-only chain before a moving "
-                       "customisation (student_weight > 0) starts mixing in the student's record (0: from phase 2)"),
+                       "customisation (student_weight > 0) starts mixing in the student's record (0: from phase 2)",
+                  needs=MOVING),
     anchor=flag(True, "each moving refit mixes the student's record with the first customisation's predictions "
-                       "(fixed) instead of the previous customisation's (which compound from phase to phase)"),
+                       "(fixed) instead of the previous customisation's (which compound from phase to phase)",
+                 needs=MOVING),
 )
 class CustomKD(Method):
+    needs_logits = True  # w_kd, and the first customisation starts from the teacher's logits
+
     def __init__(self, dims, **params):
         super().__init__(dims, **params)
-        p = self.params
-        if p["record"] != RECORD and not self._reads_record():
-            raise MethodError(f"--method-opt record={p['record']} (method customkd): the record is read only by a "
-                              "moving customisation (student_weight > 0), the self-training term (w_self > 0) or a "
-                              "bootstrapped target (bootstrap > 0)")
         self.p_s = nn.Linear(dims.student, dims.teacher)
         # customisation state: buffers, so checkpoints carry it and P_t never receives gradients
         self.register_buffer("p_t_weight", torch.zeros(dims.student, dims.teacher))
@@ -184,7 +189,6 @@ class CustomKD(Method):
         self.register_buffer("m_weight", torch.zeros(dims.classes, dims.teacher))  # M, c: h_s(P_t f) = M f + c
         self.register_buffer("m_bias", torch.zeros(dims.classes))
         self.register_buffer("phases", torch.zeros((), dtype=torch.long))
-        self.needs_logits = True  # w_kd, and the first customisation starts from the teacher's logits
         self.memory = RowMemory(dims.classes, self.params["memory_momentum"])  # the student's softmax per row
         self._data = None
         self._recorded = None  # mask of the rows whose student predictions are recorded

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Method, MethodError, Opt, kd_loss, register_method, temperature, weight
+from .base import Method, MethodError, Opt, above_zero, kd_loss, register_method, temperature, weight
 
 
 class CrossAttentionProjector(nn.Module):
@@ -53,7 +53,7 @@ def normalised_sse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("scalekd", heads=Opt(4, int, low=1), w_direct=weight(0.08), w_ac=weight(0.06),
-                 w_kd=weight(0.5), temperature=temperature(1.0), w_ce=weight(0.5))
+                 w_kd=weight(0.5), temperature=temperature(1.0, needs=above_zero("w_kd")), w_ce=weight(0.5))
 class ScaleKD(Method):
     needs_tokens = True
     needs_logits = True

@@ -11,7 +11,9 @@ from kdcache.options import (  # noqa: F401  (the typing of one value lives ther
     FALSE_WORDS,
     TRUE_WORDS,
     ConfigError,
+    check_needs,
     coerce,
+    differs_from_default,
     env_int,
     label,
     meta,
@@ -122,10 +124,15 @@ def resolve(cls: type[T], yaml_path: str | Path | None = None, **flags: Any) -> 
             raise ConfigError(f"--config {e}") from None
     given = {k: v for k, v in flags.items() if v is not None}
     try:
-        return _build(cls, values | given, lambda k: flag_of(k) if k in given else k)
+        cfg = _build(cls, values | given, lambda k: flag_of(k) if k in given else k)
     except ConfigError as e:
         from_yaml = yaml_path and not str(e).startswith("--")
         raise ConfigError(f"--config {yaml_path}: {e}" if from_yaml else str(e)) from None
+    # an option given that has no effect here is refused; a YAML key counts when it sets another value than the
+    # default, so that a run's own config.yaml (which lists every option) still serves as --config
+    changed = {k for k in values if k not in given} & differs_from_default(cfg)
+    check_needs(cfg, set(given) | changed, lambda k: None if k in given else yaml_path)
+    return cfg
 
 
 def cache_location(value: str | None, flag: str) -> None:

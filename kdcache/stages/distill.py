@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdcache import dist
-from kdcache.options import ConfigError, check_fields
+from kdcache.methods import parse_method_options
+from kdcache.options import check_fields, check_needs
 from kdcache.report import check_tensorboard
 from kdcache.scenario_heads import scenario_teacher_head
 from kdcache.train.inputs import method_context, open_cache, scenario_of, student_and_method
@@ -24,9 +25,8 @@ def check_config(cfg: DistillConfig) -> None:
     if cfg.tensorboard:
         check_tensorboard()
     check_fields(cfg)
-    if cfg.online_views != "cached" and not cfg.online_teacher:
-        raise ConfigError(f"--online-views {cfg.online_views} needs --online-teacher (the cache holds no teacher "
-                          "outputs for views drawn anew)")
+    check_needs(cfg)  # an option set to what has no effect here (the command line checks what was given)
+    parse_method_options(cfg.method, dict(cfg.method_options))  # the method and its options, before the cache opens
 
 
 def run(cfg: DistillConfig) -> Path:

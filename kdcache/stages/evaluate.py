@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from kdcache.scenario_heads import scenario_teacher_head
 from kdcache.dist import device_for
 from kdcache.files import writable
 from kdcache.measure import count_macs, count_params, cpu_latency_ms, export_onnx, export_timm, topk_metrics
-from kdcache.options import check_fields
+from kdcache.options import ConfigError, check_fields
 from kdcache.report import write_report
+from kdcache.run_files import damaged, read_tensors, resume_hint
 from kdcache.cache.format import CacheError
 from kdcache.cache.store import CacheStore
 from kdcache.students import create_student
@@ -41,7 +42,14 @@ def load_run(run_dir: Path) -> tuple[DistillConfig, dict]:
     if not isinstance(summary, dict) or any(k not in summary for k in SUMMARY_KEYS):
         raise CacheError(f"{run_dir / 'summary.json'} lacks {', '.join(SUMMARY_KEYS)}; the run is damaged: "
                          "distill it again")
-    return read_config(DistillConfig, run_dir / "config.yaml"), summary
+    try:
+        cfg = read_config(DistillConfig, run_dir / "config.yaml")
+    except ConfigError as e:
+        what = "it is missing" if not (run_dir / "config.yaml").is_file() else \
+            str(e).removeprefix(f"{run_dir / 'config.yaml'}").lstrip(": ")
+        raise damaged(run_dir / "config.yaml", what, "it holds the run's settings: write it again by resuming the run "
+                      "with the flags it was trained with plus --resume --out " + shlex.quote(str(run_dir))) from None
+    return cfg, summary
 
 
 def student_logits(student, store: CacheStore, rows_mask: np.ndarray, image_size: int, cfg: EvaluateConfig,
@@ -92,7 +100,8 @@ def run(cfg: EvaluateConfig) -> Path:
     if scenario.digest() != summary["scenario_digest"]:
         raise CacheError(f"the cache at {dcfg.cache} no longer gives the scenario this run was trained on")
     student = create_student(dcfg.student, summary["num_classes"])
-    student.model.load_state_dict(load_file(str(run_dir / "student.safetensors")))
+    student.model.load_state_dict(read_tensors(run_dir / "student.safetensors", "write it again from the run's last "
+                                               f"checkpoint: {resume_hint(run_dir)}"))
     size = summary["image_size"]
 
     logits, rows = student_logits(student, store, scenario.evaluation, size, cfg, device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from kdcache.options import INT_RANGE, SEED_RANGE, flag_name, meta, option
+from kdcache.options import INT_RANGE, SEED_RANGE, When, flag_name, meta, option
 
 DEFAULT_METHOD = "customkd"
 MIN_IMAGE_BOUND = 16
@@ -22,6 +22,9 @@ Names = tuple
 Pairs = tuple
 
 _PROGRESS = dict(help="Hide the progress bar.", negate=True)
+# the conditions under which an option of distill has an effect (checked by options.check_needs)
+_UDA = (When("scenario", ("uda",)),)
+_ONLINE = (When("online_teacher", (True,)),)
 _BATCHES = dict(help="Hide progress bars.", negate=True)
 
 
@@ -113,13 +116,17 @@ class DistillConfig:
     method_options: Pairs = option((), "Method option KEY=VALUE (e.g. temperature=2).", flag="--method-opt",
                                    shown="the method's own")
     scenario: str = option("supervised", "uda, ssl or supervised.")
-    source: Names = option((), "uda: labelled source domain (repeat the flag).")
-    target: Names = option((), "uda: unlabelled target domain, also evaluated (repeat).")
+    source: Names = option((), "uda: labelled source domain (repeat the flag).", needs=_UDA)
+    target: Names = option((), "uda: unlabelled target domain, also evaluated (repeat).", needs=_UDA)
     closed_set: bool = option(False, "uda: keep only the target rows of classes the source has (a closed-set "
-                              "benchmark from domains whose class sets differ).")
-    labels_per_class: int | None = option(None, "ssl: labelled samples per class (seeded).", shown="none: all")
+                              "benchmark from domains whose class sets differ).", needs=_UDA)
+    labels_per_class: int | None = option(None, "ssl: labelled samples per class (seeded).", shown="none: all",
+                                          needs=(When("scenario", ("ssl",)),))
     labelled_ratio: float = option(0.25, "Least fraction of labelled samples per epoch (labelled rows are repeated "
-                                   "to reach it; 0 keeps the natural mix).", low=0, high=0.99)
+                                   "to reach it; 0 keeps the natural mix).", low=0, high=0.99,
+                                   # a method that skips unlabelled rows, or a scenario without any, repeats nothing
+                                   needs=(When("method", excluded="kdcache.methods:labelled_only_methods"),
+                                          When("scenario", ("uda", "ssl"))))
     epochs: int = option(10, "Distillation epochs.", low=1)
     batch_size: int = option(64, "Images per step.", low=1)
     lr: float = option(1e-3, "Peak learning rate (cosine schedule with warm-up).", positive=True)
@@ -139,11 +146,13 @@ class DistillConfig:
                                "replayed) or fresh (views 1..V-1 drawn anew every epoch from the cache's view policy, "
                                "so the student sees a new crop of each image every time: the reference a cache of V "
                                "views is measured against; no replay_cosine).",
-                               choices="kdcache.train.loader:ONLINE_VIEWS")
+                               choices="kdcache.train.loader:ONLINE_VIEWS", needs=_ONLINE)
     teacher_weights: str | None = option(None, "--online-teacher: the teacher's weights.",
-                                         shown="the file the cache was extracted with")
+                                         shown="the file the cache was extracted with", needs=_ONLINE)
     teacher_adapt: int = option(0, "Rounds of self-training of the teacher head on the unlabelled rows' cached "
-                                "features before distilling (0: off; never reads their labels).", low=0)
+                                "features before distilling (0: off; never reads their labels).", low=0,
+                                # the head it adapts is the one a method that reads the teacher's logits reads
+                                needs=(When("method", excluded="kdcache.methods:methods_without_logits"),))
     image_size: int | None = option(None, "Student input size.", low=MIN_IMAGE_BOUND, high=4096,
                                     shown="the student's own")
     shuffle_buffer: int = option(512, "Samples in the stream's shuffle buffer (rows).", low=1)

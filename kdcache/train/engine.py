@@ -14,7 +14,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 from ..cache.format import outputs
 from ..files import save_tensors, write_atomic
@@ -24,6 +23,7 @@ from ..methods.base import MIX_KEYS
 from ..progress import bar as progress_bar
 from ..students import Student
 from .loader import makeup_problem
+from ..run_files import RunFileError, metric_lines, read_state, read_tensors, writing
 
 
 class TrainModule(nn.Module):
@@ -251,38 +251,87 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, epoch: int, student: Student, method: Method, state: dict) -> Path:
-    """checkpoints/epoch-NNNN/ is built under a temporary name and renamed; `latest` then points to it."""
+    """checkpoints/epoch-NNNN/ is built under a temporary name and renamed; `latest` then points to it. A write
+    that fails (a full disk) removes what it built, and says which file it could not write."""
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"epoch-{epoch:04d}"
     tmp = ckpt_root / f".epoch-{epoch:04d}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_tensors(_tensors(student.model), tmp / "student.safetensors")
-    save_tensors(_tensors(method), tmp / "method.safetensors")
-    torch.save(state, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    write_atomic(ckpt_root / "latest", lambda p: p.write_text(final.name))
+    try:
+        tmp.mkdir()
+        with writing(final / "student.safetensors", run_dir):
+            save_tensors(_tensors(student.model), tmp / "student.safetensors")
+        with writing(final / "method.safetensors", run_dir):
+            save_tensors(_tensors(method), tmp / "method.safetensors")
+        with writing(final / "state.pt", run_dir):
+            torch.save(state, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(ckpt_root / "latest", run_dir):
+        write_atomic(ckpt_root / "latest", lambda p: p.write_text(final.name))
     for name in ("student.safetensors", "method.safetensors"):  # the run's current artifacts
-        write_atomic(run_dir / name, lambda p, n=name: shutil.copyfile(final / n, p))
+        with writing(run_dir / name, run_dir):
+            write_atomic(run_dir / name, lambda p, n=name: shutil.copyfile(final / n, p))
     for old in sorted(ckpt_root.glob("epoch-*"))[:-2]:  # keep the last two
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints to resume from, best first: the one `latest` names, then the older ones, newest first
+    (all of them, newest first, when `latest` names none)."""
+    root = run_dir / "checkpoints"
+    kept = sorted((p for p in root.glob("epoch-*") if p.is_dir()), reverse=True)
+    try:
+        name = (root / "latest").read_text(errors="replace").strip()
+    except OSError:
+        name = ""
+    named = root / name if name.startswith("epoch-") and "/" not in name else None
+    if named is None or not named.is_dir():
+        return kept
+    return [named] + [p for p in kept if p.name < named.name]
+
+
+def read_checkpoint(path: Path, todo: str) -> dict:
+    """The state of the checkpoint folder `path`, after checking that each of its files reads back whole (so
+    that a resume never starts on a damaged one); the error names the damaged file."""
+    state = read_state(path / "state.pt", todo)
+    for name in ("student.safetensors", "method.safetensors"):
+        read_tensors(path / name, todo)
+    return state
+
+
 def load_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.is_file():
+    """(path, state) of the newest intact checkpoint of a run; None when it has none. A damaged newest one is
+    passed over for the one before it (saying so: its epochs are trained again); when none is intact, the
+    error names the newest's damaged file and what to do."""
+    if not (run_dir / "checkpoints" / "latest").is_file():
         return None
-    path = run_dir / "checkpoints" / latest.read_text().strip()
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    return path, state
+    found = _checkpoints(run_dir)
+    problems = []
+    for path in found:
+        try:
+            state = read_checkpoint(path, "")
+        except RunFileError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            print(f"warning: {problems[0]}; resuming from the previous checkpoint, {path.name}, instead (the epochs "
+                  "after it are trained again)", file=sys.stderr)
+        return path, state
+    root = run_dir / "checkpoints"
+    what = problems[0] if problems else f"{root / 'latest'} names no checkpoint folder"
+    raise RunFileError(f"{what}, and no earlier checkpoint is intact: remove {root} to start the run again from "
+                       "epoch 1, or start a new run with another --out")
 
 
 def restore(path: Path, student: Student, method: Method) -> None:
-    student.model.load_state_dict(load_file(str(path / "student.safetensors")))
-    method.load_state_dict(load_file(str(path / "method.safetensors")))
+    todo = f"remove {path} to resume from the checkpoint before it, or start the run again"
+    student.model.load_state_dict(read_tensors(path / "student.safetensors", todo))
+    method.load_state_dict(read_tensors(path / "method.safetensors", todo))
 
 
 def append_metrics(path: Path, record: dict) -> None:
@@ -291,14 +340,10 @@ def append_metrics(path: Path, record: dict) -> None:
 
 
 def truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Drop records of epochs after the checkpoint a resumed run restarts from."""
+    """Drop records of epochs after the checkpoint a resumed run restarts from (and a last line cut short by a
+    kill); a record damaged elsewhere names the file."""
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("epoch", -1) <= last_epoch:
-                keep.append(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
+    todo = "remove that line (its epoch's record is then missing from the run) and run the same command again"
+    keep = [line for line, r in metric_lines(path, todo, last_may_be_cut=True) if r.get("epoch", -1) <= last_epoch]
     write_atomic(path, lambda p: p.write_text("".join(x + "\n" for x in keep)))

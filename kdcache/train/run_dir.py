@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from kdcache.report import metrics_csv
 from kdcache.options import ConfigError, to_dict, write_yaml
 from kdcache.cache.format import CacheError
 from kdcache.cache.store import CacheStore
+from kdcache.files import write_atomic
+from kdcache.run_files import remove_leftovers, writing
 
 from .engine import append_metrics, load_checkpoint, restore, save_checkpoint, truncate_metrics
 
@@ -123,7 +126,9 @@ def _resume_problem(out: Path, cfg, state: dict, fingerprint: str) -> str | None
 
 
 def prepare_run_dir(out: Path, cfg, rank: int, module, optimizer, scheduler, fingerprint: str) -> int:
-    """Create the run folder, or restore the last checkpoint with --resume; returns the first epoch."""
+    """Create the run folder, or restore the last intact checkpoint with --resume; returns the first epoch."""
+    if rank == 0:
+        remove_leftovers(out)  # of a write that was interrupted (a kill, a full disk)
     found = load_checkpoint(out) if (out / "checkpoints").is_dir() else None
     if found is None:
         if cfg.resume and rank == 0:
@@ -134,7 +139,8 @@ def prepare_run_dir(out: Path, cfg, rank: int, module, optimizer, scheduler, fin
                                  f"--resume --out {shlex.quote(str(out))}, or choose another --out")
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
-            write_yaml(cfg, out / "config.yaml")
+            with writing(out / "config.yaml", out):
+                write_yaml(cfg, out / "config.yaml")
         return 0
     path, state = found
     if not cfg.resume:
@@ -154,17 +160,24 @@ def prepare_run_dir(out: Path, cfg, rank: int, module, optimizer, scheduler, fin
     torch.set_rng_state(state["rng"])
     if rank == 0:
         truncate_metrics(out / "metrics.jsonl", state["epoch"])
-        write_yaml(cfg, out / "config.yaml")
+        with writing(out / "config.yaml", out):
+            write_yaml(cfg, out / "config.yaml")
+        for name in ("student.safetensors", "method.safetensors"):  # the run's artifacts are the checkpoint's
+            with writing(out / name, out):
+                write_atomic(out / name, lambda p, n=name: shutil.copyfile(path / n, p))
     return state["epoch"] + 1
 
 
 def save_epoch(out: Path, cfg, epoch: int, record: dict, student, method, state: dict, tensorboard=None) -> None:
     """One epoch's metrics (jsonl, csv, tensorboard) and then its checkpoint; with progress on, one line."""
     # metrics first: a kill between the two leaves a record that --resume drops and redoes
-    append_metrics(out / "metrics.jsonl", record)
-    metrics_csv(out)
+    with writing(out / "metrics.jsonl", out):
+        append_metrics(out / "metrics.jsonl", record)
+    with writing(out / "metrics.csv", out):
+        metrics_csv(out)
     if tensorboard is not None:
-        tensorboard.log(record)
+        with writing(out / "tensorboard", out):
+            tensorboard.log(record)
     save_checkpoint(out, epoch, student, method, state)
     if cfg.progress:
         ev = record.get("eval", {})
