@@ -15,6 +15,7 @@ from kdcache.measure import count_macs, count_params, cpu_latency_ms, export_onn
 from kdcache.options import ConfigError, check_fields
 from kdcache.report import write_report
 from kdcache.run_files import damaged, read_tensors, resume_hint
+from kdcache.cache.backend import check_url
 from kdcache.cache.format import CacheError
 from kdcache.cache.store import CacheStore
 from kdcache.students import create_student
@@ -50,6 +51,35 @@ def load_run(run_dir: Path) -> tuple[DistillConfig, dict]:
         raise damaged(run_dir / "config.yaml", what, "it holds the run's settings: write it again by resuming the run "
                       "with the flags it was trained with plus --resume --out " + shlex.quote(str(run_dir))) from None
     return cfg, summary
+
+
+def _places(run_dir: Path, dcfg: DistillConfig, summary: dict) -> list[str]:
+    """Where the run's cache may be, in order: the path it was given (from this folder), the absolute location the
+    run recorded, and a relative path taken from the folder above `runs/` (runs made before locations were kept)."""
+    out = [dcfg.cache, summary.get("cache_location")]
+    if not check_url(dcfg.cache, "--cache") and not Path(dcfg.cache).is_absolute():
+        out.append(str(run_dir.resolve().parent.parent / dcfg.cache))
+    return list(dict.fromkeys(p for p in out if p))
+
+
+def run_cache(run_dir: Path, dcfg: DistillConfig, summary: dict, given: str | None) -> CacheStore:
+    """The cache run `run_dir` was trained on: `given` (--cache), or the first of its recorded places that holds a
+    cache; refused when its fingerprint (or, for runs that recorded none, its teacher) is not the run's."""
+    recorded = summary.get("cache_location") or dcfg.cache
+    if given is None:
+        found = [p for p in _places(run_dir, dcfg, summary) if check_url(p, "--cache") or (Path(p) / "zarr.json").is_file()]
+        if not found:
+            raise CacheError(f"the cache run {run_dir} was trained on is no longer at {recorded}; pass --cache with "
+                             "where it is now")
+        given = found[0]
+    store = open_cache(given)
+    want, teacher = summary.get("cache_fingerprint"), summary.get("teacher")
+    now = store.fingerprint() if want else None
+    if (want and now != want) or (not want and teacher and store.meta.teacher != teacher):
+        ids = f"fingerprint {now[:12]}, run's {want[:12]}" if want else f"teacher {store.meta.teacher}, run's {teacher}"
+        raise CacheError(f"the cache at {given} is not the one run {run_dir} was trained on ({ids}; trained on the "
+                         f"cache at {recorded}): pass --cache with that cache")
+    return store
 
 
 def student_logits(student, store: CacheStore, rows_mask: np.ndarray, image_size: int, cfg: EvaluateConfig,
@@ -95,10 +125,11 @@ def run(cfg: EvaluateConfig) -> Path:
         raise CacheError(f"run folder {run_dir} is not writable: evaluate writes report.json, report.md, "
                          "student.onnx and export/ into it; make it writable (or copy the run folder and pass the "
                          "copy as --run)")
-    store = open_cache(dcfg.cache)
+    store = run_cache(run_dir, dcfg, summary, cfg.cache)
     scenario = scenario_of(store, dcfg)
     if scenario.digest() != summary["scenario_digest"]:
-        raise CacheError(f"the cache at {dcfg.cache} no longer gives the scenario this run was trained on")
+        raise CacheError(f"the cache at {store.path} no longer gives the scenario run {run_dir} was trained on; pass "
+                         "--cache with the cache it was trained on")
     student = create_student(dcfg.student, summary["num_classes"])
     student.model.load_state_dict(read_tensors(run_dir / "student.safetensors", "write it again from the run's last "
                                                f"checkpoint: {resume_hint(run_dir)}"))

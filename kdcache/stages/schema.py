@@ -182,6 +182,9 @@ class DistillConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     run: str = option("", "Run folder written by distill (runs/<name>).", required=True)
+    cache: str | None = option(None, "The cache the run was trained on, where it is now (a moved or copied cache): "
+                               "it must be that very cache (its fingerprint is compared with the run's).",
+                               shown="where the run found it")
     batch_size: int = option(256, "Evaluation batch size.", low=1)
     workers: int = option(2, "DataLoader worker processes.", low=0)
     latency_repeats: int = option(50, "Timed CPU forward passes per latency figure (after 10 warm-up passes).",

@@ -114,7 +114,9 @@ def _resume_problem(out: Path, cfg, state: dict, fingerprint: str) -> str | None
                 "cache, or start a new run with another --out")
     saved = dict(DEFAULTS_ADDED_LATER, **state["config"])  # a run saved before an option existed had its default
     now = to_dict(cfg)
-    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    # the run folder may have moved, and the cache be named by another path: the fingerprint above binds the cache
+    changed = sorted(k for k in set(saved) | set(now)
+                     if k not in RESUMABLE_CHANGES | {"out", "cache"} and saved.get(k) != now.get(k))
     if {"interleave", "clean_share"} & set(changed) and "interleave" not in saved:
         return (f"--resume: run {out} was trained on the stream made before batches were mixed across shards "
                 "(--interleave) and view 0 had its own share (--clean-share); its next epochs cannot be those of the "

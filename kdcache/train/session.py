@@ -207,12 +207,18 @@ def _loaders(s: Session, teacher, image_size: int):
     return train_loader, clean_loader
 
 
+def cache_location(path) -> str:
+    """Where a cache is, whatever folder a later command runs from: a local path made absolute, a URL as it is."""
+    return str(path.resolve()) if isinstance(path, Path) else str(path)
+
+
 def write_summary(s: Session, image_size: int, replay: dict | None = None) -> None:
     """summary.json: what evaluation and reports read about the finished run (with --online-teacher, also
     `replay_cosine`: the cached teacher outputs of the drawn views against the teacher recomputed on them)."""
     cfg, meta = s.cfg, s.store.meta
     summary = {"name": s.out.name, "student": cfg.student, "method": cfg.method, "scenario": s.scenario.description,
-               "cache": str(s.store.path), "teacher": meta.teacher, "num_classes": len(meta.classes),
+               "cache": str(s.store.path), "cache_location": cache_location(s.store.path),
+               "cache_fingerprint": s.store.fingerprint(), "teacher": meta.teacher, "num_classes": len(meta.classes),
                "image_size": image_size, "head": s.head_info, "counts": s.scenario.counts(),
                "scenario_digest": s.scenario.digest()}
     if replay is not None:
