@@ -83,11 +83,11 @@ def extract(cfg: ExtractConfig) -> Extracted:
     _check(cfg)
     rank, world = dist.init()
     out = cache_path(cfg.out or f"cache/{cfg.dataset}")
-    options = dict(cfg.dataset_options) | ({"domains": list(cfg.domains)} if cfg.domains else {})
     rows = resolve_rows(cfg, out)
     cfg = replace(cfg, row_order=rows.order, row_seed=rows.seed)
     # row r of the cache holds sample r of this dataset, in every array, tar shard and teacher pass
-    dataset = in_row_order(create_dataset(cfg.dataset, cfg.data_root, **options), rows)
+    dataset = in_row_order(create_dataset(cfg.dataset, cfg.data_root, only_domains=cfg.domains,
+                                           **dict(cfg.dataset_options)), rows)
     check_classes(cfg, dataset)
     teacher, head, device, dims = build_teacher(cfg, dataset)
     check_probe_domains(cfg, dataset, head)

@@ -56,9 +56,7 @@ def check_dataset(store: CacheStore) -> None:
                       "re-checking the dataset fingerprint")
         return
     options = dict(ext.get("dataset_options") or [])
-    if ext.get("domains"):
-        options["domains"] = list(ext["domains"])
-    current = create_dataset(name, root, **options).fingerprint()
+    current = create_dataset(name, root, only_domains=ext.get("domains") or (), **options).fingerprint()
     recorded = store.meta.dataset_fingerprint
     if current != recorded:
         raise CacheError(f"dataset {name} at {root} changed since extraction (fingerprint {current[:12]} != "

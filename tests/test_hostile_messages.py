@@ -1,0 +1,83 @@
+"""Hostile and careless input, round three: options handed to the wrong place, data roots that loop, shell
+globs that take more than run folders, pictures of unfinished or very wide caches, and messages that
+state the wrong range, the wrong path or a raw value. Each case reproduced, then refused in one line
+naming the flag, or handled as a user would expect."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from kdcache.cache.store import CacheStore
+from kdcache.datasets import DatasetError, create_dataset
+from kdcache.pack import read_members, shard_name
+from kdcache.stages import extract
+
+N, S = 48, 8
+
+
+def _extract_cfg(out, **kw) -> extract.ExtractConfig:
+    base = dict(dataset="synthetic", dataset_options=(("n", N),), teacher="test_vit", random_init=True, views=2,
+                shard_size=S, batch_size=6, workers=0, out=str(out), progress=False)
+    base.update(kw)
+    return extract.ExtractConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    return extract.run(_extract_cfg(tmp_path_factory.mktemp("messages") / "ref"))
+
+
+@pytest.fixture
+def cache(reference, tmp_path) -> Path:
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    return out
+
+
+def _packed(cache: Path) -> dict[str, bytes]:
+    """key -> the packed image bytes of every done row."""
+    store = CacheStore.open(cache)
+    keys, out = store.text("keys"), {}
+    for k in range(store.layout.num_shards):
+        members, _ = read_members(store.images_dir / shard_name(k), store.layout.rows(k))
+        out.update({str(keys[r]): data for r, (ext, data) in members.items() if ext != "bad"})
+    return out
+
+
+# --domain on a dataset whose own options name domains ---------------------------------------------------
+
+def test_domain_selects_synthetic_domains_and_an_unknown_one_names_the_flag(reference, tmp_path):
+    """--domain is the selection, never the synthetic layout's own `domains` (how many it generates)."""
+    listed = create_dataset("synthetic", n=N, domains=3)
+    only = create_dataset("synthetic", n=N, domains=3, only_domains=["domain2", "domain0"])
+    assert only.domains == ["domain0", "domain2"] and len(only) == 32
+    kept = [s for s in listed.samples if s.domain in (0, 2)]
+    assert [s.key for s in only.samples] == [s.key for s in kept]
+    assert [only.domains[s.domain] for s in only.samples] == [listed.domains[s.domain] for s in kept]
+    by_key = {s.key: i for i, s in enumerate(listed.samples)}
+    for i, s in enumerate(only.samples[:4]):  # read as the image it was before the selection
+        assert only.read_bytes(i) == listed.read_bytes(by_key[s.key])
+    with pytest.raises(DatasetError, match="^--domain: unknown domain\\(s\\) art; this dataset has: domain0, "
+                                           "domain1, domain2$"):
+        create_dataset("synthetic", n=N, domains=3, only_domains=["art"])
+
+    out = extract.run(_extract_cfg(tmp_path / "d1", domains=("domain1",)))
+    store = CacheStore.open(out)
+    assert list(store.meta.domains) == ["domain1"] and store.layout.n == N // 2
+    assert set(store.array("domains")[:].tolist()) == {0}
+    whole = _packed(reference)
+    assert all(whole[key] == data for key, data in _packed(out).items())  # the same images as the whole cache's
+    from kdcache.train.inputs import check_dataset
+
+    check_dataset(store)  # the recorded selection lists the same dataset again
+
+    config = tmp_path / "c.yaml"
+    config.write_text("domains: [domain7]\n")
+    proc = run_cli("extract", "--config", config, "--dataset", "synthetic", "--teacher", "test_vit", "--random-init",
+                   "--out", tmp_path / "d7", "--no-progress", check=False)
+    assert proc.returncode == 2 and not (tmp_path / "d7").exists()
+    assert proc.stderr.strip() == "error: --domain: unknown domain(s) domain7; this dataset has: domain0, domain1"
