@@ -8,6 +8,7 @@ of it (`row_permutation`, the default), so that a shard is not a run of one clas
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -215,6 +216,7 @@ def _printable(parts: tuple) -> str:
 class _Tree:
     images: dict  # path parts (relative to the root) -> byte size, for every non-hidden image file
     folders: set  # path parts of every non-hidden folder
+    loops: list = field(default_factory=list)  # path parts of symbolic links that loop (skipped)
 
 
 def _is_image(name: str) -> bool:
@@ -236,11 +238,19 @@ def _walk(folder: Path, parts: tuple, tree: _Tree, ancestors: frozenset, only=No
         if e.name.startswith(".") or (only is not None and e.name not in only):
             continue
         p = parts + (e.name,)
-        if e.is_dir():
+        try:
+            is_dir = e.is_dir()
+            size = e.stat().st_size if not is_dir and _is_image(e.name) and e.is_file() else None
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise DatasetError(f"cannot read {e.path}: {err.strerror or err}") from None
+            tree.loops.append(p)  # a symbolic link that leads back to itself names no file or folder
+            continue
+        if is_dir:
             tree.folders.add(p)
             _walk(Path(e.path), p, tree, ancestors | {ident})
-        elif _is_image(e.name) and e.is_file():
-            tree.images[p] = e.stat().st_size
+        elif size is not None:
+            tree.images[p] = size
 
 
 def _scan(root: Path, only=None) -> _Tree:
@@ -251,6 +261,10 @@ def _scan(root: Path, only=None) -> _Tree:
     """
     tree = _Tree({}, set())
     _walk(root, (), tree, frozenset(), only)
+    if tree.loops:
+        warnings.warn(f"--data-root {root}: skipping {len(tree.loops)} symbolic link(s) that loop (each leads back "
+                      f"to itself, so to no file or folder): {_named(_printable(p) for p in tree.loops)}; remove them "
+                      "to silence this", stacklevel=3)
     odd = [p for p in tree.images if not all(map(_is_text, p))]
     folders = {_printable(p[:next(i for i, n in enumerate(p) if not _is_text(n)) + 1])
                for p in odd if not all(map(_is_text, p[:-1]))}

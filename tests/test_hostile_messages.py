@@ -81,3 +81,23 @@ def test_domain_selects_synthetic_domains_and_an_unknown_one_names_the_flag(refe
                    "--out", tmp_path / "d7", "--no-progress", check=False)
     assert proc.returncode == 2 and not (tmp_path / "d7").exists()
     assert proc.stderr.strip() == "error: --domain: unknown domain(s) domain7; this dataset has: domain0, domain1"
+
+
+# a data root whose symbolic links loop -------------------------------------------------------------------
+
+def test_symbolic_links_that_loop_are_skipped_with_a_warning_naming_them(tmp_path):
+    from conftest import write_image
+
+    root = tmp_path / "data"
+    for c in range(2):
+        for i in range(3):
+            write_image(root / f"c{c}" / f"{i}.png", 10 * c + i)
+    (root / "c0" / "loop").symlink_to("../c1/loop")  # c0/loop -> c1/loop -> c0/loop -> ...
+    (root / "c1" / "loop").symlink_to("../c0/loop")
+    (root / "c1" / "gone.png").symlink_to("loop.png")
+    (root / "c1" / "loop.png").symlink_to("gone.png")
+    with pytest.warns(UserWarning, match=f"^--data-root {root}: skipping 4 symbolic link\\(s\\) that loop .*: c0/loop, "
+                                         "c1/gone.png, c1/loop \\(\\+1 more\\); remove them"):
+        ds = create_dataset("imagefolder", root)
+    assert [s.key for s in ds.samples] == [f"c{c}/{i}.png" for c in range(2) for i in range(3)]
+    assert ds.classes == ["c0", "c1"]
