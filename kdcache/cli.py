@@ -222,9 +222,16 @@ def report(runs: List[str] = typer.Argument(..., help="Run folders, e.g. runs/*"
     """One table across runs (student x method x scenario), from each run's report.json."""
     from pathlib import Path
 
-    from kdcache.report import table
+    from kdcache.report import run_folders, table
 
-    text, missing = table([Path(r) for r in runs])
+    folders, files = run_folders([Path(r) for r in runs])
+    if files:
+        typer.echo(f"(skipped {', '.join(map(str, files))}: a file, not a run folder)", err=True)
+    if not folders:
+        typer.echo("no runs to report: none of the paths given is a run folder (train one with `python cli.py "
+                   "distill`, then `python cli.py evaluate --run <run folder>`)", err=True)
+        return
+    text, missing = table(folders)
     typer.echo(text)
     for m in missing:
         typer.echo(f"(no report in {m}: run `python cli.py evaluate --run {shlex.quote(str(m))}`)", err=True)

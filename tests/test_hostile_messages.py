@@ -5,6 +5,7 @@ naming the flag, or handled as a user would expect."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +102,42 @@ def test_symbolic_links_that_loop_are_skipped_with_a_warning_naming_them(tmp_pat
         ds = create_dataset("imagefolder", root)
     assert [s.key for s in ds.samples] == [f"c{c}/{i}.png" for c in range(2) for i in range(3)]
     assert ds.classes == ["c0", "c1"]
+
+
+# report runs/* in a fresh checkout -----------------------------------------------------------------------
+
+def test_report_of_a_glob_skips_files_and_says_when_there_are_no_runs(tmp_path):
+    """`report runs/*` (and `make report`) in a fresh checkout: the glob takes the shipped runs/README.md."""
+    import json
+    import subprocess
+
+    from conftest import ROOT, cli_env
+
+    from kdcache.report import read_report
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copy(ROOT / "runs" / "README.md", runs / "README.md")
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    shutil.copy(ROOT / "cli.py", tmp_path / "cli.py")
+    # the Makefile's own report command, without its setup step (-o: take the virtual environment as made)
+    make = subprocess.run(["make", "-s", "-o", ".venv/.installed", "report", f"PY={sys.executable}"], cwd=tmp_path,
+                          capture_output=True, text=True, env=cli_env())
+    assert make.returncode == 0, make.stderr
+    assert make.stdout == "" and make.stderr.splitlines() == [
+        "(skipped runs/README.md: a file, not a run folder)",
+        "no runs to report: none of the paths given is a run folder (train one with `python cli.py distill`, then "
+        "`python cli.py evaluate --run <run folder>`)"]
+    with pytest.raises(ValueError, match=f"^{runs / 'README.md'} is a file, not a run folder$"):
+        read_report(runs / "README.md")
+
+    run = runs / "r1"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({
+        "run": "r1", "student": "s", "method": "kd", "scenario": "ssl", "student_metrics": {"top1": 0.5},
+        "teacher_metrics": {"top1": 0.75}, "params": 1000, "macs": 2000, "latency_cpu_b1": {"median_ms": 1.5}}))
+    proc = run_cli("report", runs / "README.md", run)
+    assert proc.returncode == 0 and "| s | kd | ssl | 0.5000 | 0.7500 |" in proc.stdout
+    assert proc.stderr.strip() == f"(skipped {runs / 'README.md'}: a file, not a run folder)"
+    proc = run_cli("report", run, tmp_path / "gone", check=False)
+    assert proc.returncode == 2 and f"run folder {tmp_path / 'gone'} does not exist" in proc.stderr
