@@ -249,8 +249,9 @@ def info(
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar of --verify."),
     show_views: int = typer.Option(0, "--show-views", min=0, help="Write a PNG of the first N rows' views as "
                                    "replayed (a mixed view beside its partner, with lambda or the box), each with "
-                                   "the teacher's top class and probability from the cached logits; its path is "
-                                   "the last line printed (0: no picture)."),
+                                   "the teacher's top class and probability from the cached logits; at most 16 "
+                                   "pictures across, so the first views of a cache of many; its path is the last "
+                                   "line printed (0: no picture)."),
     views_out: str = typer.Option(None, "--views-out", help="Where --show-views writes the PNG. (default: "
                                   "<cache>.views.png, beside the cache folder)"),
 ):
@@ -270,9 +271,12 @@ def info(
             typer.echo("verify    ok: every done shard reads back and matches its checksum" if not problems
                        else "verify    FAILED:\n  " + "\n  ".join(problems))
     if show_views:
-        from kdcache.viewpicture import default_picture_path, picture_views
+        from kdcache.viewpicture import default_picture_path, picture_notes, picture_views
 
-        typer.echo(str(picture_views(store, show_views, views_out or default_picture_path(cache))))
+        picture = picture_views(store, show_views, views_out or default_picture_path(cache))
+        for note in picture_notes(store):
+            typer.echo(note)
+        typer.echo(str(picture))
     if verify and problems:
         raise typer.Exit(1)
 

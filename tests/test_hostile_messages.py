@@ -141,3 +141,51 @@ def test_report_of_a_glob_skips_files_and_says_when_there_are_no_runs(tmp_path):
     assert proc.stderr.strip() == f"(skipped {runs / 'README.md'}: a file, not a run folder)"
     proc = run_cli("report", run, tmp_path / "gone", check=False)
     assert proc.returncode == 2 and f"run folder {tmp_path / 'gone'} does not exist" in proc.stderr
+
+
+# info --show-views: an unfinished cache, a cache of many views, a cache whose folder cannot be written ----
+
+def test_the_views_picture_of_an_unfitted_probe_shows_no_placeholder_predictions(cache, tmp_path):
+    from kdcache.viewpicture import _caption, cached_logits
+
+    CacheStore.open(cache, mode="r+").update_attrs(head_fit={"fitted": False})  # as an interrupted extraction
+    store = CacheStore.open(cache)
+    assert cached_logits(store, [0, 1]) is None and _caption(store, None, 0, 1) == "view 1: head not fitted yet"
+    proc = run_cli("info", "--cache", cache, "--show-views", "2", "--views-out", tmp_path / "v.png")
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == str(tmp_path / "v.png") and lines[-2].startswith(
+        "views picture: no teacher predictions: the probe head is not fitted yet")
+    assert "placeholders; run the extract command again" in lines[-2]
+
+
+def test_the_views_picture_of_many_views_draws_the_first_sixteen_and_says_so(tmp_path):
+    from PIL import Image
+
+    from kdcache.viewpicture import MAX_COLUMNS, picture_size
+
+    many = extract.run(_extract_cfg(tmp_path / "many", views=20, head="none", teacher_input_size=32,
+                                    dataset_options=(("n", 8),)))
+    assert picture_size(2, 1024, mixed=False) == picture_size(2, MAX_COLUMNS, mixed=False) == (16 * 160, 2 * 160)
+    assert picture_size(2, 1024, mixed=True) == picture_size(2, 8, mixed=True)
+    proc = run_cli("info", "--cache", many, "--show-views", "2", "--views-out", tmp_path / "v.png")
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2:] == ["views picture: the first 16 of the 20 views of each row (at most 16 pictures across)",
+                          str(tmp_path / "v.png")]
+    with Image.open(tmp_path / "v.png") as im:
+        assert im.size == picture_size(2, 16, mixed=False)
+
+
+def test_a_views_picture_that_cannot_be_written_beside_the_cache_names_views_out(cache, tmp_path, monkeypatch):
+    from kdcache import viewpicture
+
+    (tmp_path / "cache.views.png").mkdir()  # the default place is taken
+    proc = run_cli("info", "--cache", cache, "--show-views", "1", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: --show-views: cannot write the picture {tmp_path / 'cache.views.png'} (Is a directory); choose "
+        "where it goes with --views-out PATH")
+    monkeypatch.setattr(viewpicture, "writable", lambda folder: False)  # as on a read-only mount (root ignores chmod)
+    with pytest.raises(ValueError, match="its folder is not writable\\); choose where it goes with --views-out"):
+        viewpicture.picture_views(CacheStore.open(cache), 1, tmp_path / "ro" / "v.png")
+    assert not (tmp_path / "ro" / "v.png").exists()
+    monkeypatch.undo()
+    run_cli("info", "--cache", cache, "--show-views", "1", "--views-out", tmp_path / "elsewhere.png")
