@@ -189,3 +189,19 @@ def test_a_views_picture_that_cannot_be_written_beside_the_cache_names_views_out
     assert not (tmp_path / "ro" / "v.png").exists()
     monkeypatch.undo()
     run_cli("info", "--cache", cache, "--show-views", "1", "--views-out", tmp_path / "elsewhere.png")
+
+
+# replay_cosine on an int8 cache --------------------------------------------------------------------------
+
+def test_replay_cosine_of_an_int8_cache_reads_a_faithful_replay_as_faithful(tmp_path):
+    """The probe's cached logits come from the int8-rounded features: the recomputed ones are rounded alike."""
+    import json
+
+    from kdcache.stages import distill
+
+    cache = extract.run(_extract_cfg(tmp_path / "int8", feature_dtype="int8"))
+    cfg = distill.DistillConfig(cache=str(cache), student="test_efficientnet", image_size=32, method="kd",
+                                scenario="supervised", epochs=1, batch_size=16, workers=0, online_teacher=True,
+                                out=str(tmp_path / "online"), progress=False)
+    proof = json.loads((distill.run(cfg) / "summary.json").read_text())["replay_cosine"]
+    assert proof["min"] >= 0.999 and proof["compared"] > 0, proof  # unrounded: 0.995 on this cache

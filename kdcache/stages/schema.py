@@ -133,8 +133,9 @@ class DistillConfig:
     online_teacher: bool = option(False, "Run the cache's teacher on the same replayed views every step instead of "
                                   "reading the cache (a reference that measures what caching costs; slow). "
                                   "summary.json's replay_cosine (min and mean over the views drawn) compares the "
-                                  "cached outputs with the recomputed ones, mixed views included; a faithful "
-                                  "replay gives 0.999 or more.")
+                                  "cached outputs with the recomputed ones, mixed views included (on an int8 "
+                                  "cache, the recomputed features rounded to int8 as the cache's were, before "
+                                  "the head); a faithful replay gives 0.999 or more, whatever the feature dtype.")
     online_views: str = option("cached", "--online-teacher: the views it runs on: cached (the cache's own views, "
                                "replayed) or fresh (views 1..V-1 drawn anew every epoch from the cache's view policy, "
                                "so the student sees a new crop of each image every time: the reference a cache of V "
