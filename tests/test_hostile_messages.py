@@ -205,3 +205,41 @@ def test_replay_cosine_of_an_int8_cache_reads_a_faithful_replay_as_faithful(tmp_
                                 out=str(tmp_path / "online"), progress=False)
     proof = json.loads((distill.run(cfg) / "summary.json").read_text())["replay_cosine"]
     assert proof["min"] >= 0.999 and proof["compared"] > 0, proof  # unrounded: 0.995 on this cache
+
+
+# messages: the range stated, the hint of a KEY=VALUE flag, .nan in YAML ----------------------------------
+
+@pytest.mark.parametrize("args,line", [
+    (["--views", "-1"], "error: --views must be between 1 (view 0 is the clean view) and 1024, got -1"),
+    (["--views", str(2**40)], f"error: --views must be between 1 (view 0 is the clean view) and 1024, got {2**40}"),
+    (["--dataset-opt", "=3"], "error: --dataset-opt =3: the key is empty; write KEY=VALUE, e.g. --dataset-opt n=512"),
+])
+def test_extract_flag_errors_state_the_real_range_and_the_flag_syntax(tmp_path, args, line):
+    proc = run_cli("extract", "--dataset", "synthetic", "--teacher", "test_vit", "--random-init", "--out",
+                   tmp_path / "c", *args, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == line and not (tmp_path / "c").exists()
+
+
+def test_method_option_and_yaml_errors_say_what_is_wrong(tmp_path):
+    from kdcache.stages import distill
+    from kdcache.stages.config import ConfigError, resolve
+
+    proc = run_cli("distill", "--cache", tmp_path / "none", "--student", "test_efficientnet", "--method-opt", "=1",
+                   check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --method-opt =1: the key is empty; write KEY=VALUE, e.g. --method-opt temperature=2")
+    for text, line in [("method_options: {temperature: .nan}\n", "option 'method_options': temperature must be a "
+                                                                  "finite number, got nan"),
+                       ("method_options: {'': 2}\n", "option 'method_options': the key '' is not a name (key: value, "
+                                                     "e.g. {temperature: 2})"),
+                       ("views: -3\n", None)]:
+        p = tmp_path / "c.yaml"
+        p.write_text(text)
+        if line is None:
+            with pytest.raises(ConfigError, match="option 'views' must be between 1 \\(view 0 is the clean view\\) "
+                                                  "and 1024, got -3$"):
+                resolve(extract.ExtractConfig, p)
+            continue
+        with pytest.raises(ConfigError) as e:
+            resolve(distill.DistillConfig, p)
+        assert str(e.value) == f"--config {p}: {line}"

@@ -30,7 +30,8 @@ class ExtractConfig:
     dataset: str | None = option(None, "Dataset layout: domainnet, officehome, cifar100, imagenet, imagefolder, "
                                  "synthetic, mnist5k (the offline demo digits).", shown="none, required")
     data_root: str | None = option(None, "Folder holding the dataset in its on-disk layout.")
-    dataset_options: Pairs = option((), "Dataset option KEY=VALUE (e.g. n=512 for synthetic).", flag="--dataset-opt")
+    dataset_options: Pairs = option((), "Dataset option KEY=VALUE (e.g. n=512 for synthetic).", flag="--dataset-opt",
+                                  example="n=512")
     domains: Names = option((), "Only these domains (repeat the flag).", flag="--domain", shown="all")
     teacher: str = option("vit_large_patch14_dinov2.lvd142m", "timm name, or open_clip:ARCH/TAG.")
     teacher_weights: str | None = option(None, "Local weights (safetensors or state dict) for machines without a "
@@ -111,7 +112,7 @@ class DistillConfig:
                                          "classifier is always new.", shown="none: random init")
     method: str = option(DEFAULT_METHOD, "customkd, supervised, kd, fitnet, dkd, kdep, scalekd.")
     method_options: Pairs = option((), "Method option KEY=VALUE (e.g. temperature=2).", flag="--method-opt",
-                                   shown="the method's own")
+                                   shown="the method's own", example="temperature=2")
     scenario: str = option("supervised", "uda, ssl or supervised.")
     source: Names = option((), "uda: labelled source domain (repeat the flag).")
     target: Names = option((), "uda: unlabelled target domain, also evaluated (repeat).")
