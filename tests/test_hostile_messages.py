@@ -4,6 +4,8 @@ state the wrong range, the wrong path or a raw value. Each case reproduced, then
 naming the flag, or handled as a user would expect."""
 from __future__ import annotations
 
+import dataclasses
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -243,3 +245,41 @@ def test_method_option_and_yaml_errors_say_what_is_wrong(tmp_path):
         with pytest.raises(ConfigError) as e:
             resolve(distill.DistillConfig, p)
         assert str(e.value) == f"--config {p}: {line}"
+
+
+# resume refusals: each difference named by its flag, in words, never a raw record ------------------------
+
+def test_an_extract_on_a_cache_of_other_settings_names_each_flag_and_value_briefly(reference, tmp_path):
+    from kdcache.cache.format import CacheError
+
+    mixed = extract.run(_extract_cfg(tmp_path / "mixed", mix="both", dataset_options=(("n", 16),), head="none"))
+    with pytest.raises(CacheError) as e:
+        extract.run(_extract_cfg(mixed, dataset_options=(("n", 16),), head="none"))
+    assert str(e.value).splitlines()[1:] == [
+        "  views.mix (--mix, --mix-prob, --mix-alpha): the cache has both (prob 0.5, alpha 1.0), this command asks "
+        "for none", "pass --overwrite to replace it, or choose another --out"]
+    with pytest.raises(CacheError) as e:
+        extract.run(_extract_cfg(reference, views=3, logits_topk=3, dataset_options=(("n", 40),)))
+    lines = [line.strip() for line in str(e.value).splitlines()[1:-1]]
+    assert lines[0].startswith("dataset.N (--dataset, --data-root, --dataset-opt, --domain): the cache has 48, this "
+                               "command asks for 40")
+    assert re.fullmatch(r"dataset.fingerprint \(.*\): the cache has [0-9a-f]{12}, this command asks for [0-9a-f]{12}",
+                        lines[1])
+    assert lines[2:] == ["views.V (--views): the cache has 2, this command asks for 3",
+                         "head.logits_topk (--logits-topk): the cache has none, this command asks for 3"]
+
+
+def test_a_resume_with_other_options_names_their_flags_and_values_in_words(cache, tmp_path):
+    from kdcache.cache.format import CacheError
+    from kdcache.stages import distill
+
+    cfg = distill.DistillConfig(cache=str(cache), student="test_efficientnet", image_size=32, method="kd",
+                                scenario="supervised", epochs=1, batch_size=16, workers=0, out=str(tmp_path / "run"),
+                                progress=False, check_dataset=False)
+    distill.run(cfg)
+    changed = dataclasses.replace(cfg, epochs=2, resume=True, seed=3, method_options=(("temperature", 3),),
+                                  check_dataset=True, teacher_weights=None)
+    with pytest.raises(CacheError, match="^--resume with another config: check-dataset was off, now on; --method-opt "
+                                         "was none, now temperature=3; --seed was 0, now 3; use the original flags or "
+                                         "a new --out$"):
+        distill.run(changed)
