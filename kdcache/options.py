@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import math
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,3 +271,29 @@ def check_fields(cfg) -> None:
             if problem:
                 raise ValueError(problem)
 
+
+
+def command_line(command: str, cls, values: dict, **given) -> str:
+    """The `python cli.py <command>` line that gives the config `cls` these field `values` (a recorded config;
+    `given` replaces some): each field that differs from its default, as its flag; fields `cls` lacks are left
+    out."""
+    values = dict(values, **given)
+    words = ["python", "cli.py", command]
+    for f in dataclasses.fields(cls):
+        m, value, flag = meta(f), values.get(f.name, f.default), flag_name(f)
+        if value is None or value == f.default or (isinstance(value, (list, tuple)) and tuple(
+                tuple(v) if isinstance(v, list) else v for v in value) == f.default):
+            continue
+        if isinstance(value, bool):
+            if m.negate:
+                words += [flag] if not value else []
+            elif m.both:
+                words.append(flag if value else f"--no-{flag[2:]}")
+            elif value:
+                words.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                words += [flag, f"{item[0]}={item[1]}" if isinstance(item, (list, tuple)) else str(item)]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)

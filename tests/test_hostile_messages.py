@@ -283,3 +283,31 @@ def test_a_resume_with_other_options_names_their_flags_and_values_in_words(cache
                                          "was none, now temperature=3; --seed was 0, now 3; use the original flags or "
                                          "a new --out$"):
         distill.run(changed)
+
+
+# fix-it commands name the cache where it is -----------------------------------------------------------------
+
+def test_fix_it_commands_name_the_cache_they_were_opened_from_not_where_it_was_made(reference, tmp_path):
+    import shlex
+
+    from kdcache import cacheinfo
+    from kdcache.cache.format import CacheError
+    from kdcache.train.inputs import open_cache
+
+    copy = tmp_path / "a copy"
+    shutil.copytree(reference, copy)
+    CacheStore.open(copy, mode="r+").mark_todo(2)
+    with pytest.raises(CacheError) as e:
+        open_cache(str(copy))
+    command = str(e.value).split("resume with: ", 1)[1]
+    assert str(reference) not in command and command.endswith(f"--out {shlex.quote(str(copy))} --no-progress")
+    assert shlex.split(command)[:3] == ["python", "cli.py", "extract"]
+    extract.run(_extract_cfg(copy))  # the same options: finishes it
+
+    tar = copy / "images" / shard_name(0)
+    tar.write_bytes(tar.read_bytes()[:1000])
+    fix = cacheinfo.verify(CacheStore.open(copy))[-1]
+    assert fix.startswith("fix: run the extract command with --repair (python cli.py extract --dataset synthetic ")
+    assert f"--out {shlex.quote(str(copy))} --repair --no-progress)" in fix and str(reference) not in fix
+    proc = run_cli(*shlex.split(fix.split("(", 1)[1].split(")", 1)[0])[2:], "--workers", "0")
+    assert proc.returncode == 0 and cacheinfo.verify(CacheStore.open(copy)) == []
