@@ -311,3 +311,45 @@ def test_fix_it_commands_name_the_cache_they_were_opened_from_not_where_it_was_m
     assert f"--out {shlex.quote(str(copy))} --repair --no-progress)" in fix and str(reference) not in fix
     proc = run_cli(*shlex.split(fix.split("(", 1)[1].split(")", 1)[0])[2:], "--workers", "0")
     assert proc.returncode == 0 and cacheinfo.verify(CacheStore.open(copy)) == []
+
+
+# evaluate on a run that is still training, or that stopped before its end ---------------------------------
+
+def test_evaluate_of_a_run_in_training_or_stopped_says_so_and_how_to_finish_it(cache, tmp_path):
+    import shlex
+    import subprocess
+
+    from conftest import ROOT, cli_env
+
+    from kdcache.cache.format import CacheError
+    from kdcache.stages import distill, evaluate
+
+    run = tmp_path / "run"
+    distill.run(distill.DistillConfig(cache=str(cache), student="test_efficientnet", image_size=32, method="kd",
+                                      scenario="supervised", epochs=1, batch_size=16, workers=0, out=str(run),
+                                      progress=False, check_dataset=False))
+    (run / "summary.json").unlink()  # as a run stopped after its epoch, before its end
+    with pytest.raises(CacheError) as e:
+        evaluate.load_run(run)
+    assert str(e.value) == (
+        f"run {run} has no finished student yet: its training stopped after 1 epoch(s); finish it with `python cli.py "
+        f"distill --config {shlex.quote(str(run / 'config.yaml'))} --resume --out {shlex.quote(str(run))}`, then "
+        "evaluate it")
+
+    code = ("import sys, time; sys.path.insert(0, %r); from pathlib import Path; "
+            "from kdcache.train.run_dir import lock_run_dir\n"
+            "lock = lock_run_dir(Path(%r)); print('training', flush=True); time.sleep(60)\n") % (str(ROOT), str(run))
+    trainer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        assert trainer.stdout.readline().strip() == "training"
+        proc = run_cli("evaluate", "--run", run, "--no-progress", check=False)
+        assert proc.returncode == 2 and re.fullmatch(
+            f"error: run {re.escape(str(run))} is still training \\(distill pid {trainer.pid} on .*\\); evaluate it "
+            "when that distill has finished\n", proc.stderr), proc.stderr
+    finally:
+        trainer.kill()
+        trainer.wait()
+    command = str(e.value).split("`")[1]
+    run_cli(*shlex.split(command)[2:], "--no-progress")  # the command given finishes the run
+    assert (run / "summary.json").is_file()
+    evaluate.load_run(run)

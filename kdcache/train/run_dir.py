@@ -92,6 +92,24 @@ def lock_run_dir(out: Path):
     return lock
 
 
+def training_holder(out: Path) -> str | None:
+    """Who holds the run folder's lock now (a distill still training it: its .lock.owner line), or None."""
+    import filelock
+
+    if not (out / ".lock").is_file():
+        return None
+    lock = filelock.FileLock(str(out / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        try:
+            return (out / ".lock.owner").read_text().strip() or "another process"
+        except OSError:
+            return "another process"
+    lock.release()
+    return None
+
+
 def unlock_run_dir(out: Path, lock) -> None:
     """Release the run folder; a folder in which nothing was started is removed (no empty run left)."""
     started = {f.name for f in out.iterdir()} - LOCK_FILES
