@@ -196,7 +196,10 @@ def _stage_command(name: str, doc: str, done=None, yaml_file: bool = False) -> N
         stage = importlib.import_module(f"kdcache.stages.{name}")
         path = stage.run(resolve(cls, given.pop("config", None), **_field_values(cls, given)))
         if done is not None:
-            typer.echo(done(path))
+            from kdcache import dist
+
+            if dist.rank() == 0:  # under torchrun, one line for the job
+                typer.echo(done(path))
 
     command.__name__, command.__doc__ = name, doc
     command.__signature__ = inspect.Signature(params)

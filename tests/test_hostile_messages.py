@@ -353,3 +353,22 @@ def test_evaluate_of_a_run_in_training_or_stopped_says_so_and_how_to_finish_it(c
     run_cli(*shlex.split(command)[2:], "--no-progress")  # the command given finishes the run
     assert (run / "summary.json").is_file()
     evaluate.load_run(run)
+
+
+# torchrun: one cache line for the job, the count of every rank's images ------------------------------------
+
+def test_a_torchrun_extract_prints_one_cache_line_and_counts_every_rank(tmp_path):
+    import subprocess
+
+    from conftest import ROOT, cli_env
+
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "cli.py"),
+           "extract", "--dataset", "synthetic", "--dataset-opt", f"n={N}", "--teacher", "test_vit", "--random-init",
+           "--views", "2", "--shard-size", str(S), "--workers", "0", "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [f"cache: {out}  (inspect: python cli.py info --cache {out})"]
+    counts = [line for line in proc.stderr.splitlines() if line.startswith("extracted ")]
+    assert len(counts) == 1 and re.fullmatch(f"extracted {N} images x 2 views in {N // S} shard\\(s\\) at [0-9.]+ "
+                                             "img/s \\(2 ranks\\)", counts[0]), counts
