@@ -207,6 +207,21 @@ def cache_problems(store: CacheStore, read_keys: bool = True) -> list[str]:
     return out
 
 
+def extract_command(store: CacheStore, **given) -> str:
+    """The extract command of this cache, for the cache where it was opened (a copy or a moved cache is fixed
+    where it is, not where it was made): its recorded options, --out the opened path; `given` changes some."""
+    import shlex
+
+    from .options import command_line
+    from .stages.schema import STAGES
+
+    recorded = store.meta.extract_config
+    if not recorded:  # a cache made before its options were recorded
+        return "python cli.py extract ... --out " + shlex.quote(str(store.path))
+    once = {"overwrite": False, "repair": False, "part": None}  # how it was run once, not what the cache is
+    return command_line("extract", STAGES["extract"], recorded, **dict(once, **given), out=str(store.path))
+
+
 def verify(store: CacheStore, progress: bool = False) -> list[str]:
     """Every problem of the cache, each with what fixes it."""
     damaged = damaged_shards(store, progress)
@@ -214,5 +229,6 @@ def verify(store: CacheStore, progress: bool = False) -> list[str]:
     work = ([f"recomputes exactly the {len(damaged) - records} damaged shard(s) named here"]
             if len(damaged) > records else []) + \
         ([f"writes the {records} damaged record(s) named here again from their intact data"] if records else [])
-    fix = [f"fix: run the extract command with --repair: it {' and '.join(work)}"] if damaged else []
+    fix = [f"fix: run the extract command with --repair ({extract_command(store, repair=True)}): it "
+           f"{' and '.join(work)}"] if damaged else []
     return cache_problems(store) + [f"shard {k}: {why}" for k, why in sorted(damaged.items())] + fix

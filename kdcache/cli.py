@@ -196,7 +196,10 @@ def _stage_command(name: str, doc: str, done=None, yaml_file: bool = False) -> N
         stage = importlib.import_module(f"kdcache.stages.{name}")
         path = stage.run(resolve(cls, given.pop("config", None), **_field_values(cls, given)))
         if done is not None:
-            typer.echo(done(path))
+            from kdcache import dist
+
+            if dist.rank() == 0:  # under torchrun, one line for the job
+                typer.echo(done(path))
 
     command.__name__, command.__doc__ = name, doc
     command.__signature__ = inspect.Signature(params)
@@ -222,9 +225,16 @@ def report(runs: List[str] = typer.Argument(..., help="Run folders, e.g. runs/*"
     """One table across runs (student x method x scenario), from each run's report.json."""
     from pathlib import Path
 
-    from kdcache.report import table
+    from kdcache.report import run_folders, table
 
-    text, missing = table([Path(r) for r in runs])
+    folders, files = run_folders([Path(r) for r in runs])
+    if files:
+        typer.echo(f"(skipped {', '.join(map(str, files))}: a file, not a run folder)", err=True)
+    if not folders:
+        typer.echo("no runs to report: none of the paths given is a run folder (train one with `python cli.py "
+                   "distill`, then `python cli.py evaluate --run <run folder>`)", err=True)
+        return
+    text, missing = table(folders)
     typer.echo(text)
     for m in missing:
         typer.echo(f"(no report in {m}: run `python cli.py evaluate --run {shlex.quote(str(m))}`)", err=True)
@@ -242,8 +252,9 @@ def info(
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar of --verify."),
     show_views: int = typer.Option(0, "--show-views", min=0, help="Write a PNG of the first N rows' views as "
                                    "replayed (a mixed view beside its partner, with lambda or the box), each with "
-                                   "the teacher's top class and probability from the cached logits; its path is "
-                                   "the last line printed (0: no picture)."),
+                                   "the teacher's top class and probability from the cached logits; at most 16 "
+                                   "pictures across, so the first views of a cache of many; its path is the last "
+                                   "line printed (0: no picture)."),
     views_out: str = typer.Option(None, "--views-out", help="Where --show-views writes the PNG. (default: "
                                   "<cache>.views.png, beside the cache folder)"),
 ):
@@ -263,9 +274,12 @@ def info(
             typer.echo("verify    ok: every done shard reads back and matches its checksum" if not problems
                        else "verify    FAILED:\n  " + "\n  ".join(problems))
     if show_views:
-        from kdcache.viewpicture import default_picture_path, picture_views
+        from kdcache.viewpicture import default_picture_path, picture_notes, picture_views
 
-        typer.echo(str(picture_views(store, show_views, views_out or default_picture_path(cache))))
+        picture = picture_views(store, show_views, views_out or default_picture_path(cache))
+        for note in picture_notes(store):
+            typer.echo(note)
+        typer.echo(str(picture))
     if verify and problems:
         raise typer.Exit(1)
 

@@ -8,6 +8,7 @@ of it (`row_permutation`, the default), so that a shard is not a run of one clas
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -133,9 +134,11 @@ def row_permutation(n: int, seed: int) -> np.ndarray:
 DATASETS = Registry("dataset", DatasetError)
 
 
-def register_dataset(name: str, needs_root: bool = True):
-    """Register a layout; `needs_root=False` for one that reads no folder (generated, or shipped in a package)."""
-    return DATASETS.register(name, needs_root=needs_root)
+def register_dataset(name: str, needs_root: bool = True, selects_domains: bool = False):
+    """Register a layout; `needs_root=False` for one that reads no folder (generated, or shipped in a package);
+    `selects_domains=True` for one that takes the --domain selection (`only_domains`) and reads only those domains.
+    Any other layout is listed whole and then cut to the selected domains (`select_domains`)."""
+    return DATASETS.register(name, needs_root=needs_root, selects_domains=selects_domains)
 
 
 def list_datasets() -> list[str]:
@@ -147,15 +150,36 @@ def needs_root(name: str) -> bool:
     return DATASETS.meta(name).get("needs_root", True)
 
 
-def create_dataset(name: str, root: str | os.PathLike | None = None, **options) -> Dataset:
-    """Build the sample list of a registered dataset layout."""
+def create_dataset(name: str, root: str | os.PathLike | None = None, *, only_domains=(), **options) -> Dataset:
+    """Build the sample list of a registered dataset layout; `only_domains` (--domain) keeps those domains only.
+
+    The selection has its own keyword: a layout's `options` are its own (synthetic's `domains` is how many it
+    generates), never the selection."""
     fn = DATASETS.get(name)
     if needs_root(name):
         if root is None:
             raise DatasetError(f"dataset {name!r} needs --data-root DIR")
         if not Path(root).is_dir():
             raise DatasetError(f"--data-root {root} does not exist or is not a folder (dataset {name!r})")
-    return fn(root, **options)
+    only_domains = [only_domains] if isinstance(only_domains, str) else list(only_domains or ())
+    if DATASETS.meta(name).get("selects_domains"):
+        return fn(root, only_domains=only_domains, **options)
+    dataset = fn(root, **options)
+    return select_domains(dataset, only_domains) if only_domains else dataset
+
+
+def select_domains(dataset: Dataset, wanted) -> Dataset:
+    """The samples of the `wanted` domains only (in the dataset's own domain order, renumbered); each is still
+    read as the sample it was (a generated image depends on its original domain)."""
+    names = _filter_domains(list(dataset.domains), wanted)
+    index = {dataset.domains.index(d): i for i, d in enumerate(names)}
+    original = {}
+    for s in dataset.samples:
+        if s.domain in index:
+            original[dataclasses.replace(s, domain=index[s.domain])] = s
+    reader = dataset.reader
+    return dataclasses.replace(dataset, domains=names, samples=list(original),
+                               reader=None if reader is None else (lambda s: reader(original[s])))
 
 
 # ----------------------------------------------------------------------------- whole-tree scans
@@ -192,6 +216,7 @@ def _printable(parts: tuple) -> str:
 class _Tree:
     images: dict  # path parts (relative to the root) -> byte size, for every non-hidden image file
     folders: set  # path parts of every non-hidden folder
+    loops: list = field(default_factory=list)  # path parts of symbolic links that loop (skipped)
 
 
 def _is_image(name: str) -> bool:
@@ -213,11 +238,19 @@ def _walk(folder: Path, parts: tuple, tree: _Tree, ancestors: frozenset, only=No
         if e.name.startswith(".") or (only is not None and e.name not in only):
             continue
         p = parts + (e.name,)
-        if e.is_dir():
+        try:
+            is_dir = e.is_dir()
+            size = e.stat().st_size if not is_dir and _is_image(e.name) and e.is_file() else None
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise DatasetError(f"cannot read {e.path}: {err.strerror or err}") from None
+            tree.loops.append(p)  # a symbolic link that leads back to itself names no file or folder
+            continue
+        if is_dir:
             tree.folders.add(p)
             _walk(Path(e.path), p, tree, ancestors | {ident})
-        elif _is_image(e.name) and e.is_file():
-            tree.images[p] = e.stat().st_size
+        elif size is not None:
+            tree.images[p] = size
 
 
 def _scan(root: Path, only=None) -> _Tree:
@@ -228,6 +261,10 @@ def _scan(root: Path, only=None) -> _Tree:
     """
     tree = _Tree({}, set())
     _walk(root, (), tree, frozenset(), only)
+    if tree.loops:
+        warnings.warn(f"--data-root {root}: skipping {len(tree.loops)} symbolic link(s) that loop (each leads back "
+                      f"to itself, so to no file or folder): {_named(_printable(p) for p in tree.loops)}; remove them "
+                      "to silence this", stacklevel=3)
     odd = [p for p in tree.images if not all(map(_is_text, p))]
     folders = {_printable(p[:next(i for i, n in enumerate(p) if not _is_text(n)) + 1])
                for p in odd if not all(map(_is_text, p[:-1]))}
@@ -281,7 +318,8 @@ def _filter_domains(all_domains: list[str], wanted) -> list[str]:
     wanted = [wanted] if isinstance(wanted, str) else list(wanted)
     unknown = [d for d in wanted if d not in all_domains]
     if unknown:
-        raise DatasetError(f"unknown domain(s) {unknown}; this dataset has: {', '.join(all_domains)}")
+        raise DatasetError(f"--domain: unknown domain(s) {', '.join(map(str, unknown))}; this dataset has: "
+                           f"{', '.join(all_domains)}")
     return [d for d in all_domains if d in wanted]
 
 
@@ -311,8 +349,8 @@ def _has_domains(root: Path, images: dict, skip: int, top: str) -> bool:
     return bool(at[3]) or (not at[2] and any(len(p) - skip > 3 for p in images))
 
 
-@register_dataset("imagefolder")
-def _imagefolder(root, domains=None, **_) -> Dataset:
+@register_dataset("imagefolder", selects_domains=True)
+def _imagefolder(root, only_domains=None, **_) -> Dataset:
     """`root/class/img`, `root/domain/class/img`, or either under `root/{train,val,test}/`.
 
     The layout is decided from every image in the tree; --domain selects domains (and reads only those).
@@ -323,14 +361,14 @@ def _imagefolder(root, domains=None, **_) -> Dataset:
         raise DatasetError(f"--data-root {root}: no images found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     skip = _split_level(root, tree.images)
     top = "split/" if skip else ""
-    images, nested = tree.images, bool(domains) or _has_domains(root, tree.images, skip, top)
-    if domains:
-        names = _filter_domains(sorted({p[skip] for p in images if len(p) - skip > 1}), domains)
+    images, nested = tree.images, bool(only_domains) or _has_domains(root, tree.images, skip, top)
+    if only_domains:
+        names = _filter_domains(sorted({p[skip] for p in images if len(p) - skip > 1}), only_domains)
         images = {p: s for p, s in images.items() if len(p) - skip < 2 or p[skip] in names}
     layout = top + ("domain/" if nested else "") + "class/img"
     _check_depth(root, images, layout, ", or leave their domain out with --domain" if nested else "")
     _warn_empty(root, tree, len(layout.split("/")))
-    if not domains:
+    if not only_domains:
         names = sorted({p[skip] for p in images}) if nested else ["default"]
     classes, samples = _label(images, (lambda p: p[skip]) if nested else (lambda p: "default"),
                               (lambda p: SPLIT_NAMES.index(p[0])) if skip else (lambda p: 0), names)
@@ -359,13 +397,13 @@ def _officehome_folders(root: Path, images: dict, selecting: bool) -> dict[str, 
     return folder
 
 
-@register_dataset("officehome")
-def _officehome(root, domains=None, **_) -> Dataset:
+@register_dataset("officehome", selects_domains=True)
+def _officehome(root, only_domains=None, **_) -> Dataset:
     """OfficeHome: `root/{Art,Clipart,Product,Real_World}/<class>/<img>` (65 classes)."""
     root = Path(root)
     tree = _scan(root)
-    folder = _officehome_folders(root, tree.images, bool(domains))
-    names = _filter_domains([d for d in OFFICEHOME_DOMAINS if d in folder.values()], domains)
+    folder = _officehome_folders(root, tree.images, bool(only_domains))
+    names = _filter_domains([d for d in OFFICEHOME_DOMAINS if d in folder.values()], only_domains)
     images = {p: s for p, s in tree.images.items() if len(p) == 1 or folder.get(p[0]) in names}
     _check_depth(root, images, "domain/class/img")
     _warn_empty(root, tree, 3)
@@ -414,14 +452,14 @@ def _domainnet_classes(rows: list[tuple[str, int, str]], root: Path) -> list[str
     return [label_to_class[i] for i in range(len(label_to_class))]
 
 
-@register_dataset("domainnet")
-def _domainnet(root, domains=None, **_) -> Dataset:
+@register_dataset("domainnet", selects_domains=True)
+def _domainnet(root, only_domains=None, **_) -> Dataset:
     """DomainNet: `root/<domain>/<class>/<file>` with the official `<domain>_{train,test}.txt` lists."""
     root = Path(root)
     present = [d for d in DOMAINNET_DOMAINS if (root / d).is_dir()]
     if not present:
         raise DatasetError(f"--data-root {root}: no DomainNet domain folders ({', '.join(DOMAINNET_DOMAINS)})")
-    names = _filter_domains(present, domains)
+    names = _filter_domains(present, only_domains)
     rows, listed = [], {}
     for di, d in enumerate(names):
         for split in ("train", "test"):

@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import math
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def _span(low: int, high: int) -> str:
     return f"between {low} and {high}" + (f" (2**{power} - 1)" if high + 1 == 2 ** power else "")
 
 
-def _int(name: str, value: Any, limits: tuple[int, int] = INT_RANGE) -> int:
+def _int(name: str, value: Any, limits: tuple[int, int] = INT_RANGE, declared: Option | None = None) -> int:
     number = None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
@@ -63,8 +64,9 @@ def _int(name: str, value: Any, limits: tuple[int, int] = INT_RANGE) -> int:
     if number is None:
         raise ConfigError(f"{label(name)} must be an integer, got {value!r}")
     low, high = limits
-    if not low <= number <= high:
-        raise ConfigError(f"{label(name)} must be {_span(low, high)}, got {number}")
+    if not low <= number <= high:  # the field's own range where it declares one, else the type's
+        problem = _bound(declared, label(name), number) if declared is not None else None
+        raise ConfigError(problem or f"{label(name)} must be {_span(low, high)}, got {number}")
     return number
 
 
@@ -100,20 +102,26 @@ def _names(name: str, value: Any) -> tuple:
     return tuple(out)
 
 
-def _pairs(name: str, value: Any) -> tuple:
+def _pairs(name: str, value: Any, example: str = "n=512") -> tuple:
     """KEY=VALUE flags, or in YAML a mapping {key: value} (or the list of [key, value] pairs a saved config
-    holds); keys are names, values scalars, and no key is given twice."""
+    holds); keys are names, values scalars, and no key is given twice. `example`: one KEY=VALUE the hints show."""
+    key_eg, _, value_eg = example.partition("=")
+    mapping = f"{{{key_eg}: {value_eg}}}"
     if isinstance(value, dict):
         pairs = list(value.items())
     elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
         pairs = [tuple(p) for p in value]
     else:
-        raise ConfigError(f"{label(name)} must be a mapping of key: value (e.g. {{n: 512}}), got {value!r}")
+        raise ConfigError(f"{label(name)} must be a mapping of key: value (e.g. {mapping}), got {value!r}")
     seen = set()
     for key, v in pairs:
         if not isinstance(key, str) or not key.strip():
-            raise ConfigError(f"{label(name)}: the key {key!r} is not a name (key: value, e.g. {{n: 512}})")
-        if not isinstance(v, SCALARS) or isinstance(v, float) and not math.isfinite(v):
+            if name.startswith("--"):  # a flag: its KEY=VALUE as typed
+                raise ConfigError(f"{name} {key}={v}: the key is empty; write KEY=VALUE, e.g. {name} {example}")
+            raise ConfigError(f"{label(name)}: the key {key!r} is not a name (key: value, e.g. {mapping})")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{label(name)}: {key} must be a finite number, got {v!r}")
+        if not isinstance(v, SCALARS):
             raise ConfigError(f"{label(name)}: {key} must be a number, a string or a boolean, got {v!r}")
         if key in seen:
             raise ConfigError(f"{label(name)}: the key {key!r} is given twice")
@@ -133,18 +141,22 @@ KINDS = {"float": _float, "str": _str, "Names": _names, "Pairs": _pairs, "tuple"
          "bool": lambda name, value: parse_bool(value, name)}
 
 
-def coerce(name: str, value: Any, annotation: str, limits: tuple[int, int] = INT_RANGE) -> Any:
+def coerce(name: str, value: Any, annotation: str, limits: tuple[int, int] = INT_RANGE,
+           declared: Option | None = None) -> Any:
     """`value` as the field's declared type (annotations are strings: int, float, bool, str, Names, Pairs,
     tuple and `X | None`), or a ConfigError naming the option (`name`: a YAML key, or a flag such as --seed).
     Strings that spell a number or a boolean are converted (YAML reads `1e-3` as a string); anything
-    else of the wrong type, and integers outside `limits`, are refused."""
+    else of the wrong type, and integers outside `limits`, are refused (the error states the range the field
+    `declared`, when it declares one that the value is outside too)."""
     kinds = [k.strip() for k in annotation.split("|")]
     if value is None:
         if "None" in kinds:
             return None
         raise ConfigError(f"{label(name)} needs a value")
     kind = next(k for k in kinds if k != "None")
-    return _int(name, value, limits) if kind == "int" else KINDS[kind](name, value)
+    if kind == "Pairs" and declared is not None and declared.example:
+        return _pairs(name, value, declared.example)
+    return _int(name, value, limits, declared) if kind == "int" else KINDS[kind](name, value)
 
 
 def to_dict(cfg) -> dict:
@@ -178,8 +190,9 @@ class Option:
     (imported when a value is checked); `flag`: the flag when it is not the field name (`--dataset-opt`);
     `negate`: the flag turns a default-on field off (`--no-progress`); `both`: an on and an off flag;
     `required`: the command needs the flag; `limits`: the integer type's own range; `shown`: how --help
-    names a default of None; `unit` and `note` complete a range error; `needs`: the conditions (`When`, or a
-    tuple of them: any one) under which the option has an effect, checked by `check_needs`."""
+    names a default of None; `unit` and `note` complete a range error; `example`: a KEY=VALUE that the
+    hints of a pairs option show; `needs`: the conditions (`When`, or a tuple of them: any one) under which the
+    option has an effect, checked by `check_needs`."""
 
     help: str
     low: float | None = None
@@ -194,6 +207,7 @@ class Option:
     shown: str = "none"
     unit: str = ""
     note: str = ""
+    example: str = ""
     needs: tuple = ()
 
 
@@ -363,3 +377,29 @@ def check_needs(cfg, given=None, where=None) -> None:
     problem = unmet_need(needs, values, given, lambda k: flag_name(fields[k]), shown)
     if problem:
         raise ConfigError(problem)
+
+
+def command_line(command: str, cls, values: dict, **given) -> str:
+    """The `python cli.py <command>` line that gives the config `cls` these field `values` (a recorded config;
+    `given` replaces some): each field that differs from its default, as its flag; fields `cls` lacks are left
+    out."""
+    values = dict(values, **given)
+    words = ["python", "cli.py", command]
+    for f in dataclasses.fields(cls):
+        m, value, flag = meta(f), values.get(f.name, f.default), flag_name(f)
+        if value is None or value == f.default or (isinstance(value, (list, tuple)) and tuple(
+                tuple(v) if isinstance(v, list) else v for v in value) == f.default):
+            continue
+        if isinstance(value, bool):
+            if m.negate:
+                words += [flag] if not value else []
+            elif m.both:
+                words.append(flag if value else f"--no-{flag[2:]}")
+            elif value:
+                words.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                words += [flag, f"{item[0]}={item[1]}" if isinstance(item, (list, tuple)) else str(item)]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)

@@ -157,8 +157,10 @@ def read_report(run_dir: Path) -> dict | None:
     import shlex
 
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is a file, not a run folder")
     if not run_dir.is_dir():
-        raise ValueError(f"run folder {run_dir} does not exist" + (" (it is a file)" if run_dir.exists() else ""))
+        raise ValueError(f"run folder {run_dir} does not exist")
     p = run_dir / "report.json"
     if not p.is_file():
         return None
@@ -185,6 +187,14 @@ def _missing_field(report) -> str | None:
         if not (isinstance(value, str) if kind is str else number):
             return name
     return None
+
+
+def run_folders(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(the paths that may be run folders, the files among them): a shell glob such as `runs/*` takes the files
+    beside the runs too (runs/README.md), which are no runs and are left out; a path that does not exist is kept
+    (read_report names it)."""
+    files = [p for p in paths if p.exists() and not p.is_dir()]
+    return [p for p in paths if p not in files], files
 
 
 def table(run_dirs: list[Path]) -> tuple[str, list[str]]:

@@ -50,7 +50,7 @@ def test_domainnet_layout_with_official_lists(tmp_path):
     s = next(s for s in ds.samples if s.key == "real/zebra/real_001_000002.jpg")
     assert (s.label, ds.domains[s.domain], SPLIT_NAMES[s.split]) == (1, "real", "test")
     assert ds.read_bytes(ds.samples.index(s)) == (tmp_path / s.key).read_bytes()
-    only = create_dataset("domainnet", tmp_path, domains=["real"])
+    only = create_dataset("domainnet", tmp_path, only_domains=["real"])
     assert only.domains == ["real"] and len(only) == 6
 
 
@@ -64,7 +64,7 @@ def test_domainnet_missing_list_is_named(tmp_path):
 def test_unknown_domain_lists_domains(tmp_path):
     _domainnet_tree(tmp_path)
     with pytest.raises(DatasetError, match="unknown domain.*clipart, real"):
-        create_dataset("domainnet", tmp_path, domains=["sketchy"])
+        create_dataset("domainnet", tmp_path, only_domains=["sketchy"])
 
 
 def test_officehome_layout(tmp_path):
@@ -247,7 +247,7 @@ def test_officehome_refuses_a_domain_twice_a_foreign_folder_and_a_stray_image(tm
     write_image(tmp_path / "RealWorld" / "Bike" / "00002.jpg", 1, fmt="JPEG")
     with pytest.raises(DatasetError, match="RealWorld hold images but are not OfficeHome domains.*--domain"):
         create_dataset("officehome", tmp_path)
-    assert create_dataset("officehome", tmp_path, domains=["Art"]).domains == ["Art"]  # the selection reads Art only
+    assert create_dataset("officehome", tmp_path, only_domains=["Art"]).domains == ["Art"]  # the selection reads Art only
     (tmp_path / "RealWorld").rename(tmp_path / "Real_World")
     with pytest.raises(DatasetError, match="folders Real World, Real_World are the same OfficeHome domain"):
         create_dataset("officehome", tmp_path)

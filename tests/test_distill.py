@@ -513,7 +513,7 @@ def test_a_run_saved_before_the_optimiser_default_changed_resumes_only_with_its_
     path, state = load_checkpoint(out)
     del state["config"]["decay_norm_bias"]  # as saved before the option existed
     torch.save(state, path / "state.pt")
-    with pytest.raises(CacheError, match=r"decay_norm_bias was True, now False"):
+    with pytest.raises(CacheError, match=r"--decay-norm-bias was on, now off"):
         distill.run(dataclasses.replace(old, decay_norm_bias=False, resume=True))
     distill.run(dataclasses.replace(old, resume=True))
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]

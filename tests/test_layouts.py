@@ -201,7 +201,7 @@ def test_class_folders_named_like_splits_are_refused_not_guessed(tmp_path):
 
 def test_selected_domains_are_the_only_folders_read(tmp_path):
     _item_one_tree(tmp_path, stray=True)
-    ds = create_dataset("imagefolder", tmp_path, domains=["dB"])
+    ds = create_dataset("imagefolder", tmp_path, only_domains=["dB"])
     assert (ds.domains, [s.key for s in ds.samples]) == (["dB"], ["dB/c0/a.png"])
     with pytest.raises(DatasetError, match="dA/stray.png; move them into a class folder"):
-        create_dataset("imagefolder", tmp_path, domains=["dA"])
+        create_dataset("imagefolder", tmp_path, only_domains=["dA"])

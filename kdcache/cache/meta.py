@@ -59,6 +59,55 @@ def _row_order(a: dict, path: Path) -> RowOrder:
     return RowOrder(order, _get(a, "rows.seed", int, path, low=0))
 
 
+# the extract flags that set each identity field (the longest recorded prefix of a field's path names them)
+IDENTITY_FLAGS = {
+    "teacher": "--teacher", "teacher.weights": "--teacher-weights, --random-init", "teacher.feature_point": "--feature",
+    "teacher.preprocess": "--teacher-input-size", "dataset": "--dataset, --data-root, --dataset-opt, --domain",
+    "views.V": "--views", "views.policy": "--view-policy", "views.policy_params": "--view-policy",
+    "views.seed": "--view-seed", "views.decode": "--decode", "views.mix": "--mix, --mix-prob, --mix-alpha",
+    "head.kind": "--head", "head.logits_topk": "--logits-topk", "head.probe_domains": "--probe-domain",
+    "pack.image_bound": "--image-bound", "pack.shard_size": "--shard-size", "tokens": "--tokens",
+    "storage.feature_dtype": "--feature-dtype", "rows": "--row-order, --row-seed"}
+SHOWN_CHARS = 60  # a recorded value longer than this is cut in a message
+
+
+def _flags_of(path: str) -> str:
+    parts = path.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in IDENTITY_FLAGS:
+            return f" ({IDENTITY_FLAGS['.'.join(parts[:n])]})"
+    return ""
+
+
+def _shown(value) -> str:
+    """A recorded value as a message shows it: `none` for a feature left out (off), a mixed-views record by its
+    mode and odds, anything long cut."""
+    if value is None:
+        return "none"
+    if isinstance(value, str) and is_digest(value):
+        return value[:12]
+    if isinstance(value, dict) and "mode" in value:
+        return f"{value['mode']} (prob {value.get('prob')}, alpha {value.get('alpha')})"
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+
+
+def is_digest(text: str) -> bool:
+    """A sha256 hex digest (a fingerprint): a message shows its first 12 digits, as everywhere."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def _differences(path: str, a, b, depth: int) -> list[str]:
+    """One line per field where the cache's record `a` differs from the asked-for `b`, down to `depth` levels,
+    each naming the flags that set it."""
+    if a == b:
+        return []
+    if depth > 0 and isinstance(a, dict) and isinstance(b, dict):
+        return [line for k in sorted(set(a) | set(b))
+                for line in _differences(f"{path}.{k}", a.get(k), b.get(k), depth - 1)]
+    return [f"{path}{_flags_of(path)}: the cache has {_shown(a)}, this command asks for {_shown(b)}"]
+
+
 @dataclass(frozen=True)
 class CacheMeta:
     layout: Layout
@@ -208,14 +257,7 @@ class CacheMeta:
             for name, value in OPTIONAL_SECTIONS.items():
                 side.setdefault(name, json.loads(json.dumps(value)))
         for section in IDENTITY_SECTIONS:
-            a, b = mine.get(section), theirs.get(section)
-            if a == b:
-                continue
-            if isinstance(a, dict) and isinstance(b, dict):
-                fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-                out += [f"{section}.{f}: cache has {a.get(f)!r}, asked for {b.get(f)!r}" for f in fields]
-            else:
-                out.append(f"{section}: cache has {a!r}, asked for {b!r}")
+            out += _differences(section, mine.get(section), theirs.get(section), depth=2)
         return out
 
     @property

@@ -101,7 +101,8 @@ def read_yaml(path: str | Path, names) -> dict:
 def _build(cls: type[T], values: dict[str, Any], where) -> T:
     """`cls` from its defaults and `values`; `where(key)` names a value's origin (a flag, or file: key)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    return cls(**{k: coerce(where(k), v, str(fields[k].type), meta(fields[k]).limits) for k, v in values.items()})
+    return cls(**{k: coerce(where(k), v, str(fields[k].type), meta(fields[k]).limits, meta(fields[k]))
+                  for k, v in values.items()})
 
 
 def read_config(cls: type[T], path: str | Path) -> T:

@@ -22,6 +22,7 @@ from kdcache.students import create_student
 from kdcache.train.engine import predict
 from kdcache.train.inputs import open_cache, scenario_of
 from kdcache.train.loader import StreamConfig, make_loader, rank_shards
+from kdcache.train.run_dir import training_holder
 
 from .config import read_config
 from .schema import DistillConfig, EvaluateConfig
@@ -32,7 +33,16 @@ SUMMARY_KEYS = ("scenario_digest", "num_classes", "image_size")  # what evaluati
 def load_run(run_dir: Path) -> tuple[DistillConfig, dict]:
     """A finished run's config (through the typed loader: values coerced, an unknown key named) and its
     summary; CacheError naming the file that is missing or damaged."""
+    holder = training_holder(run_dir)
+    if holder:
+        raise CacheError(f"run {run_dir} is still training ({holder}); evaluate it when that distill has finished")
     if not (run_dir / "summary.json").is_file() or not (run_dir / "student.safetensors").is_file():
+        if (run_dir / "config.yaml").is_file():  # a run that began and stopped before its last epoch
+            done = _epochs_done(run_dir)
+            raise CacheError(f"run {run_dir} has no finished student yet: its training stopped after {done} epoch(s); "
+                             "finish it with `python cli.py distill --config "
+                             f"{shlex.quote(str(run_dir / 'config.yaml'))} --resume --out {shlex.quote(str(run_dir))}`, "
+                             "then evaluate it")
         raise CacheError(f"{run_dir} is not a finished distill run (no summary.json / student.safetensors); "
                          "run `python cli.py distill ...` (or --resume it) first")
     try:
@@ -80,6 +90,14 @@ def run_cache(run_dir: Path, dcfg: DistillConfig, summary: dict, given: str | No
         raise CacheError(f"the cache at {given} is not the one run {run_dir} was trained on ({ids}; trained on the "
                          f"cache at {recorded}): pass --cache with that cache")
     return store
+
+
+def _epochs_done(run_dir: Path) -> int:
+    """Epochs the run recorded in metrics.jsonl (each line is one finished epoch)."""
+    try:
+        return sum(1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError):
+        return 0
 
 
 def student_logits(student, store: CacheStore, rows_mask: np.ndarray, image_size: int, cfg: EvaluateConfig,

@@ -83,11 +83,11 @@ def extract(cfg: ExtractConfig) -> Extracted:
     _check(cfg)
     rank, world = dist.init()
     out = cache_path(cfg.out or f"cache/{cfg.dataset}")
-    options = dict(cfg.dataset_options) | ({"domains": list(cfg.domains)} if cfg.domains else {})
     rows = resolve_rows(cfg, out)
     cfg = replace(cfg, row_order=rows.order, row_seed=rows.seed)
     # row r of the cache holds sample r of this dataset, in every array, tar shard and teacher pass
-    dataset = in_row_order(create_dataset(cfg.dataset, cfg.data_root, **options), rows)
+    dataset = in_row_order(create_dataset(cfg.dataset, cfg.data_root, only_domains=cfg.domains,
+                                           **dict(cfg.dataset_options)), rows)
     check_classes(cfg, dataset)
     teacher, head, device, dims = build_teacher(cfg, dataset)
     check_probe_domains(cfg, dataset, head)
@@ -131,9 +131,12 @@ def extract(cfg: ExtractConfig) -> Extracted:
             raise CacheError(f"disk full while writing the cache at {out} ({e}); free some space and run the same "
                              "command again: finished shards are kept, the rest are computed") from None
         raise
-    if rank == 0 and stats.images:
-        print(f"extracted {stats.images} images x {layout.views} views in {stats.shards} shard(s) at "
-              f"{stats.images / max(stats.seconds, 1e-9):.1f} img/s", file=sys.stderr)
+    everyone = dist.gather((stats.images, stats.shards, stats.seconds))  # every rank's share, for one line
+    images, shards = sum(e[0] for e in everyone), sum(e[1] for e in everyone)
+    if rank == 0 and images:
+        print(f"extracted {images} images x {layout.views} views in {shards} shard(s) at "
+              f"{images / max(max(e[2] for e in everyone), 1e-9):.1f} img/s"
+              + (f" ({world} ranks)" if world > 1 else ""), file=sys.stderr)
     dist.barrier()
     if rank == 0:
         fit_probe_once(store)

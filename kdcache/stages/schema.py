@@ -33,7 +33,8 @@ class ExtractConfig:
     dataset: str | None = option(None, "Dataset layout: domainnet, officehome, cifar100, imagenet, imagefolder, "
                                  "synthetic, mnist5k (the offline demo digits).", shown="none, required")
     data_root: str | None = option(None, "Folder holding the dataset in its on-disk layout.")
-    dataset_options: Pairs = option((), "Dataset option KEY=VALUE (e.g. n=512 for synthetic).", flag="--dataset-opt")
+    dataset_options: Pairs = option((), "Dataset option KEY=VALUE (e.g. n=512 for synthetic).", flag="--dataset-opt",
+                                  example="n=512")
     domains: Names = option((), "Only these domains (repeat the flag).", flag="--domain", shown="all")
     teacher: str = option("vit_large_patch14_dinov2.lvd142m", "timm name, or open_clip:ARCH/TAG.")
     teacher_weights: str | None = option(None, "Local weights (safetensors or state dict) for machines without a "
@@ -114,7 +115,7 @@ class DistillConfig:
                                          "classifier is always new.", shown="none: random init")
     method: str = option(DEFAULT_METHOD, "customkd, supervised, kd, fitnet, dkd, kdep, scalekd.")
     method_options: Pairs = option((), "Method option KEY=VALUE (e.g. temperature=2).", flag="--method-opt",
-                                   shown="the method's own")
+                                   shown="the method's own", example="temperature=2")
     scenario: str = option("supervised", "uda, ssl or supervised.")
     source: Names = option((), "uda: labelled source domain (repeat the flag).", needs=_UDA)
     target: Names = option((), "uda: unlabelled target domain, also evaluated (repeat).", needs=_UDA)
@@ -140,8 +141,9 @@ class DistillConfig:
     online_teacher: bool = option(False, "Run the cache's teacher on the same replayed views every step instead of "
                                   "reading the cache (a reference that measures what caching costs; slow). "
                                   "summary.json's replay_cosine (min and mean over the views drawn) compares the "
-                                  "cached outputs with the recomputed ones, mixed views included; a faithful "
-                                  "replay gives 0.999 or more.")
+                                  "cached outputs with the recomputed ones, mixed views included (on an int8 "
+                                  "cache, the recomputed features rounded to int8 as the cache's were, before "
+                                  "the head); a faithful replay gives 0.999 or more, whatever the feature dtype.")
     online_views: str = option("cached", "--online-teacher: the views it runs on: cached (the cache's own views, "
                                "replayed) or fresh (views 1..V-1 drawn anew every epoch from the cache's view policy, "
                                "so the student sees a new crop of each image every time: the reference a cache of V "

@@ -2,7 +2,6 @@
 made from, the scenario a config names, the student and its method, and the online teacher."""
 from __future__ import annotations
 
-import shlex
 import warnings
 from pathlib import Path
 
@@ -26,11 +25,11 @@ def open_cache(path: str) -> CacheStore:
     Cheap checks only (no data array is read): every shard done, the head fitted, no shard file of a
     done shard missing, labels / domains / splits equal to their recorded digests. `info --verify`
     reads everything back."""
-    from kdcache.cacheinfo import cache_problems
+    from kdcache.cacheinfo import cache_problems, extract_command
 
     store = CacheStore.open(path, mode=open_mode(path))
     done = store.shard_done()
-    extract_cmd = store.meta.command or "python cli.py extract ... --out " + shlex.quote(str(path))
+    extract_cmd = extract_command(store)
     if not done.all():
         missing = int((~done).sum())
         raise CacheError(f"cache {path} is incomplete: {missing} of {len(done)} shards are not extracted; "
@@ -56,9 +55,7 @@ def check_dataset(store: CacheStore) -> None:
                       "re-checking the dataset fingerprint")
         return
     options = dict(ext.get("dataset_options") or [])
-    if ext.get("domains"):
-        options["domains"] = list(ext["domains"])
-    current = create_dataset(name, root, **options).fingerprint()
+    current = create_dataset(name, root, only_domains=ext.get("domains") or (), **options).fingerprint()
     recorded = store.meta.dataset_fingerprint
     if current != recorded:
         raise CacheError(f"dataset {name} at {root} changed since extraction (fingerprint {current[:12]} != "

@@ -95,6 +95,24 @@ def lock_run_dir(out: Path):
     return lock
 
 
+def training_holder(out: Path) -> str | None:
+    """Who holds the run folder's lock now (a distill still training it: its .lock.owner line), or None."""
+    import filelock
+
+    if not (out / ".lock").is_file():
+        return None
+    lock = filelock.FileLock(str(out / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        try:
+            return (out / ".lock.owner").read_text().strip() or "another process"
+        except OSError:
+            return "another process"
+    lock.release()
+    return None
+
+
 def unlock_run_dir(out: Path, lock) -> None:
     """Release the run folder; a folder in which nothing was started is removed (no empty run left)."""
     started = {f.name for f in out.iterdir()} - LOCK_FILES
@@ -122,9 +140,31 @@ def _resume_problem(out: Path, cfg, state: dict, fingerprint: str) -> str | None
                 "(--interleave) and view 0 had its own share (--clean-share); its next epochs cannot be those of the "
                 "run it began, so it does not resume: start a new run with another --out")
     if changed:
-        differences = ", ".join(f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
+        names = _option_names(cfg)
+        differences = "; ".join(f"{names.get(k, k)} was {_shown(saved.get(k))}, now {_shown(now.get(k))}"
+                                for k in changed)
         return f"--resume with another config: {differences}; use the original flags or a new --out"
     return None
+
+
+def _option_names(cfg) -> dict[str, str]:
+    """field -> how a message names it: its flag, or for a switch that a --no- flag turns off, its own name."""
+    import dataclasses
+
+    from kdcache.options import flag_name, meta
+
+    return {f.name: f.name.replace("_", "-") if meta(f).negate else flag_name(f) for f in dataclasses.fields(cfg)}
+
+
+def _shown(value) -> str:
+    """A saved option's value as a message shows it: none for unset, on/off, KEY=VALUE pairs, names."""
+    if value is None or value == [] or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(f"{v[0]}={v[1]}" if isinstance(v, (list, tuple)) and len(v) == 2 else str(v) for v in value)
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def prepare_run_dir(out: Path, cfg, rank: int, module, optimizer, scheduler, fingerprint: str) -> int:

@@ -141,7 +141,8 @@ def train(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Path:
     grid = store.layout.token_grid if method.needs_tokens else 0
     module = TrainModule(student, method, s.head, teacher, grid).to(device)
     if s.proves_replay(teacher):
-        module.replay = ReplayCosine(logits=s.replay_logits(), topk=store.layout.logits_topk)
+        module.replay = ReplayCosine(logits=s.replay_logits(), topk=store.layout.logits_topk,
+                                     int8=store.layout.feature_dtype == "int8")
     if device.type == "cuda":
         module.student.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg.optimizer, module, cfg.lr, cfg.weight_decay, cfg.decay_norm_bias)
