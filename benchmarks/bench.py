@@ -560,6 +560,7 @@ def _views_entry(a, tmp: Path, teacher, name: str, images: int, size: int, v: in
     }
 
 
+STUDENT = "mobilenetv3_small_050"
 SECTIONS = {"pipeline": bench_pipeline, "extraction": bench_extraction, "storage": bench_storage,
             "distill": bench_distill, "cache_reads": bench_cache_reads, "ranks": bench_ranks, "views": bench_views,
             "method_cost": bench_method_cost, "stream_makeup": bench_stream_makeup}
@@ -582,6 +583,13 @@ def settings(a) -> None:
     a.views_teachers = [("test_vit", 16 if quick else 64, 32 if quick else 64)] + \
         ([] if quick else [("vit_small_patch16_224", 4, 224)])
     a.skip = set()
+    if a.tiny:  # a test of every section: the smallest sizes each runs at (figures mean nothing)
+        a.n, a.views, a.batch, a.workers, a.shard_size, a.source_size = 64, 2, 16, 0, 32, 48
+        a.teachers, a.image_size, a.student_batch, a.repeats = [("test_vit", 64)], 32, 16, 2
+        a.storage_rows, a.token_grid, a.read_rows, a.makeup_rows = 32, 2, 2048, 16_384
+        a.pipeline_images, a.view_counts, a.method_epochs = 16, (2, 4), 1
+        a.views_teachers = [("test_vit", 4, 32)]
+        a.student = "test_efficientnet" if a.student == STUDENT else a.student
 
 
 def main(argv=None):
@@ -589,11 +597,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="CI-sized run (a few minutes on 2 cores)")
     p.add_argument("--gpu", action="store_true", help="the GPU set (benchmarks/gpu_suite.py): ViT-L/14 DINOv2 and "
                    "CLIP at 224 px in bf16, extraction with V=4, MobileNetV3-Large at 224 px; one results file")
-    p.add_argument("--tiny", action="store_true", help="--gpu with tiny models and data (a test of the set on a CPU)")
+    p.add_argument("--tiny", action="store_true", help="tiny models and data: a test that every section (or, with "
+                   "--gpu, the GPU set) runs, on a CPU; its figures mean nothing and no results file is written")
     p.add_argument("--deadline-s", type=float, help="--gpu: seconds the whole set may take (default 420)")
     p.add_argument("--part", action="append", help="--gpu: run only these parts (repeatable)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--student", default="mobilenetv3_small_050")
+    p.add_argument("--student", default=STUDENT)
     p.add_argument("--machine", help="name of the results file (default: from the device)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--only", action="append", choices=SECTIONS,
@@ -624,8 +633,8 @@ def main(argv=None):
                 shutil.rmtree(sub, ignore_errors=True)
     results["wall_s"] = time.perf_counter() - start
     results["machine_after"] = machine_state()
-    if a.only and not a.merge:
-        return
+    if (a.only and not a.merge) or a.tiny:
+        return results
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.merge:

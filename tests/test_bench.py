@@ -216,3 +216,37 @@ def test_a_merge_replaces_its_sections_and_their_earlier_merge_line(tmp_path):
     merged = bench.merged(path, measured(["a"], 4, 40.0), ["a"])
     assert (merged["a"], merged["b"]) == (4, 3)
     assert [(m["sections"], m["wall_s"]) for m in merged["merged"]] == [(["b"], 30.0), (["a"], 40.0)]
+
+
+# the sections each test of this file runs (a section added to bench.py without a test here fails below)
+TESTED = {"cache_reads", "stream_makeup", "method_cost", "views", "pipeline", "extraction", "storage", "distill",
+          "ranks"}
+
+
+def test_every_section_has_a_test_here():
+    assert set(_bench().SECTIONS) == TESTED
+
+
+def _tiny(sections, tmp_path) -> dict:
+    args = ["--tiny", "--out", str(tmp_path)]
+    for s in sections:
+        args += ["--only", s]
+    results = _bench().main(args)
+    assert not list(tmp_path.iterdir())  # a tiny run writes no results file
+    return results
+
+
+def test_extraction_storage_and_distill_sections_run_at_tiny_size(tmp_path):
+    r = _tiny(["extraction", "storage", "distill"], tmp_path)
+    assert set(r) >= {"extraction", "storage", "distill"}
+    text = _bench().render(r | {"machine": "m", "command": "c", "wall_s": 1, "torch": "t"})
+    for row in ("distill-from-cache epoch / supervised-only epoch", "extraction / model-only views/s",
+                "cache bytes per view"):
+        assert row in text, row
+
+
+@pytest.mark.slow
+def test_every_section_runs_at_tiny_size(tmp_path):
+    r = _tiny([], tmp_path)
+    assert set(_bench().SECTIONS) <= set(r)
+    assert r["ranks"]["speedup"]["n"] == 2
