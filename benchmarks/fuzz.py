@@ -70,10 +70,11 @@ def _reader(cache: str) -> None:
 
     try:
         rows = stream_all(cache)
+        fingerprint = CacheStore.open(cache).fingerprint()  # what distill binds its run to
     except (CacheError, ValueError) as e:
         print(json.dumps({"refused": str(e)[:300]}))
         return
-    print(json.dumps({"rows": rows, "fingerprint": CacheStore.open(cache).fingerprint()}))
+    print(json.dumps({"rows": rows, "fingerprint": fingerprint}))
 
 
 def _tree(root: Path) -> str:

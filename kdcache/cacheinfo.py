@@ -167,7 +167,7 @@ def head_problems(store: CacheStore) -> list[str]:
                 "stopped before or while fitting it): run the same extract command again to fit it"]
     lost = store.meta.probe_missing(store.group)
     if lost:
-        return [f"head: the fitted probe head's {lost} is missing; run extract with --repair to refit it"]
+        return [f"head: the fitted probe head's {lost} is missing or damaged; run extract with --repair to refit it"]
     if store.meta.head_digest:
         try:
             g = store.group["heads/extract"]

@@ -183,3 +183,21 @@ def test_random_damage_to_any_array_is_repaired_or_harmless(reference, tmp_path_
     extract.run(_cfg(cache, repair=True))
     assert cacheinfo.verify(CacheStore.open(cache)) == []
     assert_same_cache(reference, cache)
+
+
+@pytest.mark.parametrize("part", ["heads/extract/bias/zarr.json", "heads/extract/weight/c/0/0"])
+def test_a_damaged_probe_head_is_named_and_fitted_again(reference, tmp_path, part):
+    cache = tmp_path / "cache"
+    shutil.copytree(reference, cache)
+    path = cache / part
+    path.write_bytes(path.read_bytes()[:20] + b"\xff\xfe" + path.read_bytes()[22:])
+    _repaired_equals(reference, cache, "head:")
+
+
+def test_an_unreadable_checksum_record_is_a_cache_error_where_distill_binds_the_run(reference, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(reference, cache)
+    path = _file(cache, "shard_checksums", 4)
+    path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(CacheError, match="checksum of shard 4 .*--repair"):
+        CacheStore.open(cache).fingerprint()

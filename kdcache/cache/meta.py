@@ -235,6 +235,8 @@ class CacheMeta:
                 group[f"heads/extract/{name}"]
             except KeyError:
                 return f"heads/extract/{name}"
+            except Exception:  # noqa: BLE001 - damaged metadata of the head (or of its groups)
+                return f"heads/extract/{name} (its metadata cannot be read)"
         return None
 
     # ------------------------------------------------------------------ typed accessors of the other attributes

@@ -360,8 +360,16 @@ class CacheStore:
         return self.masked(mask, name, view=0)
 
     def checksums(self) -> np.ndarray:
-        """Every shard's recorded checksum (hex; "" for a shard never written)."""
-        return self.text("shard_checksums")
+        """Every shard's recorded checksum (hex; "" for a shard never written); a CacheError naming the first
+        shard whose record cannot be read (a damaged file: `extract --repair` writes it again)."""
+        try:
+            return self.text("shard_checksums")
+        except Exception:  # noqa: BLE001 - a damaged chunk raises from the codec: find which
+            for k in range(self.layout.num_shards):
+                if self.read_record("shard_checksums", k) is None:
+                    raise CacheError(f"cache {self.path}: the recorded checksum of shard {k} (shard_checksums) "
+                                     "cannot be read; check with `info --verify`, fix with `extract --repair`") from None
+            raise
 
     def has(self, name: str) -> bool:
         return name in self.group

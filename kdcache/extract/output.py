@@ -133,6 +133,23 @@ def restore_array_metadata(out: Path) -> list[str]:
     return damaged
 
 
+def _clear_probe_head(store: CacheStore) -> None:
+    """Remove the probe head's files (the fit writes them anew), and write the `heads` group's metadata again when
+    it cannot be read (the scenario heads beside it are derived data, kept)."""
+    import json
+
+    import zarr
+
+    heads = store.path / "heads"
+    if (heads / "extract").exists():
+        backend(store.path).remove_tree(heads / "extract")
+    try:
+        zarr.open_group(str(heads), mode="r", zarr_format=3)
+    except Exception:  # noqa: BLE001 - damaged (or absent) group metadata
+        backend(store.path).put(heads / "zarr.json", json.dumps(
+            {"attributes": {}, "zarr_format": 3, "node_type": "group"}, indent=2).encode())
+
+
 def repair(store: CacheStore, static: dict) -> None:
     """Recompute exactly what is damaged: shards whose arrays or packed images differ from their checksums
     (a damaged tar is packed again from the dataset), and static arrays that differ from the dataset. A shard
@@ -150,6 +167,7 @@ def repair(store: CacheStore, static: dict) -> None:
     if head:
         print("repair: the probe head is missing or damaged; refitting it", file=sys.stderr)
         store.update_attrs(head_fit={"fitted": False})
+        _clear_probe_head(store)
     repair_static(store, static, lambda name: print(f"repair: array {name} differs from the dataset or cannot be "
                                                     "read; rewriting it", file=sys.stderr))
     for k in unreadable:
