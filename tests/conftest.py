@@ -105,3 +105,13 @@ TINY = ["--dataset", "synthetic", "--teacher", "test_vit", "--random-init", "--n
 @pytest.fixture
 def tiny_args():
     return list(TINY)
+
+
+def tiny_extract_cfg(out, n: int, shard_size: int = 8, **kw):
+    """The extract config of a tiny cache: `n` synthetic images, a random test_vit, 2 views, `shard_size` rows a
+    shard, no workers (keyword arguments replace any field)."""
+    from kdcache.stages import extract
+
+    base = dict(dataset="synthetic", dataset_options=(("n", n),), teacher="test_vit", random_init=True, views=2,
+                shard_size=shard_size, batch_size=6, workers=0, out=str(out), progress=False)
+    return extract.ExtractConfig(**(base | kw))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, tiny_extract_cfg
 
 from kdcache.cache.store import CacheStore
 from kdcache.datasets import DatasetError, create_dataset
@@ -23,10 +23,7 @@ N, S = 48, 8
 
 
 def _extract_cfg(out, **kw) -> extract.ExtractConfig:
-    base = dict(dataset="synthetic", dataset_options=(("n", N),), teacher="test_vit", random_init=True, views=2,
-                shard_size=S, batch_size=6, workers=0, out=str(out), progress=False)
-    base.update(kw)
-    return extract.ExtractConfig(**base)
+    return tiny_extract_cfg(out, N, S, **kw)
 
 
 @pytest.fixture(scope="module")

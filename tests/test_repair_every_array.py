@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_same_cache
+from conftest import assert_same_cache, tiny_extract_cfg
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kdcache import cacheinfo
@@ -27,9 +27,7 @@ N, S = 48, 8
 
 
 def _cfg(out, **kw) -> extract.ExtractConfig:
-    base = dict(dataset="synthetic", dataset_options=(("n", N),), teacher="test_vit", random_init=True, views=2,
-                shard_size=S, batch_size=6, workers=0, out=str(out), progress=False)
-    return extract.ExtractConfig(**(base | kw))
+    return tiny_extract_cfg(out, N, S, **kw)
 
 
 @pytest.fixture(scope="module")
