@@ -37,7 +37,7 @@ LOGIT_SUITES = [study.SUITES["iconshift-logits-" + name] for name in study.LOGIT
 
 def views_of(suite) -> int:
     """V of the suite's cache: its extraction settings, else the extractor's default (the demo's for the demo)."""
-    from kdcache.stages.schema import DemoConfig, ExtractConfig
+    from kdcache.schema import DemoConfig, ExtractConfig
 
     return suite.extract.get("views", (DemoConfig if suite in DEMO_SUITES else ExtractConfig)().views)
 

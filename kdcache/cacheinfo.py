@@ -213,7 +213,7 @@ def extract_command(store: CacheStore, **given) -> str:
     import shlex
 
     from .options import command_line
-    from .stages.schema import STAGES
+    from .schema import STAGES
 
     recorded = store.meta.extract_config
     if not recorded:  # a cache made before its options were recorded

@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from kdcache.options import flag_name, meta, shown_default
-from kdcache.stages.schema import STAGES
+from kdcache.schema import STAGES
 
 # click's exceptions, from the click that this typer uses (its own copy in newer versions)
 ClickError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")

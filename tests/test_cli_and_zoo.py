@@ -137,8 +137,8 @@ def test_every_stage_option_has_a_flag_and_its_default_in_help():
     import inspect
     import re
 
-    from kdcache.stages.schema import FLAG_FIELDS
-    from kdcache.stages import schema
+    from kdcache.schema import FLAG_FIELDS
+    from kdcache import schema
 
     commands = {c.callback.__name__: c.callback for c in app.registered_commands}
     for name, cls in (("extract", schema.ExtractConfig), ("distill", schema.DistillConfig),

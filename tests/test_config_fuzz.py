@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from kdcache.cli import app
-from kdcache.stages import schema
+from kdcache import schema
 from kdcache.stages.config import ConfigError, flag_of, resolve
 from kdcache.stages.distill import check_config
 

@@ -17,7 +17,7 @@ from kdcache.methods import labelled_only_methods
 from kdcache.options import ConfigError, When, _names_of, choices_of, flag_name, meta, needs_of, to_dict, write_yaml
 from kdcache.scenarios import SCENARIOS
 from kdcache.stages.config import resolve
-from kdcache.stages.schema import DistillConfig
+from kdcache.schema import DistillConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
 DISTILL_NEEDS = needs_of(DistillConfig)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from kdcache.cli import app
 from kdcache.options import choices_of, flag_name, meta, shown_default
 from kdcache.registry import Registry
-from kdcache.stages.schema import STAGES
+from kdcache.schema import STAGES
 
 COMMANDS = typer.main.get_command(app).commands
 FIELDS = [(stage, f) for stage, cls in STAGES.items() for f in dataclasses.fields(cls)]

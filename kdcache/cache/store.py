@@ -181,7 +181,46 @@ class DerivedPlaces:
         return lock(root / "derived" / "locks" / (path.replace("/", "__") + ".lock"), parents=True)
 
 
-class CacheStore:
+class ShardRecords:
+    """The per-shard records of a cache (shard_checksums, array_digests) and the files behind its arrays: read entry
+    by entry, so one damaged record is found as that record, and written as whole new files, so a damaged one is
+    replaced, never merged into. A base of CacheStore (which gives `path`, `group`, `layout`, `text`, `writer`)."""
+
+    def _unlink(self, name: str, k: int) -> None:
+        """Remove shard k's file of array `name` (per-row arrays: the zarr shard of cache shard k; per-shard records:
+        the chunk of entry k)."""
+        chunk_path(self.path, name, self.group[name], k).unlink(missing_ok=True)
+
+    def put_record(self, name: str, k: int, values: np.ndarray) -> None:
+        """Entry k of a per-shard record (shard_checksums, array_digests), written as a new file: the old one is
+        never read, so a damaged record is replaced, not merged into."""
+        self._unlink(name, k)
+        self.writer(name)[k] = values
+
+    def read_record(self, name: str, k: int) -> np.ndarray | None:
+        """Entry k of a per-shard record as stored, or None when its file cannot be read (damaged)."""
+        try:
+            return self.group[name][k]
+        except Exception:  # noqa: BLE001 - a damaged chunk raises from the codec
+            return None
+
+    def checksums(self) -> np.ndarray:
+        """Every shard's recorded checksum (hex; "" for a shard never written); a CacheError naming the first
+        shard whose record cannot be read (a damaged file: `extract --repair` writes it again)."""
+        try:
+            return self.text("shard_checksums")
+        except Exception:  # noqa: BLE001 - a damaged chunk raises from the codec: find which
+            for k in range(self.layout.num_shards):
+                if self.read_record("shard_checksums", k) is None:
+                    raise CacheError(f"cache {self.path}: the recorded checksum of shard {k} (shard_checksums) "
+                                     "cannot be read; check with `info --verify`, fix with `extract --repair`") from None
+            raise
+
+    def write_checksum(self, k: int, checksum: str) -> None:
+        self.put_record("shard_checksums", k, self._stored("shard_checksums", np.array([checksum]))[0])
+
+
+class CacheStore(ShardRecords):
     """An open cache: creation and opening (format and metadata checked), shard and static reads and writes
     (text codec, int8), status and the hooks of cache.integrity and cache.derived."""
 
@@ -359,18 +398,6 @@ class CacheStore:
         """View 0 of `name` (float32) for the masked rows."""
         return self.masked(mask, name, view=0)
 
-    def checksums(self) -> np.ndarray:
-        """Every shard's recorded checksum (hex; "" for a shard never written); a CacheError naming the first
-        shard whose record cannot be read (a damaged file: `extract --repair` writes it again)."""
-        try:
-            return self.text("shard_checksums")
-        except Exception:  # noqa: BLE001 - a damaged chunk raises from the codec: find which
-            for k in range(self.layout.num_shards):
-                if self.read_record("shard_checksums", k) is None:
-                    raise CacheError(f"cache {self.path}: the recorded checksum of shard {k} (shard_checksums) "
-                                     "cannot be read; check with `info --verify`, fix with `extract --repair`") from None
-            raise
-
     def has(self, name: str) -> bool:
         return name in self.group
 
@@ -421,27 +448,6 @@ class CacheStore:
         for name, values in data.items():
             self._unlink(name, k)
             self.writer(name)[rows.start:rows.stop] = self._stored(name, values)
-
-    def _unlink(self, name: str, k: int) -> None:
-        """Remove shard k's file of array `name` (per-row arrays: the zarr shard of cache shard k; per-shard records:
-        the chunk of entry k)."""
-        chunk_path(self.path, name, self.group[name], k).unlink(missing_ok=True)
-
-    def put_record(self, name: str, k: int, values: np.ndarray) -> None:
-        """Entry k of a per-shard record (shard_checksums, array_digests), written as a new file: the old one is
-        never read, so a damaged record is replaced, not merged into."""
-        self._unlink(name, k)
-        self.writer(name)[k] = values
-
-    def read_record(self, name: str, k: int) -> np.ndarray | None:
-        """Entry k of a per-shard record as stored, or None when its file cannot be read (damaged)."""
-        try:
-            return self.group[name][k]
-        except Exception:  # noqa: BLE001 - a damaged chunk raises from the codec
-            return None
-
-    def write_checksum(self, k: int, checksum: str) -> None:
-        self.put_record("shard_checksums", k, self._stored("shard_checksums", np.array([checksum]))[0])
 
     def fingerprint(self) -> str:
         return integrity.fingerprint(self)

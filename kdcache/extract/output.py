@@ -124,8 +124,8 @@ def restore_array_metadata(out: Path) -> list[str]:
         return []
     per_row = [a.name for a in arrays() if a.per_row and a.name in expected and a.name not in damaged]
     with tempfile.TemporaryDirectory() as tmp:
-        allocate(zarr.open_group(tmp, mode="w", zarr_format=3), meta.layout, meta.key_bytes,
-                 _compression(out, per_row))
+        compression = meta.extract_config.get("compression") or _compression(out, per_row)
+        allocate(zarr.open_group(tmp, mode="w", zarr_format=3), meta.layout, meta.key_bytes, compression)
         for name in damaged:
             print(f"repair: the metadata (zarr.json) of array {name} is damaged; writing it again from the cache's "
                   "layout", file=sys.stderr)

@@ -23,7 +23,7 @@ from kdcache.options import (  # noqa: F401  (the typing of one value lives ther
 )
 from kdcache.registry import did_you_mean
 
-from .schema import FLAG_FIELDS
+from kdcache.schema import FLAG_FIELDS
 
 T = TypeVar("T")
 

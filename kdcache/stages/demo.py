@@ -19,7 +19,7 @@ from kdcache.measure import cpu_latency_ms
 from kdcache.cache.integrity import shard_digest
 from kdcache.cache.store import CacheStore
 from kdcache.options import check_fields
-from .schema import DemoConfig  # noqa: F401  (stage.DemoConfig)
+from kdcache.schema import DemoConfig  # noqa: F401  (stage.DemoConfig)
 from kdcache.teachers import create_teacher
 
 from . import distill, evaluate, extract

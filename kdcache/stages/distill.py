@@ -15,7 +15,7 @@ from kdcache.train.run_dir import lock_run_dir, shared_default_out, unlock_run_d
 from kdcache.train.session import train
 
 from .config import cache_location, local_path
-from .schema import DistillConfig  # noqa: F401  (stage.DistillConfig)
+from kdcache.schema import DistillConfig  # noqa: F401  (stage.DistillConfig)
 
 
 def check_config(cfg: DistillConfig) -> None:

@@ -15,17 +15,16 @@ from kdcache.measure import count_macs, count_params, cpu_latency_ms, export_onn
 from kdcache.options import ConfigError, check_fields
 from kdcache.report import write_report
 from kdcache.run_files import damaged, read_tensors, resume_hint
-from kdcache.cache.backend import check_url
 from kdcache.cache.format import CacheError
 from kdcache.cache.store import CacheStore
 from kdcache.students import create_student
 from kdcache.train.engine import predict
-from kdcache.train.inputs import open_cache, scenario_of
+from kdcache.train.inputs import run_cache, scenario_of
 from kdcache.train.loader import StreamConfig, make_loader, rank_shards
 from kdcache.train.run_dir import training_holder
 
 from .config import read_config
-from .schema import DistillConfig, EvaluateConfig
+from kdcache.schema import DistillConfig, EvaluateConfig
 
 SUMMARY_KEYS = ("scenario_digest", "num_classes", "image_size")  # what evaluation reads from summary.json
 
@@ -61,43 +60,6 @@ def load_run(run_dir: Path) -> tuple[DistillConfig, dict]:
         raise damaged(run_dir / "config.yaml", what, "it holds the run's settings: write it again by resuming the run "
                       "with the flags it was trained with plus --resume --out " + shlex.quote(str(run_dir))) from None
     return cfg, summary
-
-
-def _places(run_dir: Path, dcfg: DistillConfig, summary: dict) -> list[str]:
-    """Where the run's cache may be, in order: the path it was given (from this folder), the absolute location the
-    run recorded, and a relative path taken from the folder above `runs/` (runs made before locations were kept)."""
-    out = [dcfg.cache, summary.get("cache_location")]
-    if not check_url(dcfg.cache, "--cache") and not Path(dcfg.cache).is_absolute():
-        out.append(str(run_dir.resolve().parent.parent / dcfg.cache))
-    return list(dict.fromkeys(p for p in out if p))
-
-
-def run_cache(run_dir: Path, dcfg: DistillConfig, summary: dict, given: str | None) -> CacheStore:
-    """The cache run `run_dir` was trained on: `given` (--cache), or the first of its recorded places that holds a
-    cache; refused when its fingerprint (or, for runs that recorded none, its teacher) is not the run's."""
-    recorded = summary.get("cache_location") or dcfg.cache
-    if given is None:
-        found = [p for p in _places(run_dir, dcfg, summary) if check_url(p, "--cache") or (Path(p) / "zarr.json").is_file()]
-        if not found:
-            raise CacheError(f"the cache run {run_dir} was trained on is no longer at {recorded}; pass --cache with "
-                             "where it is now")
-        given = found[0]
-    store = open_cache(given)
-    want, teacher = summary.get("cache_fingerprint"), summary.get("teacher")
-    now = store.fingerprint() if want else None
-    if (want and now != want) or (not want and teacher and store.meta.teacher != teacher):
-        ids = f"fingerprint {now[:12]}, run's {want[:12]}" if want else f"teacher {store.meta.teacher}, run's {teacher}"
-        raise CacheError(f"the cache at {given} is not the one run {run_dir} was trained on ({ids}; trained on the "
-                         f"cache at {recorded}): pass --cache with that cache")
-    return store
-
-
-def _epochs_done(run_dir: Path) -> int:
-    """Epochs the run recorded in metrics.jsonl (each line is one finished epoch)."""
-    try:
-        return sum(1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
-    except (OSError, UnicodeDecodeError):
-        return 0
 
 
 def student_logits(student, store: CacheStore, rows_mask: np.ndarray, image_size: int, cfg: EvaluateConfig,

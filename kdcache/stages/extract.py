@@ -27,7 +27,7 @@ from kdcache.mixing import M
 from kdcache.views import PARAMS
 
 from .config import cache_location, local_path, write_yaml
-from .schema import ExtractConfig  # noqa: F401  (stage.ExtractConfig)
+from kdcache.schema import ExtractConfig  # noqa: F401  (stage.ExtractConfig)
 
 
 @dataclass(frozen=True)

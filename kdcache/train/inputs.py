@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from kdcache.datasets import create_dataset, needs_root
-from kdcache.cache.backend import open_mode
+from kdcache.cache.backend import check_url, open_mode
 from kdcache.cache.format import CacheError
 from kdcache.cache.store import CacheStore
 from kdcache.methods import create_method
@@ -113,3 +113,40 @@ def online_teacher(store: CacheStore, weights: str | None, head):
     elif head is None and kind == "zeroshot":
         teacher.set_head("zeroshot", zeroshot_head(teacher, list(store.meta.classes)))
     return teacher, head
+
+
+def _places(run_dir: Path, dcfg, summary: dict) -> list[str]:
+    """Where the run's cache may be, in order: the path it was given (from this folder), the absolute location the
+    run recorded, and a relative path taken from the folder above `runs/` (runs made before locations were kept)."""
+    out = [dcfg.cache, summary.get("cache_location")]
+    if not check_url(dcfg.cache, "--cache") and not Path(dcfg.cache).is_absolute():
+        out.append(str(run_dir.resolve().parent.parent / dcfg.cache))
+    return list(dict.fromkeys(p for p in out if p))
+
+
+def run_cache(run_dir: Path, dcfg, summary: dict, given: str | None) -> CacheStore:
+    """The cache run `run_dir` was trained on: `given` (--cache), or the first of its recorded places that holds a
+    cache; refused when its fingerprint (or, for runs that recorded none, its teacher) is not the run's."""
+    recorded = summary.get("cache_location") or dcfg.cache
+    if given is None:
+        found = [p for p in _places(run_dir, dcfg, summary) if check_url(p, "--cache") or (Path(p) / "zarr.json").is_file()]
+        if not found:
+            raise CacheError(f"the cache run {run_dir} was trained on is no longer at {recorded}; pass --cache with "
+                             "where it is now")
+        given = found[0]
+    store = open_cache(given)
+    want, teacher = summary.get("cache_fingerprint"), summary.get("teacher")
+    now = store.fingerprint() if want else None
+    if (want and now != want) or (not want and teacher and store.meta.teacher != teacher):
+        ids = f"fingerprint {now[:12]}, run's {want[:12]}" if want else f"teacher {store.meta.teacher}, run's {teacher}"
+        raise CacheError(f"the cache at {given} is not the one run {run_dir} was trained on ({ids}; trained on the "
+                         f"cache at {recorded}): pass --cache with that cache")
+    return store
+
+
+def _epochs_done(run_dir: Path) -> int:
+    """Epochs the run recorded in metrics.jsonl (each line is one finished epoch)."""
+    try:
+        return sum(1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError):
+        return 0
