@@ -117,9 +117,13 @@ def _is_user_error(err: Exception) -> bool:
     from kdcache.students import StudentError
     from kdcache.teachers import TeacherError
     from kdcache.stages.config import ConfigError
+    from kdcache.train.engine import TrainingDiverged
+    from kdcache.weights import WeightsError
 
+    # each names what the user gave (a flag, a file, a cache) and what to do; any other error, a ValueError from
+    # deep inside a library included, is a bug of kdcache's
     named = (DatasetError, TeacherError, CacheError, HeadError, ConfigError, MethodError, ScenarioError,
-             StudentError, ValueError, *USER_OS_ERRORS)
+             StudentError, WeightsError, TrainingDiverged, *USER_OS_ERRORS)
     return isinstance(err, named) or isinstance(err, OSError) and err.errno in USER_ERRNOS
 
 

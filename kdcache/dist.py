@@ -6,6 +6,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from kdcache.options import ConfigError
+
 
 def init() -> tuple[int, int]:
     """(rank, world size); joins the process group when WORLD_SIZE > 1."""
@@ -37,14 +39,14 @@ def device_for(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
+            raise ConfigError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
     elif device.type != "cpu" and device.type != "mps":
-        raise ValueError(f"--device {name}: unsupported device type {device.type!r}; use auto, cpu or cuda")
+        raise ConfigError(f"--device {name}: unsupported device type {device.type!r}; use auto, cpu or cuda")
     return device
 
 
