@@ -1,16 +1,18 @@
 """The CLI's error boundary: which errors are the user's (one line, exit code 2) and which are bugs (one line
-that says so, exit code 1)."""
+that says so, exit code 1), and errors raised in DataLoader workers."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
+import typer
 from typer.testing import CliRunner
 
 from conftest import ROOT
 
 from kdcache.cache.format import CacheError
-from kdcache.cli import app
+from kdcache.cli import _errors, _from_worker, app
 from kdcache.options import ConfigError
 
 
@@ -52,3 +54,73 @@ def test_every_plain_value_error_left_in_kdcache_is_an_internal_check():
         if n:
             found[path.relative_to(ROOT / "kdcache").as_posix()] = n
     assert found == internal
+
+
+# ---------------------------------------------------------------------------------- DataLoader workers
+
+class _Raises(torch.utils.data.Dataset):
+    def __init__(self, err: Exception):
+        self.err = err
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        try:
+            raise self.err
+        except type(self.err) as e:  # a chained error: the last one is what the worker raised
+            raise type(self.err)(*self.err.args) from e
+
+
+def _from_loader(err: Exception) -> Exception:
+    loader = torch.utils.data.DataLoader(_Raises(err), num_workers=1)
+    with pytest.raises(Exception) as caught:
+        next(iter(loader))
+    assert "in DataLoader worker process 0" in str(caught.value)
+    return caught.value
+
+
+def _boundary(err: Exception, capsys) -> tuple[int, str]:
+    with pytest.raises(typer.Exit) as ended:
+        with _errors():
+            raise err
+    return ended.value.exit_code, capsys.readouterr().err.strip()
+
+
+def test_a_user_error_raised_in_a_dataloader_worker_is_its_own_one_line(capsys):
+    raised = _from_loader(CacheError("shard 3 of features differs from its digest;\nfix with `extract --repair`"))
+    assert isinstance(raised, CacheError) and "Original Traceback" in str(raised)
+    assert _boundary(raised, capsys) == (2, "error: shard 3 of features differs from its digest; fix with "
+                                            "`extract --repair`")
+
+
+def test_a_bug_raised_in_a_dataloader_worker_names_its_type_and_message(capsys):
+    assert _boundary(_from_loader(ValueError("boom")), capsys) == (
+        1, "error: unexpected ValueError: boom (a bug in kdcache: rerun with --debug for the traceback and report it)")
+    code, line = _boundary(_from_loader(KeyError("rows")), capsys)
+    assert code == 1 and line.startswith("error: unexpected KeyError: 'rows' (a bug")
+
+
+def test_a_full_disk_in_a_worker_is_still_the_machines_and_an_unmakeable_error_keeps_its_name(capsys):
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    original, name, text = _from_worker(_from_loader(full))
+    assert isinstance(original, OSError) and original.errno == errno.ENOSPC
+    assert (name, text) == ("OSError", "[Errno 28] No space left on device")
+    assert _boundary(_from_loader(full), capsys) == (2, "error: [Errno 28] No space left on device")
+
+    class TwoArgs(Exception):  # cannot be made from one string: torch raises a RuntimeError instead
+        def __init__(self, a, b):
+            super().__init__(f"{a} and {b}")
+
+    wrapped = RuntimeError("Caught TwoArgs in DataLoader worker process 1.\nOriginal Traceback (most recent call "
+                           "last):\n  File \"x.py\", line 1, in f\n    g()\ntests.TwoArgs: one and two\n")
+    assert _from_worker(wrapped)[1:] == ("TwoArgs", "one and two")
+    code, line = _boundary(wrapped, capsys)
+    assert code == 1 and line.startswith("error: unexpected TwoArgs: one and two (a bug")
+
+
+def test_an_error_not_from_a_worker_is_left_as_it_is():
+    err = ValueError("Caught nothing here")
+    assert _from_worker(err) == (err, "ValueError", "Caught nothing here")
