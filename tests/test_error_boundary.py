@@ -1,8 +1,15 @@
 """The CLI's error boundary: which errors are the user's (one line, exit code 2) and which are bugs (one line
-that says so, exit code 1), and errors raised in DataLoader workers."""
+that says so, exit code 1), errors raised in DataLoader workers, and torchrun ranks that end with their
+launcher."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import ROOT
 
+from kdcache import dist
 from kdcache.cache.format import CacheError
 from kdcache.cli import _errors, _from_worker, app
 from kdcache.options import ConfigError
@@ -124,3 +132,70 @@ def test_a_full_disk_in_a_worker_is_still_the_machines_and_an_unmakeable_error_k
 def test_an_error_not_from_a_worker_is_left_as_it_is():
     err = ValueError("Caught nothing here")
     assert _from_worker(err) == (err, "ValueError", "Caught nothing here")
+
+
+# ---------------------------------------------------------------------------------- torchrun ranks
+
+class _Libc:
+    def __init__(self):
+        self.calls = []
+
+    def prctl(self, *args):
+        self.calls.append(args)
+        return 0
+
+
+@pytest.mark.parametrize("platform, env, called", [
+    ("linux", {"LOCAL_RANK": "0"}, True), ("linux", {"TORCHELASTIC_RUN_ID": "x"}, True),
+    ("linux", {}, False), ("darwin", {"LOCAL_RANK": "0"}, False), ("win32", {"LOCAL_RANK": "0"}, False)])
+def test_a_torchrun_rank_on_linux_asks_for_sigterm_when_its_parent_dies(monkeypatch, platform, env, called):
+    import ctypes
+
+    libc = _Libc()
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: libc)
+    monkeypatch.setattr(sys, "platform", platform)
+    for k in list(os.environ):
+        if k == "LOCAL_RANK" or k.startswith("TORCHELASTIC_"):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert dist.end_with_launcher() is called
+    assert libc.calls == ([(dist.PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)] if called else [])
+
+
+CHILD = "import time, kdcache.dist as d; print(d.end_with_launcher(), flush=True); time.sleep(120)"
+PARENT = f"""
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", {CHILD!r}], stdout=subprocess.PIPE, text=True)
+print(child.pid, child.stdout.readline().strip(), flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie has ended; only its exit status waits to be collected
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_rank_whose_launcher_is_killed_ends_too():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), LOCAL_RANK="0", OMP_NUM_THREADS="1")
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, env=env)
+    child = None
+    try:
+        pid, asked = parent.stdout.readline().split()
+        child = int(pid)
+        assert asked == "True" and _alive(child)
+        parent.send_signal(signal.SIGKILL)  # no chance to end its child itself
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        parent.kill()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
