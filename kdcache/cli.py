@@ -102,10 +102,10 @@ def _from_worker(err: Exception) -> tuple[Exception, str, str]:
     name, trace = wrapped["name"], wrapped["trace"].splitlines()
     last = max((i for i, line in enumerate(trace) if line == "Traceback (most recent call last):"), default=-1)
     start = next((i for i in range(last + 1, len(trace)) if trace[i] and not trace[i][0].isspace()), len(trace))
-    head, sep, rest = "\n".join(trace[start:]).partition(": ")
-    if not head.endswith(name):  # not the form that traceback writes: keep what torch said
+    head, _, rest = (trace[start] if start < len(trace) else "").partition(": ")
+    if head.rpartition(".")[2] != name:  # not the form that traceback writes: keep what torch said
         return err, name, _message(err)
-    text = _one_line(rest if sep else "") or name
+    text = _one_line("\n".join([rest, *trace[start + 1:]])) or name
     original = err
     if type(err).__name__ == name:  # the worker's own type: classified as the main process would
         with contextlib.suppress(Exception):
