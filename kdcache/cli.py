@@ -7,6 +7,7 @@ import errno
 import inspect
 import json
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -27,6 +28,8 @@ DEBUG = {"on": False}  # set by each invocation: --debug or KDCACHE_DEBUG=1
 # errors of the user's files or of the machine, not of kdcache: one line naming the file, like any user error
 USER_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 USER_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+# an error that torch's DataLoader raises again in the main process (torch._utils.ExceptionWrapper.reraise)
+WORKER_ERROR = re.compile(r"Caught (?P<name>\w+) in [^\n]*\.\nOriginal (?P<trace>.*)", re.S)
 
 
 class _Commands(TyperGroup):
@@ -80,11 +83,37 @@ def _message(err: Exception) -> str:
     return _one_line(text) or type(err).__name__
 
 
-def _fail(err: Exception) -> None:
+def _fail(err: Exception, text: str | None = None) -> None:
     if DEBUG["on"]:
         traceback.print_exception(err)
-    typer.secho(f"error: {_message(err)}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {text or _message(err)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+def _from_worker(err: Exception) -> tuple[Exception, str, str]:
+    """(the error to classify, its type's name, its message in one line). torch's DataLoader raises a worker's
+    error again in the main process as the same type (RuntimeError where that type cannot be made from one
+    string) whose message is "Caught X in DataLoader worker process N.", then the worker's whole traceback; the
+    message is the last exception of that traceback, without its type's name, and an OSError gets its errno
+    back from it (so a full disk in a worker reads as one in the main process)."""
+    wrapped = WORKER_ERROR.match(str(err))
+    if wrapped is None:
+        return err, type(err).__name__, _message(err)
+    name, trace = wrapped["name"], wrapped["trace"].splitlines()
+    last = max((i for i, line in enumerate(trace) if line == "Traceback (most recent call last):"), default=-1)
+    start = next((i for i in range(last + 1, len(trace)) if trace[i] and not trace[i][0].isspace()), len(trace))
+    head, _, rest = (trace[start] if start < len(trace) else "").partition(": ")
+    if head.rpartition(".")[2] != name:  # not the form that traceback writes: keep what torch said
+        return err, name, _message(err)
+    text = _one_line("\n".join([rest, *trace[start + 1:]])) or name
+    original = err
+    if type(err).__name__ == name:  # the worker's own type: classified as the main process would
+        with contextlib.suppress(Exception):
+            original = type(err)(text)
+        code = re.match(r"\[Errno (\d+)\] ", text)
+        if isinstance(original, OSError) and code:
+            original.errno = int(code[1])
+    return original, name, text
 
 
 @contextlib.contextmanager
@@ -99,11 +128,12 @@ def _errors():
         typer.secho("interrupted: finished work is kept; run the same command again to resume", err=True)
         raise typer.Exit(130) from None
     except Exception as e:  # noqa: BLE001 - the last resort: no traceback unless asked for
-        if _is_user_error(e):
-            _fail(e)
+        original, name, text = _from_worker(e)
+        if _is_user_error(original):
+            _fail(e, text)
         if DEBUG["on"]:
             raise
-        typer.secho(f"error: unexpected {type(e).__name__}: {_message(e)} (a bug in kdcache: rerun with --debug for "
+        typer.secho(f"error: unexpected {name}: {text} (a bug in kdcache: rerun with --debug for "
                     "the traceback and report it)", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
 
@@ -117,9 +147,13 @@ def _is_user_error(err: Exception) -> bool:
     from kdcache.students import StudentError
     from kdcache.teachers import TeacherError
     from kdcache.stages.config import ConfigError
+    from kdcache.train.engine import TrainingDiverged
+    from kdcache.weights import WeightsError
 
+    # each names what the user gave (a flag, a file, a cache) and what to do; any other error, a ValueError from
+    # deep inside a library included, is a bug of kdcache's
     named = (DatasetError, TeacherError, CacheError, HeadError, ConfigError, MethodError, ScenarioError,
-             StudentError, ValueError, *USER_OS_ERRORS)
+             StudentError, WeightsError, TrainingDiverged, *USER_OS_ERRORS)
     return isinstance(err, named) or isinstance(err, OSError) and err.errno in USER_ERRNOS
 
 

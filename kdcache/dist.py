@@ -2,13 +2,44 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
 
+from kdcache.options import ConfigError
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def under_torchrun(env=None) -> bool:
+    """True in a rank that torchrun (torch.distributed.run) started."""
+    env = os.environ if env is None else env
+    return "LOCAL_RANK" in env or any(k.startswith("TORCHELASTIC_") for k in env)
+
+
+def end_with_launcher() -> bool:
+    """Ask Linux to send this rank SIGTERM when its parent (torchrun's agent) dies. torchrun starts each rank in
+    a session of its own, so a launcher killed by SIGKILL (an out-of-memory kill, a scheduler's hard stop) takes
+    no rank with it: the orphans would wait in a collective for peers that are gone, holding their GPUs. True
+    when the request was made; a no-op (False) outside torchrun and on other systems."""
+    if not sys.platform.startswith("linux") or not under_torchrun():
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # no C library with prctl here (a static or unusual build)
+        return False
+
 
 def init() -> tuple[int, int]:
-    """(rank, world size); joins the process group when WORLD_SIZE > 1."""
+    """(rank, world size); joins the process group when WORLD_SIZE > 1. A rank that torchrun started ends with
+    its launcher (`end_with_launcher`)."""
+    end_with_launcher()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -37,14 +68,14 @@ def device_for(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
+            raise ConfigError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
     elif device.type != "cpu" and device.type != "mps":
-        raise ValueError(f"--device {name}: unsupported device type {device.type!r}; use auto, cpu or cuda")
+        raise ConfigError(f"--device {name}: unsupported device type {device.type!r}; use auto, cpu or cuda")
     return device
 
 

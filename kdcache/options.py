@@ -170,7 +170,7 @@ def write_yaml(cfg, path: str | Path) -> None:
 
 
 def env_int(name: str, flag: str, default=None):
-    """An integer from the environment variable `name` (`default` when unset), or a ValueError naming the
+    """An integer from the environment variable `name` (`default` when unset), or a ConfigError naming the
     variable and the flag that reads it."""
     text = os.environ.get(name)
     if text is None:
@@ -178,7 +178,7 @@ def env_int(name: str, flag: str, default=None):
     try:
         return int(text.strip())
     except ValueError:
-        raise ValueError(f"{flag}: the environment variable {name}={text!r} is not an integer") from None
+        raise ConfigError(f"{flag}: the environment variable {name}={text!r} is not an integer") from None
 
 
 @dataclass(frozen=True)
@@ -260,18 +260,18 @@ def _bound(m: Option, flag: str, value) -> str | None:
 
 
 def check_fields(cfg) -> None:
-    """Every declared range and choice of a config; a ValueError naming the flag."""
+    """Every declared range and choice of a config; a ConfigError naming the flag."""
     for f in dataclasses.fields(cfg):
         m, value = meta(f), getattr(cfg, f.name)
         if value is None or isinstance(value, (bool, tuple, list)):
             continue
         flag = flag_name(f)
         if m.choices and value not in choices_of(m):
-            raise ValueError(f"unknown {flag} {value!r}; choose one of: {', '.join(choices_of(m))}")
+            raise ConfigError(f"unknown {flag} {value!r}; choose one of: {', '.join(choices_of(m))}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             problem = _bound(m, flag, value)
             if problem:
-                raise ValueError(problem)
+                raise ConfigError(problem)
 
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from .datasets import Dataset, FileTooLarge
 from .images import MAX_FILE_BYTES, BadImage, decode_original, encode_packed
 from .cache.backend import backend, cache_path
+from .cache.format import CacheError
 
 PACKED_EXTENSIONS = ("jpg", "png", "bad")
 
@@ -132,6 +133,6 @@ def read_shard(path: Path) -> Iterator[tuple[int, str, bytes]]:
                 continue
             stem, _, ext = member.name.partition(".")
             if "/" in member.name or "\\" in member.name or not stem.isdigit() or ext not in PACKED_EXTENSIONS:
-                raise ValueError(f"{path}: unexpected member {member.name!r}; re-pack this shard")
+                raise CacheError(f"{path}: unexpected member {member.name!r}; re-pack this shard")
             f = tar.extractfile(member)
             yield int(stem), ext, f.read()

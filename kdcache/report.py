@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 from .files import write_atomic
-from .run_files import read_metrics
+from .options import ConfigError
+from .run_files import RunFileError, read_metrics
 
 # what `report` reads from each run's report.json (written by evaluate): a name, or a number
 REPORT_FIELDS = {"student": str, "method": str, "scenario": str, "run": str, "student_metrics/top1": float,
@@ -120,7 +121,7 @@ def check_tensorboard() -> None:
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard "
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard "
                          "(or pip install 'kdcache[tensorboard]')") from None
 
 
@@ -152,15 +153,15 @@ def write_report(run_dir: Path, report: dict) -> None:
 
 
 def read_report(run_dir: Path) -> dict | None:
-    """A run's report.json, or None when the run has not been evaluated yet; ValueError naming the folder
-    or the file when the folder is missing or the report is damaged."""
+    """A run's report.json, or None when the run has not been evaluated yet; a ConfigError naming a missing
+    folder, a RunFileError naming a damaged report."""
     import shlex
 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"{run_dir} is a file, not a run folder")
+        raise ConfigError(f"{run_dir} is a file, not a run folder")
     if not run_dir.is_dir():
-        raise ValueError(f"run folder {run_dir} does not exist")
+        raise ConfigError(f"run folder {run_dir} does not exist")
     p = run_dir / "report.json"
     if not p.is_file():
         return None
@@ -168,10 +169,10 @@ def read_report(run_dir: Path) -> dict | None:
     try:
         r = json.loads(p.read_bytes())
     except (ValueError, OSError) as e:  # truncated, not UTF-8, not JSON, unreadable
-        raise ValueError(f"{p} cannot be read ({e}); {redo}") from None
+        raise RunFileError(f"{p} cannot be read ({e}); {redo}") from None
     lost = _missing_field(r)
     if lost:
-        raise ValueError(f"{p} is not a report evaluate wrote ({lost} is missing or not a "
+        raise RunFileError(f"{p} is not a report evaluate wrote ({lost} is missing or not a "
                          f"{'name' if REPORT_FIELDS[lost] is str else 'number'}); {redo}")
     return r
 

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache.format import CacheError
 from .cache.store import CacheStore
 from .codes import Status
 from .files import writable, write_atomic
 from .images import BadImage, decode_packed
+from .options import ConfigError
 from .mixing import describe, is_mixed, partner_row, partner_view
 from .pack import read_members, shard_name
 from .replay import Replayed, replay_shard, stored_views
@@ -119,7 +121,7 @@ def picture_views(store: CacheStore, n: int, path: str | Path) -> Path:
 
     rows = _rows_shown(store, n)
     if not rows:
-        raise ValueError(f"--show-views {n}: cache {store.path} has no extracted row to show")
+        raise CacheError(f"--show-views {n}: cache {store.path} has no extracted row to show")
     path = Path(path)
     _check_writable(path)
     per_view = 2 if store.has("mix") else 1  # a partner column with mixed views only
@@ -156,8 +158,8 @@ def picture_views(store: CacheStore, n: int, path: str | Path) -> Path:
     return path
 
 
-def _not_writable(path: Path, why: str) -> ValueError:
-    return ValueError(f"--show-views: cannot write the picture {path} ({why}); choose where it goes with "
+def _not_writable(path: Path, why: str) -> ConfigError:
+    return ConfigError(f"--show-views: cannot write the picture {path} ({why}); choose where it goes with "
                       "--views-out PATH")
 
 

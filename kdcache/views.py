@@ -14,13 +14,14 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
+from .options import ConfigError
 from .registry import Registry
 
 PARAMS = ("x0", "y0", "x1", "y1", "flip", "brightness", "contrast", "saturation", "hue", "gray")
 P = len(PARAMS)
 IDENTITY_TAIL = np.array([0, 1, 1, 1, 0, 0], np.float32)  # flip .. gray for an untouched view
 
-POLICIES = Registry("view policy")
+POLICIES = Registry("view policy", ConfigError)
 POLICY_DEFAULTS: dict[str, dict] = {}  # each policy's parameters (recorded in the cache)
 
 

@@ -369,3 +369,23 @@ def test_a_torchrun_extract_prints_one_cache_line_and_counts_every_rank(tmp_path
     counts = [line for line in proc.stderr.splitlines() if line.startswith("extracted ")]
     assert len(counts) == 1 and re.fullmatch(f"extracted {N} images x 2 views in {N // S} shard\\(s\\) at [0-9.]+ "
                                              "img/s \\(2 ranks\\)", counts[0]), counts
+
+
+# an error raised in a DataLoader worker -------------------------------------------------------------------------
+
+def test_a_damaged_shard_read_in_a_loader_worker_is_one_line_naming_the_shard(cache, tmp_path):
+    """torch raises a worker's error again with the worker's whole traceback as its message; the user sees the
+    error itself, as without workers."""
+    f = cache / "features" / "c" / "1" / "0" / "0"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    lines = {}
+    for workers in ("0", "1"):
+        proc = run_cli("distill", "--cache", cache, "--student", "test_efficientnet", "--image-size", "32", "--method",
+                       "kd", "--scenario", "supervised", "--epochs", "1", "--batch-size", "16", "--workers", workers,
+                       "--out", tmp_path / f"run-{workers}", "--no-check-dataset", "--no-progress", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        lines[workers] = proc.stderr.splitlines()[-1]
+    assert lines["1"] == lines["0"] == (f"error: cache {cache}: shard 1 of features differs from the digest recorded "
+                                        "when it was written; check with `info --verify`, fix with `extract --repair`")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from kdcache.options import env_int
+from kdcache.options import ConfigError, env_int
 
 
 def parse_part(text: str | None) -> tuple[int, int]:
@@ -21,18 +21,18 @@ def parse_part(text: str | None) -> tuple[int, int]:
         elif "JOB_COMPLETION_INDEX" in env:
             index = env_int("JOB_COMPLETION_INDEX", "--part")
         else:
-            raise ValueError(f"--part {text}: no job-array index in the environment (SLURM_ARRAY_TASK_ID or "
+            raise ConfigError(f"--part {text}: no job-array index in the environment (SLURM_ARRAY_TASK_ID or "
                              "JOB_COMPLETION_INDEX); give it as --part i/N")
         if not count_text:
-            raise ValueError(f"--part {text}: the number of parts is not in the environment; give it as "
+            raise ConfigError(f"--part {text}: the number of parts is not in the environment; give it as "
                              "--part auto/N")
         index_text = str(index)
     try:
         part, parts = int(index_text), int(count_text)
     except ValueError:
-        raise ValueError(f"--part {text!r}: expected i/N (e.g. 0/4), auto/N or auto") from None
+        raise ConfigError(f"--part {text!r}: expected i/N (e.g. 0/4), auto/N or auto") from None
     if parts < 1 or not 0 <= part < parts:
-        raise ValueError(f"--part {text}: need 0 <= i < N")
+        raise ConfigError(f"--part {text}: need 0 <= i < N")
     return part, parts
 
 

@@ -57,8 +57,8 @@ from .. import dist
 from ..adapt import predict_views, self_train_head, unmixed_views, view_mean, view_rows
 from ..cache.derived import derived_group
 from ..progress import bar as progress_bar
-from .base import (Method, MethodContext, Opt, above_zero, feature_mse, flag, kd_loss, register_method, temperature,
-                   unmixed_in, weight)
+from .base import (Method, MethodContext, MethodError, Opt, above_zero, feature_mse, flag, kd_loss, register_method,
+                   temperature, unmixed_in, weight)
 from .memory import RowMemory, mix_record
 
 CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old fit are not read
@@ -214,7 +214,7 @@ class CustomKD(Method):
             self.memory.track(np.flatnonzero(unl), len(labels))
         f_l, f_u = store.masked(lab), store.masked(unl)
         if ctx.teacher_logits is None:
-            raise ValueError("customkd needs teacher logits (a cache head or a scenario probe)")
+            raise MethodError("customkd needs teacher logits (a cache head or a scenario probe)")
         self._keys: dict[str, str] = {}  # chain key per device kind, of these inputs
         # mixed views never enter the fit nor a row's mean prediction (adapt.py says why)
         self._data = {"f_l": f_l, "y_l": labels[lab].astype(np.int64), "f_u": f_u,

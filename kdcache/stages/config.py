@@ -158,4 +158,4 @@ def local_path(value: str | None, flag: str) -> None:
 def _not_a_file(value: str | None, flag: str) -> None:
     """A folder option (a cache, a run, a dataset root) that names an existing file is refused by name."""
     if value and Path(value).exists() and not Path(value).is_dir():
-        raise ValueError(f"{flag} {value} is a file; give a folder (a new or an existing one)")
+        raise ConfigError(f"{flag} {value} is a file; give a folder (a new or an existing one)")

@@ -18,7 +18,7 @@ from kdcache.extract.teacher import (build_teacher, check_classes, check_mix, ch
 from kdcache.extract.work import my_shards, parse_part
 from kdcache.extraction import PassStats, StreamSpec, fit_probe_once, teacher_pass
 from kdcache.cache.backend import cache_path
-from kdcache.options import check_fields
+from kdcache.options import ConfigError, check_fields
 from kdcache.pack import remove_stale_temporaries
 from kdcache.cache.format import CacheError, Layout, RowOrder
 from kdcache.cache.store import CacheStore
@@ -40,7 +40,7 @@ class Extracted:
 
 def _check(cfg: ExtractConfig) -> None:
     if not cfg.dataset:
-        raise ValueError(f"--dataset is required: one of {', '.join(list_datasets())} (synthetic: generated "
+        raise ConfigError(f"--dataset is required: one of {', '.join(list_datasets())} (synthetic: generated "
                          "test images, no folder)")
     cache_location(cfg.out, "--out")
     local_path(cfg.data_root, "--data-root")

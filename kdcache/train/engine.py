@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..cache.format import outputs
 from ..files import save_tensors, write_atomic
+from ..options import ConfigError
 from ..measure import topk_metrics
 from ..methods import Method, TeacherBatch
 from ..methods.base import MIX_KEYS
@@ -82,7 +83,7 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float, decay_norm
     from timm.optim import create_optimizer_v2
 
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown --optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"unknown --optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
     if isinstance(params, nn.Module) and not decay_norm_bias:
         target = params  # the factory groups the module's trainable parameters by decay
     else:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..cache.format import CacheError, outputs
 from ..cache.store import CacheStore
+from ..options import ConfigError
 from ..mixing import is_mixed, lam_of, partner_row
 from ..pack import member_digest, read_members, shard_name
 from ..replay import Unreadable, fresh_views, replay_shard, stored_views
@@ -594,7 +595,7 @@ def labelled_repeats(labelled: np.ndarray, unlabelled: np.ndarray, ratio: float 
     n_l, n_u = int(labelled.sum()), int(unlabelled.sum())
     if ratio and n_l and n_u:
         if not 0 < ratio < 1:
-            raise ValueError("--labelled-ratio must be between 0 and 1")
+            raise ConfigError("--labelled-ratio must be between 0 and 1")
         if n_l / (n_l + n_u) < ratio:
             reps[labelled] = max(1, int(round(ratio / (1 - ratio) * n_u / n_l)))
     return reps
