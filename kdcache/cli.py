@@ -143,6 +143,7 @@ def _is_user_error(err: Exception) -> bool:
     from kdcache.heads import HeadError
     from kdcache.methods import MethodError
     from kdcache.scenarios import ScenarioError
+    from kdcache.cache.backend import LocationError
     from kdcache.cache.format import CacheError
     from kdcache.students import StudentError
     from kdcache.teachers import TeacherError
@@ -153,7 +154,7 @@ def _is_user_error(err: Exception) -> bool:
     # each names what the user gave (a flag, a file, a cache) and what to do; any other error, a ValueError from
     # deep inside a library included, is a bug of kdcache's
     named = (DatasetError, TeacherError, CacheError, HeadError, ConfigError, MethodError, ScenarioError,
-             StudentError, WeightsError, TrainingDiverged, *USER_OS_ERRORS)
+             StudentError, WeightsError, TrainingDiverged, LocationError, *USER_OS_ERRORS)
     return isinstance(err, named) or isinstance(err, OSError) and err.errno in USER_ERRNOS
 
 

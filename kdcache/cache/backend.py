@@ -21,7 +21,11 @@ import re
 import shutil
 from pathlib import Path
 
-from kdcache.options import ConfigError
+
+class LocationError(ValueError):
+    """A cache location that cannot be used: a URL without its filesystem's package, or without a bucket and a
+    path, or a URL where only a local path will do (a user error: the message names the flag)."""
+
 
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 LOCAL_PROTOCOLS = ("", "file", "local")
@@ -49,13 +53,13 @@ def cache_path(value) -> Path:
     try:
         return UPath(text)
     except (ValueError, ImportError) as e:  # an unknown protocol, or its filesystem package is missing
-        raise ConfigError(f"{e}; object storage needs its filesystem's package, e.g. `pip install kdcache[s3]` "
+        raise LocationError(f"{e}; object storage needs its filesystem's package, e.g. `pip install kdcache[s3]` "
                          "for s3://") from None
 
 
 def check_url(value: str | None, flag: str) -> bool:
     """True when `value` is a URL whose filesystem is installed (and names a bucket and a path); False when it
-    is no URL; a ConfigError naming `flag` otherwise."""
+    is no URL; a LocationError naming `flag` otherwise."""
     if not value or not _is_url(value):
         return False
     try:
@@ -63,16 +67,16 @@ def check_url(value: str | None, flag: str) -> bool:
         if _is_remote(path):
             path.fs  # a missing filesystem package fails here
     except (ValueError, ImportError) as e:
-        raise ConfigError(f"{flag} {value}: no filesystem for this URL is installed ({e})") from None
+        raise LocationError(f"{flag} {value}: no filesystem for this URL is installed ({e})") from None
     if not str(value).split("://", 1)[1].strip("/"):
-        raise ConfigError(f"{flag} {value}: give a bucket and a path, e.g. s3://bucket/caches/name")
+        raise LocationError(f"{flag} {value}: give a bucket and a path, e.g. s3://bucket/caches/name")
     return True
 
 
 def refuse_url(value: str | None, message: str) -> None:
-    """A ConfigError(`message`) when `value` is a URL (for what lives on local or shared file systems only)."""
+    """A LocationError(`message`) when `value` is a URL (for what lives on local or shared file systems only)."""
     if value and _is_url(value):
-        raise ConfigError(message)
+        raise LocationError(message)
 
 
 def open_mode(value) -> str:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..options import ConfigError
-from .format import SPARSE_LOGITS, Layout, index_dtype
+from .format import SPARSE_LOGITS, CacheError, Layout, index_dtype
 
 FLOOR = 1e-30  # a probability that underflowed to 0 in float16 reads as this (its logarithm stays finite)
 
@@ -35,7 +34,7 @@ def sparsify(logits: np.ndarray, k: int) -> dict[str, np.ndarray]:
     z = np.asarray(logits, np.float32)
     c = z.shape[-1]
     if not 0 < k < c:
-        raise ConfigError(f"--logits-topk {k}: must be between 1 and {c - 1} (the classes less one)")
+        raise CacheError(f"--logits-topk {k}: must be between 1 and {c - 1} (the classes less one)")
     z = z - z.max(axis=-1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=-1, keepdims=True)
