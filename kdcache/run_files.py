@@ -129,3 +129,11 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
         else:
             p.unlink(missing_ok=True)
     return found
+
+
+def epochs_recorded(run_dir: Path) -> int:
+    """Epochs the run recorded in metrics.jsonl (each line is one finished epoch)."""
+    try:
+        return sum(1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError):
+        return 0

@@ -212,8 +212,8 @@ class ShardRecords:
         except Exception:  # noqa: BLE001 - a damaged chunk raises from the codec: find which
             for k in range(self.layout.num_shards):
                 if self.read_record("shard_checksums", k) is None:
-                    raise CacheError(f"cache {self.path}: the recorded checksum of shard {k} (shard_checksums) "
-                                     "cannot be read; check with `info --verify`, fix with `extract --repair`") from None
+                    raise CacheError(f"cache {self.path}: the recorded checksum of shard {k} (shard_checksums) cannot "
+                                     "be read; check with `info --verify`, fix with `extract --repair`") from None
             raise
 
     def write_checksum(self, k: int, checksum: str) -> None:

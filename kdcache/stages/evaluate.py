@@ -14,7 +14,7 @@ from kdcache.files import writable
 from kdcache.measure import count_macs, count_params, cpu_latency_ms, export_onnx, export_timm, topk_metrics
 from kdcache.options import ConfigError, check_fields
 from kdcache.report import write_report
-from kdcache.run_files import damaged, read_tensors, resume_hint
+from kdcache.run_files import epochs_recorded, damaged, read_tensors, resume_hint
 from kdcache.cache.format import CacheError
 from kdcache.cache.store import CacheStore
 from kdcache.students import create_student
@@ -37,7 +37,7 @@ def load_run(run_dir: Path) -> tuple[DistillConfig, dict]:
         raise CacheError(f"run {run_dir} is still training ({holder}); evaluate it when that distill has finished")
     if not (run_dir / "summary.json").is_file() or not (run_dir / "student.safetensors").is_file():
         if (run_dir / "config.yaml").is_file():  # a run that began and stopped before its last epoch
-            done = _epochs_done(run_dir)
+            done = epochs_recorded(run_dir)
             raise CacheError(f"run {run_dir} has no finished student yet: its training stopped after {done} epoch(s); "
                              "finish it with `python cli.py distill --config "
                              f"{shlex.quote(str(run_dir / 'config.yaml'))} --resume --out {shlex.quote(str(run_dir))}`, "

@@ -129,7 +129,8 @@ def run_cache(run_dir: Path, dcfg, summary: dict, given: str | None) -> CacheSto
     cache; refused when its fingerprint (or, for runs that recorded none, its teacher) is not the run's."""
     recorded = summary.get("cache_location") or dcfg.cache
     if given is None:
-        found = [p for p in _places(run_dir, dcfg, summary) if check_url(p, "--cache") or (Path(p) / "zarr.json").is_file()]
+        found = [p for p in _places(run_dir, dcfg, summary)
+                 if check_url(p, "--cache") or (Path(p) / "zarr.json").is_file()]
         if not found:
             raise CacheError(f"the cache run {run_dir} was trained on is no longer at {recorded}; pass --cache with "
                              "where it is now")
@@ -142,11 +143,3 @@ def run_cache(run_dir: Path, dcfg, summary: dict, given: str | None) -> CacheSto
         raise CacheError(f"the cache at {given} is not the one run {run_dir} was trained on ({ids}; trained on the "
                          f"cache at {recorded}): pass --cache with that cache")
     return store
-
-
-def _epochs_done(run_dir: Path) -> int:
-    """Epochs the run recorded in metrics.jsonl (each line is one finished epoch)."""
-    try:
-        return sum(1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
-    except (OSError, UnicodeDecodeError):
-        return 0
