@@ -404,7 +404,9 @@ def test_customkd_moving_customisation_resumes_exactly(cache, tmp_path, monkeypa
     assert record[:, -1].sum() > 0  # rows were recorded, and the checkpoint holds them
 
 
-@pytest.mark.parametrize("move_from,epochs,first", [(0.0, 3, 1), (0.5, 6, 3), (0.75, 6, 5), (1.0, 4, 4)])
+# the ends of the range by default; two points inside it under -m slow (they train 6 epochs each)
+@pytest.mark.parametrize("move_from,epochs,first", [(0.0, 3, 1), pytest.param(0.5, 6, 3, marks=pytest.mark.slow),
+                                                    pytest.param(0.75, 6, 5, marks=pytest.mark.slow), (1.0, 4, 4)])
 def test_customkd_moving_customisation_starts_at_move_from(cache, tmp_path, monkeypatch, move_from, epochs, first):
     """With move_from, the phases before `first` (move_from of the run, never before the second) are the
     teacher-only chain's, kept with the cache and read from it; the later ones refit with the student's record.
