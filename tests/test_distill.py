@@ -361,7 +361,8 @@ def test_customkd_phases_are_computed_once_and_shared_by_every_student(cache, tm
     assert int(own["phases"]) == 2 and own["m_weight"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("record", ["train", "clean", "late"])
+@pytest.mark.parametrize("record", [pytest.param("train", marks=pytest.mark.slow), "clean",
+                                    pytest.param("late", marks=pytest.mark.slow)])
 def test_customkd_moving_customisation_resumes_exactly(cache, tmp_path, monkeypatch, record):
     """A customisation that moves with the student, and a target bootstrapped from its record, keep their state
     (the per-row record of the student's predictions and the last customised classifier) in the checkpoint: a run stopped after an epoch and

@@ -93,6 +93,7 @@ def _wait_for_shards(proc: subprocess.Popen, out: Path, shards: int, timeout: fl
         time.sleep(0.005)
 
 
+@pytest.mark.slow  # several processes; CI runs it (make test-slow)
 def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
     out = tmp_path / "cache"
     args = [sys.executable, str(ROOT / "cli.py"), "extract", *ARGS, "--workers", "0", "--out", str(out)]
@@ -155,6 +156,7 @@ def test_world_size_may_change_between_starts(reference, tmp_path):
     assert_same_cache(reference, out)
 
 
+@pytest.mark.slow  # several processes; CI runs it (make test-slow)
 def test_elastic_torchrun_restarts_after_a_rank_is_killed_and_finishes_the_same_cache(reference, tmp_path):
     """torchrun elastic (c10d rendezvous, --max-restarts 1), 2 CPU ranks: one rank is killed part-way; the
     agent restarts the group, the ranks split the shards still to do, and the cache equals one process's."""
@@ -175,6 +177,7 @@ def test_elastic_torchrun_restarts_after_a_rank_is_killed_and_finishes_the_same_
     assert_same_cache(reference, out)
 
 
+@pytest.mark.slow  # several processes; CI runs it (make test-slow)
 def test_second_extract_on_same_cache_cooperates(reference, tmp_path):
     out = tmp_path / "cache"
     args = [sys.executable, str(ROOT / "cli.py"), "extract", *ARGS, "--workers", "0", "--out", str(out)]
@@ -200,6 +203,7 @@ def _shards_done(stderr: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+@pytest.mark.slow  # several processes; CI runs it (make test-slow)
 def test_a_process_started_by_hand_waits_for_the_shards_another_holds(reference, tmp_path):
     """While another process holds half the shards, an extract does the other half, then waits for the held
     ones instead of returning with the cache unfinished (a rank of a killed job may still be writing them);
@@ -274,6 +278,7 @@ def test_part_is_parsed_or_refused_by_name(text, env, expect, monkeypatch):
             parse_part(text)
 
 
+@pytest.mark.slow  # several processes; CI runs it (make test-slow)
 def test_claims_are_exclusive_between_processes(tmp_path):
     mine = ShardClaims(tmp_path)
     assert mine.try_claim(3)

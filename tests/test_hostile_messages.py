@@ -354,6 +354,7 @@ def test_evaluate_of_a_run_in_training_or_stopped_says_so_and_how_to_finish_it(c
 
 # torchrun: one cache line for the job, the count of every rank's images ------------------------------------
 
+@pytest.mark.slow  # a torchrun job; CI runs it (make test-slow)
 def test_a_torchrun_extract_prints_one_cache_line_and_counts_every_rank(tmp_path):
     import subprocess
 
