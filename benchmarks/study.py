@@ -151,17 +151,33 @@ CEILING_ROWS = (*CHAIN_CORE, *(before_moving(r) for r in (SELF, MOVING, MOVING_C
 # choice): the default 0.25 against half the draws clean
 CLEAN_ROWS = tuple(Row(f"{m}, half the draws on the clean view (clean_share=0.5)", m, distill=(("clean_share", 0.5),),
                        core=False) for m in ("kd", "customkd"))
+# Past the target (a student better than the customised teacher it learns from): row-level targets (every view of an
+# unlabelled row learns the sharpened, balanced ensemble over its cached views), student-side noise (dropout before
+# the classifier), an averaged student (EMA of the weights: evaluated, recorded and exported), and a second
+# generation (`--from-run`: a new student whose targets mix the first customkd student's clean predictions in).
+# "@<row>" in a row's --from-run names that row's run of the same pair, budget and seed.
+FIRST = "customkd"
+GENERATION_ROWS = (
+    Row("customkd, row-level targets (target=row)", "customkd", (("target", "row"),), core=False),
+    Row("customkd, row-level targets + student dropout (target=row, --drop-rate 0.2)", "customkd",
+        (("target", "row"),), (("drop_rate", 0.2),), core=False),
+    Row("customkd + averaged student (--ema 0.99)", "customkd", distill=(("ema", 0.99),), core=False),
+    Row("customkd, row-level targets + dropout + averaged student (target=row, --drop-rate 0.2, --ema 0.99)",
+        "customkd", (("target", "row"),), (("drop_rate", 0.2), ("ema", 0.99)), core=False),
+    Row("customkd, second generation (--from-run the customkd student, --from-run-weight 0.5)", "customkd",
+        distill=(("from_run", "@" + FIRST), ("from_run_weight", 0.5)), core=False),
+)
 ORACLE = previous_default(Row("target oracle (every train label)", "supervised", core=False, scenario="supervised"))
 
 SUITES = {
     "demo": Suite("demo", "cache/demo-mnist5k", "ssl", "mobilenetv3_small_050", 32, {"short": 8, "long": 32},
                   labels_per_class=10,
-                  rows=CORE + CHAIN_CORE + PREVIOUS_CORE + ABLATIONS + (ORACLE,) + CLEAN_ROWS,
+                  rows=CORE + CHAIN_CORE + PREVIOUS_CORE + ABLATIONS + (ORACLE,) + CLEAN_ROWS + GENERATION_ROWS,
                   setup="python cli.py demo (or its extract step) builds the cache"),
     "iconshift": Suite("iconshift", "cache/iconshift-lite2", "uda", "mobilenetv3_small_100", 64,
                        {"short": 10, "long": 40},
                        pairs=(("faenza", "tango"), ("breeze", "papirus"), ("mint-y", "breeze")), closed_set=True,
-                       rows=CORE + CHAIN_CORE + PREVIOUS_CORE + ABLATIONS + CLEAN_ROWS,
+                       rows=CORE + CHAIN_CORE + PREVIOUS_CORE + ABLATIONS + CLEAN_ROWS + GENERATION_ROWS,
                        setup="bash ../shared/iconshift/build.sh data/iconshift-dev; "
                              "bash ../shared/weights/get_teacher.sh weights; python cli.py extract --dataset imagefolder "
                              "--data-root data/iconshift-dev --domain tango --domain faenza --domain papirus "
@@ -295,6 +311,13 @@ def run_config(suite: Suite, pair: tuple, budget: str, row: Row, seed: int, devi
 
     key = run_key(suite, pair, budget, row, seed)
     overrides = dict(row.distill)
+    first = overrides.get("from_run")
+    if isinstance(first, str) and first.startswith("@"):  # another row's run of this pair, budget and seed
+        found = [r for r in suite.rows if r.label == first[1:]]
+        path = ROOT / "runs" / "study" / suite.name / run_key(suite, pair, budget, found[0], seed)
+        if not (path / "summary.json").is_file():
+            raise SystemExit(f"{key}: its first generation {path} has not finished; run row {first[1:]!r} first")
+        overrides["from_run"] = str(path)
     student, weights = suite.student, None
     if overrides.pop("pretrained", False):
         student, weights = suite.pretrained_student, pretrained_weights(suite)
@@ -341,7 +364,7 @@ def train(suite: Suite, pair: tuple, budget: str, row: Row, seed: int, device: s
 
 
 CURVE_KEYS = ("custom_teacher_eval_top1", "custom_target_eval_top1", "student_record_eval_top1",
-              "student_record_confident")
+              "student_record_confident", "row_target_top1", "previous_student_top1")
 
 
 def curve(records: list[dict], head: dict) -> list[dict]:
@@ -350,6 +373,8 @@ def curve(records: list[dict], head: dict) -> list[dict]:
     out = []
     for r in records:
         point = {"epoch": r["epoch"], "top1": r.get("eval", {}).get("top1")}
+        if "eval_trained" in r:  # an averaged student's run: the trained weights beside it
+            point["top1_trained"] = r["eval_trained"].get("top1")
         point.update({k: r[k] for k in CURVE_KEYS if k in r})
         if head.get("adapted"):
             point["teacher_eval_top1"] = head["eval_top1_after"]

@@ -166,6 +166,22 @@ class DistillConfig:
                                 "(evaluation-like) view, whatever the cache's V (evenly spaced); the other draws "
                                 "walk views 1..V-1 without replacement across epochs. A cache of one view draws only "
                                 "view 0.", low=0, high=1)
+    drop_rate: float = option(0.0, "Student dropout before its classifier (timm's drop_rate): noise the student "
+                              "trains with and its targets, read from the cache, never see.", low=0, high=0.9)
+    drop_path: float = option(0.0, "Student stochastic depth (timm's drop_path_rate), for students that have it.",
+                              low=0, high=0.9)
+    ema: float = option(0.0, "Keep an averaged student, the exponential moving average of the weights at this decay "
+                        "per step (e.g. 0.998; warmed up: min(decay, (1+n)/(10+n)) at step n; 0: off). It is the "
+                        "student evaluated, the one whose clean predictions a method records, and the exported "
+                        "student.safetensors; metrics.jsonl also gives the trained weights' eval_trained.",
+                        low=0, high=0.99999)
+    from_run: str | None = option(None, "A second generation: a finished customkd run on this cache whose student's "
+                                  "clean-view predictions on the unlabelled rows are mixed into every customised "
+                                  "target (geometric mean, weight --from-run-weight). The new student starts from "
+                                  "scratch on its own schedule.", shown="none", needs=(When("method", ("customkd",)),))
+    from_run_weight: float = option(0.5, "--from-run: weight of the first student's prediction in each target "
+                                    "(0: the customised teacher's alone, 1: the first student's alone).", low=0,
+                                    high=1, needs=(When("from_run", excluded=(None,)),))
     workers: int = option(4, "DataLoader worker processes.", low=0)
     seed: int = option(0, "Seed for labels-per-class, shard order and views (each row's cached views are drawn "
                             "without replacement across epochs, in an order set by the seed).", limits=SEED_RANGE)

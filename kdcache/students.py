@@ -67,14 +67,24 @@ class Student(nn.Module):
         return {"feature": out.feature.shape[1], "map": out.feature_map.shape[1]}
 
 
-def create_student(name: str, num_classes: int, weights: str | None = None, pretrained: bool = False) -> Student:
-    """A timm student with a fresh `num_classes` head; optional backbone weights from a file or the hub."""
+def create_student(name: str, num_classes: int, weights: str | None = None, pretrained: bool = False,
+                   drop_rate: float = 0.0, drop_path: float = 0.0) -> Student:
+    """A timm student with a fresh `num_classes` head; optional backbone weights from a file or the hub; dropout
+    before the classifier and stochastic depth when asked (timm's drop_rate and drop_path_rate)."""
     if not timm.is_model(name.split(".")[0]):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise StudentError(f"unknown --student {name!r} (any timm model name).{hint}")
+    noise = {k: v for k, v in (("drop_rate", drop_rate), ("drop_path_rate", drop_path)) if v}
     try:
-        model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=num_classes)
+        model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=num_classes, **noise)
+    except TypeError as e:
+        if noise:
+            flags = " / ".join(f for f, k in (("--drop-rate", "drop_rate"), ("--drop-path", "drop_path_rate"))
+                               if k in noise)
+            raise StudentError(f"{flags}: student {name} does not take {', '.join(noise)} ({e}); leave the flag out "
+                               "or choose another --student") from None
+        raise
     except Exception as e:
         if pretrained:
             raise StudentError(f"could not load pretrained student {name!r} ({e}); pass --student-weights FILE "

@@ -23,7 +23,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
 DISTILL_NEEDS = needs_of(DistillConfig)
 METHOD_NEEDS = [(method, key) for method, spec in METHOD_OPTIONS.items() for key, o in spec.items() if o.needs]
 # the values each option a condition reads may take (schema fields without declared choices)
-DOMAINS = {"scenario": SCENARIOS, "method": tuple(list_methods()), "online_teacher": (True, False)}
+DOMAINS = {"scenario": SCENARIOS, "method": tuple(list_methods()), "online_teacher": (True, False),
+           "from_run": (None, "runs/first")}
 
 
 def _field_value(name: str) -> st.SearchStrategy:
@@ -78,6 +79,8 @@ def _argv(values: dict) -> list[str]:
     out = []
     for name, value in values.items():
         flag = flag_name(FIELDS[name])
+        if value is None:  # the option left out
+            continue
         if isinstance(value, bool):
             out += [flag] if value else []
         elif isinstance(value, tuple):

@@ -243,6 +243,10 @@ class MethodContext:
     # in row order (evaluation mode, one forward pass each; set by the training session, None outside a run)
     predict_clean: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
     epochs: int = 0  # the run's length in epochs (0: not known, outside a run)
+    # a second generation (`distill --from-run`): `previous_student(mask)` gives (rows, logits), the first run's
+    # student's predictions on the clean view of the masked rows, in row order; mixed into targets at `previous_weight`
+    previous_student: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    previous_weight: float = 0.0
 
 
 class Method(nn.Module):

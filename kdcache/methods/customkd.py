@@ -60,6 +60,7 @@ from ..progress import bar as progress_bar
 from .base import (Method, MethodContext, MethodError, Opt, above_zero, feature_mse, flag, kd_loss, register_method,
                    temperature, unmixed_in, weight)
 from .memory import RowMemory, mix_record
+from .targets import RowTargets
 
 CHAIN_VERSION = 1  # bump when a phase's fit changes, so kept phases of the old fit are not read
 RECORD = "clean"  # the default record of the student's predictions
@@ -171,6 +172,11 @@ def report(d: dict, memory: RowMemory, p: dict, m: torch.Tensor, c: torch.Tensor
                   help="fraction of the run's customisation phases that read the teacher-only chain before a moving "
                        "customisation (student_weight > 0) starts mixing in the student's record (0: from phase 2)",
                   needs=MOVING),
+    target=Opt("view", str, choices=("view", "row"),
+               help="what each view of an unlabelled row that is not mixed learns from in the customised term: its own "
+                    "customised prediction (view), or the row's: the sharpened, class-balanced mean over the row's "
+                    "cached views (row; temperature 1), so that noisy views (and student dropout, --drop-rate) learn "
+                    "what the clean ensemble predicts", needs=above_zero("w_custom")),
     anchor=flag(True, "each moving refit mixes the student's record with the first customisation's predictions "
                        "(fixed) instead of the previous customisation's (which compound from phase to phase)",
                  needs=MOVING),
@@ -190,6 +196,8 @@ class CustomKD(Method):
         self.register_buffer("m_bias", torch.zeros(dims.classes))
         self.register_buffer("phases", torch.zeros((), dtype=torch.long))
         self.memory = RowMemory(dims.classes, self.params["memory_momentum"])  # the student's softmax per row
+        # row-level targets and a first student's predictions (plain state, rebuilt each phase: methods/targets.py)
+        self.targets = RowTargets(self.params["target"] == "row", self.params["sharpen"], self.params["balance"])
         self._data = None
         self._recorded = None  # mask of the rows whose student predictions are recorded
         self._customised = False  # mirrors phases > 0 without a device sync per step
@@ -212,6 +220,7 @@ class CustomKD(Method):
         self._recorded = unl if self._reads_record() else None
         if self._recorded is not None:  # the rows whose student predictions are recorded
             self.memory.track(np.flatnonzero(unl), len(labels))
+        self.targets.track(np.flatnonzero(unl), len(labels), self.dims.classes)
         f_l, f_u = store.masked(lab), store.masked(unl)
         if ctx.teacher_logits is None:
             raise MethodError("customkd needs teacher logits (a cache head or a scenario probe)")
@@ -223,7 +232,8 @@ class CustomKD(Method):
         # report-only: how well the customised teacher classifies the evaluation rows
         ev = subsample(sc.evaluation)
         self._data.update(f_e=store.clean_view(ev), y_e=labels[ev].astype(np.int64),
-                          y_ue=np.where(ev[unl], labels[unl], -1).astype(np.int64))
+                          y_ue=np.where(ev[unl], labels[unl], -1).astype(np.int64),
+                          y_u=labels[unl].astype(np.int64))  # the row targets' own top-1 on the unlabelled rows
 
     def _moving(self) -> bool:
         """Whether the customisation moves with the student (else it is the teacher-only chain)."""
@@ -354,8 +364,11 @@ class CustomKD(Method):
     @torch.no_grad()
     def before_epoch(self, ctx: MethodContext, epoch: int) -> dict[str, float]:
         self._customised = int(self.phases) > 0  # also right after a resume restored the buffers
+        first = {}
+        if ctx.previous_student is not None and self.targets.previous is None:  # a second generation's first student
+            first = self.targets.load_previous(ctx.previous_student, ctx.previous_weight, self._data["y_u"])
         if epoch < self.params["warmup_epochs"]:
-            return {}
+            return first
         start = time.perf_counter()
         phase = int(self.phases)
         if self._moving() and phase >= self._first_moving(ctx.epochs):
@@ -372,7 +385,10 @@ class CustomKD(Method):
         self.head_bias.copy_(b_h)
         self.phases += 1
         self._customised = True
-        return {"custom_phase": int(self.phases), **report(self._data, self.memory, self.params, m, c),
+        if self.targets.targets is not None:
+            first.update(self.targets.refresh(predict_unlabelled(self._data["f_u"], m, c, self._data["keep_u"]),
+                                              self._data["y_u"]))
+        return {"custom_phase": int(self.phases), **report(self._data, self.memory, self.params, m, c), **first,
                 "custom_seconds": time.perf_counter() - start}
 
     # ------------------------------------------------------------------ (B) distillation
@@ -389,7 +405,10 @@ class CustomKD(Method):
             target = self.customised_logits(teacher.features)
             if p["bootstrap"] > 0 and teacher.rows is not None and len(self.memory):
                 target = self.memory.bootstrapped(target, teacher.rows, p["bootstrap"], own)
-            parts["custom"] = kd_loss(out.logits, target, p["custom_temperature"])
+            if self.targets.active and teacher.rows is not None:
+                parts["custom"] = self.targets.loss(out.logits, target, p["custom_temperature"], teacher.rows, own)
+            else:
+                parts["custom"] = kd_loss(out.logits, target, p["custom_temperature"])
         if p["w_kd"] > 0:
             parts["kd"] = kd_loss(out.logits, teacher.logits, p["temperature"])
         if p["w_im"] > 0:

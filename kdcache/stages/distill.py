@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdcache import dist
+from kdcache.cache.format import CacheError
 from kdcache.methods import parse_method_options
 from kdcache.options import check_fields, check_needs
 from kdcache.report import check_tensorboard
 from kdcache.scenario_heads import scenario_teacher_head
-from kdcache.train.inputs import method_context, open_cache, scenario_of, student_and_method
+from kdcache.train.inputs import method_context, open_cache, run_cache, scenario_of, student_and_method
 from kdcache.train.run_dir import lock_run_dir, shared_default_out, unlock_run_dir
 from kdcache.train.session import train
 
@@ -37,10 +38,37 @@ def run(cfg: DistillConfig) -> Path:
     out = Path(cfg.out) if cfg.out else shared_default_out(cfg, store, rank)
     lock = lock_run_dir(out) if rank == 0 else None
     try:
-        return train(cfg, rank, world, store, out)
+        return train(cfg, rank, world, store, out, first_generation(cfg.from_run, store) if cfg.from_run else None)
     finally:
         if lock is not None:
             unlock_run_dir(out, lock)
+
+
+def first_generation(run: str, store):
+    """(student, image size) of the finished run a second generation learns from (`--from-run`): trained on this
+    very cache (its fingerprint), its student loaded with its weights."""
+    from kdcache.run_files import read_tensors
+    from kdcache.students import create_student
+
+    from .evaluate import load_run
+
+    dcfg, summary = load_run(Path(run))
+    want = summary.get("cache_fingerprint")
+    if want is None:  # a run made before runs recorded their cache's fingerprint: the cache it names
+        try:
+            want = run_cache(Path(run), dcfg, summary, None).fingerprint()
+        except CacheError as e:
+            raise CacheError(f"--from-run {run}: {e}") from None
+    if want != store.fingerprint():
+        raise CacheError(f"--from-run {run}: that run was trained on another cache ({summary.get('cache_location')}, "
+                         f"fingerprint {str(want)[:12]}); a second generation reads the first's predictions on this "
+                         f"cache's rows, so give a run trained on {store.path}")
+    if summary["num_classes"] != len(store.meta.classes):
+        raise CacheError(f"--from-run {run}: its student has {summary['num_classes']} classes, the cache "
+                         f"{len(store.meta.classes)}")
+    student = create_student(dcfg.student, summary["num_classes"])
+    student.model.load_state_dict(read_tensors(Path(run) / "student.safetensors", "distill that run again"))
+    return student.eval(), int(summary["image_size"])
 
 
 def precompute(cfg: DistillConfig) -> None:

@@ -124,8 +124,10 @@ CHECK_EVERY = 25
 
 def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max_steps: int | None = None,
                     amp: bool = False, channels_last: bool = False, desc: str = "train",
-                    progress: bool = True, expected_steps: int | None = None) -> dict[str, float]:
-    """One pass over the loader (or `max_steps` batches); returns mean loss parts and img/s."""
+                    progress: bool = True, expected_steps: int | None = None,
+                    after_step: Callable[[], None] | None = None) -> dict[str, float]:
+    """One pass over the loader (or `max_steps` batches); returns mean loss parts and img/s. `after_step` runs
+    after each optimiser step (the averaged student's update)."""
     module.train()
     sums: dict[str, float] = {}
     seen, steps, start = 0, 0, time.perf_counter()
@@ -146,6 +148,8 @@ def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, device, max
         parts["loss"].backward()
         optimizer.step()
         scheduler.step()
+        if after_step is not None:
+            after_step()
         steps += 1
         seen += len(images)
         for k, v in parts.items():  # summed on the device: no host sync per step
@@ -184,10 +188,14 @@ class FitPlan:
 def fit(module: TrainModule, train_module: nn.Module, optimizer, scheduler, device, plan: FitPlan,
         train_loader: Callable[[int], object], eval_loader: Callable[[], object], eval_groups: tuple,
         before_epoch: Callable[[int], dict], after_epoch: Callable[[int, dict], None],
-        barrier: Callable[[], None] = lambda: None, end_epoch: Callable[[int], dict] = lambda epoch: {}) -> None:
+        barrier: Callable[[], None] = lambda: None, end_epoch: Callable[[int], dict] = lambda epoch: {},
+        ema=None) -> None:
     """The epoch loop: the method's phase, one training pass, the method's `end_epoch`, evaluation when the
     plan says, then `after_epoch(epoch, record)` (metrics and checkpoint, by rank 0). `train_module` is `module` or its
-    DistributedDataParallel wrapper; `eval_groups` is (domains per row, domain names)."""
+    DistributedDataParallel wrapper; `eval_groups` is (domains per row, domain names). With an averaged student
+    (`ema`, kdcache/train/ema.py) it is updated after every step and is the student evaluated (`eval`); the trained
+    weights are evaluated too (`eval_trained`)."""
+    update = (lambda: ema.update(module.student)) if ema is not None else None
     for epoch in range(plan.start_epoch, plan.epochs):
         record: dict = {"epoch": epoch}
         record.update(before_epoch(epoch))
@@ -195,7 +203,8 @@ def fit(module: TrainModule, train_module: nn.Module, optimizer, scheduler, devi
         stats = train_one_epoch(train_module, loader, optimizer, scheduler, device,
                                 max_steps=plan.steps_per_epoch if plan.world > 1 else None, amp=plan.amp,
                                 channels_last=plan.channels_last, desc=f"epoch {epoch + 1}/{plan.epochs}",
-                                progress=plan.progress and plan.rank == 0, expected_steps=plan.steps_per_epoch)
+                                progress=plan.progress and plan.rank == 0, expected_steps=plan.steps_per_epoch,
+                                after_step=update)
         record.update(stats, lr=scheduler.get_last_lr()[0])
         makeup = loader.makeup() if hasattr(loader, "makeup") else {}
         if makeup:
@@ -207,8 +216,12 @@ def fit(module: TrainModule, train_module: nn.Module, optimizer, scheduler, devi
                       file=sys.stderr)
         record.update(end_epoch(epoch))
         if plan.rank == 0 and plan.evaluates(epoch):
-            record["eval"] = evaluate(module.student, eval_loader(), device, *eval_groups, plan.channels_last,
+            exported = module.student if ema is None else ema.student
+            record["eval"] = evaluate(exported, eval_loader(), device, *eval_groups, plan.channels_last,
                                       progress=plan.progress, total=plan.eval_total)
+            if ema is not None:
+                record["eval_trained"] = evaluate(module.student, eval_loader(), device, *eval_groups,
+                                                  plan.channels_last, progress=False, total=plan.eval_total)
         after_epoch(epoch, record)
         barrier()
 
@@ -251,9 +264,10 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(run_dir: Path, epoch: int, student: Student, method: Method, state: dict) -> Path:
+def save_checkpoint(run_dir: Path, epoch: int, student: Student, method: Method, state: dict, ema=None) -> Path:
     """checkpoints/epoch-NNNN/ is built under a temporary name and renamed; `latest` then points to it. A write
-    that fails (a full disk) removes what it built, and says which file it could not write."""
+    that fails (a full disk) removes what it built, and says which file it could not write. With an averaged
+    student (`ema`) its weights are `ema.safetensors` there, and the run's exported `student.safetensors`."""
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"epoch-{epoch:04d}"
@@ -265,6 +279,10 @@ def save_checkpoint(run_dir: Path, epoch: int, student: Student, method: Method,
             save_tensors(_tensors(student.model), tmp / "student.safetensors")
         with writing(final / "method.safetensors", run_dir):
             save_tensors(_tensors(method), tmp / "method.safetensors")
+        if ema is not None:
+            with writing(final / EMA_FILE, run_dir):
+                save_tensors(_tensors(ema.student.model), tmp / EMA_FILE)
+            state = dict(state, ema_updates=ema._updates)
         with writing(final / "state.pt", run_dir):
             torch.save(state, tmp / "state.pt")
         shutil.rmtree(final, ignore_errors=True)
@@ -273,12 +291,27 @@ def save_checkpoint(run_dir: Path, epoch: int, student: Student, method: Method,
         shutil.rmtree(tmp, ignore_errors=True)
     with writing(ckpt_root / "latest", run_dir):
         write_atomic(ckpt_root / "latest", lambda p: p.write_text(final.name))
-    for name in ("student.safetensors", "method.safetensors"):  # the run's current artifacts
-        with writing(run_dir / name, run_dir):
-            write_atomic(run_dir / name, lambda p, n=name: shutil.copyfile(final / n, p))
+    publish(run_dir, final)
     for old in sorted(ckpt_root.glob("epoch-*"))[:-2]:  # keep the last two
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+EMA_FILE = "ema.safetensors"
+
+
+def artifacts(checkpoint: Path) -> dict[str, str]:
+    """The run's exported files and the checkpoint file each is a copy of: the averaged student's weights are the
+    exported student when the run keeps one."""
+    student = EMA_FILE if (checkpoint / EMA_FILE).is_file() else "student.safetensors"
+    return {"student.safetensors": student, "method.safetensors": "method.safetensors"}
+
+
+def publish(run_dir: Path, checkpoint: Path) -> None:
+    """The run's current artifacts, copied from `checkpoint`."""
+    for name, source in artifacts(checkpoint).items():
+        with writing(run_dir / name, run_dir):
+            write_atomic(run_dir / name, lambda p, s=source: shutil.copyfile(checkpoint / s, p))
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -300,7 +333,7 @@ def read_checkpoint(path: Path, todo: str) -> dict:
     """The state of the checkpoint folder `path`, after checking that each of its files reads back whole (so
     that a resume never starts on a damaged one); the error names the damaged file."""
     state = read_state(path / "state.pt", todo)
-    for name in ("student.safetensors", "method.safetensors"):
+    for name in ("student.safetensors", "method.safetensors") + ((EMA_FILE,) if "ema_updates" in state else ()):
         read_tensors(path / name, todo)
     return state
 
@@ -329,10 +362,13 @@ def load_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
                        "epoch 1, or start a new run with another --out")
 
 
-def restore(path: Path, student: Student, method: Method) -> None:
+def restore(path: Path, student: Student, method: Method, ema=None, state: dict | None = None) -> None:
     todo = f"remove {path} to resume from the checkpoint before it, or start the run again"
     student.model.load_state_dict(read_tensors(path / "student.safetensors", todo))
     method.load_state_dict(read_tensors(path / "method.safetensors", todo))
+    if ema is not None:
+        ema.student.model.load_state_dict(read_tensors(path / EMA_FILE, todo))
+        ema._updates = int((state or {}).get("ema_updates", 0))
 
 
 def append_metrics(path: Path, record: dict) -> None:

@@ -74,7 +74,8 @@ def student_and_method(cfg, store: CacheStore):
     """The student a distill config names, and its method sized to the student and the cache."""
     meta = store.meta
     num_classes = len(meta.classes)
-    student = create_student(cfg.student, num_classes, cfg.student_weights)
+    student = create_student(cfg.student, num_classes, cfg.student_weights, drop_rate=getattr(cfg, "drop_rate", 0.0),
+                             drop_path=getattr(cfg, "drop_path", 0.0))
     sdims = student.dims(cfg.image_size or student.default_size)
     dims = Dims(sdims["feature"], meta.feature_dim, num_classes, sdims["map"], meta.layout.token_grid, meta.token_dim)
     return student, create_method(cfg.method, dims, **dict(cfg.method_options))

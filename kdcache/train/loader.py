@@ -20,7 +20,6 @@ The cache is only read here; the teacher never runs.
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,10 +17,9 @@ from kdcache.report import metrics_csv
 from kdcache.options import ConfigError, to_dict, write_yaml
 from kdcache.cache.format import CacheError
 from kdcache.cache.store import CacheStore
-from kdcache.files import write_atomic
 from kdcache.run_files import remove_leftovers, writing
 
-from .engine import append_metrics, load_checkpoint, restore, save_checkpoint, truncate_metrics
+from .engine import append_metrics, load_checkpoint, publish, restore, save_checkpoint, truncate_metrics
 
 # options that may differ when a run is resumed
 RESUMABLE_CHANGES = {"resume", "epochs", "workers", "progress", "device", "tensorboard"}
@@ -167,7 +165,7 @@ def _shown(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def prepare_run_dir(out: Path, cfg, rank: int, module, optimizer, scheduler, fingerprint: str) -> int:
+def prepare_run_dir(out: Path, cfg, rank: int, module, optimizer, scheduler, fingerprint: str, ema=None) -> int:
     """Create the run folder, or restore the last intact checkpoint with --resume; returns the first epoch."""
     if rank == 0:
         remove_leftovers(out)  # of a write that was interrupted (a kill, a full disk)
@@ -196,7 +194,10 @@ def prepare_run_dir(out: Path, cfg, rank: int, module, optimizer, scheduler, fin
     if cfg.epochs < done:  # checked before anything in the run folder changes
         raise ConfigError(f"--epochs {cfg.epochs}: run {out} has already trained {done} epochs; resume it with "
                           f"--epochs {done} or more, or start a new run with another --out")
-    restore(path, module.student, module.method)
+    if (ema is not None) != ("ema_updates" in state):  # a config check above compares --ema itself
+        raise CacheError(f"run folder {out}: its checkpoint {path.name} {'has no' if ema is not None else 'has an'} "
+                         "averaged student; resume it with the --ema it was started with")
+    restore(path, module.student, module.method, ema, state)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
@@ -204,13 +205,12 @@ def prepare_run_dir(out: Path, cfg, rank: int, module, optimizer, scheduler, fin
         truncate_metrics(out / "metrics.jsonl", state["epoch"])
         with writing(out / "config.yaml", out):
             write_yaml(cfg, out / "config.yaml")
-        for name in ("student.safetensors", "method.safetensors"):  # the run's artifacts are the checkpoint's
-            with writing(out / name, out):
-                write_atomic(out / name, lambda p, n=name: shutil.copyfile(path / n, p))
+        publish(out, path)  # the run's artifacts are the checkpoint's
     return state["epoch"] + 1
 
 
-def save_epoch(out: Path, cfg, epoch: int, record: dict, student, method, state: dict, tensorboard=None) -> None:
+def save_epoch(out: Path, cfg, epoch: int, record: dict, student, method, state: dict, tensorboard=None,
+               ema=None) -> None:
     """One epoch's metrics (jsonl, csv, tensorboard) and then its checkpoint; with progress on, one line."""
     # metrics first: a kill between the two leaves a record that --resume drops and redoes
     with writing(out / "metrics.jsonl", out):
@@ -220,7 +220,7 @@ def save_epoch(out: Path, cfg, epoch: int, record: dict, student, method, state:
     if tensorboard is not None:
         with writing(out / "tensorboard", out):
             tensorboard.log(record)
-    save_checkpoint(out, epoch, student, method, state)
+    save_checkpoint(out, epoch, student, method, state, ema)
     if cfg.progress:
         ev = record.get("eval", {})
         print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record.get('loss', float('nan')):.4f} "

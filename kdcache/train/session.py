@@ -16,6 +16,7 @@ from kdcache.report import TensorBoardLog
 from kdcache.cache.store import CacheStore
 from kdcache.scenario_heads import scenario_teacher_head
 
+from .ema import AveragedStudent
 from .engine import FitPlan, TrainModule, cosine_schedule, fit, make_optimizer, predict
 from .replay_check import ReplayCosine
 from .inputs import check_dataset, method_context, online_teacher, scenario_of, student_and_method
@@ -131,8 +132,9 @@ def open_session(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Se
     return s
 
 
-def train(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Path:
-    """Train (or resume) the run in `out`; returns `out`."""
+def train(cfg, rank: int, world: int, store: CacheStore, out: Path, previous=None) -> Path:
+    """Train (or resume) the run in `out`; returns `out`. `previous`: (student, image size) of a first generation
+    (`--from-run`), whose clean-view predictions the method mixes into its targets."""
     s = open_session(cfg, rank, world, store, out)
     ctx, device, method, student = s.context(rank == 0), s.device, s.method, s.student
     teacher = None
@@ -148,7 +150,8 @@ def train(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Path:
     optimizer = make_optimizer(cfg.optimizer, module, cfg.lr, cfg.weight_decay, cfg.decay_norm_bias)
     scheduler = cosine_schedule(optimizer, s.steps_per_epoch * cfg.epochs, int(s.steps_per_epoch * cfg.warmup_epochs))
     fingerprint = store.fingerprint()
-    start_epoch = prepare_run_dir(out, cfg, rank, module, optimizer, scheduler, fingerprint)
+    ema = AveragedStudent(student, cfg.ema) if cfg.ema > 0 else None  # after the move: on the same device
+    start_epoch = prepare_run_dir(out, cfg, rank, module, optimizer, scheduler, fingerprint, ema)
     train_module = module
     if world > 1:
         train_module = torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
@@ -164,25 +167,28 @@ def train(cfg, rank: int, world: int, store: CacheStore, out: Path) -> Path:
             state = {"epoch": epoch, "config": to_dict(cfg), "cache_fingerprint": fingerprint,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "rng": torch.get_rng_state()}
-            save_epoch(out, cfg, epoch, record, student, method, state, tensorboard)
+            save_epoch(out, cfg, epoch, record, student, method, state, tensorboard, ema)
 
     eval_reps = s.scenario.evaluation.astype(np.int32)
     plan = FitPlan(cfg.epochs, start_epoch, s.steps_per_epoch, cfg.eval_every, rank, world, device.type == "cuda",
                    device.type == "cuda", cfg.progress, int(eval_reps.sum()))
     train_loader, clean_loader = _loaders(s, teacher, image_size)
     eval_loader = lambda: clean_loader(eval_reps)  # noqa: E731
+    recorder = student if ema is None else ema.student  # the averaged student, when the run keeps one
 
     def predict_clean(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, logits): the student's evaluation-mode predictions on the clean view of the masked rows,
         in row order (every rank predicts every masked row, so each holds the same record)."""
-        logits, _, rows = predict(student, clean_loader(mask.astype(np.int32)), device, plan.channels_last)
+        logits, _, rows = predict(recorder, clean_loader(mask.astype(np.int32)), device, plan.channels_last)
         return rows, logits
 
     ctx.predict_clean = predict_clean
+    if previous is not None:
+        ctx.previous_student, ctx.previous_weight = _previous_predictor(s, *previous), cfg.from_run_weight
     domains = (store.array("domains")[:], list(store.meta.domains))
     fit(module, train_module, optimizer, scheduler, device, plan, train_loader, eval_loader, domains,
         before_epoch=lambda epoch: method.before_epoch(ctx, epoch),  # the method's own phase, if it has one
-        after_epoch=after_epoch, barrier=dist.barrier, end_epoch=lambda epoch: method.end_epoch(ctx, epoch))
+        after_epoch=after_epoch, barrier=dist.barrier, end_epoch=lambda epoch: method.end_epoch(ctx, epoch), ema=ema)
     if rank == 0:
         write_summary(s, image_size, module.replay.summary() if module.replay is not None else None)
     return out
@@ -206,6 +212,24 @@ def _loaders(s: Session, teacher, image_size: int):
         return make_loader(clean_stream, shards, reps, all_labels, 0, max(cfg.batch_size, 128), cfg.workers)
 
     return train_loader, clean_loader
+
+
+def _previous_predictor(s: Session, first, image_size: int):
+    """mask -> (rows, logits): a first generation's student's predictions on the clean view of the masked rows, at
+    its own input size, in row order."""
+    first = first.to(s.device)
+    stream = StreamConfig(str(s.store.path), image_size, first.interpolation, s.cfg.seed, clean_only=True,
+                          features=False)
+    labels = s.store.array("labels")[:].astype(np.int64)
+
+    def predict_first(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        reps = mask.astype(np.int32)
+        shards = rank_shards(reps, s.store.layout.shard_size, 0, 0, 0, 1, False)
+        loader = make_loader(stream, shards, reps, labels, 0, max(s.cfg.batch_size, 128), s.cfg.workers)
+        logits, _, rows = predict(first, loader, s.device)
+        return rows, logits
+
+    return predict_first
 
 
 def cache_location(path) -> str:
