@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from tiny_teacher import train_tiny_teacher
 
 from kdcache.adapt import pseudo_targets
 from kdcache.cache.format import CacheError
@@ -25,15 +24,14 @@ from kdcache.students import create_student
 from kdcache.train import run_dir
 from kdcache.train.ema import AveragedStudent, warmed_decay
 
-N, CLASSES, S, V = 300, 6, 64, 3
+N, CLASSES, S, V = 200, 6, 64, 3
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("generations")
-    weights = train_tiny_teacher(tmp / "teacher.safetensors", classes=CLASSES)
+    tmp = tmp_path_factory.mktemp("generations")  # a seeded random teacher: what is checked is not accuracy
     cfg = extract.ExtractConfig(dataset="synthetic", dataset_options=(("n", N), ("classes", CLASSES)),
-                                teacher="test_efficientnet", teacher_weights=str(weights), teacher_input_size=48,
+                                teacher="test_efficientnet", random_init=True, teacher_input_size=32,
                                 views=V, shard_size=S, batch_size=64, workers=0, out=str(tmp / "cache"),
                                 progress=False)
     return extract.run(cfg)
