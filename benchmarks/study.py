@@ -564,16 +564,17 @@ def teacher_table(suite: Suite, results: list[dict], name: str) -> list[str]:
             if not runs or all(x is None for x in lasts):
                 continue
             margin = [r["top1"] - f for r, f in zip(runs, firsts) if f is not None]
+            beyond = [r["top1"] - x for r, x in zip(runs, lasts) if x is not None]
             out.append(f"| {row.label} | {budget} ({suite.budgets[budget]} ep) | {cell([r['top1'] for r in runs])} | "
                        f"{cell([f for f in firsts if f is not None])} | {cell([x for x in lasts if x is not None])} | "
-                       f"{cell(margin)} |")
+                       f"{cell(margin)} | {cell(beyond)} |")
     if not out:
         return []
     return ["", "The customised (or adapted) teacher on the evaluation rows, top-1 %: at the first epoch's "
-            "customisation and at the last; the student's margin over the first, per seed (- : not recorded "
+            "customisation and at the last; the student's margin over each, per seed (- : not recorded "
             "by those runs).", "",
-            "| row | budget | student | teacher, first epoch | teacher, last epoch | student − first |",
-            "| --- | --- | --- | --- | --- | --- |", *out]
+            "| row | budget | student | teacher, first epoch | teacher, last epoch | student − first | student − last |",
+            "| --- | --- | --- | --- | --- | --- | --- |", *out]
 
 
 def verdict(suite: Suite, results: list[dict]) -> list[str]:
@@ -678,7 +679,10 @@ def curves(ax, suite: Suite, results: list[dict], name: str, budget: str, colour
         handles[row.label], = ax.plot(epochs[:len(student)], student, lw=1.2, color=colour)
         if teacher is not None:
             ax.plot(epochs[:len(teacher)], teacher, lw=1.0, ls="--", color=colour)
-    ax.set_title(f"{name}, {budget}: student (—) and teacher (--)", fontsize=8)
+        rows = mean("row_target_top1")  # target=row: the row-level targets' own top-1
+        if rows is not None:
+            ax.plot(epochs[:len(rows)], rows, lw=1.0, ls=":", color=colour)
+    ax.set_title(f"{name}, {budget}: student (—), teacher (--), row targets (··)", fontsize=8)
     ax.set_xlabel("epoch", fontsize=8)
     ax.set_ylabel("top-1 %", fontsize=8)
     ax.tick_params(labelsize=7)
