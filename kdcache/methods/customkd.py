@@ -38,6 +38,12 @@ default on those pairs, 3 seeds, one cache):
 - `w_im`: information maximisation on the unlabelled rows of each batch (confident predictions, spread over
   the classes).
 
+Beyond the customised teacher's output (methods/targets.py): `target=row` gives every unmixed view of an
+unlabelled row its row's sharpened, class-balanced ensemble over the cached views instead of the view's own
+M f + c; a second generation (`distill --from-run`) mixes a first student's clean predictions into the targets;
+the training session adds student-side noise (`--drop-rate`, `--drop-path`) and an averaged student (`--ema`),
+whose predictions are then the record.
+
 Defaults are set by the seeded study (benchmarks/study.py, README "Accuracy study"). The task-general
 term is on (w_general=1): on the demo it lifts the short budget from 61.2 ± 3.6 to 67.3 ± 4.9 (3 seeds),
 and on the three IconShift-dev pairs it is level with w_general=0 at both budgets.
