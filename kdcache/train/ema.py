@@ -23,7 +23,7 @@ def warmed_decay(decay: float, updates: int) -> float:
 class AveragedStudent(nn.Module):
     def __init__(self, student: nn.Module, decay: float):
         super().__init__()
-        if not 0.0 < decay < 1.0:
+        if not 0.0 < decay < 1.0:  # --ema's declared range keeps it inside (an internal check)
             raise ValueError(f"EMA decay {decay} outside (0, 1)")
         self.decay = float(decay)
         self.student = copy.deepcopy(student)
