@@ -599,8 +599,8 @@ def verdict(suite: Suite, results: list[dict]) -> list[str]:
             margin = stats["customkd"][0] - stats[best][0]
             need = max(stats["kd"][1], stats["dkd"][1])
             word = "wins" if margin > need else ("ties" if margin > -need else "loses")
-            kd_sup = ("kd beats supervised" if "supervised" in stats and stats["kd"][0] > stats["supervised"][0]
-                      else "kd does not beat supervised")
+            kd_sup = ("supervised not measured" if "supervised" not in stats else "kd beats supervised"
+                      if stats["kd"][0] > stats["supervised"][0] else "kd does not beat supervised")
             out.append(f"- {name}, {budget}: {named['customkd']} {stats['customkd'][0]:.1f} vs {best} "
                        f"{stats[best][0]:.1f}: "
                        f"margin {margin:+.1f}, needed > {need:.1f}: **{word}**; {kd_sup}.")
