@@ -226,6 +226,11 @@ for _name, _extract in DEMO_VIEW_CACHES.items():
                                       + (f" with --views {_extract['views']}" if "views" in _extract else "")
                                       + (f" --mix {_extract['mix']}" if "mix" in _extract else ""))
 
+# Patience: CustomKD's default at 120 epochs on faenza->tango (does its student pass its own customised teacher
+# given three times the long budget?); its results in study-iconshift-patient.md.
+SUITES["iconshift-patient"] = replace(SUITES["iconshift"], name="iconshift-patient", budgets={"long": 120},
+                                      pairs=(("faenza", "tango"),), rows=(Row("customkd", "customkd"),))
+
 # Sparse against dense logits: two caches of faenza and tango with a probe head fitted on faenza's labels alone (so
 # the faenza->tango runs read the cached logits rather than refitting a head), dense float16 and top-10.
 LOGITS_ROWS = (Row("kd", "kd"), Row("dkd", "dkd"), *CHAIN_CORE)
