@@ -687,7 +687,7 @@ def curves(ax, suite: Suite, results: list[dict], name: str, budget: str, colour
         rows = mean("row_target_top1")  # target=row: the row-level targets' own top-1
         if rows is not None:
             ax.plot(epochs[:len(rows)], rows, lw=1.0, ls=":", color=colour)
-    ax.set_title(f"{name}, {budget}: student (—), teacher (--), row targets (··)", fontsize=8)
+    ax.set_title(f"{name}, {budget}\nstudent (—), teacher (--), row targets (··)", fontsize=7)
     ax.set_xlabel("epoch", fontsize=8)
     ax.set_ylabel("top-1 %", fontsize=8)
     ax.tick_params(labelsize=7)
