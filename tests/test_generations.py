@@ -17,7 +17,7 @@ from kdcache.adapt import pseudo_targets
 from kdcache.cache.format import CacheError
 from kdcache.methods import MethodError
 from kdcache.methods.base import kd_loss, parse_method_options
-from kdcache.methods.targets import RowTargets, row_pseudo_labels
+from kdcache.methods.targets import RowTable, RowTargets, row_pseudo_labels
 from kdcache.options import ConfigError
 from kdcache.stages import distill, extract
 from kdcache.students import create_student
@@ -68,12 +68,9 @@ def test_row_target_is_the_sharpened_balanced_view_mean_and_every_view_of_a_row_
     prev = F.softmax(torch.randn(len(tracked), classes, generator=g), 1)
     t = RowTargets(True, 0.5, True)
     t.track(tracked, n_rows, classes)
-    if with_prev:
-        t.previous, t.weight = None, 0.0  # set below through the table, as load_previous does
-        from kdcache.methods.targets import RowTable
-        t.previous = RowTable(tracked, n_rows, classes)
+    if with_prev:  # the first student's table, as load_previous sets it
+        t.previous, t.weight = RowTable(tracked, n_rows, classes), weight
         t.previous.set(prev)
-        t.weight = weight
     t.refresh(mean, np.full(len(tracked), -1))
     logits_for_q = mean if not with_prev else mean + weight * (torch.log(prev.clamp_min(1e-6)) - F.log_softmax(mean, 1))
     q = torch.from_numpy(pseudo_targets(logits_for_q.numpy(), 0.5, True))
@@ -152,7 +149,7 @@ def test_row_targets_with_student_noise_and_an_averaged_student_resume_exactly(c
                          drop_rate=0.2))
 
 
-def test_view_targets_are_unchanged_by_the_row_machinery(cache, tmp_path):
+def test_view_targets_are_unchanged_by_the_row_machinery():
     """The default (target=view, no first student) computes the customised term as before: kd_loss over the batch
     (the row machinery is not even active)."""
     from kdcache.methods import create_method

@@ -34,9 +34,10 @@ class RowTable:
 
     def set(self, probs: torch.Tensor, known: torch.Tensor | None = None) -> None:
         """The table's rows, in the order given at construction (`known`: which of them hold a value)."""
-        self.probs = torch.cat([probs.float(), self.probs.new_zeros(1, probs.shape[1])])
-        known = torch.ones(len(probs), dtype=torch.bool) if known is None else known.bool()
-        self.known = torch.cat([known, known.new_zeros(1)])
+        probs = probs.detach().float().cpu()  # on the host: `lookup` moves the table where the batch is
+        self.probs = torch.cat([probs, torch.zeros(1, probs.shape[1])])
+        known = torch.ones(len(probs), dtype=torch.bool) if known is None else known.bool().cpu()
+        self.known = torch.cat([known, torch.zeros(1, dtype=torch.bool)])
 
     def lookup(self, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(probs [B, C], known [B]) of the batch's rows."""
